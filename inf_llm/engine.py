@@ -1,0 +1,169 @@
+"""The generation API: a model, its context memory, and the tokens fed so far.
+
+`Engine.generate` is a generator of `GenerationStep`s (token, text delta, memory statistics, timings). The
+memory persists across calls: each call feeds only its new tokens, so a conversation is read once.
+Prefill goes in chunks with logits for the last position only (`logits_to_keep=1`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from inf_llm.config import InfLLMConfig
+from inf_llm.hf import attach
+from inf_llm.memory import MemoryStats
+from inf_llm.sampling import SamplingParams, sample_next
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    token_id: int
+    text: str  # text added by this step (held back while it could still become a stop string)
+    finish_reason: str | None  # None while generating, else "eos", "stop" or "length"
+    memory: MemoryStats
+    prefill_tokens_per_s: float | None  # of the prompt fed by this call
+    decode_ms_per_token: float | None  # mean over this call's generated tokens
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    num_tokens: int
+    memory: object
+
+
+class Engine:
+    """One conversation's worth of model + memory. Not thread-safe; batch size 1."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, config: InfLLMConfig, *, prefill_chunk: int = 2048):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.prefill_chunk = prefill_chunk
+        self.memory = attach(model, config)
+        self._attn_implementation = model.config._attn_implementation
+        self.device = model.get_input_embeddings().weight.device
+        self.tokens: list[int] = []
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+
+    # --- feeding ----------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def feed(self, token_ids: Sequence[int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Add tokens to the memory; return the logits (V,) float32 after the last one.
+
+        progress(done, total) is called after each prefill chunk. If interrupted (e.g. KeyboardInterrupt), the
+        memory is left mid-chunk: callers restore a snapshot taken before (the chat does).
+        """
+        if len(token_ids) == 0:
+            raise ValueError("feed() needs at least one token")
+        if self.model.config._attn_implementation != self._attn_implementation:
+            # Another engine switched this model's attention; take it back.
+            self.model.set_attn_implementation(self._attn_implementation)
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=self.device)
+        logits = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[start : start + self.prefill_chunk][None]
+            out = self.model(input_ids=chunk, logits_to_keep=1, **self.memory.forward_kwargs(chunk.shape[1], self.device))
+            logits = out.logits[0, -1].float()
+            self.tokens.extend(chunk[0].tolist())
+            if progress is not None:
+                progress(min(start + self.prefill_chunk, len(ids)), len(ids))
+        return logits
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams()) -> Iterator[GenerationStep]:
+        """Feed prompt_ids, then sample until EOS, a stop string or max_new_tokens.
+
+        The last sampled token (e.g. the EOS) is returned but not fed: the caller feeds what its transcript
+        says comes next, which keeps the memory token-exact with the transcript.
+        """
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        t0 = time.perf_counter()
+        logits = self.feed(prompt_ids)
+        prefill_rate = len(prompt_ids) / max(time.perf_counter() - t0, 1e-9)
+        generated: list[int] = []
+        emitted = ""
+        decode_time, decoded = 0.0, 0
+        while True:
+            previous = torch.tensor(generated, dtype=torch.long)
+            token = sample_next(logits.cpu(), params, previous, generator)
+            generated.append(token)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            finish = None
+            if token in self.eos_token_ids:
+                finish = "eos"
+            stop_at = _find_stop(text, params.stop_strings)
+            if stop_at is not None:
+                text, finish = text[:stop_at], "stop"
+            elif len(generated) >= params.max_new_tokens and finish is None:
+                finish = "length"
+            safe = len(text) if finish else _safe_prefix_len(text, params.stop_strings)
+            delta, emitted = text[len(emitted) : safe], text[:safe] if safe > len(emitted) else emitted
+            ms = 1000 * decode_time / decoded if decoded else None
+            yield GenerationStep(token, delta, finish, self.memory.stats(), prefill_rate, ms)
+            if finish:
+                return
+            t1 = time.perf_counter()
+            logits = self.feed([token])
+            decode_time += time.perf_counter() - t1
+            decoded += 1
+
+    # --- state ------------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> EngineSnapshot:
+        return EngineSnapshot(len(self.tokens), self.memory.snapshot())
+
+    def restore(self, snap: EngineSnapshot) -> None:
+        self.memory.restore(snap.memory)
+        del self.tokens[snap.num_tokens :]
+
+    def reset(self) -> None:
+        self.memory.reset()
+        self.tokens.clear()
+
+    def stats(self) -> MemoryStats:
+        return self.memory.stats()
+
+    def state_dict(self) -> dict:
+        return {"tokens": list(self.tokens), "memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.memory.load_state_dict(state["memory"])
+        self.tokens = list(state["tokens"])
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return ids
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _safe_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of text that can be shown: hold back a tail that may be the start of a stop string, or half a character."""
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                hold = max(hold, n)
+                break
+    safe = len(text) - hold
+    while safe > 0 and text[safe - 1] == "\ufffd":
+        safe -= 1
+    return safe

@@ -1,0 +1,287 @@
+"""The context memory of one decoder layer and the attention of a chunk over it (ALGORITHM.md sections 1-3).
+
+Per layer InfLLM keeps, with keys unrotated:
+
+- the window: the most recent `local_window` tokens (plus the chunk being processed);
+- the sinks: the first `num_sink_tokens` tokens of the stream, once they have left the window;
+- the remainder: evicted tokens that do not yet fill a block;
+- the blocks: every `block_size` evicted tokens, in a `BlockStore`, each with representative vectors.
+
+A chunk of queries at positions P..P+c-1 is computed as two partial attentions merged exactly:
+
+- local: the window and the chunk, rotated at their distance, band mask ``0 <= rel < local_window``;
+- global: sinks + retrieved blocks + remainder, and the chunk-window keys that fall out of a query's band
+  (complement mask ``rel >= local_window``), all at the same distance `local_window` (the paper's l_L; the
+  reference code uses l_L - 1). The complement mask is exact per query, so no key is attended twice: this is
+  where the reference code's prefill bug lived.
+
+`stream-llm` and `infinite-lm` keep the sinks and the window only; stream-llm places the sinks at their true
+positions and the query just after the window, infinite-lm places them at distance `local_window`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inf_llm.attention import block_scores, representatives, select_blocks
+from inf_llm.block_store import BlockStore
+from inf_llm.config import InfLLMConfig
+from inf_llm.kernels import AttentionOps
+from inf_llm.rope import RotaryTable
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def _empty(heads: int, dim: int, like_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty((heads, 0, dim), dtype=like_dtype, device=device)
+
+
+class LayerMemory:
+    def __init__(
+        self,
+        config: InfLLMConfig,
+        shape: LayerShape,
+        rotary: RotaryTable,
+        ops: AttentionOps,
+        *,
+        dtype: torch.dtype,
+        storage_dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.config, self.shape, self.rotary, self.ops = config, shape, rotary, ops
+        self.dtype, self.device = dtype, device
+        hq, hkv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
+        self.blocks = BlockStore(
+            hkv,
+            config.block_size,
+            d,
+            storage_dtype=storage_dtype,
+            compute_dtype=dtype,
+            device=device,
+            cache_blocks=config.device_cache_blocks,
+            policy=config.cache_policy,
+            score_decay=config.score_decay,
+        )
+        self.reset()
+
+    # --- state ------------------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        hq, hkv, d = self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim
+        self.num_seen = 0  # absolute position of the next token
+        capacity = 2 * (self.config.local_window + self.config.chunk_size)
+        self.win_k = torch.zeros((hkv, capacity, d), dtype=self.dtype, device=self.device)
+        self.win_v = torch.zeros_like(self.win_k)
+        self.win_score = torch.zeros((hq, capacity), dtype=torch.float32, device=self.device)
+        self.win_start = self.win_end = 0
+        self.sink_k = _empty(hkv, d, self.dtype, self.device)
+        self.sink_v = _empty(hkv, d, self.dtype, self.device)
+        self.rem_k = _empty(hkv, d, self.dtype, self.device)
+        self.rem_v = _empty(hkv, d, self.dtype, self.device)
+        self.rem_score = torch.empty((hq, 0), dtype=torch.float32, device=self.device)
+        self.reprs = torch.empty((0, hq, d), dtype=torch.float32, device=self.device)
+        self.blocks.truncate(0)
+        self.blocks.hits = self.blocks.misses = 0
+
+    @property
+    def window_len(self) -> int:
+        return self.win_end - self.win_start
+
+    def _window_append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        c = k.shape[1]
+        if self.win_end + c > self.win_k.shape[1]:
+            # Move the live window to the front of a (possibly larger) buffer: amortised O(1) per token.
+            live = self.window_len
+            capacity = max(self.win_k.shape[1], 2 * (live + c))
+            for name in ("win_k", "win_v", "win_score"):
+                old = getattr(self, name)
+                new = torch.zeros((old.shape[0], capacity, *old.shape[2:]), dtype=old.dtype, device=old.device)
+                new[:, :live] = old[:, self.win_start : self.win_end]
+                setattr(self, name, new)
+            self.win_start, self.win_end = 0, live
+        end = self.win_end + c
+        self.win_k[:, self.win_end : end] = k
+        self.win_v[:, self.win_end : end] = v
+        self.win_score[:, self.win_end : end] = 0.0
+        self.win_end = end
+
+    # --- attention --------------------------------------------------------------------------------------------
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attend a run of new tokens and add them to the memory.
+
+        q: (Hq, T, D), k, v: (Hkv, T, D), unrotated. Returns (Hq, T, D) float32.
+        """
+        step = self.config.chunk_size
+        outs = [self._chunk(q[:, s : s + step], k[:, s : s + step], v[:, s : s + step], scale) for s in range(0, q.shape[1], step)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        cfg, ops = self.config, self.ops
+        window = cfg.local_window
+        c = q.shape[1]
+        self._window_append(k, v)
+        loc_k = self.win_k[:, self.win_start : self.win_end]  # (Hkv, w + c, D): positions P-w .. P+c-1
+        loc_v = self.win_v[:, self.win_start : self.win_end]
+        w = loc_k.shape[1] - c
+        first_pos = self.num_seen - w  # absolute position of loc_k[:, 0]
+
+        # Local stage: exact relative positions inside the window.
+        q_loc = self.rotary.rotate(q, w)[None]  # (1, Hq, c, D)
+        k_loc = self.rotary.rotate(loc_k, 0)[None]  # (1, Hkv, w + c, D)
+        out, lse = ops.attend(q_loc, k_loc, loc_v[None], scale, mask="band", q_offset=w, window=window)
+
+        # Global stage: memory keys, then the chunk-window keys that leave some query's band.
+        n_comp = max(0, w + c - window)
+        if cfg.method == "inf-llm":
+            mem_k, mem_v = self._retrieve(q)
+        else:
+            mem_k, mem_v = self.sink_k, self.sink_v
+            n_comp = min(n_comp, max(0, cfg.num_sink_tokens - first_pos))  # only future sinks survive eviction
+        glob_k = torch.cat((mem_k, loc_k[:, :n_comp]), dim=1)
+        glob_v = torch.cat((mem_v, loc_v[:, :n_comp]), dim=1)
+        if glob_k.shape[1] > 0:
+            if cfg.method == "stream-llm":
+                # Sinks at their true positions, the query right after its full window (StreamingLLM's cache).
+                q_pos = torch.clamp(torch.arange(self.num_seen, self.num_seen + c, device=q.device), max=cfg.num_sink_tokens + window - 1)
+                q_glob = self.rotary.rotate_positions(q, q_pos)[None]
+                glob_k = self.rotary.rotate(glob_k, 0)
+            else:
+                q_glob = self.rotary.rotate_at(q, window)[None]
+            g_out, g_lse = ops.attend(
+                q_glob, glob_k[None], glob_v[None], scale, mask="complement", q_offset=w + mem_k.shape[1], window=window
+            )
+            out, lse = ops.merge(out, lse, g_out, g_lse)
+
+        if cfg.method == "inf-llm":
+            mass = ops.key_mass(q_loc, k_loc, scale, lse, mask="band", q_offset=w, window=window)  # (1, Hq, w + c)
+            self.win_score[:, self.win_start : self.win_end] += mass[0]
+        self.num_seen += c
+        self._evict()
+        return out[0]
+
+    def _retrieve(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sinks + the top-k blocks for this chunk + remainder, unrotated: (Hkv, M, D) each."""
+        parts_k, parts_v = [self.sink_k], [self.sink_v]
+        if self.blocks.num_blocks:
+            per_head = self.config.per_head_ranking
+            scores = block_scores(self.reprs, q, self.shape.num_kv_heads, per_head)
+            chosen = select_blocks(scores, self.config.topk_blocks)
+            bk, bv = self.blocks.gather(chosen)
+            parts_k.append(bk)
+            parts_v.append(bv)
+        parts_k.append(self.rem_k)
+        parts_v.append(self.rem_v)
+        return torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
+
+    # --- memory update ----------------------------------------------------------------------------------------
+
+    def _evict(self) -> None:
+        cfg = self.config
+        n_out = self.window_len - cfg.local_window
+        if n_out <= 0:
+            return
+        first_pos = self.num_seen - self.window_len
+        s, e = self.win_start, self.win_start + n_out
+        n_sink = min(max(cfg.num_sink_tokens - first_pos, 0), n_out)
+        if n_sink:
+            self.sink_k = torch.cat((self.sink_k, self.win_k[:, s : s + n_sink]), dim=1)
+            self.sink_v = torch.cat((self.sink_v, self.win_v[:, s : s + n_sink]), dim=1)
+        if cfg.method == "inf-llm" and n_out > n_sink:
+            self.rem_k = torch.cat((self.rem_k, self.win_k[:, s + n_sink : e]), dim=1)
+            self.rem_v = torch.cat((self.rem_v, self.win_v[:, s + n_sink : e]), dim=1)
+            self.rem_score = torch.cat((self.rem_score, self.win_score[:, s + n_sink : e]), dim=1)
+            self._form_blocks()
+        self.win_start = e
+
+    def _form_blocks(self) -> None:
+        size = self.config.block_size
+        n = self.rem_k.shape[1] // size
+        if n == 0:
+            return
+        hkv, hq, d = self.shape.num_kv_heads, self.shape.num_heads, self.shape.head_dim
+        k = self.rem_k[:, : n * size].reshape(hkv, n, size, d).transpose(0, 1)  # (n, Hkv, B, D)
+        v = self.rem_v[:, : n * size].reshape(hkv, n, size, d).transpose(0, 1)
+        score = self.rem_score[:, : n * size].reshape(hq, n, size).transpose(0, 1)  # (n, Hq, B)
+        self.reprs = torch.cat((self.reprs, representatives(k, score, self.config.repr_tokens)), dim=0)
+        self.blocks.append(k, v)
+        self.rem_k, self.rem_v = self.rem_k[:, n * size :], self.rem_v[:, n * size :]
+        self.rem_score = self.rem_score[:, n * size :]
+
+    # --- snapshots --------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """Everything but the append-only blocks, which are kept by count (cheap rollback, O(window))."""
+        return {
+            "num_seen": self.num_seen,
+            "win_k": self.win_k[:, self.win_start : self.win_end].clone(),
+            "win_v": self.win_v[:, self.win_start : self.win_end].clone(),
+            "win_score": self.win_score[:, self.win_start : self.win_end].clone(),
+            "sink_k": self.sink_k,
+            "sink_v": self.sink_v,
+            "rem_k": self.rem_k,
+            "rem_v": self.rem_v,
+            "rem_score": self.rem_score,
+            "num_blocks": self.blocks.num_blocks,
+        }
+
+    def restore(self, snap: dict) -> None:
+        if snap["num_blocks"] > self.blocks.num_blocks:
+            raise ValueError("a snapshot can only roll the memory back, not forward")
+        self.num_seen = snap["num_seen"]
+        live = snap["win_k"].shape[1]
+        self.win_start, self.win_end = 0, 0
+        if live + self.config.chunk_size > self.win_k.shape[1]:
+            self.reset_window_buffers(live)
+        self.win_k[:, :live] = snap["win_k"]
+        self.win_v[:, :live] = snap["win_v"]
+        self.win_score[:, :live] = snap["win_score"]
+        self.win_end = live
+        # Sinks and remainder are replaced, never mutated in place, so the snapshot's tensors are safe to share.
+        for name in ("sink_k", "sink_v", "rem_k", "rem_v", "rem_score"):
+            setattr(self, name, snap[name])
+        self.blocks.truncate(snap["num_blocks"])
+        self.reprs = self.reprs[: snap["num_blocks"]]
+
+    def reset_window_buffers(self, live: int) -> None:
+        capacity = 2 * (live + self.config.chunk_size)
+        hq, hkv, d = self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim
+        self.win_k = torch.zeros((hkv, capacity, d), dtype=self.dtype, device=self.device)
+        self.win_v = torch.zeros_like(self.win_k)
+        self.win_score = torch.zeros((hq, capacity), dtype=torch.float32, device=self.device)
+
+    def state_dict(self) -> dict:
+        state = self.snapshot()
+        state.update({f"blocks_{k}": v for k, v in self.blocks.state_dict().items()})
+        state["reprs"] = self.reprs[: self.blocks.num_blocks]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reset()
+        self.blocks.load_state_dict({"k": state["blocks_k"], "v": state["blocks_v"]})
+        self.reprs = state["reprs"].to(self.device, torch.float32)
+        snap = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+        self.restore(snap)
+
+    # --- statistics -------------------------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "window": self.window_len,
+            "sinks": self.sink_k.shape[1],
+            "remainder": self.rem_k.shape[1],
+            "blocks": self.blocks.num_blocks,
+            "resident_blocks": self.blocks.resident_blocks(),
+            "hits": self.blocks.hits,
+            "misses": self.blocks.misses,
+            "host_bytes": self.blocks.host_bytes() + self.reprs.numel() * self.reprs.element_size(),
+            "device_bytes": self.blocks.device_bytes()
+            + sum(t.numel() * t.element_size() for t in (self.win_k, self.win_v, self.win_score, self.sink_k, self.sink_v, self.rem_k, self.rem_v)),
+        }

@@ -1,0 +1,132 @@
+"""Tiny random checkpoints of every supported family (no downloads) and a dense InfLLM reference.
+
+The dense reference is the oracle of ALGORITHM.md section 4: for each query at position p and each key at
+position j <= p it applies the position rule directly, over the whole sequence at once:
+
+- ``p - j < window``: the true relative distance (RoPE at p and j);
+- otherwise, for inf-llm (all blocks retrieved): the query at distance `window`, the key at position 0;
+  for infinite-lm: the same, sinks (j < num_sink_tokens) only; for stream-llm: sinks only, at their true
+  positions, the query at min(p, sinks + window - 1).
+
+It uses the model's rotary module directly, not `inf_llm.rope`, and one softmax over all visible keys.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AttentionInterface,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_config(family: str, **overrides):
+    kwargs = dict(_COMMON, **overrides)
+    if family == "llama":
+        return LlamaConfig(**kwargs)
+    if family == "mistral":
+        return MistralConfig(sliding_window=None, **kwargs)
+    if family == "qwen2":
+        return Qwen2Config(**kwargs)
+    if family == "qwen3":
+        return Qwen3Config(head_dim=16, **kwargs)
+    raise ValueError(family)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    # Random init gives near-uniform attention; sharpen queries so that positions and retrieval matter.
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.weight.mul_(4.0)
+    return model
+
+
+def stock_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The unpatched model's logits (T, V) with its own eager attention and true positions."""
+    model.set_attn_implementation("eager")
+    with torch.inference_mode():
+        return model(input_ids=ids[None], use_cache=False).logits[0].float()
+
+
+_DENSE = {}
+
+
+def _dense_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, dense_rule=None, **kwargs):
+    method, window, sinks, rotary_emb = dense_rule
+    _, hq, t, d = query.shape
+    group = hq // key.shape[1]
+    q = query[0].float()  # (Hq, T, D) unrotated (position ids were 0)
+    k = key[0].float().repeat_interleave(group, dim=0)
+    v = value[0].float().repeat_interleave(group, dim=0)
+    pos = torch.arange(t)
+    cos, sin = rotary_emb(q, torch.arange(max(t, window + sinks + 1))[None])
+    scale0 = cos[0, 0, 0]
+    cos, sin = cos[0] / scale0, sin[0] / scale0  # the model already applied its position-0 factor
+
+    def rot(x, p):
+        half = x.shape[-1] // 2
+        return x * cos[p] + torch.cat((-x[..., half:], x[..., :half]), -1) * sin[p]
+
+    local = rot(q, pos) @ rot(k, pos).transpose(-1, -2)  # (Hq, T, T): true relative distance
+    rel = pos[:, None] - pos[None, :]
+    if method == "stream-llm":
+        q_pos = torch.clamp(pos, max=sinks + window - 1)
+        far = rot(q, q_pos) @ rot(k, pos).transpose(-1, -2)
+    else:
+        far = rot(q, torch.full_like(pos, window)) @ k.transpose(-1, -2)
+    logits = torch.where(rel < window, local, far) * scaling
+    visible = rel >= 0
+    if method != "inf-llm":
+        visible &= (rel < window) | (pos[None, :] < sinks)
+    logits = logits.masked_fill(~visible, -torch.inf)
+    out = torch.softmax(logits, dim=-1) @ v  # (Hq, T, D)
+    return out.transpose(0, 1)[None].to(query.dtype), None
+
+
+AttentionInterface.register("inf_llm_dense_reference", _dense_attention)
+
+
+def dense_logits(model, ids: torch.Tensor, method: str, window: int, sinks: int) -> torch.Tensor:
+    """Logits (T, V) of the dense reference for the given rule."""
+    model.set_attn_implementation("inf_llm_dense_reference")
+    rule = (method, window, sinks, model.model.rotary_emb)
+    with torch.inference_mode():
+        out = model(
+            input_ids=ids[None],
+            position_ids=torch.zeros((1, len(ids)), dtype=torch.long),
+            use_cache=False,
+            dense_rule=rule,
+        )
+    return out.logits[0].float()
+
+
+def run_schedule(model, memory, ids: torch.Tensor, pieces: list[int]) -> torch.Tensor:
+    """Feed ids through an attached memory in pieces of the given sizes; return all logits (T, V)."""
+    assert sum(pieces) == len(ids)
+    outs, start = [], 0
+    with torch.inference_mode():
+        for n in pieces:
+            chunk = ids[start : start + n][None]
+            out = model(input_ids=chunk, logits_to_keep=0, **memory.forward_kwargs(n, chunk.device))
+            outs.append(out.logits[0].float())
+            start += n
+    return torch.cat(outs)
