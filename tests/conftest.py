@@ -1,0 +1,19 @@
+"""Shared fixtures: the embedded model, loaded once per test session, and the `slow` marker."""
+
+import pytest
+
+from inf_llm.loading import load_model
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds; `make test-fast` skips it")
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct in float32 on CPU, shared by all tests.
+
+    The first session on a machine converts the GGUF into the user's cache (about 20 s); later ones load the
+    cached copy in seconds. Tests must not modify the model.
+    """
+    return load_model()
