@@ -54,7 +54,8 @@ class Engine:
 
     # --- feeding ----------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    # no_grad rather than inference_mode: memory tensors must stay writable by restore() outside it.
+    @torch.no_grad()
     def feed(self, token_ids: Sequence[int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Add tokens to the memory; return the logits (V,) float32 after the last one.
 

@@ -1,0 +1,136 @@
+"""Invariants of one layer's memory (ALGORITHM.md section 4), driven directly with random q/k/v.
+
+Values are one-hot in the token's position, so a layer's output row *is* the attention weight each token
+received: weights sum to 1, no token is attended twice, and which tokens were visible can be read off.
+"""
+
+import pytest
+import torch
+
+from inf_llm.config import InfLLMConfig
+from inf_llm.kernels import resolve_ops
+from inf_llm.layer_memory import LayerMemory, LayerShape
+from inf_llm.rope import RotaryTable
+from tests.tiny_models import tiny_model
+
+HQ, HKV, T = 4, 2, 120
+SHAPE = LayerShape(HQ, HKV, T)  # head_dim = T so that a one-hot value can name every position
+
+
+def _layer(**overrides) -> LayerMemory:
+    cfg = dict(
+        num_sink_tokens=4, local_window=16, block_size=8, repr_tokens=2, topk_blocks=64, chunk_size=8,
+        device_cache_blocks=64, storage_dtype="float32", kernel_backend="torch",
+    )
+    cfg.update(overrides)
+    config = InfLLMConfig(**cfg)
+    model = tiny_model("llama", head_dim=T)
+    rotary = RotaryTable(model.model.rotary_emb, T, config.local_window + config.chunk_size + config.num_sink_tokens + 1, torch.device("cpu"))
+    return LayerMemory(config, SHAPE, rotary, resolve_ops("torch", torch.device("cpu")),
+                       dtype=torch.float32, storage_dtype=torch.float32, device=torch.device("cpu"))
+
+
+def _qkv(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(HQ, T, T, generator=g) * 0.5
+    k = torch.randn(HKV, T, T, generator=g) * 0.5
+    v = torch.eye(T).expand(HKV, T, T).clone()  # value of token j = e_j
+    return q, k, v
+
+
+def _feed(layer: LayerMemory, q, k, v, pieces) -> torch.Tensor:
+    outs, s = [], 0
+    for n in pieces:
+        outs.append(layer.forward(q[:, s : s + n], k[:, s : s + n], v[:, s : s + n], 0.125))
+        s += n
+    return torch.cat(outs, dim=1)  # (Hq, T, T): weights[h, query, key position]
+
+
+@pytest.mark.parametrize("pieces", [[T], [1] * T, [13, 40, 67]])
+def test_weights_sum_to_one_and_each_token_counts_once(pieces):
+    layer = _layer()
+    q, k, v = _qkv()
+    weights = _feed(layer, q, k, v, pieces)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(HQ, T), atol=1e-5, rtol=0)
+    assert (weights >= -1e-7).all()
+    # Causality: no query sees a later token.
+    assert weights.triu(diagonal=1).abs().max() < 1e-7
+    # Every earlier token is visible exactly once: with all blocks retrieved, the weights equal one softmax
+    # over the position rule (a token attended twice would carry twice its share).
+    cfg, rotary = layer.config, layer.rotary
+    kk = k.repeat_interleave(HQ // HKV, 0)  # (Hq, T, D)
+    pos = torch.arange(T)
+    rel = pos[:, None] - pos[None, :]
+    # R(a)q . R(b)k = R(a-b)q . k: a local logit is the query rotated by the distance, against the plain key.
+    logits = rotary.rotate_at(q, cfg.local_window) @ kk.transpose(-1, -2)  # far tokens: distance local_window
+    for r in range(cfg.local_window):
+        logits = torch.where(rel == r, rotary.rotate_at(q, r) @ kk.transpose(-1, -2), logits)
+    logits = (logits * 0.125).masked_fill(rel < 0, -torch.inf)
+    torch.testing.assert_close(weights, torch.softmax(logits, -1), atol=1e-5, rtol=1e-4)
+
+
+def test_top_k_retrieval_attends_whole_blocks_and_the_always_visible_groups():
+    layer = _layer(topk_blocks=2, device_cache_blocks=4)
+    q, k, v = _qkv(1)
+    weights = _feed(layer, q, k, v, [1] * T)
+    cfg = layer.config
+    p = T - 1  # the last query: sinks, 2 blocks, remainder and its window must be exactly what it saw
+    seen = (weights[:, p] > 0).any(0).nonzero().flatten().tolist()
+    evicted_end = p - cfg.local_window + 1  # tokens before this left the window
+    n_blocks_before = (evicted_end - 1 - cfg.num_sink_tokens) // cfg.block_size  # blocks formed before the last token
+    sinks = set(range(cfg.num_sink_tokens))
+    window = set(range(evicted_end, p + 1))
+    blocks_end = cfg.num_sink_tokens + n_blocks_before * cfg.block_size
+    remainder = set(range(blocks_end, evicted_end))
+    from_blocks = set(seen) - sinks - window - remainder
+    assert sinks | window | remainder <= set(seen)
+    assert len(from_blocks) == 2 * cfg.block_size
+    starts = {(j - cfg.num_sink_tokens) // cfg.block_size for j in from_blocks}
+    assert len(starts) == 2  # two whole blocks, nothing else
+
+
+def test_sinks_are_kept_and_blocks_form_every_block_size_evicted_tokens():
+    layer = _layer()
+    q, k, v = _qkv(2)
+    cfg = layer.config
+    sinks_seen = None
+    for t in range(T):
+        layer.forward(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], 0.125)
+        evicted = max(0, layer.num_seen - cfg.local_window)
+        n_sinks = min(evicted, cfg.num_sink_tokens)
+        assert layer.sink_k.shape[1] == n_sinks
+        assert layer.window_len == min(layer.num_seen, cfg.local_window)
+        rest = evicted - n_sinks
+        assert layer.blocks.num_blocks == rest // cfg.block_size
+        assert layer.rem_k.shape[1] == rest % cfg.block_size
+        if n_sinks == cfg.num_sink_tokens:
+            if sinks_seen is None:
+                sinks_seen = layer.sink_k.clone()
+            assert torch.equal(layer.sink_k, sinks_seen)  # never evicted, never changed
+    torch.testing.assert_close(sinks_seen, k[:, : cfg.num_sink_tokens])
+    # Blocks hold exactly the evicted tokens after the sinks, in order.
+    for b in range(layer.blocks.num_blocks):
+        start = cfg.num_sink_tokens + b * cfg.block_size
+        bk, bv = layer.blocks.host_block(b)
+        assert torch.equal(bk, k[:, start : start + cfg.block_size])
+
+
+@pytest.mark.parametrize("policy,decay", [("lru", None), ("lru-s", 0.9), ("fifo", None)])
+def test_cache_policy_changes_nothing_but_hits(policy, decay):
+    q, k, v = _qkv(3)
+    reference = _feed(_layer(topk_blocks=3, device_cache_blocks=64), q, k, v, [5] * 24)
+    layer = _layer(topk_blocks=3, device_cache_blocks=4, cache_policy=policy, score_decay=decay)
+    torch.testing.assert_close(_feed(layer, q, k, v, [5] * 24), reference, atol=0, rtol=0)
+    assert layer.blocks.resident_blocks() <= 4
+    assert layer.blocks.misses > 0
+
+
+def test_snapshot_restore_rolls_back_exactly():
+    layer = _layer(topk_blocks=3, device_cache_blocks=8)
+    q, k, v = _qkv(4)
+    _feed(layer, q[:, :50], k[:, :50], v[:, :50], [50])
+    snap = layer.snapshot()
+    first = _feed(layer, q[:, 50:], k[:, 50:], v[:, 50:], [70])
+    layer.restore(snap)
+    again = _feed(layer, q[:, 50:], k[:, 50:], v[:, 50:], [70])
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
