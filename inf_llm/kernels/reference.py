@@ -17,13 +17,20 @@ Grouped-query attention: query head ``h`` reads key/value head ``h // (Hq // Hkv
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 MASKS = ("none", "causal", "band", "complement")
 
 
+@functools.lru_cache(maxsize=64)
 def visible_mask(tq: int, tk: int, mask: str, q_offset: int, window: int, device: torch.device) -> torch.Tensor | None:
-    """Boolean (Tq, Tk) matrix of visible (query, key) pairs, or None when all are visible."""
+    """Boolean (Tq, Tk) matrix of visible (query, key) pairs, or None when all are visible.
+
+    Cached: prefill and decode repeat the same few shapes, and building the mask costs as much as applying it.
+    The result is shared, so callers must not modify it.
+    """
     if mask == "none":
         return None
     if mask not in MASKS:
@@ -40,8 +47,9 @@ def _grouped_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Ten
     # q: (B, Hq, Tq, D), k: (B, Hkv, Tk, D) -> logits (B, Hkv, G, Tq, Tk) in float32, without repeating k.
     b, hq, tq, d = q.shape
     hkv = k.shape[1]
-    qg = q.float().reshape(b, hkv, (hq // hkv) * tq, d)
-    logits = torch.matmul(qg, k.float().transpose(-1, -2)) * scale
+    # Scale the (smaller) queries rather than the logits: one pass over Tq x D instead of Tq x Tk.
+    qg = (q.float() * scale).reshape(b, hkv, (hq // hkv) * tq, d)
+    logits = torch.matmul(qg, k.float().transpose(-1, -2))
     return logits.view(b, hkv, hq // hkv, tq, k.shape[2])
 
 
@@ -68,10 +76,10 @@ def attend(
     logits = _grouped_logits(q, k, scale)  # (B, Hkv, G, Tq, Tk)
     visible = visible_mask(tq, tk, mask, q_offset, window, q.device)
     if visible is not None:
-        logits = logits.masked_fill(~visible, -torch.inf)
+        logits.masked_fill_(~visible, -torch.inf)
     lse = torch.logsumexp(logits, dim=-1)  # (B, Hkv, G, Tq)
     # Rows with no visible key have lse = -inf; subtracting a finite stand-in keeps them at probability 0.
-    probs = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
+    probs = logits.sub_(torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1)).exp_()  # in place: no new Tq x Tk buffer
     out = torch.matmul(probs.view(b, hkv, -1, tk), v.float()).view(b, hq, tq, v.shape[-1])
     return out, lse.reshape(b, hq, tq)
 
@@ -107,8 +115,8 @@ def key_mass(
     hkv, tk = k.shape[1], k.shape[2]
     logits = _grouped_logits(q, k, scale)  # (B, Hkv, G, Tq, Tk)
     safe = torch.where(torch.isinf(lse), torch.inf, lse).view(b, hkv, hq // hkv, tq, 1)
-    probs = torch.exp(logits - safe)
+    probs = logits.sub_(safe).exp_()
     visible = visible_mask(tq, tk, mask, q_offset, window, q.device)
     if visible is not None:
-        probs = probs.masked_fill(~visible, 0.0)
+        probs.masked_fill_(~visible, 0.0)
     return probs.sum(dim=-2).reshape(b, hq, tk)
