@@ -46,9 +46,10 @@ def _feed(layer: LayerMemory, q, k, v, pieces) -> torch.Tensor:
     return torch.cat(outs, dim=1)  # (Hq, T, T): weights[h, query, key position]
 
 
+@pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("pieces", [[T], [1] * T, [13, 40, 67]])
-def test_weights_sum_to_one_and_each_token_counts_once(pieces):
-    layer = _layer()
+def test_weights_sum_to_one_and_each_token_counts_once(pieces, per_head):
+    layer = _layer(per_head_ranking=per_head, device_cache_blocks=128)
     q, k, v = _qkv()
     weights = _feed(layer, q, k, v, pieces)
     torch.testing.assert_close(weights.sum(-1), torch.ones(HQ, T), atol=1e-5, rtol=0)
@@ -69,13 +70,15 @@ def test_weights_sum_to_one_and_each_token_counts_once(pieces):
     torch.testing.assert_close(weights, torch.softmax(logits, -1), atol=1e-5, rtol=1e-4)
 
 
-def test_top_k_retrieval_attends_whole_blocks_and_the_always_visible_groups():
-    layer = _layer(topk_blocks=2, device_cache_blocks=4)
+@pytest.mark.parametrize("per_head", [False, True])
+def test_top_k_retrieval_attends_whole_blocks_and_the_always_visible_groups(per_head):
+    layer = _layer(topk_blocks=2, device_cache_blocks=4, per_head_ranking=per_head)
     q, k, v = _qkv(1)
     weights = _feed(layer, q, k, v, [1] * T)
     cfg = layer.config
     p = T - 1  # the last query: sinks, 2 blocks, remainder and its window must be exactly what it saw
-    seen = (weights[:, p] > 0).any(0).nonzero().flatten().tolist()
+    # Per-head ranking lets each KV head retrieve its own blocks; look at one KV head's query group.
+    seen = (weights[: HQ // HKV, p] > 0).any(0).nonzero().flatten().tolist()
     evicted_end = p - cfg.local_window + 1  # tokens before this left the window
     n_blocks_before = (evicted_end - 1 - cfg.num_sink_tokens) // cfg.block_size  # blocks formed before the last token
     sinks = set(range(cfg.num_sink_tokens))
