@@ -74,12 +74,12 @@ class InfLLMConfig:
     """
 
     method: str = "inf-llm"
-    num_sink_tokens: int = 64
-    local_window: int = 256
-    block_size: int = 64
+    num_sink_tokens: int = 32
+    local_window: int = 128
+    block_size: int = 32
     repr_tokens: int = 4
     topk_blocks: int = 8
-    chunk_size: int = 256
+    chunk_size: int = 128
     device_cache_blocks: int = 32
     cache_policy: str = "lru"
     score_decay: float | None = None

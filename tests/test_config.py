@@ -61,9 +61,9 @@ REFUSED = [
     (dict(per_head_ranking="yes"), ["per_head_ranking", "'yes'"]),
     (dict(topk_blocks=40), ["topk_blocks=40", "device_cache_blocks=32"]),
     (dict(topk_blocks=8, device_cache_blocks=4), ["topk_blocks=8", "device_cache_blocks=4"]),
-    (dict(repr_tokens=65), ["repr_tokens=65", "block_size=64"]),
-    (dict(chunk_size=512), ["chunk_size=512", "local_window=256"]),
-    (dict(method="stream-llm", chunk_size=512), ["chunk_size=512", "local_window=256"]),
+    (dict(repr_tokens=33), ["repr_tokens=33", "block_size=32"]),
+    (dict(chunk_size=512), ["chunk_size=512", "local_window=128"]),
+    (dict(method="stream-llm", chunk_size=512), ["chunk_size=512", "local_window=128"]),
     (dict(cache_policy="lru-s"), ["score_decay", "None", "lru-s"]),
     (dict(score_decay=0.5), ["score_decay=0.5", "'lru'", "lru-s"]),
     (dict(cache_policy="fifo", score_decay=0.5), ["score_decay=0.5", "'fifo'"]),
@@ -87,15 +87,15 @@ def test_invalid_settings_are_refused_naming_field_and_value(changes, words):
 def test_defaults_are_the_embedded_model_settings():
     config = InfLLMConfig()
     assert (config.method, config.num_sink_tokens, config.local_window, config.block_size) == (
-        "inf-llm", 64, 256, 64)
-    assert (config.repr_tokens, config.topk_blocks, config.chunk_size, config.device_cache_blocks) == (4, 8, 256, 32)
+        "inf-llm", 32, 128, 32)
+    assert (config.repr_tokens, config.topk_blocks, config.chunk_size, config.device_cache_blocks) == (4, 8, 128, 32)
     assert (config.cache_policy, config.score_decay, config.per_head_ranking) == ("lru", None, False)
     assert (config.storage_dtype, config.kernel_backend) == ("auto", "auto")
 
 
 def test_boundary_values_are_accepted():
     # Each equality is the largest value its invariant allows.
-    InfLLMConfig(topk_blocks=32, device_cache_blocks=32, repr_tokens=64, block_size=64, chunk_size=256)
+    InfLLMConfig(topk_blocks=32, device_cache_blocks=32, repr_tokens=64, block_size=64, chunk_size=256, local_window=256)
     InfLLMConfig(num_sink_tokens=0)
     InfLLMConfig(cache_policy="lru-s", score_decay=0.1)
     InfLLMConfig(cache_policy="fifo")
@@ -235,7 +235,7 @@ def test_embedded_presets():
     assert load_config(preset_path("smollm2-inf-llm")).config == InfLLMConfig()
     for name in ("smollm2-stream-llm", "smollm2-full"):
         loaded = load_config(preset_path(name))
-        assert loaded.config.num_sink_tokens == 64 and loaded.config.local_window == 256
+        assert loaded.config.num_sink_tokens == 32 and loaded.config.local_window == 128
         assert loaded.model_path is None
 
 
