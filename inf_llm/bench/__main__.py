@@ -1,0 +1,316 @@
+"""Command line of the benchmarks: `python -m inf_llm.bench {passkey,speed,gpu,table,plot} ...`.
+
+Results go to `<out>/<name>.jsonl` (one JSON line per finished case; rerun the same command to continue a stopped
+run, `--fresh` to start over), with a table printed and `<out>/<name>.png` drawn. `table FILE [--markdown]` and
+`plot FILE` redraw them from a file. Sub-command modules are
+imported when chosen: `gpu` runs on machines without rich or matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("inf_llm.bench")
+
+_UNITS = {"K": 1024, "M": 1024 * 1024}
+
+
+def parse_length(text: str) -> int:
+    """"4096", "4K", "64k", "1M" -> tokens (K = 1024)."""
+    text = text.strip()
+    scale = _UNITS.get(text[-1:].upper(), 1)
+    number = text[:-1] if scale > 1 else text
+    try:
+        value = int(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a length: give tokens as 4096, 4K or 1M") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a length: it must be positive")
+    return value
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    return tuple(sorted({parse_length(part) for part in text.split(",") if part.strip()}))
+
+
+def parse_depths(text: str) -> tuple[float, ...]:
+    try:
+        depths = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give depths as fractions, e.g. 0.1,0.5,0.9") from None
+    if not depths or any(not 0 <= d <= 1 for d in depths):
+        raise argparse.ArgumentTypeError(f"{text!r}: depths are fractions in [0, 1], e.g. 0.1,0.5,0.9")
+    return depths
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def _add_output(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--out", type=Path, default=Path("bench_results"),
+                        help="folder of the results (default: %(default)s)")
+    parser.add_argument("--name", default=name, help="result file name, without .jsonl (default: %(default)s)")
+    parser.add_argument("--fresh", action="store_true", help="start a new result file (the old one is kept as .bak)")
+
+
+def _add_settings(parser: argparse.ArgumentParser, methods: str) -> None:
+    parser.add_argument("--inf-llm-config-path", help="InfLLM preset (YAML) for inf-llm; the baselines use its sinks, "
+                        "window and chunk (default: the model's preset)")
+    parser.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                        help="override an InfLLMConfig field for every method, e.g. --set topk_blocks=4 (repeatable)")
+    parser.add_argument("--methods", default=methods, help="comma-separated, from inf-llm, stream-llm, infinite-lm, "
+                        "full (default: %(default)s)")
+    parser.add_argument("--tag", help="text added to every method's label, to tell apart runs of different presets")
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-path",
+                        help="a Hugging Face checkpoint folder or .gguf (default: the embedded SmolLM2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--prefill-chunk", type=_positive_int, default=2048,
+                        help="tokens per model call while reading (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m inf_llm.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    passkey = commands.add_parser("passkey", help="passkey retrieval accuracy over lengths x depths x seeds")
+    _add_model(passkey)
+    _add_settings(passkey, "inf-llm,stream-llm,full")
+    _add_output(passkey, "passkey")
+    passkey.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4K,8K,16K"),
+                         help="prompt lengths in tokens (default: 4K,8K,16K)")
+    passkey.add_argument("--depths", type=parse_depths, default=(0.1, 0.5, 0.9),
+                         help="needle depths, fractions of the context (default: 0.1,0.5,0.9)")
+    passkey.add_argument("--seeds", type=_positive_int, default=5,
+                         help="keys per length and depth (default: %(default)s)")
+    passkey.add_argument("--full-max-len", type=parse_length, default=parse_length("16K"),
+                         help="longest prompt given to full attention (default: 16K)")
+    passkey.add_argument("--max-new-tokens", type=_positive_int, default=8, help="answer length (default: %(default)s)")
+    passkey.add_argument("--answer-prefix", default=None,
+                         help="text the answer starts with (default: 'The pass key is')")
+    passkey.add_argument("--no-chat-template", action="store_true", help="raw prompt, for base models")
+
+    speed = commands.add_parser("speed", help="prefill tokens/s, decode ms/token and memory vs context length")
+    _add_model(speed)
+    _add_settings(speed, "inf-llm,stream-llm,full")
+    _add_output(speed, "speed")
+    speed.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4K,8K,16K,32K,64K"),
+                       help="context lengths (default: 4K,8K,16K,32K,64K)")
+    speed.add_argument("--full-max-len", type=parse_length, default=parse_length("32K"),
+                       help="longest context given to full attention (default: 32K)")
+    speed.add_argument("--decode-tokens", type=_positive_int, default=16,
+                       help="tokens decoded after the prefill; decode ms/token is their mean (default: %(default)s)")
+    speed.add_argument("--peak-seconds", type=_positive_float, default=2.0, help="time spent measuring the matmul peak")
+    speed.add_argument("--in-process", action="store_true",
+                       help="measure in this process instead of a fresh process per case (RSS then less reliable)")
+
+    gpu = commands.add_parser("gpu", help="Mistral-7B shapes, random bf16 weights on CUDA: 32K toward 1M tokens")
+    _add_settings(gpu, "inf-llm,full")
+    _add_output(gpu, "gpu")
+    gpu.add_argument("--tiny", action="store_true", help="a tiny Mistral on the CPU (tests the script without a GPU)")
+    gpu.add_argument("--lengths", type=parse_lengths, default=None,
+                     help="default: 32K,128K,256K,512K,1M (tiny: 256,1K,2K)")
+    gpu.add_argument("--budget-s", type=_positive_float, default=420.0,
+                     help="seconds from process start for everything (default: %(default)s, under 8 minutes)")
+    gpu.add_argument("--full-share", type=_positive_float, default=0.4,
+                     help="share of the time left for full attention, which runs first (default: %(default)s)")
+    gpu.add_argument("--decode-tokens", type=_positive_int, default=8, help="decode tokens per length")
+    gpu.add_argument("--prefill-chunk", type=_positive_int, default=4096, help="tokens per model call while reading")
+
+    table = commands.add_parser("table", help="print the tables of a result file (--markdown for BENCHMARKS.md)")
+    table.add_argument("file", type=Path, help="a .jsonl result file")
+    table.add_argument("--markdown", action="store_true", help="Markdown tables instead of terminal ones")
+
+    plot = commands.add_parser("plot", help="redraw the PNG of a result file")
+    plot.add_argument("file", type=Path, help="a .jsonl result file")
+    plot.add_argument("--png", type=Path, help="output path (default: next to the file, .png)")
+    return parser
+
+
+# --- shared steps -------------------------------------------------------------------------------------------
+
+
+def _load(args):
+    from inf_llm.loading import embedded_gguf_path, load_model
+
+    model, tokenizer = load_model(args.model_path, device=args.device)
+    model_id = f"embedded:{embedded_gguf_path().name}" if args.model_path is None \
+        else str(Path(args.model_path).expanduser().resolve())
+    return model, tokenizer, model_id
+
+
+def _runs(args, model_type: str | None, default_config=None):
+    from inf_llm.bench.methods import method_runs, parse_methods, parse_overrides
+    from inf_llm.config import default_preset_for, load_config
+
+    if args.inf_llm_config_path:
+        loaded = load_config(args.inf_llm_config_path)
+        for note in loaded.notes:
+            logger.warning("%s: %s", args.inf_llm_config_path, note)
+        base = loaded.config
+    elif default_config is not None:
+        base = default_config
+    else:
+        base = load_config(default_preset_for(model_type)).config
+    return method_runs(base, parse_methods(args.methods), parse_overrides(args.overrides), args.tag)
+
+
+def _finish(console, log, kind: str, model_id: str | None, table_fn) -> None:
+    from inf_llm.bench.display import to_rich
+    from inf_llm.bench.plot import plot_records
+
+    records = [r for r in log.records_of(kind) if model_id is None or r["case"].get("model") == model_id]
+    if not records:
+        console.print("no results yet")
+        return
+    console.print(to_rich(table_fn(records)))
+    for path in plot_records(records, log.path.with_suffix(".png")):
+        console.print(f"results: {log.path}   plot: {path}")
+
+
+# --- sub-commands -------------------------------------------------------------------------------------------
+
+
+def cmd_passkey(args, console) -> None:
+    from inf_llm.bench.display import passkey_table
+    from inf_llm.bench.passkey import KIND, PasskeyPlan, run_passkey
+    from inf_llm.bench.prompt import ANSWER_PREFIX
+    from inf_llm.bench.results import ResultLog
+
+    model, tokenizer, model_id = _load(args)
+    runs = _runs(args, None if args.model_path is None else model.config.model_type)
+    plan = PasskeyPlan(lengths=args.lengths, depths=args.depths, seeds=args.seeds, full_max_len=args.full_max_len,
+                       max_new_tokens=args.max_new_tokens,
+                       answer_prefix=ANSWER_PREFIX if args.answer_prefix is None else args.answer_prefix,
+                       chat_template=not args.no_chat_template, prefill_chunk=args.prefill_chunk)
+    log = ResultLog(args.out / f"{args.name}.jsonl", fresh=args.fresh)
+    try:
+        run_passkey(model, tokenizer, model_id, runs, plan, log, console)
+    finally:
+        _finish(console, log, KIND, model_id, passkey_table)
+
+
+def cmd_speed(args, console) -> None:
+    from inf_llm.bench.display import peak_table, speed_table, to_rich
+    from inf_llm.bench.results import ResultLog
+    from inf_llm.bench.speed import KIND, PEAK_KIND, SpeedPlan, run_speed
+
+    model, tokenizer, model_id = _load(args)
+    runs = _runs(args, None if args.model_path is None else model.config.model_type)
+    plan = SpeedPlan(lengths=args.lengths, full_max_len=args.full_max_len, decode_tokens=args.decode_tokens,
+                     prefill_chunk=args.prefill_chunk, peak_seconds=args.peak_seconds,
+                     isolated=not args.in_process, device=args.device)
+    log = ResultLog(args.out / f"{args.name}.jsonl", fresh=args.fresh)
+    try:
+        run_speed(model, tokenizer, model_id, args.model_path, runs, plan, log, console)
+    finally:
+        peaks = log.records_of(PEAK_KIND)
+        if peaks:
+            console.print(to_rich(peak_table(peaks)))
+        _finish(console, log, KIND, model_id, speed_table)
+
+
+def cmd_gpu(args) -> None:
+    # Plain print: this runs where rich may be missing.
+    from inf_llm.bench.gpu import DEFAULT_LENGTHS, TINY_INF_LLM, TINY_LENGTHS, GpuPlan, gpu_table, run_gpu
+    from inf_llm.bench.table_data import to_text
+    from inf_llm.bench.results import ResultLog
+    from inf_llm.config import load_config, preset_path
+
+    default = TINY_INF_LLM if args.tiny else load_config(preset_path("mistral-7b-instruct-inf-llm")).config
+    runs = _runs(args, None, default_config=default)
+    lengths = args.lengths or (TINY_LENGTHS if args.tiny else DEFAULT_LENGTHS)
+    plan = GpuPlan(lengths=lengths, budget_s=args.budget_s, full_share=args.full_share,
+                   decode_tokens=args.decode_tokens, prefill_chunk=args.prefill_chunk, tiny=args.tiny)
+    # Each run measures from an empty memory in one pass, so there is nothing to resume: always a new file.
+    log = ResultLog(args.out / f"{args.name}.jsonl", fresh=True)
+    records = run_gpu(runs, plan, log, say=lambda text: print(text, flush=True))
+    print(to_text(gpu_table(records)))
+    print(f"results: {log.path}")
+    try:
+        from inf_llm.bench.plot import plot_gpu
+    except ImportError as error:
+        print(f"no plot: {error}; draw it on another machine with `python -m inf_llm.bench plot {log.path}`")
+        return
+    print(f"plot: {plot_gpu(records, log.path.with_suffix('.png'))}")
+
+
+def cmd_table(args, console) -> None:
+    from inf_llm.bench.display import passkey_table, peak_table, speed_table, to_rich
+    from inf_llm.bench.gpu import gpu_table
+    from inf_llm.bench.results import read_records
+    from inf_llm.bench.table_data import to_markdown
+
+    if not args.file.is_file():
+        raise FileNotFoundError(f"no result file {args.file}")
+    records = read_records(args.file)
+    builders = {"passkey": passkey_table, "speed": speed_table, "matmul_peak": peak_table, "gpu": gpu_table}
+    tables = [build([r for r in records if r.get("kind") == kind]) for kind, build in builders.items()
+              if any(r.get("kind") == kind for r in records)]
+    if not tables:
+        raise ValueError(f"{args.file} holds no passkey, speed or gpu records")
+    for table in tables:
+        if args.markdown:
+            print(to_markdown(table) + "\n")
+        else:
+            console.print(to_rich(table))
+
+
+def cmd_plot(args, console) -> None:
+    from inf_llm.bench.plot import plot_records
+    from inf_llm.bench.results import read_records
+
+    if not args.file.is_file():
+        raise FileNotFoundError(f"no result file {args.file}")
+    records = read_records(args.file)
+    written = plot_records(records, args.png or args.file.with_suffix(".png"))
+    if not written:
+        raise ValueError(f"{args.file} holds no passkey, speed or gpu records to plot")
+    for path in written:
+        console.print(f"plot: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # a long run's log file shows each case as it finishes
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "gpu":
+            cmd_gpu(args)
+            return 0
+        from rich.console import Console
+
+        console = Console() if Console().is_terminal else Console(width=200)  # logs keep whole table rows
+        {"passkey": cmd_passkey, "speed": cmd_speed, "table": cmd_table, "plot": cmd_plot}[args.command](args, console)
+    except KeyboardInterrupt:
+        print("\nstopped; the finished cases are saved: run the same command again to continue", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as error:
+        if args.verbose:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

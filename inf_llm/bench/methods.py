@@ -1,0 +1,81 @@
+"""Which settings each benchmarked method runs, and how a run of them is named and identified.
+
+One base config (a preset, or the model's default one) plus `--set key=value` overrides gives every method its
+settings: `inf-llm` as configured, `stream-llm` and `infinite-lm` with the same sinks, window and chunk (they
+keep no memory blocks), and `full` the model's own attention. A method's *label* names it in tables and plots:
+the method plus the overrides that matter to it (and an optional tag). Its *identity* (part of a result's case)
+holds only the settings that can change its results, so that sweeping `topk_blocks` does not re-run the
+baselines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from inf_llm.config import METHODS, InfLLMConfig
+
+# The settings each method's results depend on (speed included).
+_WINDOWED = ("num_sink_tokens", "local_window", "chunk_size", "kernel_backend")
+RELEVANT_FIELDS: dict[str, tuple[str, ...] | None] = {
+    "inf-llm": None,  # all of them
+    "stream-llm": _WINDOWED,
+    "infinite-lm": _WINDOWED,
+    "full": (),
+}
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    label: str  # e.g. "inf-llm", "inf-llm topk_blocks=4", "stream-llm (tag)"
+    config: InfLLMConfig
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine this method's results (JSON-ready)."""
+        fields = RELEVANT_FIELDS[self.method]
+        settings = self.config.to_dict()
+        keep = settings if fields is None else {k: settings[k] for k in fields}
+        return {"method": self.method, **{k: v for k, v in keep.items() if k != "method"}}
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`["topk_blocks=4", "cache_policy=lru-s", "score_decay=0.9"]` -> typed values (YAML scalars)."""
+    overrides: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r} is invalid: expected KEY=VALUE, e.g. --set topk_blocks=4")
+        if key == "method":
+            raise ValueError("--set method=... is not allowed: choose the methods with --methods")
+        if key in overrides:
+            raise ValueError(f"--set {key} is given twice")
+        overrides[key] = yaml.safe_load(text) if text.strip() else None
+    return overrides
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise ValueError(f"--methods {text!r} is invalid: give a comma-separated list of {', '.join(METHODS)}")
+    return names
+
+
+def method_runs(base: InfLLMConfig, methods: tuple[str, ...], overrides: dict[str, Any],
+                tag: str | None = None) -> list[MethodRun]:
+    """One MethodRun per method; invalid overrides raise ValueError naming the field (from InfLLMConfig)."""
+    runs = []
+    for method in methods:
+        config = base.replace(method=method, **overrides)
+        fields = RELEVANT_FIELDS[method]
+        shown = [f"{k}={v}" for k, v in overrides.items() if fields is None or k in fields]
+        label = " ".join([method, *shown, *([f"({tag})"] if tag else [])])
+        runs.append(MethodRun(label, config))
+    return runs

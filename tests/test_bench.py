@@ -1,0 +1,378 @@
+"""Tests of the benchmark package (inf_llm.bench): the passkey prompt, resumable result logs, the speed and gpu
+commands at tiny sizes, the FLOP counts and the plots.
+
+The commands run on a tiny random Llama that uses the embedded model's tokenizer (so the real passkey prompt and
+chat template are exercised) or, for `gpu --tiny`, on a tiny random Mistral. Nothing here measures time: the
+assertions are exact invariants (token counts, record fields, arithmetic of the derived numbers).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from matplotlib import image as mpimg
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from inf_llm.bench import gpu as gpu_bench
+from inf_llm.bench.__main__ import main, parse_length, parse_lengths
+from inf_llm.bench.display import speed_rows
+from inf_llm.bench.flops import attended_keys, decoder_params, kv_bytes_per_token, matmul_peak, prefill_flops
+from inf_llm.bench.methods import method_runs, parse_overrides
+from inf_llm.bench.prompt import FILLER, build_passkey_prompt, is_correct, needle_line
+from inf_llm.bench.results import ResultLog, read_records
+from inf_llm.config import InfLLMConfig
+
+# Small windowed settings, so that a few hundred tokens exercise eviction, blocks and retrieval.
+SMALL = ["--set", "num_sink_tokens=8", "--set", "local_window=64", "--set", "chunk_size=32", "--set", "block_size=16",
+         "--set", "topk_blocks=2", "--set", "device_cache_blocks=4"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run far faster on one thread (a busy machine makes a thread pool spin); restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_model):
+    return embedded_model[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tokenizer):
+    """A random 2-layer Llama with the embedded tokenizer's vocabulary, saved as a checkpoint folder."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _png_size(path) -> tuple[int, int]:
+    height, width = mpimg.imread(path).shape[:2]
+    return width, height
+
+
+# --- the passkey prompt -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [1000, 4096, 16384])
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_passkey_prompt_length_and_depth(tokenizer, length, depth):
+    prompt = build_passkey_prompt(tokenizer, length, depth, seed=3)
+    ids = prompt.ids
+    assert abs(len(ids) - length) <= 0.02 * length, (len(ids), length)
+
+    # Token position: the key's digits (one token each in this tokenizer) first appear where the builder says
+    # the needle is, and that is at the requested fraction of the whole prompt, up to the fixed text around
+    # the context (instruction before, question after: under 100 tokens).
+    digit_ids = [tokenizer.convert_tokens_to_ids(c) for c in prompt.key]
+    first = next(i for i in range(len(ids)) if ids[i : i + 5] == digit_ids)
+    assert prompt.needle_token <= first < prompt.needle_end
+    assert abs(first / len(ids) - depth) <= 100 / len(ids) + 0.01
+    assert abs(prompt.actual_depth - depth) <= 0.01
+    assert tokenizer.decode(ids[prompt.needle_token : prompt.needle_end]).strip() == needle_line(prompt.key)
+
+    # Text position: the share of filler sentences before the needle is the depth, to one sentence.
+    text = tokenizer.decode(ids)
+    head, tail = text.split(needle_line(prompt.key))
+    pattern = "|".join(re.escape(s) for s in FILLER)
+    before, after = len(re.findall(pattern, head)), len(re.findall(pattern, tail))
+    assert abs(before / (before + after) - depth) <= 1 / (before + after) + 1e-9
+
+
+def test_passkey_prompt_is_a_chat_turn_and_deterministic(tokenizer):
+    prompt = build_passkey_prompt(tokenizer, 600, 0.5, seed=0)
+    text = tokenizer.decode(prompt.ids)
+    assert text.startswith("<|im_start|>system")
+    assert text.endswith("What is the pass key?<|im_end|>\n<|im_start|>assistant\nThe pass key is")
+    assert build_passkey_prompt(tokenizer, 600, 0.5, seed=0) == prompt
+    keys = {build_passkey_prompt(tokenizer, 600, 0.5, seed=s).key for s in range(5)}
+    assert len(keys) == 5 and all(re.fullmatch(r"\d{5}", k) for k in keys)
+    raw = build_passkey_prompt(tokenizer, 600, 0.5, seed=0, chat_template=False)
+    assert "<|im_start|>" not in tokenizer.decode(raw.ids) and raw.key == prompt.key
+
+
+def test_passkey_prompt_refuses_bad_requests(tokenizer):
+    with pytest.raises(ValueError, match="depth"):
+        build_passkey_prompt(tokenizer, 1000, 1.5, seed=0)
+    with pytest.raises(ValueError, match="too short"):
+        build_passkey_prompt(tokenizer, 20, 0.5, seed=0)
+
+
+def test_is_correct():
+    assert is_correct("12345", " 12345.")
+    assert is_correct("12345", "The key is 12345, remember")
+    assert not is_correct("12345", " 1234 5")
+    assert not is_correct("12345", "")
+
+
+# --- settings of the methods --------------------------------------------------------------------------------
+
+
+def test_overrides_and_method_identities():
+    overrides = parse_overrides(["topk_blocks=4", "cache_policy=lru-s", "score_decay=0.5", "per_head_ranking=true"])
+    assert overrides == {"topk_blocks": 4, "cache_policy": "lru-s", "score_decay": 0.5, "per_head_ranking": True}
+    runs = {r.method: r for r in method_runs(InfLLMConfig(), ("inf-llm", "stream-llm", "full"), overrides, tag="t")}
+    assert runs["inf-llm"].config.topk_blocks == 4 and runs["inf-llm"].label.startswith("inf-llm topk_blocks=4")
+    # The baselines' identity and label ignore settings they do not use.
+    assert runs["stream-llm"].label == "stream-llm (t)" and "topk_blocks" not in runs["stream-llm"].identity()
+    assert runs["full"].identity() == {"method": "full"}
+    with pytest.raises(ValueError, match="topk_block"):
+        method_runs(InfLLMConfig(), ("inf-llm",), parse_overrides(["topk_block=4"]))
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["topk_blocks"])
+    assert parse_length("4K") == 4096 and parse_length("1M") == 1 << 20 and parse_lengths("8K,4096,4K") == (4096, 8192)
+
+
+# --- result log ---------------------------------------------------------------------------------------------
+
+
+def test_result_log_resumes_and_survives_a_cut_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    log = ResultLog(path)
+    log.append("passkey", {"length": 10, "depth": 0.5}, correct=True)
+    assert log.done("passkey", {"depth": 0.5, "length": 10}) and not log.done("speed", {"depth": 0.5, "length": 10})
+    with path.open("a") as handle:
+        handle.write('{"kind": "passkey", "case": {"len')  # a write cut short by a kill
+    again = ResultLog(path)
+    assert len(again.records) == 1 and again.done("passkey", {"length": 10, "depth": 0.5})
+    again.append("passkey", {"length": 20, "depth": 0.5}, correct=False)
+    assert [r["case"]["length"] for r in read_records(path)] == [10, 20]
+    fresh = ResultLog(path, fresh=True)
+    assert fresh.records == [] and len(read_records(tmp_path / "r.jsonl.bak")) == 2
+
+
+def test_passkey_command_resumes_and_sweeps(tiny_checkpoint, tmp_path):
+    base = ["passkey", "--model-path", str(tiny_checkpoint), "--lengths", "300,400", "--depths", "0.5",
+            "--full-max-len", "300", "--out", str(tmp_path), *SMALL]
+    assert main([*base, "--seeds", "1"]) == 0
+    records = read_records(tmp_path / "passkey.jsonl")
+    # 2 lengths for inf-llm and stream-llm, 1 length for full.
+    assert sorted((r["label"].split()[0], r["case"]["length"]) for r in records) == sorted(
+        [(m, n) for m in ("inf-llm", "stream-llm") for n in (300, 400)] + [("full", 300)])
+    for r in records:
+        assert abs(r["tokens"] - r["case"]["length"]) <= 0.03 * r["case"]["length"]
+        assert r["correct"] == (r["key"] in r["answer"])
+        # The memory read the whole prompt and every answer token but the last (which generate does not feed).
+        assert 1 <= r["answer_tokens"] <= 8 and r["memory"]["tokens"] == r["tokens"] + r["answer_tokens"] - 1
+    assert main([*base, "--seeds", "1"]) == 0
+    assert len(read_records(tmp_path / "passkey.jsonl")) == 5  # nothing re-run
+    assert main([*base, "--seeds", "2"]) == 0
+    assert [r["case"]["seed"] for r in read_records(tmp_path / "passkey.jsonl")[5:]] == [1] * 5  # only seed 1 added
+    # A sweep of an inf-llm-only setting re-runs inf-llm only (the baselines' results cannot change).
+    assert main([*base, "--seeds", "2", "--set", "repr_tokens=2"]) == 0
+    added = read_records(tmp_path / "passkey.jsonl")[10:]
+    assert len(added) == 4 and {r["label"] for r in added} == {"inf-llm " + " ".join(SMALL[1::2]) + " repr_tokens=2"}
+    assert _png_size(tmp_path / "passkey.png") == (800, 500)
+
+
+# --- speed --------------------------------------------------------------------------------------------------
+
+
+def _check_speed_record(r, model, decode_tokens):
+    length = r["case"]["length"]
+    config = InfLLMConfig(**r["config"])
+    # The memory holds the prompt and every decoded token.
+    assert r["memory"]["tokens"] == length + decode_tokens
+    assert r["prefill_s"] > 0 and r["prefill_tokens_per_s"] == pytest.approx(length / r["prefill_s"])
+    assert r["decode_ms_min"] <= r["decode_ms_median"] and r["decode_ms_min"] <= r["decode_ms_per_token"]
+    assert r["rss_growth_per_token"] == pytest.approx(r["rss_growth_bytes"] / length)
+    assert r["kv16_bytes_per_token"] == kv_bytes_per_token(model.config) == 2 * 2 * 2 * 16 * 2
+    assert r["rss_peak_growth_bytes"] >= r["rss_growth_bytes"]
+    assert r["flops"] == prefill_flops(model, config, length, r["case"]["prefill_chunk"])
+    assert r["efficiency"] == pytest.approx(r["flops"]["total"] / r["prefill_s"] / (r["peak_gflops"] * 1e9))
+    if config.method == "full":
+        assert r["memory"]["device_bytes"] == (length + decode_tokens) * kv_bytes_per_token(model.config, 4)
+    else:
+        assert r["memory"]["window_tokens"] == config.local_window
+
+
+def test_speed_command_reports_every_field(tiny_checkpoint, tmp_path):
+    from inf_llm.loading import load_model
+
+    model, _ = load_model(tiny_checkpoint)
+    args = ["speed", "--model-path", str(tiny_checkpoint), "--lengths", "200,300", "--decode-tokens", "3",
+            "--in-process", "--peak-seconds", "0.05", "--prefill-chunk", "64", "--out", str(tmp_path), *SMALL]
+    assert main(args) == 0
+    records = read_records(tmp_path / "speed.jsonl")
+    speed = [r for r in records if r["kind"] == "speed"]
+    assert sorted((r["case"]["settings"]["method"], r["case"]["length"]) for r in speed) == sorted(
+        (m, n) for m in ("inf-llm", "stream-llm", "full") for n in (200, 300))
+    for r in speed:
+        _check_speed_record(r, model, 3)
+    peaks = [r for r in records if r["kind"] == "matmul_peak"]
+    assert [p["case"]["when"] for p in peaks] == ["start", "end"]
+    assert (peaks[0]["m"], peaks[0]["k"], peaks[0]["n"]) == (64, 64, 128) and peaks[0]["gflops"] > 0
+    assert all(r["peak_gflops"] == peaks[0]["gflops"] for r in speed)
+    # The table's ratios pair each record with full attention at the same length and its own shorter length.
+    full = {r["case"]["length"]: r for r in speed if r["case"]["settings"]["method"] == "full"}
+    for row in speed_rows(speed):
+        r = row["record"]
+        base, n = full[r["case"]["length"]], r["case"]["length"]
+        assert row["prefill_speedup_vs_full"] == pytest.approx(base["prefill_s"] / r["prefill_s"])
+        assert row["decode_vs_full"] == pytest.approx(r["decode_ms_per_token"] / base["decode_ms_per_token"])
+        shorter = [q for q in speed if q["label"] == r["label"] and q["case"]["length"] < n]
+        expected = r["rss_growth_bytes"] / n if not shorter else \
+            (r["rss_growth_bytes"] - shorter[0]["rss_growth_bytes"]) / (n - shorter[0]["case"]["length"])
+        assert row["rss_marginal_per_token"] == pytest.approx(expected)
+    assert main(args) == 0  # resumed: nothing left to measure, no new peak either
+    assert len(read_records(tmp_path / "speed.jsonl")) == len(records)
+    assert _png_size(tmp_path / "speed.png") == (800, 500)
+
+
+def test_speed_case_in_a_fresh_process(tiny_checkpoint, tmp_path):
+    from inf_llm.loading import load_model
+
+    model, _ = load_model(tiny_checkpoint)
+    args = ["speed", "--model-path", str(tiny_checkpoint), "--lengths", "200", "--decode-tokens", "2",
+            "--methods", "inf-llm", "--peak-seconds", "0.05", "--prefill-chunk", "64", "--out", str(tmp_path), *SMALL]
+    assert main(args) == 0
+    (record,) = [r for r in read_records(tmp_path / "speed.jsonl") if r["kind"] == "speed"]
+    assert record["case"]["isolated"] is True
+    _check_speed_record(record, model, 2)
+
+
+# --- FLOPs --------------------------------------------------------------------------------------------------
+
+
+def _brute_attended(config: InfLLMConfig, length: int) -> int:
+    total = 0
+    for p in range(length):
+        for j in range(p + 1):
+            in_window = p - j < config.local_window
+            total += in_window or (config.method == "full") or (j < config.num_sink_tokens)
+    return total
+
+
+@pytest.mark.parametrize("method", ["full", "stream-llm", "infinite-lm"])
+def test_attended_keys_match_a_brute_force_count(method):
+    config = InfLLMConfig(method=method, num_sink_tokens=5, local_window=16, chunk_size=8)
+    for length in (1, 10, 16, 17, 100):
+        assert attended_keys(config, length) == _brute_attended(config, length)
+
+
+def test_inf_llm_retrieving_everything_attends_everything():
+    # One-token blocks and top-k above the block count: every evicted key is retrieved, as in full attention.
+    config = InfLLMConfig(num_sink_tokens=4, local_window=16, block_size=1, repr_tokens=1, topk_blocks=200,
+                          chunk_size=8, device_cache_blocks=200)
+    assert attended_keys(config, 150) == 150 * 151 // 2
+    bounded = InfLLMConfig(num_sink_tokens=4, local_window=16, block_size=8, topk_blocks=2, chunk_size=8)
+    # Past the window, each query attends at most window + sinks + top-k blocks + half a block.
+    assert attended_keys(bounded, 1000) <= 1000 * (16 + 4 + 2 * 8 + 4)
+
+
+def test_prefill_flops_count_the_linear_maps(tiny_checkpoint):
+    from inf_llm.loading import load_model
+
+    model, _ = load_model(tiny_checkpoint)
+    h, i, layers, kv_dim = 64, 128, 2, 2 * 16
+    assert decoder_params(model) == layers * (2 * h * h + 2 * h * kv_dim + 3 * h * i)
+    flops = prefill_flops(model, InfLLMConfig(method="full"), 100, prefill_chunk=64)
+    assert flops["linear"] == 2 * decoder_params(model) * 100
+    assert flops["vocab"] == 2 * h * model.config.vocab_size * 2  # two model calls, last position each
+    assert flops["attention"] == 4 * 16 * 4 * layers * (100 * 101 // 2)
+    peak = matmul_peak(8, 16, 32, seconds=0.01)
+    assert peak["gflops"] > 0 and peak["iters"] >= 1 and (peak["m"], peak["k"], peak["n"]) == (8, 16, 32)
+
+
+# --- gpu ----------------------------------------------------------------------------------------------------
+
+
+def test_gpu_script_tiny_on_cpu(tmp_path):
+    assert main(["gpu", "--tiny", "--lengths", "128,256,512", "--decode-tokens", "2", "--prefill-chunk", "64",
+                 "--out", str(tmp_path)]) == 0
+    records = [r for r in read_records(tmp_path / "gpu.jsonl") if r["kind"] == "gpu"]
+    assert [(r["label"], r["case"]["length"], r["status"]) for r in records] == [
+        (m, n, "ok") for m in ("full", "inf-llm") for n in (128, 256, 512)]
+    for method in ("full", "inf-llm"):
+        rows = [r for r in records if r["label"] == method]
+        # Decoded tokens stay in the memory; the next segment reads that many fewer prompt tokens.
+        assert [r["memory"]["tokens"] for r in rows] == [130, 258, 514]
+        assert all(a["prefill_s"] < b["prefill_s"] for a, b in zip(rows, rows[1:]))
+        assert all(r["decode_ms_per_token"] > 0 and r["peak_gpu_bytes"] is None for r in rows)
+    assert records[-1]["memory"]["blocks"] > 0  # inf-llm formed memory blocks
+    assert _png_size(tmp_path / "gpu.png") == (800, 500)
+
+
+def test_gpu_script_needs_neither_rich_nor_matplotlib(tmp_path):
+    # The GPU machines have torch and transformers but not our terminal and plotting packages.
+    code = ("import sys\n"
+            "for name in ('rich', 'matplotlib', 'platformdirs'): sys.modules[name] = None\n"
+            "from inf_llm.bench.__main__ import main\n"
+            "sys.exit(main(['gpu', '--tiny', '--lengths', '128', '--decode-tokens', '1', '--out', "
+            f"{str(tmp_path)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "no plot: import of matplotlib halted" in done.stdout
+    assert [r["status"] for r in read_records(tmp_path / "gpu.jsonl") if r["kind"] == "gpu"] == ["ok", "ok"]
+
+
+def test_gpu_script_stops_at_its_time_budget(tmp_path):
+    runs = method_runs(gpu_bench.TINY_INF_LLM, ("inf-llm", "full"), {})
+    plan = gpu_bench.GpuPlan(lengths=(256, 512), budget_s=1.0, prefill_chunk=64, tiny=True,
+                             started=time.time() - 1.0)  # the budget is already spent
+    records = gpu_bench.run_gpu(runs, plan, ResultLog(tmp_path / "g.jsonl"), say=lambda text: None)
+    assert [(r["label"], r["status"]) for r in records] == [("full", "stopped: time budget"),
+                                                            ("inf-llm", "stopped: time budget")]
+
+
+def test_gpu_script_records_an_error_and_goes_on(tmp_path, monkeypatch):
+    real_read = gpu_bench._read
+
+    def failing_read(engine, ids, progress, device):
+        if engine.config.method == "full":
+            raise RuntimeError("boom")
+        return real_read(engine, ids, progress, device)
+
+    monkeypatch.setattr(gpu_bench, "_read", failing_read)
+    runs = method_runs(gpu_bench.TINY_INF_LLM, ("inf-llm", "full"), {})
+    plan = gpu_bench.GpuPlan(lengths=(256, 512), decode_tokens=1, prefill_chunk=128, tiny=True)
+    records = gpu_bench.run_gpu(runs, plan, ResultLog(tmp_path / "g.jsonl"), say=lambda text: None)
+    assert [(r["label"], r["case"]["length"], r["status"]) for r in records] == [
+        ("full", 256, "error: RuntimeError: boom"), ("inf-llm", 256, "ok"), ("inf-llm", 512, "ok")]
+    assert "failing_read" in records[0]["traceback"]
+
+
+def test_gpu_segment_estimates():
+    assert gpu_bench.estimate_segment_s(None, 0, 100, quadratic=False) is None
+    assert gpu_bench.estimate_segment_s((0, 100, 2.0), 100, 400, quadratic=False) == pytest.approx(6.0)
+    # Quadratic: reading 100..400 costs (400^2 - 100^2) / 100^2 = 15 times reading 0..100.
+    assert gpu_bench.estimate_segment_s((0, 100, 2.0), 100, 400, quadratic=True) == pytest.approx(30.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_script_refuses_without_cuda(tmp_path, capsys):
+    assert main(["gpu", "--out", str(tmp_path)]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_table_and_plot_commands_redraw_from_a_file(tmp_path, capsys):
+    log = ResultLog(tmp_path / "p.jsonl")
+    for length, depth, correct in ((1024, 0.1, True), (1024, 0.9, False), (2048, 0.1, False)):
+        for label in ("inf-llm", "full"):
+            log.append("passkey", {"model": "m", "settings": {"method": label}, "length": length, "depth": depth},
+                       label=label, correct=correct or label == "full")
+    assert main(["plot", str(tmp_path / "p.jsonl")]) == 0
+    assert _png_size(tmp_path / "p.png") == (800, 500)
+    capsys.readouterr()
+    assert main(["table", str(tmp_path / "p.jsonl"), "--markdown"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "| method | depth | 1K | 2K |" in lines
+    assert "| full | all | 2/2 | 1/1 |" in lines and "| inf-llm | all | 1/2 | 0/1 |" in lines
+    assert "|  | 10% | 1/1 | 0/1 |" in lines and "|  | 90% | 0/1 |  |" in lines
+    with pytest.raises(SystemExit):
+        main(["table"])
