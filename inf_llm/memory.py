@@ -165,7 +165,14 @@ class FullAttentionMemory:
         return self.num_tokens
 
     def restore(self, length: int) -> None:
-        self.cache.crop(length)
+        # Slice the layers directly: DynamicCache.crop's argument changed meaning within transformers 5.x.
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+                continue
+            if getattr(layer, "sliding_window", None):
+                raise NotImplementedError("rolling back a sliding-window KV cache is not supported")
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
 
     def _tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(layer.keys, layer.values) for layer in self.cache.layers if getattr(layer, "keys", None) is not None]

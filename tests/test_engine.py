@@ -96,10 +96,11 @@ def test_generation_stops_on_eos_stop_string_and_length():
     assert len(engine.tokens) == (10 + 3) + (3 + 2) + (3 + 1)
 
 
-def test_snapshot_restore_and_resume_from_state_dict():
+@pytest.mark.parametrize("method", ["inf-llm", "stream-llm", "full"])
+def test_snapshot_restore_and_resume_from_state_dict(method):
     model = tiny_model("mistral")
     ids = _ids(150)
-    engine = Engine(model, ByteTokenizer(), _config())
+    engine = Engine(model, ByteTokenizer(), _config(method=method))
     engine.feed(ids[:100])
     snap = engine.snapshot()
     state = engine.state_dict()
@@ -110,7 +111,7 @@ def test_snapshot_restore_and_resume_from_state_dict():
     assert engine.tokens == ids[:100]
     torch.testing.assert_close(engine.feed(ids[100:]), continued, atol=0, rtol=0)
     # A new engine (as after a restart) resumes from the saved state with the same next-token logits.
-    resumed = Engine(model, ByteTokenizer(), _config())
+    resumed = Engine(model, ByteTokenizer(), _config(method=method))
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.tokens == ids[:100]
