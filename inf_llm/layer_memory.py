@@ -136,7 +136,6 @@ class LayerMemory:
         # Local stage: exact relative positions inside the window.
         q_loc = self.rotary.rotate(q, w)[None]  # (1, Hq, c, D)
         k_loc = self.rotary.rotate(loc_k, 0)[None]  # (1, Hkv, w + c, D)
-        out, lse = ops.attend(q_loc, k_loc, loc_v[None], scale, mask="band", q_offset=w, window=window)
 
         # Global stage: memory keys, then the chunk-window keys that leave some query's band.
         n_comp = max(0, w + c - window)
@@ -147,6 +146,7 @@ class LayerMemory:
             n_comp = min(n_comp, max(0, cfg.num_sink_tokens - first_pos))  # only future sinks survive eviction
         glob_k = torch.cat((mem_k, loc_k[:, :n_comp]), dim=1)
         glob_v = torch.cat((mem_v, loc_v[:, :n_comp]), dim=1)
+        q_glob = q_loc
         if glob_k.shape[1] > 0:
             if cfg.method == "stream-llm":
                 # Sinks at their true positions, the query right after its full window (StreamingLLM's cache).
@@ -155,14 +155,15 @@ class LayerMemory:
                 glob_k = self.rotary.rotate(glob_k, 0)
             else:
                 q_glob = self.rotary.rotate_at(q, window)[None]
-            g_out, g_lse = ops.attend(
-                q_glob, glob_k[None], glob_v[None], scale, mask="complement", q_offset=w + mem_k.shape[1], window=window
-            )
-            out, lse = ops.merge(out, lse, g_out, g_lse)
 
-        if cfg.method == "inf-llm":
-            mass = ops.key_mass(q_loc, k_loc, scale, lse, mask="band", q_offset=w, window=window)  # (1, Hq, w + c)
-            self.win_score[:, self.win_start : self.win_end] += mass[0]
+        # Both stages in one exact softmax (the complement offset counts the memory keys placed before the window's).
+        with_mass = cfg.method == "inf-llm"
+        out, mass = ops.chunk_attention(
+            q_loc, k_loc, loc_v[None], q_glob, glob_k[None], glob_v[None], scale,
+            local_offset=w, global_offset=w + mem_k.shape[1], window=window, with_mass=with_mass,
+        )
+        if with_mass:
+            self.win_score[:, self.win_start : self.win_end] += mass[0]  # (Hq, w + c)
         self.num_seen += c
         self._evict()
         return out[0]

@@ -385,7 +385,7 @@ def test_resolve_auto_on_cuda_without_triton_warns_once(monkeypatch, caplog):
 
 
 def test_resolve_auto_on_cuda_prefers_triton(monkeypatch):
-    fake = kernels.AttentionOps(name="triton", attend=len, merge=len, key_mass=len)
+    fake = kernels.AttentionOps(name="triton", attend=len, merge=len, key_mass=len, chunk_attention=len)
     monkeypatch.setattr(kernels, "_triton_ops", lambda: fake)
     assert kernels.resolve_ops("auto", "cuda") is fake
 

@@ -207,3 +207,19 @@ def test_visible_mask_matches_definition():
             assert mask == "none"
             got = torch.ones(4, 9, dtype=torch.bool)
         assert torch.equal(got, want), mask
+
+
+@pytest.mark.parametrize("tq,tl,tg,local_offset", [(1, 17, 0, 16), (1, 17, 40, 16), (16, 48, 30, 32), (8, 8, 0, 0), (5, 20, 9, 15)])
+def test_fused_chunk_attention_equals_the_composed_primitives(tq, tl, tg, local_offset):
+    """The CPU path's one-softmax chunk equals band + complement partials merged by log-sum-exp."""
+    from inf_llm.kernels import TORCH_OPS
+    g = torch.Generator().manual_seed(tq * 100 + tl + tg)
+    q_loc, q_glob = torch.randn(2, 1, 6, tq, 16, generator=g)
+    k_loc, v_loc = torch.randn(2, 1, 3, tl, 16, generator=g)
+    k_glob, v_glob = torch.randn(2, 1, 3, tg, 16, generator=g)
+    window = 12
+    kwargs = dict(local_offset=local_offset, global_offset=local_offset + 5, window=window, with_mass=True)
+    fused = reference.chunk_attention(q_loc, k_loc, v_loc, q_glob, k_glob, v_glob, 0.3, **kwargs)
+    composed = reference.compose_chunk_attention(TORCH_OPS, q_loc, k_loc, v_loc, q_glob, k_glob, v_glob, 0.3, **kwargs)
+    torch.testing.assert_close(fused[0], composed[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused[1], composed[1], atol=1e-5, rtol=1e-5)

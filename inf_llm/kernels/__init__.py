@@ -15,6 +15,7 @@ CUDA without an importable triton it uses torch and says so in a warning. triton
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -37,23 +38,36 @@ class AttentionOps:
     attend: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     merge: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     key_mass: Callable[..., torch.Tensor]
+    # One whole InfLLM chunk (local band + global complement, and the local keys' mass); the signature of
+    # `reference.chunk_attention`. The torch backend fuses it; kernels compose it from the primitives.
+    chunk_attention: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 
-TORCH_OPS = AttentionOps(name="torch", attend=reference.attend, merge=reference.merge, key_mass=reference.key_mass)
+TORCH_OPS = AttentionOps(
+    name="torch",
+    attend=reference.attend,
+    merge=reference.merge,
+    key_mass=reference.key_mass,
+    chunk_attention=reference.chunk_attention,
+)
 
 _warned_auto_fallback = False
 
 
 def _triton_ops() -> AttentionOps:
     # Raises ImportError when triton (or its compiler) is missing; callers decide what that means.
+    import functools
+
     from inf_llm.kernels import triton_attention
 
-    return AttentionOps(
+    ops = AttentionOps(
         name="triton",
         attend=triton_attention.attend,
         merge=triton_attention.merge,
         key_mass=triton_attention.key_mass,
+        chunk_attention=None,
     )
+    return dataclasses.replace(ops, chunk_attention=functools.partial(reference.compose_chunk_attention, ops))
 
 
 def resolve_ops(backend: str, device: torch.device | str) -> AttentionOps:

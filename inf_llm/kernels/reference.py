@@ -120,3 +120,61 @@ def key_mass(
     if visible is not None:
         probs.masked_fill_(~visible, 0.0)
     return probs.sum(dim=-2).reshape(b, hq, tk)
+
+
+def chunk_attention(
+    q_local: torch.Tensor,
+    k_local: torch.Tensor,
+    v_local: torch.Tensor,
+    q_global: torch.Tensor,
+    k_global: torch.Tensor,
+    v_global: torch.Tensor,
+    scale: float,
+    *,
+    local_offset: int,
+    global_offset: int,
+    window: int,
+    with_mass: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One InfLLM chunk in one softmax: local keys under the band mask, global keys under its complement.
+
+    q_local/q_global: (B, Hq, Tq, D), the same queries rotated for each stage; k/v_local: (B, Hkv, Tl, D);
+    k/v_global: (B, Hkv, Tg, D). Returns out (B, Hq, Tq, D) float32 and, with `with_mass`, the attention mass
+    each local key received (B, Hq, Tl). Equal to `compose_chunk_attention` over the primitives (tested); on CPU
+    the concatenated-logits form is cheaper: one exponential per logit, no log-sum-exp, no second pass for the
+    mass.
+    """
+    b, hq, tq, _ = q_local.shape
+    hkv, tl, tg = k_local.shape[1], k_local.shape[2], k_global.shape[2]
+    loc = _grouped_logits(q_local, k_local, scale)  # (B, Hkv, G, Tq, Tl)
+    loc.masked_fill_(~visible_mask(tq, tl, "band", local_offset, window, q_local.device), -torch.inf)
+    row_max = loc.amax(dim=-1, keepdim=True)
+    if tg:
+        glob = _grouped_logits(q_global, k_global, scale)  # (B, Hkv, G, Tq, Tg)
+        glob.masked_fill_(~visible_mask(tq, tg, "complement", global_offset, window, q_local.device), -torch.inf)
+        row_max = torch.maximum(row_max, glob.amax(dim=-1, keepdim=True))
+    row_max = torch.where(torch.isinf(row_max), 0.0, row_max)
+    p_loc = loc.sub_(row_max).exp_()
+    denom = p_loc.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p_loc.view(b, hkv, -1, tl), v_local.float())
+    if tg:
+        p_glob = glob.sub_(row_max).exp_()
+        denom = denom + p_glob.sum(dim=-1, keepdim=True)
+        out = out + torch.matmul(p_glob.view(b, hkv, -1, tg), v_global.float())
+    inv = torch.where(denom > 0, 1.0 / denom, 0.0)  # (B, Hkv, G, Tq, 1)
+    out = (out.view(b, hkv, -1, tq, out.shape[-1]) * inv).view(b, hq, tq, -1)
+    mass = (p_loc * inv).sum(dim=-2).reshape(b, hq, tl) if with_mass else None
+    return out, mass
+
+
+def compose_chunk_attention(ops, q_local, k_local, v_local, q_global, k_global, v_global, scale, *,
+                            local_offset: int, global_offset: int, window: int, with_mass: bool):
+    """`chunk_attention` built from a backend's primitives: two partials merged by log-sum-exp (what kernels do)."""
+    out, lse = ops.attend(q_local, k_local, v_local, scale, mask="band", q_offset=local_offset, window=window)
+    if k_global.shape[2]:
+        g_out, g_lse = ops.attend(q_global, k_global, v_global, scale, mask="complement", q_offset=global_offset, window=window)
+        out, lse = ops.merge(out, lse, g_out, g_lse)
+    mass = None
+    if with_mass:
+        mass = ops.key_mass(q_local, k_local, scale, lse, mask="band", q_offset=local_offset, window=window)
+    return out, mass
