@@ -11,6 +11,8 @@ surface moves.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import transformers
 from transformers import AttentionInterface
@@ -22,6 +24,8 @@ from inf_llm.rope import LENGTH_DEPENDENT_ROPE_TYPES, SUPPORTED_ROPE_TYPES
 ATTN_NAME = "inf_llm"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 TRANSFORMERS_RANGE = ("5.17", "6")
+
+logger = logging.getLogger(__name__)
 
 
 class UnsupportedModelError(ValueError):
@@ -95,6 +99,11 @@ def check_config_for_model(config: InfLLMConfig, model_config) -> None:
 
 def attach(model: torch.nn.Module, config: InfLLMConfig) -> InfLLMMemory | FullAttentionMemory:
     """Switch the model to the configured method and build its (empty) memory."""
+    try:
+        check_transformers_version()
+    except RuntimeError as err:
+        # setup.py pins the range; someone who installed around it gets told, once per model, not stopped.
+        logger.warning("%s: InfLLM may not plug in correctly", err)
     check_supported(model.config)
     check_config_for_model(config, model.config)
     if config.method == "full":
