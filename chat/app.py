@@ -1,0 +1,251 @@
+"""The chat loop: read a message or a `!!` command, run it on the conversation, show the result, save the session.
+
+Front-end neutral: `simple_ui.SimpleUI` (plain text, pipes) and `rich_ui.RichUI` (prompt-toolkit + rich) both
+implement the small `UI` protocol below. Nothing typed is ever lost to a mistake: an unknown command, a missing
+file or a refused session prints a message and the chat goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol
+
+from inf_llm import sessions
+from inf_llm.engine import GenerationStep
+
+from chat.commands import Command, CommandError, help_rows, is_command, parse_command
+from chat.conversation import Conversation, Reply, StopRequested, TurnCancelled
+from chat.interrupts import StopGate
+from chat.stats import stats_rows
+
+logger = logging.getLogger(__name__)
+
+
+class Turn(Protocol):
+    """What a front end shows during one turn: the reading of the prompt, then the streamed reply."""
+
+    def progress(self, done: int, total: int) -> None: ...
+    def step(self, step: GenerationStep) -> None: ...
+    def close(self, reply: Reply | None) -> None: ...
+
+
+class UI(Protocol):
+    def read_message(self) -> str: ...  # raises EOFError at the end of input, KeyboardInterrupt on Ctrl-C
+    def turn(self) -> Turn: ...
+    def info(self, text: str) -> None: ...
+    def error(self, text: str) -> None: ...
+    def table(self, title: str, rows: list[tuple[str, str]]) -> None: ...
+
+
+class ChatApp:
+    def __init__(self, conversation: Conversation, ui: UI, *, session: str | None = None):
+        self.conversation, self.ui = conversation, ui
+        self.session = session  # bound session name: saved after every change
+
+    # --- sessions -------------------------------------------------------------------------------------------
+
+    @property
+    def chat_identity(self) -> dict:
+        return self.conversation.format.identity
+
+    def open_session(self, name: str) -> bool:
+        """Resume `name` if it exists (else start it); False, with a message, if it is refused."""
+        try:
+            path = sessions.session_path(name)
+            if path.exists():
+                self._resume(path)
+                self.ui.info(f"resumed session {name!r}: {len(self.conversation.messages)} messages, "
+                             f"{len(self.conversation.engine.tokens):,} tokens in memory (nothing re-read)")
+            else:
+                self.ui.info(f"new session {name!r} (saved after every turn to {path})")
+        except sessions.SessionError as error:
+            self.ui.error(str(error))
+            return False
+        self.session = name
+        return True
+
+    def _resume(self, path: Path) -> None:
+        # Check everything before touching the conversation: a refused file leaves the chat as it was.
+        engine = self.conversation.engine
+        try:
+            saved = sessions.read_session(path)
+            sessions.check_identity(saved, engine, self.chat_identity)
+        except KeyboardInterrupt:
+            raise sessions.SessionError(f"interrupted while reading {path}; nothing changed") from None
+        self.conversation.reset()
+        try:
+            engine.load_state_dict(saved.engine_state)
+        except KeyboardInterrupt:
+            self.conversation.reset()
+            self.session = None
+            raise sessions.SessionError(f"interrupted while loading {path}: the conversation is now empty") from None
+        except Exception as error:
+            self.conversation.reset()
+            self.session = None
+            raise sessions.SessionError(f"{path}: its memory does not fit this engine ({error}); the file was left "
+                                        "as it is and the conversation is now empty") from error
+        self.conversation.load(saved.messages)
+
+    def save(self, name: str | None = None) -> bool:
+        name = name or self.session
+        if name is None:
+            return True
+        try:
+            sessions.save_session(sessions.session_path(name), self.conversation.engine, self.conversation.messages,
+                                  self.chat_identity)
+        except (OSError, sessions.SessionError) as error:
+            self.ui.error(f"could not save session {name!r}: {error}")
+            return False
+        except KeyboardInterrupt:
+            # save_session removed its temporary file: the session on disk is the previous save, whole.
+            self.ui.error(f"saving session {name!r} was interrupted; the file on disk is the previous save")
+            return False
+        return True
+
+    # --- the loop -------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        while True:
+            try:
+                line = self.ui.read_message()
+            except EOFError:
+                return 0
+            except KeyboardInterrupt:
+                continue  # Ctrl-C at the prompt clears the line, as in a shell
+            if not self.handle(line):
+                return 0
+
+    def handle(self, line: str) -> bool:
+        """Run one input; False when the chat should end."""
+        if not line.strip():
+            return True  # an empty line does not end the chat
+        if not is_command(line):
+            self._turn(lambda **kw: self.conversation.ask(line, **kw))
+            return True
+        try:
+            command = parse_command(line)
+        except CommandError as error:
+            self.ui.error(str(error))
+            return True
+        return getattr(self, f"_cmd_{command.name}")(command)
+
+    def _turn(self, run) -> Reply | None:
+        turn = self.ui.turn()
+        reply = None
+        with StopGate() as gate:
+
+            def progress(done: int, total: int) -> None:
+                turn.progress(done, total)
+                if gate.requested:
+                    raise StopRequested()
+
+            try:
+                reply = run(progress=progress, on_step=turn.step, should_stop=gate)
+            except TurnCancelled:
+                turn.close(None)
+                self.ui.info("interrupted while reading: the message was dropped and the memory rolled back")
+                return None
+            except KeyboardInterrupt:
+                # Landed outside the guarded feed/generation (rare): drop the unanswered message, roll back.
+                turn.close(None)
+                self.conversation.recover()
+                self.ui.info("interrupted: the unanswered message was dropped")
+                return None
+            except BaseException:
+                turn.close(None)
+                raise
+        turn.close(reply)
+        self.save()
+        return reply
+
+    # --- commands -------------------------------------------------------------------------------------------
+
+    def _cmd_exit(self, command: Command) -> bool:
+        return False
+
+    def _cmd_help(self, command: Command) -> bool:
+        self.ui.table("commands", help_rows())
+        return True
+
+    def _cmd_stats(self, command: Command) -> bool:
+        self.ui.table("memory statistics", stats_rows(self.conversation, self.session))
+        return True
+
+    def _cmd_reset(self, command: Command) -> bool:
+        self.conversation.reset()
+        if self.session is None:
+            self.ui.info("the conversation was reset")
+        else:
+            # Never overwrite a saved conversation with an empty one: the new one is unsaved until !!save NAME.
+            self.ui.info(f"the conversation was reset; session {self.session!r} is kept on disk as it was "
+                         "(!!save NAME saves the new conversation, !!load NAME goes back)")
+            self.session = None
+        return True
+
+    def _cmd_remove(self, command: Command) -> bool:
+        fed = self.conversation.counters.fed_tokens
+        if not self.conversation.remove():
+            self.ui.error("there is nothing to remove")
+            return True
+        reread = self.conversation.counters.fed_tokens - fed
+        self.ui.info("removed the last exchange" + (f" (re-read {reread:,} tokens)" if reread else ""))
+        self.save()
+        return True
+
+    def _cmd_regen(self, command: Command) -> bool:
+        if not self.conversation.messages or self.conversation.messages[-1]["role"] != "assistant":
+            self.ui.error("there is no reply to regenerate")
+            return True
+        self._turn(lambda **kw: self.conversation.regen(**kw))
+        return True
+
+    def _cmd_save(self, command: Command) -> bool:
+        name = command.args[0] if command.args else (self.session or "default")
+        try:
+            sessions.session_path(name)
+        except sessions.SessionError as error:
+            self.ui.error(str(error))
+            return True
+        if self.save(name):
+            self.session = name
+            self.ui.info(f"saved session {name!r} ({len(self.conversation.engine.tokens):,} tokens); "
+                         "it is saved again after every turn")
+        return True
+
+    def _cmd_load(self, command: Command) -> bool:
+        if not command.args:
+            names = sessions.list_sessions()
+            self.ui.info("saved sessions: " + (", ".join(names) if names else "none")
+                         + f" (in {sessions.sessions_dir()})")
+            return True
+        name = command.args[0]
+        try:
+            path = sessions.session_path(name)
+            if not path.exists():
+                raise sessions.SessionError(f"no session named {name!r}; saved sessions: "
+                                            + (", ".join(sessions.list_sessions()) or "none"))
+            self._resume(path)
+        except sessions.SessionError as error:
+            self.ui.error(str(error))
+            return True
+        self.session = name
+        self.ui.info(f"loaded session {name!r}: {len(self.conversation.messages)} messages, "
+                     f"{len(self.conversation.engine.tokens):,} tokens in memory (nothing re-read)")
+        return True
+
+    def _cmd_file(self, command: Command) -> bool:
+        path = Path(command.args[0]).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            self.ui.error(f"no such file: {path}")
+            return True
+        except (OSError, UnicodeDecodeError) as error:
+            self.ui.error(f"cannot read {path} as UTF-8 text: {error}")
+            return True
+        question = " ".join(command.args[1:])
+        message = f"{text.rstrip()}\n\n{question}" if question else text
+        self.ui.info(f"sending {path} ({len(text):,} characters)" + (" with your question" if question else ""))
+        self._turn(lambda **kw: self.conversation.ask(message, **kw))
+        return True

@@ -1,0 +1,119 @@
+"""Command-line flags (fastchat's names where fastchat has them) and start-up: model, config, format, session."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DESCRIPTION = """Chat with a model whose context memory is InfLLM: conversations and pasted documents of any
+length, read once. Type !!help in the chat for the commands."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="inf-llm-chat", description=DESCRIPTION)
+    p.add_argument("--model-path", default=None,
+                   help="Hugging Face checkpoint folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--inf-llm-config-path", default=None,
+                   help="InfLLM config: a YAML file (ours or the reference InfLLM's) or a preset name from config/ "
+                        "(default: the model's preset)")
+    p.add_argument("--conv-template", default=None,
+                   help="fastchat conversation template name (default: the tokenizer's own chat template)")
+    p.add_argument("--conv-system-msg", default=None, help="system message (default: the template's)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible replies")
+    p.add_argument("--style", choices=("rich", "simple"), default=None,
+                   help="rich: markdown, live statistics, progress bars (default on a terminal); "
+                        "simple: plain text for pipes and scripts (default otherwise)")
+    p.add_argument("--multiline", action="store_true",
+                   help="Enter inserts a newline; Esc then Enter sends (simple style: an empty line sends)")
+    p.add_argument("--session", metavar="NAME", default=None,
+                   help="resume session NAME if it exists (else start it); it is saved after every turn")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--debug", action="store_true", help="log at DEBUG level to stderr")
+    return p
+
+
+def _resolve_device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_config(arg: str | None):
+    """(InfLLMConfig | None, model_path | None, conv_template | None) from a file or a preset name."""
+    from inf_llm.config import load_config, preset_path
+
+    if arg is None:
+        return None, None, None
+    path = Path(arg).expanduser()
+    loaded = load_config(path if path.exists() or arg.endswith((".yaml", ".yml")) else preset_path(arg))
+    for note in loaded.notes:
+        logging.getLogger("chat").warning("%s", note)
+    return loaded.config, loaded.model_path, loaded.conv_template
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    style = args.style or ("rich" if sys.stdin.isatty() and sys.stdout.isatty() else "simple")
+    # Imported after argument parsing: `python -m chat --help` then needs no torch.
+    from inf_llm.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                                seed=args.seed)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from inf_llm.config import ConfigError, default_preset_for, load_config
+    from inf_llm.engine import Engine
+    from inf_llm.loading import ModelLoadError, load_model
+    from inf_llm.sessions import SessionError, session_path
+
+    from chat.app import ChatApp
+    from chat.chat_format import ChatFormat, ChatFormatError
+    from chat.conversation import Conversation
+    from chat.stats import status_line
+
+    try:
+        if args.session is not None:
+            session_path(args.session)  # a bad name fails before the model loads
+        config, config_model_path, config_template = _load_config(args.inf_llm_config_path)
+        model_path = args.model_path or config_model_path
+        print("loading the model...", file=sys.stderr, flush=True)
+        model, tokenizer = load_model(model_path, device=_resolve_device(args.device))
+        if config is None:
+            preset = default_preset_for(None if model_path is None else model.config.model_type)
+            config = load_config(preset).config
+        engine = Engine(model, tokenizer, config)
+        chat_format = ChatFormat.create(tokenizer, args.conv_template or config_template, args.conv_system_msg)
+    except (ConfigError, ModelLoadError, ChatFormatError, SessionError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    conversation = Conversation(engine, chat_format, params)
+    if style == "rich":
+        from chat.rich_ui import RichUI
+
+        ui = RichUI(lambda step: status_line(conversation, step.memory if step else None,
+                                             step.decode_ms_per_token if step else None),
+                    user=chat_format.user_name, multiline=args.multiline)
+    else:
+        from chat.simple_ui import SimpleUI
+
+        ui = SimpleUI(user=chat_format.user_name, assistant=chat_format.assistant_name, multiline=args.multiline)
+    app = ChatApp(conversation, ui)
+    if args.session is not None and not app.open_session(args.session):
+        return 2  # refused: never continue (and autosave) over a session we could not read
+    ui.info(f"{config.method} memory on {engine.device}; type !!help for commands, Ctrl-D or !!exit to quit")
+    return app.run()

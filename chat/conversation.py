@@ -1,0 +1,276 @@
+"""One conversation: the transcript, the engine whose memory mirrors it, and rollback points at turn boundaries.
+
+The invariant every method keeps: between turns, `engine.tokens == format.render(messages)`, i.e. the memory
+holds exactly what a fresh prefill of the transcript would hold, turn-end tokens included. Each turn
+therefore feeds only its new tokens: `_sync(target)` keeps the longest common prefix of the memory and the
+target and feeds the rest.
+
+A generated reply is not always re-tokenised into the tokens the model sampled (a BPE merge the model did not
+take, a template that trims), so after each reply the memory is brought to the rendering of the transcript:
+when the sampled tokens are not a prefix of it, the memory rolls back to the snapshot taken just before the
+reply and re-reads the reply (cost: the reply's length, never the conversation's).
+
+Rollback uses `Engine.snapshot()` / `restore()`, taken after each prompt and after each turn. A snapshot is
+valid only along the history it was taken on: restoring one drops every later one. Only the last
+`max_snapshots` are kept (each holds a copy of the local window); a rollback further back re-reads from the
+oldest kept one, or from the start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from inf_llm.engine import Engine, EngineSnapshot, GenerationStep
+from inf_llm.sampling import SamplingParams
+
+from chat.chat_format import ChatFormat
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+class TurnCancelled(Exception):
+    """The user interrupted the reading of their message: the turn was rolled back, the transcript is unchanged."""
+
+
+class StopRequested(Exception):
+    """Raised from a progress callback to stop a feed at a chunk boundary (the memory is consistent there)."""
+
+
+@dataclass
+class Reply:
+    text: str
+    finish_reason: str  # "eos", "stop", "length" or "interrupted"
+    prompt_tokens: int  # tokens fed before generating (the new message and the turn's framing)
+    generated_tokens: int
+    closing_tokens: int  # fed after the reply: the turn-end tokens, plus the reply again if it re-tokenised differently
+    prefill_tokens_per_s: float | None
+    decode_ms_per_token: float | None
+
+
+@dataclass
+class _Snapshot:
+    num_tokens: int
+    snap: EngineSnapshot
+
+
+@dataclass
+class Counters:
+    """What the memory has read, for `!!stats` and for tests that check nothing was re-read."""
+
+    fed_tokens: int = 0  # every token fed since this process started (prompts, re-reads, turn ends)
+    generated_tokens: int = 0
+    rollbacks: int = 0
+    last_prefill_tokens_per_s: float | None = None
+    last_decode_ms_per_token: float | None = None
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Conversation:
+    """The transcript and its memory. UI-free: the front ends call `ask`, `regen`, `remove`, `reset`."""
+
+    def __init__(self, engine: Engine, chat_format: ChatFormat, params: SamplingParams, *, max_snapshots: int = 12):
+        if max_snapshots < 1:
+            raise ValueError(f"max_snapshots must be >= 1, got {max_snapshots}")
+        self.engine, self.format = engine, chat_format
+        if chat_format.stop_strings and not params.stop_strings:
+            params = replace(params, stop_strings=chat_format.stop_strings)
+        self.params = params
+        self.messages: list[dict] = []
+        self.max_snapshots = max_snapshots
+        self._snapshots: list[_Snapshot] = []
+        self.counters = Counters()
+        self._replies = 0
+        if engine.tokens:
+            raise ValueError("the engine's memory must be empty when a conversation starts; call engine.reset()")
+
+    # --- turns ----------------------------------------------------------------------------------------------
+
+    def ask(self, text: str, *, progress: Progress | None = None, on_step: Callable[[GenerationStep], None] | None = None,
+            should_stop: Callable[[], bool] = lambda: False) -> Reply:
+        """Add a user message and generate the reply.
+
+        progress(done, total) follows the reading of the message. If it raises (e.g. StopRequested) or the
+        reading is interrupted, the turn is rolled back and TurnCancelled raised. Once generating,
+        should_stop() ends the reply early; it is kept as far as it got (finish_reason "interrupted").
+        """
+        self.messages.append({"role": "user", "content": text})
+        try:
+            return self._respond(progress, on_step, should_stop)
+        except TurnCancelled:
+            self.messages.pop()
+            raise
+
+    def regen(self, *, progress: Progress | None = None, on_step: Callable[[GenerationStep], None] | None = None,
+              should_stop: Callable[[], bool] = lambda: False) -> Reply:
+        """Replace the last reply: back to the snapshot after the last prompt (nothing re-read), then generate."""
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise ValueError("there is no reply to regenerate")
+        reply = self.messages.pop()
+        try:
+            return self._respond(progress, on_step, should_stop)
+        except TurnCancelled:
+            self.messages.append(reply)
+            raise
+
+    def remove(self, progress: Progress | None = None) -> bool:
+        """Remove the last exchange (the last user message and its reply); False when there is none."""
+        if not self.messages:
+            return False
+        if self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
+        self._sync(self.format.render(self.messages), progress)
+        return True
+
+    def reset(self) -> None:
+        self.messages.clear()
+        self._snapshots.clear()
+        self.engine.reset()
+
+    def load(self, messages: list[dict]) -> None:
+        """Adopt a transcript whose memory was loaded into the engine (a resumed session); nothing is read.
+
+        The memory must hold the transcript's rendering; if the tokenizer renders it differently now, the
+        difference is re-read from the longest common prefix at the next turn (logged).
+        """
+        self.messages = [dict(m) for m in messages]
+        self._snapshots.clear()
+        expected = self.format.render(self.messages)
+        if self.engine.tokens != expected:
+            logger.warning("the session's memory (%d tokens) differs from its transcript's rendering (%d tokens) "
+                           "after %d tokens; the rest will be re-read", len(self.engine.tokens), len(expected),
+                           common_prefix_len(self.engine.tokens, expected))
+        self._push()
+
+    def recover(self) -> None:
+        """After an interrupt outside the guarded sections: drop an unanswered message, restore the last snapshot."""
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
+        self._restore_latest()
+
+    # --- the turn ---------------------------------------------------------------------------------------------
+
+    def _respond(self, progress, on_step, should_stop) -> Reply:
+        target = self.format.render(self.messages, add_generation_prompt=True)
+        fed_before = self.counters.fed_tokens
+        t0 = time.perf_counter()
+        try:
+            # All but the last token: generate() needs one prompt token to start from.
+            self._sync(target[:-1], progress)
+        except (KeyboardInterrupt, StopRequested):
+            self._restore_latest()
+            raise TurnCancelled() from None
+        prompt_fed = self.counters.fed_tokens - fed_before
+        prefill_rate = prompt_fed / max(time.perf_counter() - t0, 1e-9) if prompt_fed > 1 else None
+        if prefill_rate is not None:
+            self.counters.last_prefill_tokens_per_s = prefill_rate  # shown while the reply streams
+        self._push()
+
+        parts: list[str] = []
+        finish, generated, decode_ms = "interrupted", 0, None
+        params = self.params
+        if params.seed is not None:
+            # A fixed seed per reply number: reproducible runs, yet !!regen gives another reply.
+            params = replace(params, seed=params.seed + self._replies)
+        self._replies += 1
+        steps = self.engine.generate(target[-1:], params)
+        try:
+            for step in steps:
+                parts.append(step.text)
+                generated += 1
+                decode_ms = step.decode_ms_per_token
+                if on_step is not None:
+                    on_step(step)
+                if step.finish_reason is not None:
+                    finish = step.finish_reason
+                    break
+                if should_stop():
+                    break
+        except KeyboardInterrupt:
+            # A hard interrupt may land inside a model call: the memory cannot be trusted past the prompt.
+            self._restore_latest()
+        finally:
+            steps.close()
+        self.counters.fed_tokens += 1 + max(generated - 1, 0)  # the last prompt token, then each fed sample
+        self.counters.generated_tokens += generated
+        self.messages.append({"role": "assistant", "content": "".join(parts)})
+
+        fed_before_end, rollbacks_before = self.counters.fed_tokens, self.counters.rollbacks
+        try:
+            self._sync(self.format.render(self.messages), None)
+        except KeyboardInterrupt:
+            # The transcript is whole; the memory is a valid prefix of it and the next turn reads the rest.
+            self._restore_latest()
+        closing = self.counters.fed_tokens - fed_before_end
+        if self.counters.rollbacks != rollbacks_before:
+            logger.debug("the reply re-tokenised differently from the sampled tokens: re-read it (%d tokens)", closing)
+        self._push()
+        self.counters.last_decode_ms_per_token = decode_ms or self.counters.last_decode_ms_per_token
+        reply = Reply("".join(parts), finish, prompt_fed + 1, generated, closing, prefill_rate, decode_ms)
+        logger.debug("turn: fed %d prompt tokens, generated %d (%s), fed %d to close the turn; memory %d tokens",
+                     prompt_fed + 1, generated, finish, closing, len(self.engine.tokens))
+        return reply
+
+    # --- memory <-> transcript ---------------------------------------------------------------------------------
+
+    def _sync(self, target: list[int], progress: Progress | None) -> None:
+        """Make the memory hold exactly `target`: keep the common prefix, roll back past it if needed, feed the rest."""
+        tokens = self.engine.tokens
+        common = common_prefix_len(tokens, target)
+        if common < len(tokens):
+            self._rollback(common)
+        todo = target[len(self.engine.tokens):]
+        if not todo:
+            return
+        done = 0
+
+        def counting(n: int, total: int) -> None:
+            nonlocal done
+            self.counters.fed_tokens += n - done
+            done = n
+            if progress is not None:
+                progress(n, total)
+
+        counting(0, len(todo))  # shows the bar before the first chunk, which may take seconds
+        self.engine.feed(todo, progress=counting)
+
+    def _rollback(self, keep: int) -> None:
+        """Return to the latest snapshot holding at most `keep` tokens of the current history (or to empty)."""
+        while self._snapshots and self._snapshots[-1].num_tokens > keep:
+            self._snapshots.pop()
+        self.counters.rollbacks += 1
+        if self._snapshots:
+            self.engine.restore(self._snapshots[-1].snap)
+        else:
+            self.engine.reset()
+        logger.debug("rolled back to %d tokens (wanted %d)", len(self.engine.tokens), keep)
+
+    def _restore_latest(self) -> None:
+        """After an interrupted feed or generation: back to the last consistent point."""
+        self._rollback(len(self.engine.tokens))
+
+    def _push(self) -> None:
+        n = len(self.engine.tokens)
+        if self._snapshots and self._snapshots[-1].num_tokens == n:
+            self._snapshots.pop()
+        self._snapshots.append(_Snapshot(n, self.engine.snapshot()))
+        if len(self._snapshots) > self.max_snapshots:
+            del self._snapshots[0]
+
+    @property
+    def snapshot_points(self) -> list[int]:
+        """Token counts of the kept rollback points (for tests and `!!stats`)."""
+        return [s.num_tokens for s in self._snapshots]

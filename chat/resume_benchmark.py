@@ -1,0 +1,99 @@
+"""Resume a saved session vs re-read the conversation: the time to get back a long memory after a restart.
+
+    python -m chat.resume_benchmark --tokens 32768            # the embedded model, a filler-text document
+    python -m chat.resume_benchmark --tokens 32768 --random-weights --device cuda   # its shape, random weights
+
+It feeds N tokens into a fresh engine (what a chat without sessions would do on restart), saves the session,
+then resumes it into a second engine (read, checksum, load), checks both give the same next-token logits, and
+prints one table row per step with the time and the file size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from inf_llm import sessions
+from inf_llm.config import default_preset_for, load_config
+from inf_llm.engine import Engine
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def _random_smollm2(device: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=True)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval().requires_grad_(False)
+    return model, None
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--random-weights", action="store_true", help="SmolLM2-135M's shape, random weights")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    if args.random_weights:
+        model, tokenizer = _random_smollm2(args.device)
+        ids = torch.randint(0, 49152, (args.tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    else:
+        from inf_llm.loading import load_model
+
+        model, tokenizer = load_model(None, device=args.device)
+        text = FILLER * (args.tokens // 20 + 1)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.tokens]
+    config = load_config(default_preset_for(None)).config
+    results = {"tokens": len(ids), "device": args.device, "model": "random SmolLM2 shape" if args.random_weights
+               else "embedded SmolLM2-135M-Instruct", "torch_threads": torch.get_num_threads()}
+
+    first = Engine(model, tokenizer, config)
+    _sync(args.device)
+    t0 = time.perf_counter()
+    first.feed(ids[:-1])
+    _sync(args.device)
+    results["reread_s"] = time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "bench.session"
+        t0 = time.perf_counter()
+        sessions.save_session(path, first, [], {"template": "bench"})
+        results["save_s"] = time.perf_counter() - t0
+        results["file_mb"] = path.stat().st_size / 1e6
+        second = Engine(model, tokenizer, config)
+        _sync(args.device)
+        t0 = time.perf_counter()
+        sessions.resume_session(path, second, {"template": "bench"})
+        _sync(args.device)
+        results["resume_s"] = time.perf_counter() - t0
+
+    a = first.feed(ids[-1:])
+    b = second.feed(ids[-1:])
+    results["same_logits"] = bool(torch.equal(a, b))
+    results["speedup"] = results["reread_s"] / results["resume_s"]
+    print(f"{'tokens':>8} {'re-read s':>10} {'save s':>8} {'file MB':>8} {'resume s':>9} {'speed-up':>9} same logits")
+    print(f"{results['tokens']:>8} {results['reread_s']:>10.1f} {results['save_s']:>8.1f} {results['file_mb']:>8.0f} "
+          f"{results['resume_s']:>9.2f} {results['speedup']:>8.0f}x {results['same_logits']}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0 if results["same_logits"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
