@@ -1,20 +1,53 @@
-"""Memory blocks of one layer: a host store and a bounded cache on the compute device (ALGORITHM.md section 1).
+"""Memory blocks of one layer in three tiers: device cache, host memory, disk (ALGORITHM.md section 1).
 
-Blocks are append-only in the host store (16-bit by default). Retrieval asks for a few of them per chunk;
-they are copied into a fixed number of device slots (`device_cache_blocks`) chosen by the cache policy:
+Blocks are append-only and immutable; each is one `BlockLayout` record (K and V of every KV head, 16-bit by
+default, or int8 with per-head scales). Where a block is:
 
-- ``lru``: evict the slot used longest ago;
-- ``lru-s``: evict the slot with the lowest decayed selection score (each retrieval multiplies every score by
-  `score_decay` and adds 1 to the selected blocks);
-- ``fifo``: evict the slot loaded longest ago.
+- **device cache**: a fixed number of slots (`device_cache_blocks`) holding the blocks retrieval asked for,
+  in the compute dtype (int8 blocks are dequantised on the way in);
+- **host memory** (`HostTier`): every block by default; with a budget (`host_cache_bytes`, split over the
+  layers) at most that many bytes of them, the others on disk;
+- **disk** (`DiskTier`): created when the host budget is first exceeded, in a temporary folder
+  (`disk_dir` chooses its parent) or in a folder given by `attach_disk`.
 
-The policy changes speed only: whatever is evicted, the gathered K/V are the stored values. Blocks asked for in
-the current request are never evicted by it.
+New blocks go to host memory. When it is full, the blocks its cache policy picks move to disk: written once,
+if they are not there already, then dropped from RAM. A block retrieval asks for is read from wherever it is
+(only the selected blocks are read) and, read from disk, is cached in host memory again. Both caches evict
+by the configured `cache_policy` (lru, lru-s or fifo: `inf_llm.cache_policy`).
+
+The policies and tiers change speed and memory use only: whatever is evicted, the gathered K/V are the stored
+values. Blocks asked for in the current request are never evicted from the device cache by it.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
+
+from inf_llm.block_layout import BlockLayout
+from inf_llm.cache_policy import EvictionPolicy
+from inf_llm.disk_tier import DiskTier, SpillDirectory
+from inf_llm.host_tier import HostTier
+
+
+@dataclass(frozen=True)
+class TierSettings:
+    """Where one store's blocks may live beyond the device cache."""
+
+    host_budget_bytes: int | None = None  # block records in RAM; None: all of them, no disk tier
+    spill: SpillDirectory | None = None  # where blocks over the budget go; None: a temporary folder of its own
+    name: str = "blocks"  # this store's subfolder of `spill`
+
+
+def tier_settings(host_cache_bytes: int | None, disk_dir: str | None, num_layers: int) -> list[TierSettings]:
+    """One `TierSettings` per layer: the budget split evenly, one spill folder shared by the layers."""
+    if host_cache_bytes is None:
+        return [TierSettings() for _ in range(num_layers)]
+    spill = SpillDirectory(disk_dir)
+    per_layer = host_cache_bytes // num_layers
+    return [TierSettings(per_layer, spill, f"layer-{i:03d}") for i in range(num_layers)]
 
 
 class BlockStore:
@@ -30,111 +63,212 @@ class BlockStore:
         cache_blocks: int,
         policy: str = "lru",
         score_decay: float | None = None,
+        tiers: TierSettings | None = None,
     ):
         self.num_kv_heads, self.block_size, self.head_dim = num_kv_heads, block_size, head_dim
         self.storage_dtype, self.compute_dtype = storage_dtype, compute_dtype
         self.device = device
         self.policy, self.score_decay = policy, score_decay
         self.pin = device.type == "cuda"
-        shape = (0, num_kv_heads, block_size, head_dim)
-        self._host_k = self._host_empty(shape)
-        self._host_v = self._host_empty(shape)
+        self.layout = BlockLayout(num_kv_heads, block_size, head_dim, storage_dtype)
+        tiers = tiers or TierSettings()
+        self.tiers = tiers
+        self.host = HostTier(self.layout, budget_bytes=tiers.host_budget_bytes, policy=policy,
+                             score_decay=score_decay, pin=self.pin)
+        self.disk: DiskTier | None = None
+        self._spill: SpillDirectory | None = None  # held so that the spill folder lives as long as this store
         self.num_blocks = 0
-        # Device cache: slot -> block id (-1 = free), per-slot policy key; block id -> slot.
+        # Device cache: slot -> block id (-1 = free), block id -> slot, and the policy over cached block ids.
         self.cache_blocks = cache_blocks
         self.dev_k = torch.zeros((cache_blocks, num_kv_heads, block_size, head_dim), dtype=compute_dtype, device=device)
         self.dev_v = torch.zeros_like(self.dev_k)
         self.slot_block = [-1] * cache_blocks
-        self.slot_key = [0.0] * cache_blocks
         self.block_slot: dict[int, int] = {}
-        self.clock = 0
+        self.cache = EvictionPolicy(policy, score_decay)
         self.hits = 0
         self.misses = 0
+        self.disk_reads = 0  # blocks read from disk
+        self.disk_writes = 0  # blocks written to disk
+        self._staging = self.layout.empty(0)  # packed records of CPU appends, before they are stored
 
-    def _host_empty(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.empty(shape, dtype=self.storage_dtype, pin_memory=self.pin)
-
-    # --- host store -------------------------------------------------------------------------------------------
+    # --- appending and reading back ---------------------------------------------------------------------------
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store n new blocks. k, v: (n, Hkv, block_size, D) on any device."""
+        if k.device.type != "cpu":
+            self._append_records(self.layout.pack(k, v).cpu())  # packed (quantised) where k, v are
+            return
         n = k.shape[0]
-        if self.num_blocks + n > self._host_k.shape[0]:
-            # Grow geometrically so that appending stays amortised O(1) per block.
-            capacity = max(16, 2 * self._host_k.shape[0], self.num_blocks + n)
-            for name in ("_host_k", "_host_v"):
-                old = getattr(self, name)
-                new = self._host_empty((capacity, *old.shape[1:]))
-                new[: self.num_blocks] = old[: self.num_blocks]
-                setattr(self, name, new)
-        self._host_k[self.num_blocks : self.num_blocks + n].copy_(k, non_blocking=self.pin)
-        self._host_v[self.num_blocks : self.num_blocks + n].copy_(v, non_blocking=self.pin)
+        if self._staging.shape[0] < n:
+            # A reused buffer: a fresh one per block would cost an allocation and its page faults every time.
+            self._staging = self.layout.empty(max(n, 2 * self._staging.shape[0]))
+        self._append_records(self.layout.pack(k, v, out=self._staging[:n]))
+
+    def _append_records(self, records: torch.Tensor) -> None:
+        n = records.shape[0]
+        ids = list(range(self.num_blocks, self.num_blocks + n))
+        keep = n if self.host.max_blocks is None else min(n, self.host.max_blocks)
+        # Each step leaves the store whole if the next one fails: room is made by moving blocks to disk (they
+        # leave RAM only once written), then new blocks beyond the whole budget go straight to disk.
+        self._make_room(keep)
+        if keep < n:
+            self._write_to_disk(ids[: n - keep], records[: n - keep])
+        self.host.put(ids[n - keep :], records[n - keep :])
         self.num_blocks += n
 
+    def _disk_tier(self) -> DiskTier:
+        if self.disk is None:
+            self._spill = self.tiers.spill or SpillDirectory()
+            # No fsync: a spill folder is removed with its process and can never be reopened after a crash.
+            self.disk = DiskTier(self._spill.folder(self.tiers.name), self.layout, durable=False)
+        return self.disk
+
+    def _write_to_disk(self, block_ids: list[int], records: torch.Tensor) -> None:
+        self._disk_tier().write(block_ids, records)
+        self.disk_writes += len(block_ids)
+
+    def _make_room(self, incoming: int) -> int:
+        """Move host blocks to disk until `incoming` more fit (at most the budget); returns how many fit."""
+        excess = self.host.excess(incoming)
+        if excess:
+            victims = self.host.victims(excess)
+            unwritten = [b for b in victims if self.disk is None or not self.disk.contains(b)]
+            if unwritten:
+                # Written (and committed) before they leave RAM: a failed write loses nothing.
+                self._write_to_disk(unwritten, self.host.records(unwritten))
+            self.host.drop(victims)
+            return incoming - (excess - len(victims))
+        return incoming
+
+    def _read_records(self, block_ids: list[int], *, promote: bool) -> torch.Tensor:
+        """Records (n, record_bytes) uint8 on the CPU, from RAM or disk (read only these blocks).
+
+        promote: cache the blocks read from disk in host memory (by the host policy), as retrieval does.
+        """
+        out = self.layout.empty(len(block_ids), pin_memory=self.pin)
+        from_disk = []
+        for i, block_id in enumerate(block_ids):
+            if block_id in self.host:
+                out[i].copy_(self.host.record(block_id))
+            else:
+                self.disk.read_into(block_id, out[i])
+                from_disk.append(i)
+        self.disk_reads += len(from_disk)
+        if promote and from_disk and self.host.max_blocks != 0:
+            fits = self._make_room(len(from_disk))
+            chosen = from_disk[len(from_disk) - fits :]
+            self.host.put([block_ids[i] for i in chosen], out.index_select(0, torch.tensor(chosen, dtype=torch.long)))
+        return out
+
     def host_block(self, block_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored K/V of one block, (Hkv, block_size, D) each, in the storage dtype."""
-        if not 0 <= block_id < self.num_blocks:
-            raise IndexError(f"block {block_id} does not exist ({self.num_blocks} blocks)")
-        return self._host_k[block_id], self._host_v[block_id]
+        """The stored K/V of one block, (Hkv, block_size, D) each: in the storage dtype, or dequantised to
+        float32 for int8 storage. Copies, from whichever tier holds the block; no cache state changes."""
+        self._check_ids([block_id])
+        records = self._read_records([block_id], promote=False)
+        if self.layout.quantized:
+            k, v = self.layout.values(records, torch.float32)
+        else:
+            rec = self.layout.unpack(records)
+            k, v = rec.k, rec.v
+        return k[0], v[0]
+
+    def _check_ids(self, block_ids: list[int]) -> None:
+        bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
+        if bad:
+            raise IndexError(f"blocks {bad} do not exist ({self.num_blocks} blocks)")
 
     def truncate(self, num_blocks: int) -> None:
-        """Forget blocks num_blocks.. (rollback); their device slots become free."""
-        if num_blocks > self.num_blocks:
+        """Forget blocks num_blocks.. (rollback) in every tier; their device slots become free."""
+        if not 0 <= num_blocks <= self.num_blocks:
             raise ValueError(f"cannot truncate {self.num_blocks} blocks to {num_blocks}")
-        self.num_blocks = num_blocks
         for block_id, slot in list(self.block_slot.items()):
             if block_id >= num_blocks:
                 del self.block_slot[block_id]
                 self.slot_block[slot] = -1
+                self.cache.discard(block_id)
+        self.host.truncate(num_blocks)
+        if self.disk is not None:
+            self.disk.truncate(num_blocks)
+        self.num_blocks = num_blocks
+
+    # --- accounting -------------------------------------------------------------------------------------------
 
     def host_bytes(self) -> int:
-        per_block = self.num_kv_heads * self.block_size * self.head_dim * self._host_k.element_size()
-        return 2 * self.num_blocks * per_block
+        """Bytes of block records held in RAM (bounded by the host budget)."""
+        return self.host.nbytes()
+
+    def disk_bytes(self) -> int:
+        return 0 if self.disk is None else self.disk.nbytes()
 
     def device_bytes(self) -> int:
         return 2 * self.dev_k.numel() * self.dev_k.element_size()
 
+    def resident_blocks(self) -> int:
+        """Blocks in the device cache."""
+        return len(self.block_slot)
+
+    def host_blocks(self) -> int:
+        return len(self.host)
+
+    def disk_blocks(self) -> int:
+        return 0 if self.disk is None else len(self.disk)
+
     # --- device cache -----------------------------------------------------------------------------------------
 
-    def _victim(self, protected: set[int]) -> int:
-        free = [s for s, b in enumerate(self.slot_block) if b == -1]
-        if free:
-            return free[0]
-        candidates = [s for s, b in enumerate(self.slot_block) if b not in protected]
-        if not candidates:
-            raise RuntimeError(
-                f"{len(protected)} blocks requested at once but the device cache holds {self.cache_blocks}"
-            )
-        return min(candidates, key=lambda s: self.slot_key[s])
+    def _take_slot(self, protected: set[int]) -> int:
+        free = next((s for s, b in enumerate(self.slot_block) if b == -1), None)
+        if free is not None:
+            return free
+        victim = self.cache.victim(protected)
+        assert victim is not None, "fetch_slots checks that the request fits in the cache"
+        self.cache.discard(victim)
+        return self.block_slot.pop(victim)
 
     def fetch_slots(self, block_ids: list[int]) -> list[int]:
-        """Make the given blocks resident on the device and return their slots (same order)."""
-        self.clock += 1
-        if self.policy == "lru-s":
-            self.slot_key = [key * self.score_decay for key in self.slot_key]
+        """Make the given (distinct) blocks resident on the device and return their slots (same order)."""
+        self._check_ids(block_ids)
         wanted = set(block_ids)
-        slots = []
+        if len(wanted) > self.cache_blocks:
+            # Refused before any slot changes hands: a half-done request would leave slots naming unloaded blocks.
+            raise RuntimeError(f"{len(wanted)} blocks requested at once but the device cache holds {self.cache_blocks}")
+        self.cache.start_request()
+        slots, loads = [], []
         for block_id in block_ids:
             slot = self.block_slot.get(block_id)
             if slot is None:
                 self.misses += 1
-                slot = self._victim(wanted)
-                old = self.slot_block[slot]
-                if old != -1:
-                    del self.block_slot[old]
-                self.dev_k[slot].copy_(self._host_k[block_id], non_blocking=self.pin)
-                self.dev_v[slot].copy_(self._host_v[block_id], non_blocking=self.pin)
+                slot = self._take_slot(wanted)
                 self.slot_block[slot] = block_id
                 self.block_slot[block_id] = slot
-                self.slot_key[slot] = self.clock if self.policy == "fifo" else 0.0
+                self.cache.admit(block_id)
+                loads.append(block_id)
             else:
                 self.hits += 1
-            if self.policy == "lru":
-                self.slot_key[slot] = self.clock
-            elif self.policy == "lru-s":
-                self.slot_key[slot] += 1.0
+            self.cache.use(block_id)
             slots.append(slot)
+        if loads:
+            try:
+                self._load(loads, [self.block_slot[b] for b in loads])
+            except BaseException:
+                # Slots must never name blocks whose data did not arrive (a disk error, an interrupt).
+                for block_id in loads:
+                    self.slot_block[self.block_slot.pop(block_id)] = -1
+                    self.cache.discard(block_id)
+                raise
         return slots
+
+    def _load(self, block_ids: list[int], slots: list[int]) -> None:
+        """Copy blocks into device slots: one host-to-device copy of their records, unpacked on the device."""
+        self.host.start_request()
+        for block_id in block_ids:
+            if block_id in self.host:
+                self.host.use(block_id)
+        records = self._read_records(block_ids, promote=True)
+        # The pinned buffer is fresh per call and never written again, so the copy may run asynchronously.
+        k, v = self.layout.values(records.to(self.device, non_blocking=self.pin), self.compute_dtype)
+        index = torch.tensor(slots, device=self.device)
+        self.dev_k.index_copy_(0, index, k)  # (n, Hkv, B, D) into their slots
+        self.dev_v.index_copy_(0, index, v)
 
     def gather(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the selected blocks, concatenated along time.
@@ -147,8 +281,9 @@ class BlockStore:
         slot_of = dict(zip(flat, self.fetch_slots(flat)))
         if block_ids.dim() == 1:
             slots = torch.tensor([slot_of[b] for b in ids], device=self.device)
-            k = self.dev_k[slots].transpose(0, 1)  # (Hkv, n, B, D)
-            v = self.dev_v[slots].transpose(0, 1)
+            # index_select, not fancy indexing: several times faster on CPU for the same copy.
+            k = self.dev_k.index_select(0, slots).transpose(0, 1)  # (Hkv, n, B, D)
+            v = self.dev_v.index_select(0, slots).transpose(0, 1)
         else:
             slots = torch.tensor([[slot_of[b] for b in row] for row in ids], device=self.device)  # (Hkv, n)
             heads = torch.arange(self.num_kv_heads, device=self.device)[:, None]
@@ -157,14 +292,51 @@ class BlockStore:
         hkv, n = k.shape[0], k.shape[1]
         return k.reshape(hkv, n * self.block_size, self.head_dim), v.reshape(hkv, n * self.block_size, self.head_dim)
 
-    def resident_blocks(self) -> int:
-        return len(self.block_slot)
-
     # --- persistence ------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"k": self._host_k[: self.num_blocks].clone(), "v": self._host_v[: self.num_blocks].clone()}
+        """Every block's stored fields: k, v (n, Hkv, B, D) in the storage dtype (+ k_scale, v_scale (n, Hkv)
+        for int8). Reads blocks on disk without caching them."""
+        return self.layout.fields_of(self._read_records(list(range(self.num_blocks)), promote=False))
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the blocks by saved ones: stored fields are taken exactly; float K/V of another storage
+        dtype are cast (or quantised for int8 storage)."""
         self.truncate(0)
-        self.append(state["k"].to(self.storage_dtype), state["v"].to(self.storage_dtype))
+        if state["k"].shape[0] == 0:
+            return
+        if state["k"].dtype == self.storage_dtype:
+            records = self.layout.pack_stored({name: t.cpu() for name, t in state.items()})
+        elif state["k"].is_floating_point():
+            records = self.layout.pack(state["k"].cpu(), state["v"].cpu())
+        else:
+            raise ValueError(f"saved blocks of dtype {state['k'].dtype} cannot be stored as {self.storage_dtype}")
+        self._append_records(records)
+
+    def flush(self) -> DiskTier:
+        """Write every block that is only in RAM to the disk tier (each block is written once); return it."""
+        disk = self._disk_tier()
+        unwritten = [b for b in self.host.block_ids() if not disk.contains(b)]
+        if unwritten:
+            self._write_to_disk(unwritten, self.host.records(unwritten))
+        return disk
+
+    def attach_disk(self, disk: DiskTier, num_blocks: int) -> None:
+        """Make this store hold exactly blocks 0..num_blocks-1 of `disk` (e.g. a saved folder), without reading
+        them: they are read when retrieval asks. Later blocks in `disk` are dropped from it."""
+        if disk.layout != self.layout:
+            raise ValueError(f"blocks in {str(disk.path)!r} have layout {disk.layout.to_dict()}, this store needs "
+                             f"{self.layout.to_dict()}")
+        if not disk.has_prefix(num_blocks):
+            raise ValueError(f"{str(disk.path)!r} does not hold all of blocks 0..{num_blocks - 1}")
+        for block_id in list(self.block_slot):
+            self.cache.discard(block_id)
+        self.block_slot.clear()
+        self.slot_block = [-1] * self.cache_blocks
+        self.host.truncate(0)
+        disk.truncate(num_blocks)
+        self.disk, self.num_blocks = disk, num_blocks
+
+    @property
+    def disk_path(self) -> os.PathLike[str] | None:
+        return None if self.disk is None else self.disk.path

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("inf-llm", "stream-llm", "infinite-lm", "full")
 CACHE_POLICIES = ("lru", "lru-s", "fifo")
-STORAGE_DTYPES = ("auto", "float16", "bfloat16", "float32")
+STORAGE_DTYPES = ("auto", "float16", "bfloat16", "float32", "int8")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 # Presets live at the repository root; the package is installed editable, so this resolves there too.
@@ -65,8 +65,13 @@ class InfLLMConfig:
     cache_policy         cache_strategy                   device-cache eviction: lru | lru-s | fifo
     score_decay          score_decay                      lru-s only: decay of the block score, in (0, 1)
     per_head_ranking     perhead                          rank blocks per head instead of per layer
-    storage_dtype        (none)                           host dtype of blocks; auto = model's if 16-bit
+    storage_dtype        (none)                           host dtype of blocks; auto = model's if 16-bit;
+                                                          int8 = 8-bit with a scale per block and KV head
     kernel_backend       (fattn, see REFERENCE_KEYS)      auto | torch | triton; outputs do not depend on it
+    host_cache_bytes     (none)                           RAM for block K/V, all layers together (split evenly);
+                                                          null = unbounded; blocks beyond it go to disk
+    disk_dir             (none)                           folder in which the blocks beyond host_cache_bytes
+                                                          get a temporary subfolder; null = the system's temp
 
     Invariants refused at construction: `topk_blocks <= device_cache_blocks` (the reference crashes
     otherwise), `repr_tokens <= block_size` and, for every windowed method, `chunk_size <= local_window`.
@@ -86,6 +91,8 @@ class InfLLMConfig:
     per_head_ranking: bool = False
     storage_dtype: str = "auto"
     kernel_backend: str = "auto"
+    host_cache_bytes: int | None = None
+    disk_dir: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -100,6 +107,7 @@ class InfLLMConfig:
         if not isinstance(self.per_head_ranking, bool):
             raise ValueError(f"per_head_ranking={self.per_head_ranking!r} is invalid: must be true or false")
         self._check_score_decay()
+        self._check_tiers()
         if self.method != "full" and self.chunk_size > self.local_window:
             raise ValueError(
                 f"chunk_size={self.chunk_size} exceeds local_window={self.local_window}: every query of a chunk "
@@ -127,6 +135,15 @@ class InfLLMConfig:
                              f"{self.cache_policy!r}: remove score_decay or set cache_policy: lru-s")
         if decay is not None and not 0.0 < decay < 1.0:
             raise ValueError(f"score_decay={decay!r} is invalid: must be a number in (0, 1), exclusive")
+
+    def _check_tiers(self) -> None:
+        if self.host_cache_bytes is not None:
+            _check_int("host_cache_bytes", self.host_cache_bytes, 0)
+        if self.disk_dir is not None and (not isinstance(self.disk_dir, str) or not self.disk_dir):
+            raise ValueError(f"disk_dir={self.disk_dir!r} is invalid: must be a folder path or null")
+        if self.disk_dir is not None and self.host_cache_bytes is None:
+            raise ValueError(f"disk_dir={self.disk_dir!r} is only used with host_cache_bytes (blocks go to disk "
+                             "only beyond that budget): set host_cache_bytes or remove disk_dir")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields in declaration order: exactly what `to_yaml` writes and `load_config` reads."""

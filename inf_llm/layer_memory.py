@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from inf_llm.attention import block_scores, representatives, select_blocks
-from inf_llm.block_store import BlockStore
+from inf_llm.block_store import BlockStore, TierSettings
 from inf_llm.config import InfLLMConfig
 from inf_llm.kernels import AttentionOps
 from inf_llm.rope import RotaryTable
@@ -54,6 +54,7 @@ class LayerMemory:
         dtype: torch.dtype,
         storage_dtype: torch.dtype,
         device: torch.device,
+        tiers: TierSettings | None = None,
     ):
         self.config, self.shape, self.rotary, self.ops = config, shape, rotary, ops
         self.dtype, self.device = dtype, device
@@ -68,6 +69,7 @@ class LayerMemory:
             cache_blocks=config.device_cache_blocks,
             policy=config.cache_policy,
             score_decay=config.score_decay,
+            tiers=tiers,
         )
         self.reset()
 
@@ -266,7 +268,7 @@ class LayerMemory:
 
     def load_state_dict(self, state: dict) -> None:
         self.reset()
-        self.blocks.load_state_dict({"k": state["blocks_k"], "v": state["blocks_v"]})
+        self.blocks.load_state_dict({k.removeprefix("blocks_"): v for k, v in state.items() if k.startswith("blocks_")})
         self.reprs = state["reprs"].to(self.device, torch.float32)
         snap = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
         self.restore(snap)

@@ -87,24 +87,32 @@ def embedded_cache_dir(gguf_path: Path | None = None) -> Path:
 def load_model(
     path: str | os.PathLike[str] | None = None,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    device_map: str | dict[str, str | int] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode with gradients off.
 
     path: None for the embedded SmolLM2 (converted to the cache on first use), a Hugging Face checkpoint
         folder (config.json, weights, tokenizer files), or a `.gguf` file (dequantised on every load).
-    device: where the model goes.
-    dtype: weights dtype; default float32 on CPU (no fast bf16 matmul there) and bfloat16 on CUDA.
+    device: where the model goes (default CPU); not with `device_map`.
+    device_map: spread the layers over several devices with accelerate, e.g. "auto" (every visible GPU, then
+        CPU) or {"model.layers.0": 0, ...}, as `from_pretrained` takes it. InfLLM puts each layer's memory
+        on that layer's device, so the memory shards with the model.
+    dtype: weights dtype; default float32 on CPU (no fast bf16 matmul there) and bfloat16 on CUDA (with a
+        device_map: whenever a GPU is visible).
     Raises ModelLoadError naming the path and the cause when anything is missing or unreadable.
     """
-    device = torch.device(device)
+    if device_map is not None and device is not None:
+        raise ValueError(f"give device ({device!r}) or device_map ({device_map!r}), not both")
+    device = torch.device("cpu" if device is None else device)
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        on_gpu = torch.cuda.is_available() if device_map is not None else device.type == "cuda"
+        dtype = torch.bfloat16 if on_gpu else torch.float32
 
     if path is None:
         folder = _ensure_embedded_cache()
-        model, tokenizer = _load_folder(folder, dtype)
+        model, tokenizer = _load_folder(folder, dtype, device_map)
     else:
         path = Path(path).expanduser()
         if not path.exists():
@@ -114,21 +122,24 @@ def load_model(
                 raise ModelLoadError(
                     f"model path {str(path)!r} is a file; give a checkpoint folder (with config.json) or a .gguf file"
                 )
-            model, tokenizer = _load_gguf(path, dtype)
+            model, tokenizer = _load_gguf(path, dtype, device_map)
         else:
             if not (path / "config.json").is_file():
                 raise ModelLoadError(
                     f"model folder {str(path)!r} has no config.json; it is not a Hugging Face checkpoint folder"
                 )
-            model, tokenizer = _load_folder(path, dtype)
+            model, tokenizer = _load_folder(path, dtype, device_map)
 
-    model.to(device)
+    if device_map is None:
+        model.to(device)  # with a device_map, accelerate has placed (and hooked) every module already
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
 
 
-def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_folder(
+    folder: Path, dtype: torch.dtype, device_map: str | dict | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a checkpoint folder; every failure becomes a ModelLoadError naming the folder."""
     started = time.perf_counter()
     # The config is read on its own first so that a corrupt config.json is reported as such, not as a
@@ -143,14 +154,18 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Pre
         raise ModelLoadError(f"cannot load the tokenizer from {str(folder)!r}: {exc}") from exc
     try:
         with _quiet_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, config=config, dtype=dtype, device_map=device_map, local_files_only=True
+            )
     except Exception as exc:
         raise ModelLoadError(f"cannot load the model weights from {str(folder)!r}: {exc}") from exc
     logger.info("loaded %s (%s) in %.1f s", folder, dtype, time.perf_counter() - started)
     return model, tokenizer
 
 
-def _load_gguf(gguf_path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_gguf(
+    gguf_path: Path, dtype: torch.dtype, device_map: str | dict | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (and dequantise) a GGUF file through transformers; slow, so the embedded model is cached."""
     started = time.perf_counter()
     logger.info("reading GGUF %s (dequantising every tensor: expect about 20 s)", gguf_path)
@@ -159,7 +174,9 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Pr
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
         # The dequantisation bar is a bare tqdm that transformers' switch does not reach; it writes to stderr.
         with _quiet_progress_bars(), contextlib.redirect_stderr(io.StringIO()):
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name, dtype=dtype, device_map=device_map, local_files_only=True
+            )
     except Exception as exc:
         raise ModelLoadError(f"cannot load the GGUF file {str(gguf_path)!r}: {exc}") from exc
     logger.info("read GGUF %s in %.1f s", gguf_path, time.perf_counter() - started)

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from inf_llm.block_store import tier_settings
 from inf_llm.config import InfLLMConfig
 from inf_llm.kernels import resolve_ops
 from inf_llm.layer_memory import LayerMemory, LayerShape
+from inf_llm.placement import layer_device
 from inf_llm.rope import RotaryTable
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,12 @@ class InfLLMMemory:
         tables: dict[torch.device, RotaryTable] = {}
         ops_for: dict[torch.device, object] = {}
         self.layers: list[LayerMemory] = []
-        for layer in decoder_layers(model):
+        layers = decoder_layers(model)
+        tiers = tier_settings(config.host_cache_bytes, config.disk_dir, len(layers))
+        for index, layer in enumerate(layers):
             # Each layer's memory lives with that layer's weights, so it shards with a device_map.
             weight = layer.self_attn.q_proj.weight
-            device = weight.device
+            device = layer_device(layer)  # not weight.device: an offloaded layer's weights sit on "meta"
             if device not in tables:
                 tables[device] = RotaryTable(model.model.rotary_emb, head_dim, max_position, device)
                 ops_for[device] = resolve_ops(config.kernel_backend, device)
@@ -84,6 +88,7 @@ class InfLLMMemory:
                     dtype=weight.dtype,
                     storage_dtype=storage_dtype_for(config, weight.dtype),
                     device=device,
+                    tiers=tiers[index],
                 )
             )
 

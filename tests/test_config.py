@@ -56,7 +56,7 @@ REFUSED = [
     (dict(topk_blocks=True), ["topk_blocks", "True", "integer"]),
     (dict(block_size="64"), ["block_size", "'64'"]),
     (dict(cache_policy="lfu"), ["cache_policy", "'lfu'", "'lru-s'", "'fifo'"]),
-    (dict(storage_dtype="int8"), ["storage_dtype", "'int8'", "'bfloat16'"]),
+    (dict(storage_dtype="int4"), ["storage_dtype", "'int4'", "'bfloat16'", "'int8'"]),
     (dict(kernel_backend="cuda"), ["kernel_backend", "'cuda'", "'triton'"]),
     (dict(per_head_ranking="yes"), ["per_head_ranking", "'yes'"]),
     (dict(topk_blocks=40), ["topk_blocks=40", "device_cache_blocks=32"]),
