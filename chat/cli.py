@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", metavar="NAME", default=None,
                    help="resume session NAME if it exists (else start it); it is saved after every turn")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="spread a model too big for one GPU over several with accelerate (e.g. 'auto'); each layer's "
+                        "memory then lives on that layer's device. Replaces --device")
     p.add_argument("--debug", action="store_true", help="log at DEBUG level to stderr")
     return p
 
@@ -91,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         config, config_model_path, config_template = _load_config(args.inf_llm_config_path)
         model_path = args.model_path or config_model_path
         print("loading the model...", file=sys.stderr, flush=True)
-        model, tokenizer = load_model(model_path, device=_resolve_device(args.device))
+        if args.device_map is not None:
+            model, tokenizer = load_model(model_path, device=None, device_map=args.device_map)
+        else:
+            model, tokenizer = load_model(model_path, device=_resolve_device(args.device))
         if config is None:
             preset = default_preset_for(None if model_path is None else model.config.model_type)
             config = load_config(preset).config

@@ -17,6 +17,7 @@ import torch
 from inf_llm.config import InfLLMConfig
 from inf_llm.hf import attach
 from inf_llm.memory import MemoryStats
+from inf_llm.placement import execution_device
 from inf_llm.sampling import SamplingParams, sample_next
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.memory = attach(model, config)
         self._attn_implementation = model.config._attn_implementation
-        self.device = model.get_input_embeddings().weight.device
+        # Where the input ids go: the embedding's execution device (its weights may sit on "meta" when offloaded).
+        self.device = execution_device(model.get_input_embeddings())
         self.tokens: list[int] = []
         self.eos_token_ids = _eos_ids(model, tokenizer)
 

@@ -43,7 +43,8 @@ FORMAT_VERSION = 1
 SUFFIX = ".session"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # Settings that change speed only, never what the model computes: a session may resume under other values.
-_SPEED_ONLY_SETTINGS = ("kernel_backend",)
+# Settings that change speed or where blocks are kept, never outputs: a session resumes under other values.
+_SPEED_ONLY_SETTINGS = ("kernel_backend", "device_cache_blocks", "cache_policy", "score_decay", "host_cache_bytes", "disk_dir")
 
 
 class SessionError(ValueError):
