@@ -10,10 +10,18 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def embedded_model():
+def _embedded_model_once():
+    return load_model()
+
+
+@pytest.fixture
+def embedded_model(_embedded_model_once):
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct in float32 on CPU, shared by all tests.
 
     The first session on a machine converts the GGUF into the user's cache (about 20 s); later ones load the
-    cached copy in seconds. Tests must not modify the model.
+    cached copy in seconds. Tests must not modify the weights. An Engine switches the model's attention to
+    InfLLM's; each test gets it back with the stock attention, so tests do not depend on their order.
     """
-    return load_model()
+    model, tokenizer = _embedded_model_once
+    model.set_attn_implementation("sdpa")
+    return model, tokenizer
