@@ -10,18 +10,11 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def _embedded_model_once():
-    return load_model()
-
-
-@pytest.fixture
-def embedded_model(_embedded_model_once):
+def embedded_model():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct in float32 on CPU, shared by all tests.
 
     The first session on a machine converts the GGUF into the user's cache (about 20 s); later ones load the
     cached copy in seconds. Tests must not modify the weights. An Engine switches the model's attention to
-    InfLLM's; each test gets it back with the stock attention, so tests do not depend on their order.
+    InfLLM's (and back on its next feed): a test that calls the plain model sets the stock attention itself.
     """
-    model, tokenizer = _embedded_model_once
-    model.set_attn_implementation("sdpa")
-    return model, tokenizer
+    return load_model()
