@@ -16,12 +16,15 @@ def block_scores(representatives: torch.Tensor, queries: torch.Tensor, num_kv_he
     queries: (Hq, Tq, D), the chunk's unrotated queries.
     Returns (N,) summed over heads, or (Hkv, N) summed over each KV head's query group when per_head.
     """
+    n, hq, d = representatives.shape
     query_mean = queries.float().mean(dim=1)  # (Hq, D)
-    per_query_head = torch.einsum("nhd,hd->hn", representatives.float(), query_mean)  # (Hq, N)
+    flat = representatives.float().reshape(n, hq * d)  # a view: (N, Hq*D), no copy of the largest tensor
     if not per_head:
-        return per_query_head.sum(dim=0)
-    hq, n = per_query_head.shape
-    return per_query_head.view(num_kv_heads, hq // num_kv_heads, n).sum(dim=1)
+        # Summed over heads, the score is one matrix-vector product over the contiguous representatives.
+        return torch.mv(flat, query_mean.reshape(hq * d))
+    group = hq // num_kv_heads
+    per_kv = flat.view(n, num_kv_heads, group * d)  # (N, Hkv, G*D)
+    return torch.einsum("nkg,kg->kn", per_kv, query_mean.reshape(num_kv_heads, group * d))
 
 
 def select_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -137,3 +137,14 @@ def test_snapshot_restore_rolls_back_exactly():
     layer.restore(snap)
     again = _feed(layer, q[:, 50:], k[:, 50:], v[:, 50:], [70])
     torch.testing.assert_close(again, first, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_block_scores_are_the_chunk_mean_query_against_each_representative(per_head):
+    from inf_llm.attention import block_scores
+
+    g = torch.Generator().manual_seed(5)
+    reprs, queries = torch.randn(7, 6, 8, generator=g), torch.randn(6, 5, 8, generator=g)
+    per_query_head = torch.stack([(reprs[:, h] * queries[h].mean(0)).sum(-1) for h in range(6)])  # (Hq, N)
+    expected = per_query_head.view(2, 3, 7).sum(1) if per_head else per_query_head.sum(0)
+    torch.testing.assert_close(block_scores(reprs, queries, 2, per_head), expected)
