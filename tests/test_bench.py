@@ -167,7 +167,8 @@ def test_passkey_command_resumes_and_sweeps(tiny_checkpoint, tmp_path):
         assert abs(r["tokens"] - r["case"]["length"]) <= 0.03 * r["case"]["length"]
         assert r["correct"] == (r["key"] in r["answer"])
         # The memory read the whole prompt and every answer token but the last (which generate does not feed).
-        assert 1 <= r["answer_tokens"] <= 8 and r["memory"]["tokens"] == r["tokens"] + r["answer_tokens"] - 1
+        assert r["answer_tokens"] in range(1, 9)
+        assert r["memory"]["tokens"] == r["tokens"] + r["answer_tokens"] - 1
     assert main([*base, "--seeds", "1"]) == 0
     assert len(read_records(tmp_path / "passkey.jsonl")) == 5  # nothing re-run
     assert main([*base, "--seeds", "2"]) == 0

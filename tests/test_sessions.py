@@ -12,7 +12,8 @@ from chat.conversation import Conversation
 from inf_llm import sessions
 from inf_llm.engine import Engine
 from inf_llm.sampling import SamplingParams
-from tests.test_chat_conversation import MESSAGES, VOCAB, tiny_config
+# model and tokenizer are the conversation tests' fixtures (a tiny random Llama with the embedded tokenizer).
+from tests.test_chat_conversation import MESSAGES, VOCAB, model, tokenizer, tiny_config  # noqa: F401
 from tests.tiny_models import tiny_model
 
 
@@ -20,16 +21,6 @@ from tests.tiny_models import tiny_model
 def data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv(sessions.DATA_DIR_ENV, str(tmp_path / "data"))
     return tmp_path / "data"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(embedded_model):
-    return embedded_model[1]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("llama", vocab_size=VOCAB)
 
 
 def conversation(model, tokenizer, config=None, template=None):
