@@ -180,6 +180,41 @@ def test_passkey_command_resumes_and_sweeps(tiny_checkpoint, tmp_path):
     assert _png_size(tmp_path / "passkey.png") == (800, 500)
 
 
+@pytest.mark.parametrize("method", ["inf-llm", "full"])
+def test_passkey_shared_prefixes_give_the_results_of_fresh_reads(tiny_checkpoint, method):
+    """A case that restores an earlier case's snapshot ends in the same memory as one read from empty."""
+    from inf_llm.bench.passkey import Checkpoints, PasskeyCase, PasskeyPlan, run_case
+    from inf_llm.engine import Engine
+    from inf_llm.loading import load_model
+
+    model, tok = load_model(str(tiny_checkpoint))
+    config = InfLLMConfig(method=method, num_sink_tokens=8, local_window=64, chunk_size=32, block_size=16,
+                          topk_blocks=2, device_cache_blocks=4)
+    (run,) = method_runs(config, (method,), {})
+    plan = PasskeyPlan(lengths=(700,), depths=(0.1, 0.5, 0.9), seeds=2, full_max_len=700, prefill_chunk=128)
+    shared = Engine(model, tok, config, prefill_chunk=128)
+    checkpoints = Checkpoints(shared)
+    reused = []
+    for depth in plan.depths:
+        for seed in range(plan.seeds):
+            case = PasskeyCase(run, 700, depth, seed)
+            got = run_case(shared, case, plan, checkpoints=checkpoints)
+            fresh = Engine(model, tok, config, prefill_chunk=128)
+            want = run_case(fresh, case, plan)
+            # The device cache's contents and counters depend on the history of requests, not the memory's values.
+            traffic = ("cache_hits", "cache_misses", "device_blocks")
+            assert got["answer"] == want["answer"]
+            assert {k: v for k, v in got["memory"].items() if k not in traffic} == \
+                {k: v for k, v in want["memory"].items() if k not in traffic}
+            # Same memory: the next token sees exactly the same attention.
+            assert shared.tokens == fresh.tokens
+            torch.testing.assert_close(shared.feed([7]), fresh.feed([7]), rtol=0, atol=0)
+            reused.append(got["reused_tokens"])
+            assert want["reused_tokens"] == 0
+    # The second seed of a depth reuses the first one's prefix (the 10% needle lies in the first prefill chunk).
+    assert reused[0] == reused[1] == 0 and 0 < reused[3] < reused[5]
+
+
 # --- speed --------------------------------------------------------------------------------------------------
 
 

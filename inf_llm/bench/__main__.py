@@ -36,6 +36,19 @@ def parse_lengths(text: str) -> tuple[int, ...]:
     return tuple(sorted({parse_length(part) for part in text.split(",") if part.strip()}))
 
 
+def parse_bytes(text: str) -> int:
+    """"2G", "512M", "1000000" -> bytes (G = 2**30, M = 2**20, K = 2**10)."""
+    text = text.strip()
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:].upper(), 1)
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes as 2G, 512M or 1000000") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: it must not be negative")
+    return value
+
+
 def parse_depths(text: str) -> tuple[float, ...]:
     try:
         depths = tuple(float(part) for part in text.split(",") if part.strip())
@@ -133,6 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="share of the time left for full attention, which runs first (default: %(default)s)")
     gpu.add_argument("--decode-tokens", type=_positive_int, default=8, help="decode tokens per length")
     gpu.add_argument("--prefill-chunk", type=_positive_int, default=4096, help="tokens per model call while reading")
+
+    long_read = commands.add_parser("long-read", help="one document up to 1M tokens under a RAM budget, keys at "
+                                    "several depths (inf-llm only)")
+    _add_model(long_read)
+    long_read.add_argument("--inf-llm-config-path", help="InfLLM preset (YAML) (default: the model's preset)")
+    long_read.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                           help="override an InfLLMConfig field, e.g. --set storage_dtype=int8 (repeatable)")
+    _add_output(long_read, "long-read")
+    long_read.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4K,1M"),
+                           help="document lengths, the shortest being the control (default: 4K,1M)")
+    long_read.add_argument("--depths", type=parse_depths, default=(0.1, 0.3, 0.5, 0.7, 0.9),
+                           help="one key at each depth (default: 0.1,0.3,0.5,0.7,0.9)")
+    long_read.add_argument("--host-cache-bytes", type=parse_bytes, default=parse_bytes("2G"),
+                           help="RAM for memory blocks, all layers (default: 2G); the rest goes to disk")
+    long_read.add_argument("--disk-dir", help="parent folder of the disk tier (default: the system's temporary one)")
+    long_read.add_argument("--every", type=parse_length, default=parse_length("64K"),
+                           help="tokens between memory records while reading (default: 64K)")
+    long_read.add_argument("--max-new-tokens", type=_positive_int, default=8, help="answer length (default: %(default)s)")
 
     table = commands.add_parser("table", help="print the tables of a result file (--markdown for BENCHMARKS.md)")
     table.add_argument("file", type=Path, help="a .jsonl result file")
@@ -252,6 +283,28 @@ def cmd_gpu(args) -> None:
     print(f"plot: {plot_gpu(records, log.path.with_suffix('.png'))}")
 
 
+def cmd_long_read(args, console) -> None:
+    from inf_llm.bench.display import make_progress
+    from inf_llm.bench.million import run_long_read
+    from inf_llm.bench.results import ResultLog
+
+    model, tokenizer, model_id = _load(args)
+    args.methods, args.tag = "inf-llm", None
+    (run,) = _runs(args, None if args.model_path is None else model.config.model_type)
+    config = run.config.replace(host_cache_bytes=args.host_cache_bytes, disk_dir=args.disk_dir)
+    log = ResultLog(args.out / f"{args.name}.jsonl", fresh=args.fresh)
+    with make_progress(console) as progress:
+        reading = progress.add_task("reading", total=1)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(reading, completed=done, total=total)
+
+        run_long_read(model, tokenizer, model_id, config, args.lengths, args.depths, log,
+                      prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens, every=args.every,
+                      say=progress.console.print, on_tokens=advance)
+    console.print(f"results: {log.path}")
+
+
 def cmd_table(args, console) -> None:
     from inf_llm.bench.display import passkey_table, peak_table, speed_table, to_rich
     from inf_llm.bench.gpu import gpu_table
@@ -300,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         from rich.console import Console
 
         console = Console() if Console().is_terminal else Console(width=200)  # logs keep whole table rows
-        {"passkey": cmd_passkey, "speed": cmd_speed, "table": cmd_table, "plot": cmd_plot}[args.command](args, console)
+        {"passkey": cmd_passkey, "speed": cmd_speed, "long-read": cmd_long_read, "table": cmd_table, "plot": cmd_plot}[args.command](args, console)
     except KeyboardInterrupt:
         print("\nstopped; the finished cases are saved: run the same command again to continue", file=sys.stderr)
         return 130

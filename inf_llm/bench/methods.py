@@ -19,6 +19,8 @@ from inf_llm.config import METHODS, InfLLMConfig
 
 # The settings each method's results depend on (speed included).
 _WINDOWED = ("num_sink_tokens", "local_window", "chunk_size", "kernel_backend")
+# Where blocks are kept (RAM budget, disk folder) changes neither results nor compute: not part of an identity.
+_PLACEMENT_FIELDS = ("host_cache_bytes", "disk_dir")
 RELEVANT_FIELDS: dict[str, tuple[str, ...] | None] = {
     "inf-llm": None,  # all of them
     "stream-llm": _WINDOWED,
@@ -39,7 +41,7 @@ class MethodRun:
     def identity(self) -> dict[str, Any]:
         """The settings that determine this method's results (JSON-ready)."""
         fields = RELEVANT_FIELDS[self.method]
-        settings = self.config.to_dict()
+        settings = {k: v for k, v in self.config.to_dict().items() if k not in _PLACEMENT_FIELDS}
         keep = settings if fields is None else {k: settings[k] for k in fields}
         return {"method": self.method, **{k: v for k, v in keep.items() if k != "method"}}
 
