@@ -75,7 +75,7 @@ class ChatApp:
             raise sessions.SessionError(f"interrupted while reading {path}; nothing changed") from None
         self.conversation.reset()
         try:
-            engine.load_state_dict(saved.engine_state)
+            sessions.load_into(saved, engine)
         except KeyboardInterrupt:
             self.conversation.reset()
             self.session = None

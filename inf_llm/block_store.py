@@ -321,6 +321,22 @@ class BlockStore:
             self._write_to_disk(unwritten, self.host.records(unwritten))
         return disk
 
+    def copy_to(self, disk: DiskTier, batch: int = 256) -> None:
+        """Write every block, from whichever tier holds it, into `disk` (which must hold none of them); reads
+        from this store's own disk do not change what is cached in RAM."""
+        if disk.layout != self.layout:
+            raise ValueError(f"{str(disk.path)!r} has layout {disk.layout.to_dict()}, not {self.layout.to_dict()}")
+        for start in range(0, self.num_blocks, batch):
+            ids = list(range(start, min(start + batch, self.num_blocks)))
+            disk.write(ids, self._read_records(ids, promote=False))
+
+    def use_disk(self, disk: DiskTier) -> None:
+        """Make `disk`, which holds exactly this store's blocks (`copy_to`), its disk tier: blocks leaving RAM are
+        then already there, and rollbacks are recorded there. What is cached in RAM stays."""
+        if disk.layout != self.layout or not disk.has_prefix(self.num_blocks) or len(disk) != self.num_blocks:
+            raise ValueError(f"{str(disk.path)!r} does not hold exactly blocks 0..{self.num_blocks - 1}")
+        self.disk, self._spill = disk, None  # a spill folder is removed once no store holds it
+
     def attach_disk(self, disk: DiskTier, num_blocks: int) -> None:
         """Make this store hold exactly blocks 0..num_blocks-1 of `disk` (e.g. a saved folder), without reading
         them: they are read when retrieval asks. Later blocks in `disk` are dropped from it."""

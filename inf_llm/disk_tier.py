@@ -5,7 +5,8 @@ One layer's store is one folder:
     layout.json   the `BlockLayout` of every record (written once: temporary file, then `os.replace`)
     blocks.data   records, one per slot, `record_bytes` each; append-only: a record is never rewritten
     blocks.index  an append-only log of fixed-size entries, each ending in a CRC32 of itself:
-                  PUT (block, slot): the block's record is at that slot; TRUNCATE (n): blocks n.. are gone
+                  PUT (block, slot, CRC32 of the record): the block's record is at that slot;
+                  TRUNCATE (n): blocks n.. are gone
 
 Blocks are immutable once created, so a block is written at most once; the index maps block ids to slots.
 
@@ -14,7 +15,16 @@ index, so an index entry never points at data that was not written: a process th
 leaves records that no entry names (ignored, overwritten later). Opening replays the index up to its first
 incomplete or corrupt entry and cuts it there. With `durable=True` both files are fsynced at each step, which
 extends this to power loss; a throw-away spill folder (`SpillDirectory`) skips the fsyncs, since nothing can
-reopen it after its process is gone.
+reopen it after its process is gone, and a session's folder fsyncs once per save (`sync`).
+
+Saved states. The index is a log, so the state after its first `entries` entries is the state at that moment.
+A session records that count at each save and reopens the folder at it (`open(..., entries=n)`): what was
+written after the save (a rollback, blocks of an unsaved turn) is ignored, and cut from the index at the next
+write. For this to hold, slots named by the saved state are never written again: `protect` marks every slot in
+use so far as kept, where otherwise a rollback lets later blocks reuse the slots of the blocks it forgot.
+
+Damage. Each record's CRC32 is kept in its PUT entry and checked when the record is read, so a damaged block
+file gives an error naming the block instead of silently wrong keys and values.
 
 Mapping. Reads go through one `mmap` of blocks.data viewed as a uint8 tensor (`torch.frombuffer`), so retrieval
 reads only the pages of the selected blocks. We use Python's `mmap` rather than `numpy.memmap` (numpy has no
@@ -40,6 +50,7 @@ import weakref
 import zlib
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -51,8 +62,8 @@ logger = logging.getLogger(__name__)
 
 LAYOUT_FILE, DATA_FILE, INDEX_FILE = "layout.json", "blocks.data", "blocks.index"
 FORMAT = "inf-llm-blocks"
-FORMAT_VERSION = 1
-_ENTRY = struct.Struct("<4sIqq")  # magic, kind, a, b (PUT: block, slot; TRUNCATE: n, 0)
+FORMAT_VERSION = 2
+_ENTRY = struct.Struct("<4sIqqI")  # magic, kind, a, b, c (PUT: block, slot, record CRC32; TRUNCATE: n, 0, 0)
 _CRC = struct.Struct("<I")
 ENTRY_BYTES = _ENTRY.size + _CRC.size
 _MAGIC = b"IBLK"
@@ -65,8 +76,8 @@ class DiskTierError(OSError):
     """A block folder could not be created, opened or written; the message names the folder."""
 
 
-def _entry(kind: int, a: int, b: int) -> bytes:
-    body = _ENTRY.pack(_MAGIC, kind, a, b)
+def _entry(kind: int, a: int, b: int, c: int = 0) -> bytes:
+    body = _ENTRY.pack(_MAGIC, kind, a, b, c)
     return body + _CRC.pack(zlib.crc32(body))
 
 
@@ -89,7 +100,8 @@ def _fsync_dir(path: Path) -> None:
 class DiskTier:
     """The blocks of one store in `path`; created there when `layout` is given and the folder holds none."""
 
-    def __init__(self, path: str | os.PathLike[str], layout: BlockLayout | None = None, *, durable: bool = True):
+    def __init__(self, path: str | os.PathLike[str], layout: BlockLayout | RowLayout | None = None, *,
+                 durable: bool = True, entries: int | None = None):
         self.path, self.durable = Path(path), durable
         self.layout = self._open_layout(layout)
         self.record_bytes = self.layout.record_bytes
@@ -100,18 +112,26 @@ class DiskTier:
             raise DiskTierError(f"cannot open the block files in {str(self.path)!r}: {error}") from error
         self._closer = weakref.finalize(self, _close_fds, self._data_fd, self._index_fd)
         self._slots = array("q")  # block id -> slot, -1 when the block is not on disk
+        self._crcs = array("L")  # block id -> CRC32 of its record
         self._count = 0
         self._next_slot = 0
-        self._replay()
+        self._kept_slots = 0  # slots below this are never written again (`protect`)
+        self._entries = 0  # index entries that make the current state
+        self._cut_at: int | None = None  # index bytes to keep at the next write (state reopened at a saved point)
+        self._replay(entries)
         self._map: mmap.mmap | None = None
         self._map_tensor: torch.Tensor | None = None
         self._capacity = 0  # records covered by the mapping
         self._remap(os.fstat(self._data_fd).st_size // self.record_bytes)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, durable: bool = True) -> DiskTier:
-        """Open an existing block folder (its layout is read from it)."""
-        return cls(path, None, durable=durable)
+    def open(cls, path: str | os.PathLike[str], *, durable: bool = True, entries: int | None = None) -> DiskTier:
+        """Open an existing block folder (its layout is read from it).
+
+        entries: the state after that many index entries (a saved state); DiskTierError if the index holds
+        fewer. Later entries are ignored, and removed from the index only at the next write.
+        """
+        return cls(path, None, durable=durable, entries=entries)
 
     # --- opening ----------------------------------------------------------------------------------------------
 
@@ -123,7 +143,7 @@ class DiskTier:
                 if data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
                     raise ValueError(f"format {data.get('format')!r} version {data.get('version')!r}, expected "
                                      f"{FORMAT!r} version {FORMAT_VERSION}")
-                stored = BlockLayout.from_dict(data["layout"])
+                stored = layout_from_dict(data["layout"])
             except (OSError, ValueError, KeyError, AttributeError) as error:
                 raise DiskTierError(f"{str(meta)!r} is not a readable block layout: {error}") from error
             if layout is not None and layout != stored:
@@ -148,49 +168,79 @@ class DiskTier:
             raise DiskTierError(f"cannot create a block folder at {str(self.path)!r}: {error}") from error
         return layout
 
-    def _replay(self) -> None:
-        """Rebuild block -> slot from the index, up to its first incomplete or corrupt entry (cut there)."""
+    def _replay(self, entries: int | None) -> None:
+        """Rebuild block -> slot from the index, up to its first incomplete or corrupt entry (cut there), or
+        up to `entries` entries."""
         size = os.fstat(self._index_fd).st_size
         log = os.pread(self._index_fd, size, 0) if size else b""
         data_records = os.fstat(self._data_fd).st_size // self.record_bytes
         valid = 0
         for start in range(0, len(log) - ENTRY_BYTES + 1, ENTRY_BYTES):
+            if entries is not None and start // ENTRY_BYTES == entries:
+                break
             entry = log[start : start + ENTRY_BYTES]
             body, (crc,) = entry[: _ENTRY.size], _CRC.unpack(entry[_ENTRY.size :])
-            magic, kind, a, b = _ENTRY.unpack(body)
+            magic, kind, a, b, c = _ENTRY.unpack(body)
             if magic != _MAGIC or crc != zlib.crc32(body) or a < 0:
                 break
             if kind == _PUT and 0 <= b < data_records:  # a slot past the data's end was never written
-                self._set(a, b)
+                self._set(a, b, c)
             elif kind == _TRUNCATE:
                 self._drop_from(a)
-            else:
+            elif kind != _PUT:
                 break
             valid = start + ENTRY_BYTES
+        self._entries = valid // ENTRY_BYTES
+        if entries is not None and self._entries < entries:
+            raise DiskTierError(f"{str(self.path / INDEX_FILE)!r} holds {self._entries} complete entries, the saved "
+                                f"state needs {entries}: the folder is damaged or not the one saved")
         if valid < len(log):
-            logger.warning("%s: ignoring %d bytes after the last complete index entry (an interrupted write)",
-                           self.path / INDEX_FILE, len(log) - valid)
-            os.ftruncate(self._index_fd, valid)
+            if entries is None:
+                logger.warning("%s: ignoring %d bytes after the last complete index entry (an interrupted write)",
+                               self.path / INDEX_FILE, len(log) - valid)
+            self._cut_at = valid  # cut when this store first writes: opening changes nothing on disk
         self._reclaim()
 
-    def _set(self, block_id: int, slot: int) -> None:
+    def _set(self, block_id: int, slot: int, crc: int) -> None:
         if block_id >= len(self._slots):
             self._slots.extend([-1] * (block_id + 1 - len(self._slots)))
+            self._crcs.extend([0] * (block_id + 1 - len(self._crcs)))
         self._count += self._slots[block_id] < 0
         self._slots[block_id] = slot
+        self._crcs[block_id] = crc
 
     def _drop_from(self, n: int) -> None:
         if n < len(self._slots):
             self._count -= sum(1 for s in self._slots[n:] if s >= 0)
             del self._slots[n:]
+            del self._crcs[n:]
 
     def _reclaim(self) -> None:
         """Write new records after the last slot a live block uses: slots past it hold only forgotten blocks.
 
         Safe against crashes: such a slot is overwritten only after the TRUNCATE entry that forgot its block
-        was committed, so replaying the index never pairs a live block with data written for another.
+        was committed, so replaying the index never pairs a live block with data written for another. Slots a
+        saved state names (`protect`) are never reused.
         """
-        self._next_slot = max(self._slots, default=-1) + 1
+        self._next_slot = max(max(self._slots, default=-1) + 1, self._kept_slots)
+
+    def protect(self) -> None:
+        """Never write again any slot used so far: the current state stays readable at `entries` (a save)."""
+        self._kept_slots = max(self._kept_slots, self._next_slot)
+
+    @property
+    def entries(self) -> int:
+        """Index entries making the current state; `open(path, entries=...)` returns to it."""
+        return self._entries
+
+    def sync(self) -> None:
+        """Make everything written so far durable (both files fsynced)."""
+        try:
+            os.fsync(self._data_fd)
+            os.fsync(self._index_fd)
+            _fsync_dir(self.path)
+        except OSError as error:
+            raise DiskTierError(f"cannot sync the blocks in {str(self.path)!r}: {error}") from error
 
     def _remap(self, capacity: int) -> None:
         """Map the first `capacity` records of the data file (which must be at least that long)."""
@@ -227,14 +277,21 @@ class DiskTier:
             raise KeyError(f"block {block_id} is not on disk in {str(self.path)!r}")
         return self._slots[block_id]
 
+    def _check(self, block_id: int, record: torch.Tensor) -> None:
+        if zlib.crc32(memoryview(record.numpy())) != self._crcs[block_id]:
+            raise DiskTierError(f"block {block_id} in {str(self.path)!r} is damaged (its checksum does not match)")
+
     def read(self, block_id: int) -> torch.Tensor:
         """The record of a block, (record_bytes,) uint8: a view of the mapping (read-only by contract)."""
-        return self._map_tensor[self._slot(block_id)]
+        record = self._map_tensor[self._slot(block_id)]
+        self._check(block_id, record)
+        return record
 
     def read_into(self, block_id: int, out: torch.Tensor) -> None:
         """Copy a block's record into `out` (record_bytes,) uint8, then release its pages from this process."""
         slot = self._slot(block_id)
         out.copy_(self._map_tensor[slot])
+        self._check(block_id, out)
         if hasattr(mmap, "MADV_DONTNEED"):  # not on every platform; without it pages stay mapped (RSS only)
             start = slot * self.record_bytes
             page = start - start % mmap.PAGESIZE
@@ -263,23 +320,29 @@ class DiskTier:
             capacity = max(_MIN_CAPACITY, 2 * self._capacity, end)
             os.ftruncate(self._data_fd, max(os.fstat(self._data_fd).st_size, capacity * self.record_bytes))
             self._remap(capacity)
+        data = records.contiguous().numpy()
+        crcs = [zlib.crc32(memoryview(row)) for row in data]
         try:
-            _write_all(self._data_fd, memoryview(records.contiguous().numpy()).cast("B"), first * self.record_bytes)
+            _write_all(self._data_fd, memoryview(data).cast("B"), first * self.record_bytes)
             if self.durable:
                 os.fsync(self._data_fd)
-            self._commit_index(b"".join(_entry(_PUT, b, first + i) for i, b in enumerate(block_ids)))
+            self._commit_index(b"".join(_entry(_PUT, b, first + i, crc) for i, (b, crc) in enumerate(zip(block_ids, crcs))))
         except OSError as error:
             raise DiskTierError(f"cannot write blocks to {str(self.path)!r}: {error}") from error
         # Only now, with the index entries written, do the blocks exist (in this process and after a reopen).
         self._next_slot = end
-        for i, b in enumerate(block_ids):
-            self._set(b, first + i)
+        for i, (b, crc) in enumerate(zip(block_ids, crcs)):
+            self._set(b, first + i, crc)
 
     def _commit_index(self, entries: bytes) -> None:
         """Append index entries (the commit point of a write or a truncation)."""
+        if self._cut_at is not None:
+            os.ftruncate(self._index_fd, self._cut_at)  # entries past the state this folder was opened at
+            self._cut_at = None
         _write_all(self._index_fd, memoryview(entries), None)
         if self.durable:
             os.fsync(self._index_fd)
+        self._entries += len(entries) // ENTRY_BYTES
 
     def truncate(self, n: int) -> None:
         """Forget blocks n.. (rollback). Their records stay in the data file, unreferenced, and the slots after
@@ -296,6 +359,38 @@ class DiskTier:
         """Close the files; views from `read` keep their mapping until they are dropped."""
         self._map_tensor = self._map = None
         self._closer()
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Records of `width` float32 values each: the representatives of one block (all query heads)."""
+
+    width: int
+
+    @property
+    def record_bytes(self) -> int:
+        return 4 * self.width
+
+    def to_dict(self) -> dict:
+        return {"kind": "rows", "width": self.width, "dtype": "float32", "record_bytes": self.record_bytes}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RowLayout:
+        if data.get("kind") != "rows" or data.get("dtype") != "float32" or not isinstance(data.get("width"), int):
+            raise ValueError(f"not a row layout: {data!r}")
+        return cls(data["width"])
+
+    def rows(self, records: torch.Tensor) -> torch.Tensor:
+        """(n, record_bytes) uint8 -> (n, width) float32, a view."""
+        return records.view(torch.float32)
+
+    def records(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, width) float32 -> (n, record_bytes) uint8 on the CPU."""
+        return rows.detach().to("cpu", torch.float32).contiguous().view(torch.uint8)
+
+
+def layout_from_dict(data: dict) -> BlockLayout | RowLayout:
+    return RowLayout.from_dict(data) if data.get("kind") == "rows" else BlockLayout.from_dict(data)
 
 
 def _close_fds(*fds: int) -> None:

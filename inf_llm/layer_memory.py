@@ -88,9 +88,26 @@ class LayerMemory:
         self.rem_k = _empty(hkv, d, self.dtype, self.device)
         self.rem_v = _empty(hkv, d, self.dtype, self.device)
         self.rem_score = torch.empty((hq, 0), dtype=torch.float32, device=self.device)
-        self.reprs = torch.empty((0, hq, d), dtype=torch.float32, device=self.device)
+        # Representatives of blocks 0..num_blocks-1 are the first rows of a buffer that doubles when full:
+        # concatenating per new block would copy all of them every chunk (quadratic in the stream's length).
+        self._reprs = torch.empty((0, hq, d), dtype=torch.float32, device=self.device)
         self.blocks.truncate(0)
         self.blocks.hits = self.blocks.misses = 0
+        self._fewest_blocks = 0  # fewest blocks held since `mark_blocks` (rollbacks forget blocks)
+
+    @property
+    def reprs(self) -> torch.Tensor:
+        """(num_blocks, Hq, D) float32: one representative per block and query head (a view)."""
+        return self._reprs[: self.blocks.num_blocks]
+
+    def _append_reprs(self, new: torch.Tensor) -> None:
+        n, end = self.blocks.num_blocks, self.blocks.num_blocks + new.shape[0]
+        if end > self._reprs.shape[0]:
+            grown = torch.empty((max(end, 2 * self._reprs.shape[0]), *new.shape[1:]), dtype=torch.float32,
+                                device=self.device)
+            grown[:n] = self._reprs[:n]
+            self._reprs = grown
+        self._reprs[n:end] = new
 
     @property
     def window_len(self) -> int:
@@ -213,7 +230,7 @@ class LayerMemory:
         k = self.rem_k[:, : n * size].reshape(hkv, n, size, d).transpose(0, 1)  # (n, Hkv, B, D)
         v = self.rem_v[:, : n * size].reshape(hkv, n, size, d).transpose(0, 1)
         score = self.rem_score[:, : n * size].reshape(hq, n, size).transpose(0, 1)  # (n, Hq, B)
-        self.reprs = torch.cat((self.reprs, representatives(k, score, self.config.repr_tokens)), dim=0)
+        self._append_reprs(representatives(k, score, self.config.repr_tokens))
         self.blocks.append(k, v)
         self.rem_k, self.rem_v = self.rem_k[:, n * size :], self.rem_v[:, n * size :]
         self.rem_score = self.rem_score[:, n * size :]
@@ -250,8 +267,23 @@ class LayerMemory:
         # Sinks and remainder are replaced, never mutated in place, so the snapshot's tensors are safe to share.
         for name in ("sink_k", "sink_v", "rem_k", "rem_v", "rem_score"):
             setattr(self, name, snap[name])
-        self.blocks.truncate(snap["num_blocks"])
-        self.reprs = self.reprs[: snap["num_blocks"]]
+        self.blocks.truncate(snap["num_blocks"])  # and so the representatives (rows past it are overwritten)
+        self._fewest_blocks = min(self._fewest_blocks, snap["num_blocks"])
+
+    def mark_blocks(self) -> int:
+        """The fewest blocks this memory held since the last call (or its reset): blocks below that count are
+        unchanged since then, so a copy of them made then is still good (sessions save only the rest)."""
+        fewest, self._fewest_blocks = self._fewest_blocks, self.blocks.num_blocks
+        return fewest
+
+    def load_blocks(self, disk, num_blocks: int, reprs: torch.Tensor, snap: dict) -> None:
+        """Take blocks 0..num_blocks-1 from `disk` (read when retrieval asks), their representatives
+        (num_blocks, Hq, D), and the rest of the state from a snapshot (a saved session)."""
+        self.reset()
+        self.blocks.attach_disk(disk, num_blocks)
+        self._reprs = reprs.to(self.device, torch.float32).clone()
+        self.restore({k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in snap.items()})
+        self._fewest_blocks = num_blocks
 
     def reset_window_buffers(self, live: int) -> None:
         capacity = 2 * (live + self.config.chunk_size)
@@ -269,7 +301,7 @@ class LayerMemory:
     def load_state_dict(self, state: dict) -> None:
         self.reset()
         self.blocks.load_state_dict({k.removeprefix("blocks_"): v for k, v in state.items() if k.startswith("blocks_")})
-        self.reprs = state["reprs"].to(self.device, torch.float32)
+        self._reprs = state["reprs"].to(self.device, torch.float32).clone()
         snap = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
         self.restore(snap)
 

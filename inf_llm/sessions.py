@@ -1,20 +1,31 @@
 """Saved conversations: the transcript, the engine's memory, and the identity of what produced them.
 
-A session file lets a chat continue after a restart without re-reading the conversation: loading it gives the
-same next-token logits as never having stopped (`Engine.state_dict()` / `load_state_dict()`).
+A session lets a chat continue after a restart without re-reading the conversation: resuming it gives the same
+next-token logits as never having stopped.
 
-Format: one `torch.save` file holding only plain containers, strings, numbers and tensors, read back with
-`torch.load(weights_only=True)` (no pickled objects, so opening a file cannot run code). It records
+Format (version 2): a folder `<name>.session/` holding
 
-- `identity`: the model (architecture facts, dtype, a fingerprint of the weights, the tokenizer's chat template),
-  the InfLLM settings, and the chat format (template, system message). A session is resumed only where all
-  agree: another model's or config's memory would silently give different answers;
-- `messages`: the transcript; `engine`: the memory's state;
-- `sha256`: a digest of everything above (tensors by their bytes), so a damaged file is refused rather than
-  resumed with wrong memory.
+- `state.pt`: one `torch.save` file of plain containers, strings, numbers and tensors, read back with
+  `torch.load(weights_only=True)` (no pickled objects, so opening a file cannot run code): `identity` (the model:
+  architecture facts, dtype, a fingerprint of the weights, the tokenizer's chat template; the InfLLM settings;
+  the chat format), `messages`, the engine's state except its memory blocks (window, sinks, remainder: bounded
+  in size), where the blocks are (`blocks`), and `sha256`, a digest of all of it. A session is resumed only
+  where the identity agrees: another model's or config's memory would silently give different answers;
+- one generation folder `g-*/` with, per layer, the memory blocks as a disk tier (`inf_llm.disk_tier`:
+  `layer-NNN/`) and their representatives (`layer-NNN-reprs/`, one float32 row per block).
 
-Writes are atomic (a temporary file in the same folder, then `os.replace`): a crash leaves the old session or
-the new one, never half of one. Refused files are left untouched.
+Saving writes only what is not on disk yet. After a save or a resume the engine's block stores use the
+session's tiers as their disk tier, so blocks that leave RAM go there, and a later save writes the blocks still
+only in RAM, the new representatives and a new `state.pt`: a 32K-token session adds a turn in milliseconds
+rather than rewriting everything. `state.pt` records how many index entries each tier had at the save
+(`DiskTier.entries`), and resuming opens the tiers at those counts: whatever the chat did after its last save
+(a rollback, the blocks of an unsaved turn) is not part of the session. Resuming reads `state.pt` and the
+representatives only; blocks are read when retrieval asks for them, each checked against its CRC32.
+
+Writes are atomic: `state.pt` is replaced by `os.replace` after the blocks it names are synced, and a save into
+a folder the engine is not using (another session, or the first save) writes a new generation folder, commits
+`state.pt`, then removes the old generation. A crash leaves the previous save or the new one. Refused sessions
+are left untouched. Version 1 (one torch file with the blocks in it) is still read; saving converts it.
 
 Sessions live in `platformdirs.user_data_dir("inf-llm")/sessions`, or `$INF_LLM_DATA_DIR/sessions`.
 """
@@ -25,9 +36,11 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import struct
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +48,16 @@ from typing import Any
 import platformdirs
 import torch
 
+from inf_llm.disk_tier import DiskTier, DiskTierError, RowLayout
+
 logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "INF_LLM_DATA_DIR"
 FORMAT_NAME = "inf-llm-session"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUFFIX = ".session"
+STATE_FILE = "state.pt"
+_GENERATION = "g-"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # Settings that change speed only, never what the model computes: a session may resume under other values.
 # Settings that change speed or where blocks are kept, never outputs: a session resumes under other values.
@@ -56,8 +73,24 @@ class SessionFile:
     path: Path
     identity: dict
     messages: list[dict]
-    engine_state: dict
+    engine_state: dict  # version 1: Engine.state_dict(); version 2: without the blocks (see `blocks`)
     saved_at: float
+    version: int = FORMAT_VERSION
+    blocks: dict | None = None  # version 2, windowed methods: {"generation": name, "layers": [per-layer counts]}
+
+
+@dataclass
+class _Binding:
+    """The session folder whose tiers an engine's block stores use since its last save or resume."""
+
+    folder: Path
+    generation: str
+    kv: list[DiskTier]
+    reprs: list[DiskTier]
+
+
+# Engine -> binding; weak, so that a dropped engine does not keep its session's files open.
+_bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def sessions_dir() -> Path:
@@ -160,32 +193,156 @@ def content_sha256(payload: dict) -> str:
 # --- save / read / resume ---------------------------------------------------------------------------------------
 
 
+def _layers(engine) -> list | None:
+    """The per-layer memories of a windowed engine (inf-llm, stream-llm, infinite-lm); None for full attention."""
+    return getattr(engine.memory, "layers", None)
+
+
+def _write_state(folder: Path, payload: dict) -> None:
+    payload["sha256"] = content_sha256(payload)
+    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, folder / STATE_FILE)
+    except BaseException:
+        # Also on Ctrl-C: the previous state.pt stays as it was.
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+
+
+def _write_rows(tier: DiskTier, reprs: torch.Tensor, start: int, end: int, batch: int = 4096) -> None:
+    layout = tier.layout
+    for a in range(start, end, batch):
+        b = min(end, a + batch)
+        tier.write(range(a, b), layout.records(reprs[a:b].reshape(b - a, layout.width)))
+
+
+def _new_generation(folder: Path, layers) -> _Binding:
+    """Write every block and representative into a new generation folder (synced, not yet committed)."""
+    gen = Path(tempfile.mkdtemp(prefix=_GENERATION, dir=folder))
+    try:
+        kv, reprs = [], []
+        for i, layer in enumerate(layers):
+            kv_tier = DiskTier(gen / f"layer-{i:03d}", layer.blocks.layout, durable=False)
+            layer.blocks.copy_to(kv_tier)
+            width = layer.shape.num_heads * layer.shape.head_dim
+            row_tier = DiskTier(gen / f"layer-{i:03d}-reprs", RowLayout(width), durable=False)
+            _write_rows(row_tier, layer.reprs, 0, layer.blocks.num_blocks)
+            kv.append(kv_tier)
+            reprs.append(row_tier)
+        for tier in kv + reprs:
+            tier.sync()
+            tier.protect()
+    except BaseException:
+        shutil.rmtree(gen, ignore_errors=True)
+        raise
+    return _Binding(folder, gen.name, kv, reprs)
+
+
+def _update_generation(binding: _Binding, layers) -> None:
+    """Write what is not on disk yet into the generation the engine uses (synced, not yet committed)."""
+    for layer, kv_tier, row_tier in zip(layers, binding.kv, binding.reprs):
+        layer.blocks.flush()  # blocks still only in RAM
+        valid = min(layer.mark_blocks(), len(row_tier))  # rows of blocks that no rollback forgot
+        row_tier.truncate(valid)
+        _write_rows(row_tier, layer.reprs, valid, layer.blocks.num_blocks)
+        kv_tier.sync()
+        row_tier.sync()
+        kv_tier.protect()
+        row_tier.protect()
+
+
+def _current_generation(folder: Path) -> str | None:
+    try:
+        payload = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        return (payload.get("blocks") or {}).get("generation")
+    except Exception:
+        return None
+
+
 def save_session(path: Path, engine, messages: list[dict], chat: dict) -> Path:
-    """Write the session atomically to `path` (use `session_path(name)`); returns the path."""
+    """Save the conversation to the session folder `path` (use `session_path(name)`); returns the path.
+
+    Only what is not on disk yet is written when the engine already uses this session's folder.
+    """
     path = Path(path)
+    layers = _layers(engine)
     payload = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "saved_at": time.time(),
         "identity": identity_of(engine, chat),
         "messages": [{"role": str(m["role"]), "content": str(m["content"])} for m in messages],
-        "engine": engine.state_dict(),
     }
-    payload["sha256"] = content_sha256(payload)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    if path.is_file():
+        return _convert_file(path, engine, messages, chat)
+    path.mkdir(parents=True, exist_ok=True)
+    if layers is None:  # full attention: its KV cache is the state
+        payload["engine"], payload["blocks"] = engine.state_dict(), None
+        _write_state(path, payload)
+        _remove_generations(path, keep=None)
+        return path
+    binding = _bindings.get(engine)
+    incremental = (binding is not None and binding.folder == path.resolve()
+                   and binding.generation == _current_generation(path)
+                   and all(layer.blocks.disk is tier for layer, tier in zip(layers, binding.kv)))
+    if incremental:
+        _update_generation(binding, layers)
+    else:
+        binding = _new_generation(path.resolve(), layers)
+        for layer in layers:
+            layer.mark_blocks()
+    payload["engine"] = {"tokens": list(engine.tokens), "memory": {"layers": [layer.snapshot() for layer in layers]}}
+    payload["blocks"] = {"generation": binding.generation,
+                         "layers": [{"num_blocks": layer.blocks.num_blocks, "kv_entries": kv.entries,
+                                     "repr_entries": rows.entries}
+                                    for layer, kv, rows in zip(layers, binding.kv, binding.reprs)]}
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        _write_state(path, payload)
     except BaseException:
-        # Also on Ctrl-C: the previous session file stays as it was.
-        Path(tmp).unlink(missing_ok=True)
+        if not incremental:
+            shutil.rmtree(path / binding.generation, ignore_errors=True)
         raise
+    if not incremental:
+        for layer, tier in zip(layers, binding.kv):
+            layer.blocks.use_disk(tier)
+        _bindings[engine] = binding
+        _remove_generations(path, keep=binding.generation)
+    logger.info("saved session %s (%d messages, %d tokens, %s)", path, len(messages), len(engine.tokens),
+                "new blocks only" if incremental else "all blocks")
+    return path
+
+
+def _remove_generations(folder: Path, keep: str | None) -> None:
+    """Remove generation folders other than `keep` (earlier saves, or a save that did not commit)."""
+    for child in folder.iterdir():
+        if child.is_dir() and child.name.startswith(_GENERATION) and child.name != keep:
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _convert_file(path: Path, engine, messages: list[dict], chat: dict) -> Path:
+    """Replace a version-1 session file by a version-2 folder of the same name."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = path.with_name(f".{path.name}.v1")
+    try:
+        save_session(staging, engine, messages, chat)
+        os.replace(path, old)
+        os.rename(staging, path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old.unlink()
+    binding = _bindings.get(engine)
+    if binding is not None and binding.folder == staging.resolve():
+        binding.folder = path.resolve()
     _fsync_dir(path.parent)
-    logger.info("saved session %s (%d messages, %d tokens)", path, len(messages), len(engine.tokens))
+    logger.info("converted session %s to format %d", path, FORMAT_VERSION)
     return path
 
 
@@ -203,20 +360,28 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def read_session(path: Path) -> SessionFile:
-    """Read and verify a session file; SessionError if it is missing, damaged or not a session."""
+    """Read and verify a session (its state; blocks are checked when read); SessionError if it is missing,
+    damaged or not a session."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        state, expected = path / STATE_FILE, FORMAT_VERSION
+    elif path.is_file():
+        state, expected = path, 1
+    else:
         raise SessionError(f"no session file {path}")
+    if not state.is_file():
+        raise SessionError(f"{path} is not a complete session (no {STATE_FILE}: a first save that did not finish?); "
+                           "it was left as it is")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(state, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged zip, a truncated record, a file of something else
         raise SessionError(f"{path} is damaged or not a session file ({type(error).__name__}: "
                            f"{str(error).splitlines()[0] if str(error) else ''}); it was left as it is") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise SessionError(f"{path} is not an InfLLM session file; it was left as it is")
-    if payload.get("version") != FORMAT_VERSION:
+    if payload.get("version") != expected:
         raise SessionError(f"{path} is a session of format version {payload.get('version')!r}; this program reads "
-                           f"version {FORMAT_VERSION}; it was left as it is")
+                           f"version {FORMAT_VERSION} folders and version 1 files; it was left as it is")
     try:
         intact = payload.get("sha256") == content_sha256(payload)
     except SessionError:
@@ -227,7 +392,43 @@ def read_session(path: Path) -> SessionFile:
     if not all(isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
                for m in messages):
         raise SessionError(f"{path} has a malformed transcript; it was left as it is")
-    return SessionFile(path, payload["identity"], messages, payload["engine"], float(payload["saved_at"]))
+    return SessionFile(path, payload["identity"], messages, payload["engine"], float(payload["saved_at"]),
+                       version=expected, blocks=payload.get("blocks"))
+
+
+def load_into(session: SessionFile, engine) -> None:
+    """Give `engine` the session's memory (after `check_identity`). Blocks are not read: the engine's stores use
+    the session's tiers. On error the engine is reset and the session left as it is."""
+    try:
+        if session.version == 1 or session.blocks is None:
+            engine.load_state_dict(session.engine_state)
+            _bindings.pop(engine, None)
+            return
+        layers = _layers(engine)
+        saved = session.blocks["layers"]
+        if layers is None or len(saved) != len(layers):
+            raise ValueError(f"the session has {len(saved)} layers of blocks, this engine "
+                             f"{'none' if layers is None else len(layers)}")
+        gen = session.path.resolve() / session.blocks["generation"]
+        kv, reprs = [], []
+        for i, (layer, counts) in enumerate(zip(layers, saved)):
+            n = counts["num_blocks"]
+            kv_tier = DiskTier.open(gen / f"layer-{i:03d}", durable=False, entries=counts["kv_entries"])
+            row_tier = DiskTier.open(gen / f"layer-{i:03d}-reprs", durable=False, entries=counts["repr_entries"])
+            if not kv_tier.has_prefix(n) or not row_tier.has_prefix(n):
+                raise DiskTierError(f"{gen} does not hold all {n} blocks of layer {i}")
+            hq, d = layer.shape.num_heads, layer.shape.head_dim
+            rows = torch.stack([row_tier.layout.rows(row_tier.read(b)[None])[0] for b in range(n)]) if n else \
+                torch.empty((0, hq * d))
+            kv.append(kv_tier)
+            reprs.append(row_tier)
+            layer.load_blocks(kv_tier, n, rows.reshape(n, hq, d), session.engine_state["memory"]["layers"][i])
+        engine.tokens = list(session.engine_state["tokens"])
+        _bindings[engine] = _Binding(session.path.resolve(), session.blocks["generation"], kv, reprs)
+    except BaseException:
+        engine.reset()
+        _bindings.pop(engine, None)
+        raise
 
 
 def check_identity(session: SessionFile, engine, chat: dict) -> None:
@@ -245,9 +446,9 @@ def resume_session(path: Path, engine, chat: dict) -> SessionFile:
     session = read_session(path)
     check_identity(session, engine, chat)
     try:
-        engine.load_state_dict(session.engine_state)
+        load_into(session, engine)
     except Exception as error:
-        engine.reset()
-        raise SessionError(f"{path}: its memory does not fit this engine ({error}); it was left as it is") from error
+        raise SessionError(f"{path}: its memory does not fit this engine or is damaged ({error}); it was left as "
+                           "it is") from error
     logger.info("resumed session %s (%d messages, %d tokens)", path, len(session.messages), len(engine.tokens))
     return session

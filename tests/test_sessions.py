@@ -3,6 +3,7 @@ mismatched files are refused with a message naming the reason and left byte-for-
 """
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from chat.chat_format import ChatFormat
 from chat.conversation import Conversation
 from inf_llm import sessions
+from inf_llm.disk_tier import DATA_FILE, DiskTierError
 from inf_llm.engine import Engine
 from inf_llm.sampling import SamplingParams
 # model and tokenizer are the conversation tests' fixtures (a tiny random Llama with the embedded tokenizer).
@@ -81,13 +83,26 @@ def test_save_by_name_lists_it(model, tokenizer, saved):
     assert sessions.read_session(sessions.session_path("alpha")).messages == conv.messages
 
 
+def _tree(path):
+    """Every file under `path` (or the file itself) with its bytes: to show that a refusal changed nothing."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 def _refused(path, engine, chat, match):
-    before = path.read_bytes()
+    before = _tree(path)
     tokens = list(engine.tokens)
     with pytest.raises(sessions.SessionError, match=match):
         sessions.resume_session(path, engine, chat)
-    assert path.read_bytes() == before  # left untouched
-    assert engine.tokens == tokens  # and the engine too
+    assert _tree(path) == before  # left untouched
+    assert engine.tokens == tokens or engine.tokens == []  # refused before loading, or the engine was reset
+
+
+def _copy(saved_path, tmp_path, name="copy.session"):
+    target = tmp_path / name
+    shutil.copytree(saved_path, target)
+    return target
 
 
 DAMAGES = {
@@ -99,20 +114,50 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
-def test_damaged_file_is_refused_and_left_untouched(model, tokenizer, saved, tmp_path, damage):
-    path = tmp_path / "damaged.session"
-    path.write_bytes(DAMAGES[damage](saved[0].read_bytes()))
+def test_damaged_state_is_refused_and_left_untouched(model, tokenizer, saved, tmp_path, damage):
+    path = _copy(saved[0], tmp_path)
+    state = path / sessions.STATE_FILE
+    state.write_bytes(DAMAGES[damage](state.read_bytes()))
     conv = conversation(model, tokenizer)
     conv.ask(MESSAGES[3])
     _refused(path, conv.engine, conv.format.identity, "damaged|not an InfLLM session")
 
 
 def test_checksum_catches_a_changed_tensor(model, tokenizer, saved, tmp_path):
-    payload = torch.load(saved[0], weights_only=True)
-    payload["engine"]["memory"]["layers"][0]["blocks_k"][0, 0, 0, 0] += 1.0
-    path = tmp_path / "edited.session"
-    torch.save(payload, path)
+    path = _copy(saved[0], tmp_path)
+    payload = torch.load(path / sessions.STATE_FILE, weights_only=True)
+    payload["engine"]["memory"]["layers"][0]["win_k"][0, 0, 0] += 1.0
+    torch.save(payload, path / sessions.STATE_FILE)
     _refused(path, conversation(model, tokenizer).engine, saved[1].format.identity, "checksum")
+
+
+def _generation(path):
+    (gen,) = [p for p in path.iterdir() if p.is_dir()]
+    return gen
+
+
+def _flip(file, offset):
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 0x20
+    file.write_bytes(bytes(data))
+
+
+def test_damaged_blocks_are_refused_when_read(model, tokenizer, saved, tmp_path):
+    """Representatives are read (and checked) on resume; a block is checked when retrieval reads it."""
+    path = _copy(saved[0], tmp_path)
+    _flip(_generation(path) / "layer-000-reprs" / DATA_FILE, 3)
+    conv = conversation(model, tokenizer)
+    _refused(path, conv.engine, conv.format.identity, "damaged")
+
+    path = _copy(saved[0], tmp_path, "blocks.session")
+    conv = conversation(model, tokenizer)
+    record_bytes = conv.engine.memory.layers[1].blocks.layout.record_bytes
+    data = _generation(path) / "layer-001" / DATA_FILE
+    for offset in range(3, data.stat().st_size, record_bytes):
+        _flip(data, offset)  # every record: whichever blocks retrieval picks are damaged
+    conv.load(sessions.resume_session(path, conv.engine, conv.format.identity).messages)
+    with pytest.raises(DiskTierError, match=r"block \d+ .*layer-001.* is damaged"):
+        probe_logits(conv)
 
 
 def test_other_files_are_refused(model, tokenizer, tmp_path):
@@ -129,6 +174,8 @@ def test_other_files_are_refused(model, tokenizer, tmp_path):
     _refused(path, engine, {}, "damaged or not a session")  # weights_only refuses to unpickle objects
     with pytest.raises(sessions.SessionError, match="no session file"):
         sessions.read_session(tmp_path / "missing.session")
+    (tmp_path / "unfinished.session").mkdir()
+    _refused(tmp_path / "unfinished.session", engine, {}, "not a complete session")
 
 
 def test_session_of_another_config_model_or_format_is_refused(model, tokenizer, saved):
@@ -145,18 +192,117 @@ def test_session_of_another_config_model_or_format_is_refused(model, tokenizer, 
     sessions.resume_session(path, other_backend.engine, chat)
 
 
-def test_interrupted_save_leaves_the_previous_file(model, tokenizer, saved, tmp_path, monkeypatch):
-    path, conv = saved
-    target = tmp_path / "keep.session"
-    target.write_bytes(path.read_bytes())
-    before = target.read_bytes()
+def _tier_entries(engine):
+    return [(layer.blocks.disk.entries, layer.blocks.num_blocks) for layer in engine.memory.layers]
+
+
+def test_saving_again_writes_only_new_blocks_and_resumes_exactly(model, tokenizer, tmp_path):
+    conv = conversation(model, tokenizer)
+    conv.ask(MESSAGES[0])
+    path = tmp_path / "grow.session"
+    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    gen = _generation(path)
+    first = _tier_entries(conv.engine)
+    assert all(entries == blocks > 0 for entries, blocks in first)  # one PUT per block, into the session's tiers
+    binding = sessions._bindings[conv.engine]
+    tiers = binding.kv + binding.reprs
+    assert len(tiers) == len(list(gen.rglob(DATA_FILE)))
+    # The records written by the first save: slots 0..n-1 of each tier.
+    data_before = {t.path / DATA_FILE: (t.path / DATA_FILE).read_bytes()[: len(t) * t.record_bytes] for t in tiers}
+    conv.ask(MESSAGES[1])
+    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    assert _generation(path) == gen  # the same generation, extended
+    second = _tier_entries(conv.engine)
+    assert all(e2 - e1 == b2 - b1 > 0 for (e1, b1), (e2, b2) in zip(first, second))  # only the new blocks
+    for file, before in data_before.items():
+        assert file.read_bytes()[: len(before)] == before  # earlier records unchanged
+    resumed = conversation(model, tokenizer)
+    session = sessions.resume_session(path, resumed.engine, resumed.format.identity)
+    resumed.load(session.messages)
+    assert all(layer.blocks.disk_reads == 0 for layer in resumed.engine.memory.layers)  # nothing read yet
+    torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
+
+
+def test_what_happens_after_a_save_is_not_part_of_the_session(model, tokenizer, tmp_path):
+    """A rollback and an unsaved turn write to the session's tiers (blocks leaving RAM go there); resuming still
+    gives the state of the save."""
+    conv = conversation(model, tokenizer)
+    conv.ask(MESSAGES[0])
+    conv.ask(MESSAGES[1])
+    path = tmp_path / "crash.session"
+    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    expected = probe_logits(conv)
+    conv.remove()  # roll back the last exchange: forgets blocks
+    conv.ask(MESSAGES[3])  # new blocks with the forgotten ids
+    for layer in conv.engine.memory.layers:
+        layer.blocks.flush()  # as if they had left RAM under a budget: written into the session's tiers
+    # The process dies here, without saving.
+    resumed = conversation(model, tokenizer)
+    session = sessions.resume_session(path, resumed.engine, resumed.format.identity)
+    resumed.load(session.messages)
+    torch.testing.assert_close(probe_logits(resumed), expected, atol=0, rtol=0)
+    # And the resumed chat saves and resumes again from there.
+    resumed.ask(MESSAGES[2])
+    sessions.save_session(path, resumed.engine, resumed.messages, resumed.format.identity)
+    again = conversation(model, tokenizer)
+    again.load(sessions.resume_session(path, again.engine, again.format.identity).messages)
+    torch.testing.assert_close(probe_logits(again), probe_logits(resumed), atol=0, rtol=0)
+
+
+def test_blocks_beyond_the_ram_budget_are_saved_and_resumed(model, tokenizer, tmp_path):
+    config = tiny_config(topk_blocks=2, device_cache_blocks=4, host_cache_bytes=4096, disk_dir=str(tmp_path / "spill"))
+    conv = conversation(model, tokenizer, config)
+    conv.ask(MESSAGES[0])
+    conv.ask(MESSAGES[1])
+    assert sum(layer.blocks.disk_blocks() for layer in conv.engine.memory.layers) > 0  # some spilled to disk
+    path = tmp_path / "budget.session"
+    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    resumed = conversation(model, tokenizer, config)
+    resumed.load(sessions.resume_session(path, resumed.engine, resumed.format.identity).messages)
+    torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
+
+
+def test_interrupted_save_leaves_the_previous_session(model, tokenizer, saved, tmp_path, monkeypatch):
+    _, conv = saved
+    expected = probe_logits(conv)
+    other = tmp_path / "other.session"  # saved first, then no longer the engine's folder
+    used = tmp_path / "used.session"  # the engine's folder: saving into it is incremental
+    sessions.save_session(other, conv.engine, conv.messages, conv.format.identity)
+    sessions.save_session(used, conv.engine, conv.messages, conv.format.identity)
+    before = _tree(other)
+    conv.ask(MESSAGES[3])
 
     def failing_save(obj, handle):
         handle.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sessions.torch, "save", failing_save)
-    with pytest.raises(KeyboardInterrupt):
-        sessions.save_session(target, conv.engine, conv.messages, conv.format.identity)
-    assert target.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.session"]  # no temporary file left
+    for target in (other, used):
+        with monkeypatch.context() as patch:
+            patch.setattr(sessions.torch, "save", failing_save)
+            with pytest.raises(KeyboardInterrupt):
+                sessions.save_session(target, conv.engine, conv.messages, conv.format.identity)
+        assert not [p.name for p in target.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert _tree(other) == before  # a new generation was written there, then removed
+    conv.remove()
+    for target in (other, used):
+        resumed = conversation(model, tokenizer)
+        resumed.load(sessions.resume_session(target, resumed.engine, resumed.format.identity).messages)
+        torch.testing.assert_close(probe_logits(resumed), expected, atol=0, rtol=0)
+
+
+def test_a_version_1_file_resumes_and_is_converted_when_saved(model, tokenizer, saved, tmp_path):
+    _, conv = saved
+    path = tmp_path / "old.session"
+    payload = {"format": sessions.FORMAT_NAME, "version": 1, "saved_at": 0.0,
+               "identity": sessions.identity_of(conv.engine, conv.format.identity), "messages": conv.messages,
+               "engine": conv.engine.state_dict()}
+    payload["sha256"] = sessions.content_sha256(payload)
+    torch.save(payload, path)
+    resumed = conversation(model, tokenizer)
+    resumed.load(sessions.resume_session(path, resumed.engine, resumed.format.identity).messages)
+    torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
+    sessions.save_session(path, resumed.engine, resumed.messages, resumed.format.identity)
+    assert path.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["old.session"]
+    again = conversation(model, tokenizer)
+    again.load(sessions.resume_session(path, again.engine, again.format.identity).messages)
+    torch.testing.assert_close(probe_logits(again), probe_logits(conv), atol=0, rtol=0)

@@ -17,7 +17,7 @@ from inf_llm.block_layout import BlockLayout
 from inf_llm.block_store import BlockStore, TierSettings, tier_settings
 from inf_llm.cache_policy import EvictionPolicy
 from inf_llm.config import InfLLMConfig
-from inf_llm.disk_tier import ENTRY_BYTES, INDEX_FILE, SPILL_PREFIX, DiskTier, DiskTierError, SpillDirectory
+from inf_llm.disk_tier import DATA_FILE, ENTRY_BYTES, INDEX_FILE, SPILL_PREFIX, DiskTier, DiskTierError, SpillDirectory
 from inf_llm.engine import Engine
 from tests.tiny_models import tiny_model
 
@@ -202,17 +202,60 @@ def test_a_crash_between_data_and_index_leaves_the_folder_readable(tmp_path, mon
 
 
 @pytest.mark.parametrize("tail", [b"\x01" * (ENTRY_BYTES // 2), b"IBLK" + b"\x00" * (ENTRY_BYTES - 4)])
-def test_a_torn_or_corrupt_index_entry_is_cut_when_reopening(tmp_path, tail):
+def test_a_torn_or_corrupt_index_entry_is_cut_at_the_next_write(tmp_path, tail):
     layout = BlockLayout(HKV, B, D, torch.float32)
     records = _records(layout, 3, 3)
     DiskTier(tmp_path / "s", layout).write([0, 1], records[:2])
     with open(tmp_path / "s" / INDEX_FILE, "ab") as index:
         index.write(tail)  # a half-written entry, or one whose checksum does not match
     reopened = DiskTier.open(tmp_path / "s")
-    assert reopened.block_ids() == [0, 1]
-    assert os.path.getsize(tmp_path / "s" / INDEX_FILE) == 2 * ENTRY_BYTES
+    assert reopened.block_ids() == [0, 1] and reopened.entries == 2
+    assert os.path.getsize(tmp_path / "s" / INDEX_FILE) == 2 * ENTRY_BYTES + len(tail)  # opening wrote nothing
     reopened.write([2], records[2:])
+    assert os.path.getsize(tmp_path / "s" / INDEX_FILE) == 3 * ENTRY_BYTES
     assert DiskTier.open(tmp_path / "s").block_ids() == [0, 1, 2]
+
+
+def test_reopening_at_a_saved_entry_count_gives_that_state_even_after_rollback_and_rewrites(tmp_path):
+    """A session saves `entries`; what happens after (rollback, new blocks in the freed slots) is not seen."""
+    layout = BlockLayout(HKV, B, D, torch.float32)
+    old, new = _records(layout, 4, 1), _records(layout, 4, 2)
+    tier = DiskTier(tmp_path / "s", layout, durable=False)
+    tier.write([0, 1, 2, 3], old)
+    tier.sync()
+    tier.protect()
+    saved = tier.entries
+    tier.truncate(1)  # a rollback after the save
+    tier.write([1, 2, 3], new[1:])  # new blocks with the ids of the forgotten ones
+    assert all(torch.equal(tier.read(b), new[b]) for b in (1, 2, 3))
+    at_save = DiskTier.open(tmp_path / "s", entries=saved)
+    assert at_save.block_ids() == [0, 1, 2, 3]
+    assert all(torch.equal(at_save.read(b), old[b]) for b in range(4))  # protected slots were not reused
+    latest = DiskTier.open(tmp_path / "s")
+    assert all(torch.equal(latest.read(b), new[b]) for b in (1, 2, 3))
+    with pytest.raises(DiskTierError, match="saved state needs"):
+        DiskTier.open(tmp_path / "s", entries=latest.entries + 1)
+    # Writing from the saved state drops the later entries from the index.
+    at_save.write([4], new[:1])
+    assert DiskTier.open(tmp_path / "s").block_ids() == [0, 1, 2, 3, 4]
+    assert torch.equal(DiskTier.open(tmp_path / "s").read(1), old[1])
+
+
+def test_a_damaged_record_is_refused_when_read(tmp_path):
+    layout = BlockLayout(HKV, B, D, torch.float32)
+    records = _records(layout, 2, 4)
+    DiskTier(tmp_path / "s", layout).write([0, 1], records)
+    with open(tmp_path / "s" / DATA_FILE, "r+b") as data:
+        data.seek(layout.record_bytes + 5)
+        byte = data.read(1)
+        data.seek(layout.record_bytes + 5)
+        data.write(bytes([byte[0] ^ 0x40]))
+    reopened = DiskTier.open(tmp_path / "s")
+    assert torch.equal(reopened.read(0), records[0])
+    with pytest.raises(DiskTierError, match="block 1 .* is damaged"):
+        reopened.read(1)
+    with pytest.raises(DiskTierError, match="block 1 .* is damaged"):
+        reopened.read_into(1, layout.empty(1)[0])
 
 
 # --- the store across tiers ----------------------------------------------------------------------------------
