@@ -3,9 +3,10 @@
     python -m chat.resume_benchmark --tokens 32768            # the embedded model, a filler-text document
     python -m chat.resume_benchmark --tokens 32768 --random-weights --device cuda   # its shape, random weights
 
-It feeds N tokens into a fresh engine (what a chat without sessions would do on restart), saves the session,
-then resumes it into a second engine (read, checksum, load), checks both give the same next-token logits, and
-prints one table row per step with the time and the file size.
+It feeds N tokens into a fresh engine (what a chat without sessions would do on restart), saves the session
+(every block: the first save), feeds one more turn and saves again (only what is not on disk yet: the chat
+saves after every turn), then resumes the session into a second engine (state checked, blocks mapped, not
+read), checks both give the same next-token logits, and prints the times and the bytes each save wrote.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def _random_smollm2(device: str):
     return model, None
 
 
+def _disk_bytes(folder: Path) -> int:
+    """Bytes the files under `folder` occupy on disk (allocated blocks: data files grow sparse)."""
+    return sum(p.stat().st_blocks * 512 for p in folder.rglob("*") if p.is_file())
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -47,6 +53,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--random-weights", action="store_true", help="SmolLM2-135M's shape, random weights")
+    parser.add_argument("--turn-tokens", type=int, default=256, help="tokens of the turn between the two saves")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -66,30 +73,37 @@ def main(argv=None) -> int:
     first = Engine(model, tokenizer, config)
     _sync(args.device)
     t0 = time.perf_counter()
-    first.feed(ids[:-1])
+    first.feed(ids[: -args.turn_tokens - 1])
     _sync(args.device)
     results["reread_s"] = time.perf_counter() - t0
 
+    turn = ids[-args.turn_tokens - 1 : -1]
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "bench.session"
         t0 = time.perf_counter()
         sessions.save_session(path, first, [], {"template": "bench"})
         results["save_s"] = time.perf_counter() - t0
-        results["file_mb"] = path.stat().st_size / 1e6
+        results["save_mb"] = _disk_bytes(path) / 1e6
+        first.feed(turn)
+        t0 = time.perf_counter()
+        sessions.save_session(path, first, [], {"template": "bench"})
+        results["turn_save_s"] = time.perf_counter() - t0
+        results["turn_save_mb"] = _disk_bytes(path) / 1e6 - results["save_mb"]
         second = Engine(model, tokenizer, config)
         _sync(args.device)
         t0 = time.perf_counter()
         sessions.resume_session(path, second, {"template": "bench"})
         _sync(args.device)
         results["resume_s"] = time.perf_counter() - t0
-
-    a = first.feed(ids[-1:])
-    b = second.feed(ids[-1:])
+        a = first.feed(ids[-1:])
+        b = second.feed(ids[-1:])
     results["same_logits"] = bool(torch.equal(a, b))
     results["speedup"] = results["reread_s"] / results["resume_s"]
-    print(f"{'tokens':>8} {'re-read s':>10} {'save s':>8} {'file MB':>8} {'resume s':>9} {'speed-up':>9} same logits")
-    print(f"{results['tokens']:>8} {results['reread_s']:>10.1f} {results['save_s']:>8.1f} {results['file_mb']:>8.0f} "
-          f"{results['resume_s']:>9.2f} {results['speedup']:>8.0f}x {results['same_logits']}")
+    print(f"{'tokens':>8} {'re-read s':>10} {'save s':>8} {'MB':>6} {'turn save s':>12} {'MB':>5} {'resume s':>9} "
+          f"{'speed-up':>9} same logits")
+    print(f"{results['tokens']:>8} {results['reread_s']:>10.1f} {results['save_s']:>8.2f} {results['save_mb']:>6.0f} "
+          f"{results['turn_save_s']:>12.3f} {results['turn_save_mb']:>5.1f} {results['resume_s']:>9.2f} "
+          f"{results['speedup']:>8.0f}x {results['same_logits']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0 if results["same_logits"] else 1

@@ -23,7 +23,7 @@ from inf_llm.bench import gpu as gpu_bench
 from inf_llm.bench.__main__ import main, parse_length, parse_lengths
 from inf_llm.bench.display import speed_rows
 from inf_llm.bench.flops import attended_keys, decoder_params, kv_bytes_per_token, matmul_peak, prefill_flops
-from inf_llm.bench.methods import method_runs, parse_overrides
+from inf_llm.bench.methods import method_runs, parse_overrides, variant_runs
 from inf_llm.bench.prompt import FILLER, build_passkey_prompt, is_correct, needle_line
 from inf_llm.bench.results import ResultLog, read_records
 from inf_llm.config import InfLLMConfig
@@ -135,6 +135,21 @@ def test_overrides_and_method_identities():
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["topk_blocks"])
     assert parse_length("4K") == 4096 and parse_length("1M") == 1 << 20 and parse_lengths("8K,4096,4K") == (4096, 8192)
+    # Where blocks are kept never changes a result: not part of the identity (finished cases are not re-run).
+    placed = method_runs(InfLLMConfig(host_cache_bytes=1 << 20), ("inf-llm",), {})[0]
+    assert placed.identity() == method_runs(InfLLMConfig(), ("inf-llm",), {})[0].identity()
+
+
+def test_compare_adds_inf_llm_variants_to_the_same_run():
+    base = InfLLMConfig()
+    (variant,) = variant_runs(base, {"topk_blocks": 4}, ["storage_dtype=int8"])
+    assert variant.method == "inf-llm" and variant.label == "inf-llm topk_blocks=4 storage_dtype=int8"
+    assert variant.config.storage_dtype == "int8" and variant.config.topk_blocks == 4
+    assert variant.identity() != method_runs(base, ("inf-llm",), {"topk_blocks": 4})[0].identity()
+    (both,) = variant_runs(base, {}, ["storage_dtype=int8,repr_tokens=2"])
+    assert (both.config.storage_dtype, both.config.repr_tokens) == ("int8", 2)
+    with pytest.raises(ValueError, match="--set already sets"):
+        variant_runs(base, {"storage_dtype": "float16"}, ["storage_dtype=int8"])
 
 
 # --- result log ---------------------------------------------------------------------------------------------

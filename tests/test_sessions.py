@@ -306,3 +306,17 @@ def test_a_version_1_file_resumes_and_is_converted_when_saved(model, tokenizer, 
     again = conversation(model, tokenizer)
     again.load(sessions.resume_session(path, again.engine, again.format.identity).messages)
     torch.testing.assert_close(probe_logits(again), probe_logits(conv), atol=0, rtol=0)
+
+
+def test_resume_benchmark_resumes_exactly_and_a_turn_writes_little(tmp_path):
+    """The benchmark's own check (same next-token logits) at a small size, on SmolLM2's shape with random weights."""
+    import json
+
+    from chat.resume_benchmark import main
+
+    out = tmp_path / "resume.json"
+    assert main(["--tokens", "700", "--turn-tokens", "64", "--random-weights", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["same_logits"]
+    # A 64-token turn writes its blocks, representatives and the state: a fraction of the first save.
+    assert 0 < results["turn_save_mb"] < results["save_mb"] / 3

@@ -88,6 +88,8 @@ def _add_settings(parser: argparse.ArgumentParser, methods: str) -> None:
     parser.add_argument("--methods", default=methods, help="comma-separated, from inf-llm, stream-llm, infinite-lm, "
                         "full (default: %(default)s)")
     parser.add_argument("--tag", help="text added to every method's label, to tell apart runs of different presets")
+    parser.add_argument("--compare", action="append", metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="also run inf-llm with these settings, e.g. --compare storage_dtype=int8 (repeatable)")
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -188,7 +190,7 @@ def _load(args):
 
 
 def _runs(args, model_type: str | None, default_config=None):
-    from inf_llm.bench.methods import method_runs, parse_methods, parse_overrides
+    from inf_llm.bench.methods import method_runs, parse_methods, parse_overrides, variant_runs
     from inf_llm.config import default_preset_for, load_config
 
     if args.inf_llm_config_path:
@@ -200,7 +202,9 @@ def _runs(args, model_type: str | None, default_config=None):
         base = default_config
     else:
         base = load_config(default_preset_for(model_type)).config
-    return method_runs(base, parse_methods(args.methods), parse_overrides(args.overrides), args.tag)
+    overrides = parse_overrides(args.overrides)
+    return (method_runs(base, parse_methods(args.methods), overrides, args.tag)
+            + variant_runs(base, overrides, getattr(args, "compare", None), args.tag))
 
 
 def _finish(console, log, kind: str, model_id: str | None, table_fn) -> None:

@@ -81,3 +81,18 @@ def method_runs(base: InfLLMConfig, methods: tuple[str, ...], overrides: dict[st
         label = " ".join([method, *shown, *([f"({tag})"] if tag else [])])
         runs.append(MethodRun(label, config))
     return runs
+
+
+def variant_runs(base: InfLLMConfig, overrides: dict[str, Any], variants: list[str] | None,
+                 tag: str | None = None) -> list[MethodRun]:
+    """Extra inf-llm runs, one per `--compare KEY=VALUE[,KEY=VALUE]` (e.g. storage_dtype=int8), measured in
+    the same run as the methods so that their results compare under the same conditions."""
+    runs = []
+    for text in variants or ():
+        extra = parse_overrides([part for part in text.split(",") if part.strip()])
+        clash = sorted(set(extra) & set(overrides))
+        if clash:
+            raise ValueError(f"--compare {text!r} sets {', '.join(clash)}, which --set already sets for every method")
+        (run,) = method_runs(base, ("inf-llm",), {**overrides, **extra}, tag)
+        runs.append(run)
+    return runs
