@@ -9,15 +9,41 @@ from __future__ import annotations
 import torch
 
 
-def block_scores(representatives: torch.Tensor, queries: torch.Tensor, num_kv_heads: int, per_head: bool) -> torch.Tensor:
+# 16-bit scoring keeps every partial sum below this (float16's largest finite value is 65504).
+_FP16_SCORE_BOUND = 2.0**14
+
+
+def block_scores(representatives: torch.Tensor, queries: torch.Tensor, num_kv_heads: int, per_head: bool,
+                 repr_absmax: torch.Tensor | None = None) -> torch.Tensor:
     """Relevance of every memory block to a chunk of queries.
 
-    representatives: (N, Hq, D), one vector per block and query head.
+    representatives: (N, Hq, D), one vector per block and query head, float32 or float16.
     queries: (Hq, Tq, D), the chunk's unrotated queries.
-    Returns (N,) summed over heads, or (Hkv, N) summed over each KV head's query group when per_head.
+    repr_absmax: float16 representatives only, a () tensor >= their largest absolute value.
+    Returns (N,) summed over heads, or (Hkv, N) summed over each KV head's query group when per_head; float32,
+    up to a positive factor for float16 representatives (rankings are all that scores are used for).
+
+    float16: the product runs in 16 bits, reading half the bytes (retrieval reads every representative once per
+    chunk: at 64K tokens this is most of what decoding a token reads). On CPUs without 16-bit arithmetic this
+    saves RAM but not time (measured: BENCHMARKS.md). Any partial sum is bounded by
+    sum|q| * max|r|; the query is scaled by a power of two so that bound stays under 2**14, so no score
+    overflows whatever the model's key magnitudes (scaling by a power of two is exact).
     """
     n, hq, d = representatives.shape
     query_mean = queries.float().mean(dim=1)  # (Hq, D)
+    if representatives.dtype == torch.float16:
+        if repr_absmax is None:
+            raise ValueError("float16 representatives need repr_absmax to bound the scores")
+        bound = query_mean.abs().sum() * repr_absmax.float()
+        exponent = torch.ceil(torch.log2(torch.clamp(bound / _FP16_SCORE_BOUND, min=1.0)))
+        query_mean = (query_mean * torch.exp2(-exponent)).half()
+        flat = representatives.reshape(n, hq * d)
+        if not per_head:
+            # A matrix product, not mv: torch's float16 mv on x86 CPUs has shapes that run ~10x slower.
+            return torch.mm(flat, query_mean.reshape(hq * d, 1)).squeeze(1).float()
+        group = hq // num_kv_heads
+        per_kv = flat.view(n, num_kv_heads, group * d)
+        return torch.einsum("nkg,kg->kn", per_kv, query_mean.reshape(num_kv_heads, group * d)).float()
     flat = representatives.float().reshape(n, hq * d)  # a view: (N, Hq*D), no copy of the largest tensor
     if not per_head:
         # Summed over heads, the score is one matrix-vector product over the contiguous representatives.

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 METHODS = ("inf-llm", "stream-llm", "infinite-lm", "full")
 CACHE_POLICIES = ("lru", "lru-s", "fifo")
 STORAGE_DTYPES = ("auto", "float16", "bfloat16", "float32", "int8")
+REPR_DTYPES = ("float32", "float16")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 # Presets live at the repository root; the package is installed editable, so this resolves there too.
@@ -67,6 +68,9 @@ class InfLLMConfig:
     per_head_ranking     perhead                          rank blocks per head instead of per layer
     storage_dtype        (none)                           host dtype of blocks; auto = model's if 16-bit;
                                                           int8 = 8-bit with a scale per block and KV head
+    repr_dtype           (none)                           dtype of the representatives and of block scoring:
+                                                          float32 | float16 (half the RAM and the bytes read
+                                                          per token; scores rounded to 16 bits)
     kernel_backend       (fattn, see REFERENCE_KEYS)      auto | torch | triton; outputs do not depend on it
     host_cache_bytes     (none)                           RAM for block K/V, all layers together (split evenly);
                                                           null = unbounded; blocks beyond it go to disk
@@ -90,6 +94,7 @@ class InfLLMConfig:
     score_decay: float | None = None
     per_head_ranking: bool = False
     storage_dtype: str = "auto"
+    repr_dtype: str = "float32"
     kernel_backend: str = "auto"
     host_cache_bytes: int | None = None
     disk_dir: str | None = None
@@ -103,6 +108,7 @@ class InfLLMConfig:
         _check_int("topk_blocks", self.topk_blocks, 1 if self.method == "inf-llm" else 0)
         _check_choice("cache_policy", self.cache_policy, CACHE_POLICIES)
         _check_choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES)
+        _check_choice("repr_dtype", self.repr_dtype, REPR_DTYPES)
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         if not isinstance(self.per_head_ranking, bool):
             raise ValueError(f"per_head_ranking={self.per_head_ranking!r} is invalid: must be true or false")

@@ -363,30 +363,36 @@ class DiskTier:
 
 @dataclass(frozen=True)
 class RowLayout:
-    """Records of `width` float32 values each: the representatives of one block (all query heads)."""
+    """Records of `width` values each, float32 or float16: the representatives of one block (all query heads)."""
 
     width: int
+    dtype: str = "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"float32": torch.float32, "float16": torch.float16}[self.dtype]
 
     @property
     def record_bytes(self) -> int:
-        return 4 * self.width
+        return self.torch_dtype.itemsize * self.width
 
     def to_dict(self) -> dict:
-        return {"kind": "rows", "width": self.width, "dtype": "float32", "record_bytes": self.record_bytes}
+        return {"kind": "rows", "width": self.width, "dtype": self.dtype, "record_bytes": self.record_bytes}
 
     @classmethod
     def from_dict(cls, data: dict) -> RowLayout:
-        if data.get("kind") != "rows" or data.get("dtype") != "float32" or not isinstance(data.get("width"), int):
+        if data.get("kind") != "rows" or data.get("dtype") not in ("float32", "float16") \
+                or not isinstance(data.get("width"), int):
             raise ValueError(f"not a row layout: {data!r}")
-        return cls(data["width"])
+        return cls(data["width"], data["dtype"])
 
     def rows(self, records: torch.Tensor) -> torch.Tensor:
-        """(n, record_bytes) uint8 -> (n, width) float32, a view."""
-        return records.view(torch.float32)
+        """(n, record_bytes) uint8 -> (n, width), a view."""
+        return records.view(self.torch_dtype)
 
     def records(self, rows: torch.Tensor) -> torch.Tensor:
-        """(n, width) float32 -> (n, record_bytes) uint8 on the CPU."""
-        return rows.detach().to("cpu", torch.float32).contiguous().view(torch.uint8)
+        """(n, width) -> (n, record_bytes) uint8 on the CPU."""
+        return rows.detach().to("cpu", self.torch_dtype).contiguous().view(torch.uint8)
 
 
 def layout_from_dict(data: dict) -> BlockLayout | RowLayout:

@@ -90,24 +90,44 @@ class LayerMemory:
         self.rem_score = torch.empty((hq, 0), dtype=torch.float32, device=self.device)
         # Representatives of blocks 0..num_blocks-1 are the first rows of a buffer that doubles when full:
         # concatenating per new block would copy all of them every chunk (quadratic in the stream's length).
-        self._reprs = torch.empty((0, hq, d), dtype=torch.float32, device=self.device)
+        self._reprs = torch.empty((0, hq, d), dtype=self.repr_dtype, device=self.device)
+        # float16 scoring bounds its sums with the largest |representative| (never lowered: a bound, not a max).
+        self._repr_absmax = torch.zeros((), dtype=torch.float32, device=self.device)
         self.blocks.truncate(0)
         self.blocks.hits = self.blocks.misses = 0
         self._fewest_blocks = 0  # fewest blocks held since `mark_blocks` (rollbacks forget blocks)
 
     @property
+    def repr_dtype(self) -> torch.dtype:
+        return torch.float16 if self.config.repr_dtype == "float16" else torch.float32
+
+    @property
     def reprs(self) -> torch.Tensor:
-        """(num_blocks, Hq, D) float32: one representative per block and query head (a view)."""
+        """(num_blocks, Hq, D) in `repr_dtype`: one representative per block and query head (a view)."""
         return self._reprs[: self.blocks.num_blocks]
 
     def _append_reprs(self, new: torch.Tensor) -> None:
         n, end = self.blocks.num_blocks, self.blocks.num_blocks + new.shape[0]
         if end > self._reprs.shape[0]:
-            grown = torch.empty((max(end, 2 * self._reprs.shape[0]), *new.shape[1:]), dtype=torch.float32,
+            grown = torch.empty((max(end, 2 * self._reprs.shape[0]), *new.shape[1:]), dtype=self.repr_dtype,
                                 device=self.device)
             grown[:n] = self._reprs[:n]
             self._reprs = grown
         self._reprs[n:end] = new
+        self._note_absmax(self._reprs[n:end])
+
+    def _note_absmax(self, reprs: torch.Tensor) -> None:
+        if reprs.numel():
+            self._repr_absmax = torch.maximum(self._repr_absmax, reprs.abs().amax().float())
+            if reprs.dtype == torch.float16 and not torch.isfinite(self._repr_absmax):
+                raise ValueError("a representative exceeds float16's range (keys of this model are that large): "
+                                 "use repr_dtype: float32")
+
+    def set_reprs(self, reprs: torch.Tensor) -> None:
+        """Replace the representatives (N, Hq, D), any float dtype (loading a session)."""
+        self._reprs = reprs.to(self.device, self.repr_dtype).clone()
+        self._repr_absmax = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._note_absmax(self._reprs)
 
     @property
     def window_len(self) -> int:
@@ -192,7 +212,7 @@ class LayerMemory:
         parts_k, parts_v = [self.sink_k], [self.sink_v]
         if self.blocks.num_blocks:
             per_head = self.config.per_head_ranking
-            scores = block_scores(self.reprs, q, self.shape.num_kv_heads, per_head)
+            scores = block_scores(self.reprs, q, self.shape.num_kv_heads, per_head, self._repr_absmax)
             chosen = select_blocks(scores, self.config.topk_blocks)
             bk, bv = self.blocks.gather(chosen)
             parts_k.append(bk)
@@ -281,7 +301,7 @@ class LayerMemory:
         (num_blocks, Hq, D), and the rest of the state from a snapshot (a saved session)."""
         self.reset()
         self.blocks.attach_disk(disk, num_blocks)
-        self._reprs = reprs.to(self.device, torch.float32).clone()
+        self.set_reprs(reprs)
         self.restore({k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in snap.items()})
         self._fewest_blocks = num_blocks
 
@@ -301,7 +321,7 @@ class LayerMemory:
     def load_state_dict(self, state: dict) -> None:
         self.reset()
         self.blocks.load_state_dict({k.removeprefix("blocks_"): v for k, v in state.items() if k.startswith("blocks_")})
-        self._reprs = state["reprs"].to(self.device, torch.float32).clone()
+        self.set_reprs(state["reprs"])
         snap = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
         self.restore(snap)
 

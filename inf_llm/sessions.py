@@ -230,7 +230,8 @@ def _new_generation(folder: Path, layers) -> _Binding:
             kv_tier = DiskTier(gen / f"layer-{i:03d}", layer.blocks.layout, durable=False)
             layer.blocks.copy_to(kv_tier)
             width = layer.shape.num_heads * layer.shape.head_dim
-            row_tier = DiskTier(gen / f"layer-{i:03d}-reprs", RowLayout(width), durable=False)
+            row_tier = DiskTier(gen / f"layer-{i:03d}-reprs", RowLayout(width, layer.config.repr_dtype),
+                                durable=False)
             _write_rows(row_tier, layer.reprs, 0, layer.blocks.num_blocks)
             kv.append(kv_tier)
             reprs.append(row_tier)
@@ -419,7 +420,7 @@ def load_into(session: SessionFile, engine) -> None:
                 raise DiskTierError(f"{gen} does not hold all {n} blocks of layer {i}")
             hq, d = layer.shape.num_heads, layer.shape.head_dim
             rows = torch.stack([row_tier.layout.rows(row_tier.read(b)[None])[0] for b in range(n)]) if n else \
-                torch.empty((0, hq * d))
+                torch.empty((0, hq * d), dtype=row_tier.layout.torch_dtype)
             kv.append(kv_tier)
             reprs.append(row_tier)
             layer.load_blocks(kv_tier, n, rows.reshape(n, hq, d), session.engine_state["memory"]["layers"][i])

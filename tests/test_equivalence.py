@@ -48,9 +48,19 @@ SCHEDULE_CHUNKS = [(s, c) for s in SCHEDULES for c in ([1] if s == "token by tok
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("schedule,chunk_size", SCHEDULE_CHUNKS)
 def test_all_blocks_retrieved_equals_dense_reference(family, schedule, chunk_size):
+    _check_all_blocks_retrieved(family, schedule, chunk_size)
+
+
+@pytest.mark.parametrize("schedule", ["one call", "token by token"])
+def test_float16_representatives_change_ranking_only(schedule):
+    """With every block retrieved the ranking does not matter: 16-bit representatives give the dense result."""
+    _check_all_blocks_retrieved("llama", schedule, 16 if schedule == "one call" else 1, repr_dtype="float16")
+
+
+def _check_all_blocks_retrieved(family, schedule, chunk_size, **settings):
     model = tiny_model(family)
     ids = _ids(200)
-    cfg = _memory_config(chunk_size=chunk_size)
+    cfg = _memory_config(chunk_size=chunk_size, **settings)
     expected = dense_logits(model, ids, "inf-llm", cfg.local_window, cfg.num_sink_tokens)
     memory = attach(model, cfg)
     got = run_schedule(model, memory, ids, SCHEDULES[schedule])

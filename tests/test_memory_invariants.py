@@ -148,3 +148,31 @@ def test_block_scores_are_the_chunk_mean_query_against_each_representative(per_h
     per_query_head = torch.stack([(reprs[:, h] * queries[h].mean(0)).sum(-1) for h in range(6)])  # (Hq, N)
     expected = per_query_head.view(2, 3, 7).sum(1) if per_head else per_query_head.sum(0)
     torch.testing.assert_close(block_scores(reprs, queries, 2, per_head), expected)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("magnitude", [1.0, 3000.0])
+def test_float16_block_scores_rank_like_float64_and_never_overflow(per_head, magnitude):
+    """16-bit scoring reads half the bytes; scores are rounded to 16 bits (a positive factor aside), so well
+    separated blocks rank exactly as in float64, and keys of any magnitude give finite scores."""
+    from inf_llm.attention import block_scores, select_blocks
+
+    g = torch.Generator().manual_seed(6)
+    n, hq, hkv, d = 300, 6, 2, 16
+    reprs, queries = magnitude * torch.randn(n, hq, d, generator=g), magnitude * torch.randn(hq, 4, d, generator=g)
+    per_query_head = torch.einsum("nhd,hd->hn", reprs.double(), queries.double().mean(1))  # (Hq, N)
+    exact = per_query_head.view(hkv, hq // hkv, n).sum(1) if per_head else per_query_head.sum(0)
+    half = reprs.half()
+    got = block_scores(half, queries, hkv, per_head, half.abs().amax().float())
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    # Up to the power-of-two factor that kept the sums in range, the same scores (to 16-bit rounding).
+    factor = (exact.abs().amax(-1, keepdim=True) / got.abs().amax(-1, keepdim=True)).double()
+    assert torch.allclose(torch.log2(factor), torch.log2(factor).round(), atol=0.01)
+    torch.testing.assert_close(got.double() * factor, exact, rtol=0, atol=3e-3 * exact.abs().max().item())
+    # The 8 best blocks, where the 8th is well ahead of the 9th, are the same.
+    order = exact.sort(dim=-1, descending=True).values
+    separated = (order[..., 7] - order[..., 8]) > 1e-2 * exact.abs().amax(-1)
+    same = (select_blocks(got, 8) == select_blocks(exact, 8)).all(-1)
+    assert same[separated].all() and separated.any()
+    with pytest.raises(ValueError, match="repr_absmax"):
+        block_scores(half, queries, hkv, per_head)

@@ -320,3 +320,20 @@ def test_resume_benchmark_resumes_exactly_and_a_turn_writes_little(tmp_path):
     assert results["same_logits"]
     # A 64-token turn writes its blocks, representatives and the state: a fraction of the first save.
     assert 0 < results["turn_save_mb"] < results["save_mb"] / 3
+
+
+def test_float16_representatives_are_saved_as_they_are(model, tokenizer, tmp_path):
+    config = tiny_config(topk_blocks=2, device_cache_blocks=4, repr_dtype="float16")
+    conv = conversation(model, tokenizer, config)
+    conv.ask(MESSAGES[0])
+    path = tmp_path / "half.session"
+    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    resumed = conversation(model, tokenizer, config)
+    resumed.load(sessions.resume_session(path, resumed.engine, resumed.format.identity).messages)
+    for a, b in zip(resumed.engine.memory.layers, conv.engine.memory.layers):
+        assert a.reprs.dtype == torch.float16 and torch.equal(a.reprs, b.reprs)
+    torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
+    # Another representative dtype is another config: refused, not converted.
+    other = conversation(model, tokenizer, tiny_config(topk_blocks=2, device_cache_blocks=4))
+    with pytest.raises(sessions.SessionError, match="repr_dtype"):
+        sessions.resume_session(path, other.engine, other.format.identity)
