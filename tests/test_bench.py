@@ -230,6 +230,39 @@ def test_passkey_shared_prefixes_give_the_results_of_fresh_reads(tiny_checkpoint
     assert reused[0] == reused[1] == 0 and 0 < reused[3] < reused[5]
 
 
+def test_long_read_command_holds_the_ram_budget_and_asks_every_key(tiny_checkpoint, tmp_path, tokenizer):
+    from inf_llm.bench.million import build_document, question_ids
+
+    doc = build_document(tokenizer, 3000, (0.2, 0.8))
+    assert abs(len(doc.ids) - 3000) <= 30 and len(set(doc.keys)) == 2
+    for depth, token in zip(doc.depths, doc.needle_tokens):
+        assert abs(token / len(doc.ids) - depth) < 0.03
+        assert doc.keys[doc.depths.index(depth)] in tokenizer.decode(doc.ids[token : token + 30])
+    assert tokenizer.decode(question_ids(tokenizer, "tiger")).endswith("The pass key of the tiger is")
+
+    budget = 8192  # bytes of blocks in RAM, all layers: 2 tiny blocks per layer
+    args = ["long-read", "--model-path", str(tiny_checkpoint), "--device-map", "cpu", "--lengths", "300,900",
+            "--depths", "0.2,0.8", "--host-cache-bytes", str(budget), "--every", "256", "--prefill-chunk", "128",
+            "--out", str(tmp_path),
+            *SMALL]
+    assert main(args) == 0
+    records = read_records(tmp_path / "long-read.jsonl")
+    final = [r for r in records if r["kind"] == "long_read"]
+    progress = [r for r in records if r["kind"] == "long_read_progress"]
+    assert [r["case"]["length"] for r in final] == [300, 900]
+    assert [p["tokens"] for p in progress if p["case"]["length"] == 900] == [256, 512, 768]
+    for r in final:
+        assert abs(r["tokens"] - r["case"]["length"]) <= 0.05 * r["case"]["length"]
+        assert r["asked"] == 2 and [a["label"] for a in r["answers"]] == ["tiger", "violin"]
+        for a in r["answers"]:
+            assert a["correct"] == (a["key"] in a["answer"])
+        assert r["correct"] == sum(a["correct"] for a in r["answers"])
+    long = final[1]
+    assert long["host_block_bytes"] <= budget and long["disk_blocks"] > 0  # the rest went to disk
+    assert all(p["host_block_bytes"] <= budget for p in progress)
+    assert long["case"]["settings"]["host_cache_bytes"] == budget
+
+
 # --- speed --------------------------------------------------------------------------------------------------
 
 

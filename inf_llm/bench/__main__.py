@@ -96,6 +96,9 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-path",
                         help="a Hugging Face checkpoint folder or .gguf (default: the embedded SmolLM2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="accelerate device map for a model larger than one device, e.g. auto (each layer's "
+                             "memory then lives with its weights); replaces --device")
     parser.add_argument("--prefill-chunk", type=_positive_int, default=2048,
                         help="tokens per model call while reading (default: %(default)s)")
 
@@ -183,10 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args):
     from inf_llm.loading import embedded_gguf_path, load_model
 
-    model, tokenizer = load_model(args.model_path, device=args.device)
+    if args.device_map is not None:
+        model, tokenizer = load_model(args.model_path, device=None, device_map=args.device_map)
+    else:
+        model, tokenizer = load_model(args.model_path, device=args.device)
     model_id = f"embedded:{embedded_gguf_path().name}" if args.model_path is None \
         else str(Path(args.model_path).expanduser().resolve())
     return model, tokenizer, model_id
+
+
+def _main_device(model, args) -> str:
+    """--device, or with --device-map the device of the input embeddings (where the matmul peak is measured)."""
+    if args.device_map is None:
+        return args.device
+    from inf_llm.placement import execution_device
+
+    return str(execution_device(model.get_input_embeddings()))
 
 
 def _runs(args, model_type: str | None, default_config=None):
@@ -251,7 +266,7 @@ def cmd_speed(args, console) -> None:
     runs = _runs(args, None if args.model_path is None else model.config.model_type)
     plan = SpeedPlan(lengths=args.lengths, full_max_len=args.full_max_len, decode_tokens=args.decode_tokens,
                      prefill_chunk=args.prefill_chunk, peak_seconds=args.peak_seconds,
-                     isolated=not args.in_process, device=args.device)
+                     isolated=not args.in_process, device=_main_device(model, args), device_map=args.device_map)
     log = ResultLog(args.out / f"{args.name}.jsonl", fresh=args.fresh)
     try:
         run_speed(model, tokenizer, model_id, args.model_path, runs, plan, log, console)

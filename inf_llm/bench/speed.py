@@ -51,6 +51,7 @@ class SpeedPlan:
     peak_seconds: float = 2.0
     isolated: bool = True
     device: str = "cpu"
+    device_map: str | None = None  # accelerate's, for a model spread over several devices
 
 
 def _rss() -> int:
@@ -117,7 +118,10 @@ def _child_main(spec: dict[str, Any], messages) -> None:
         from inf_llm.loading import load_model
 
         torch.set_num_threads(spec["threads"])
-        model, tokenizer = load_model(spec["model_path"], device=spec["device"])
+        if spec.get("device_map") is not None:
+            model, tokenizer = load_model(spec["model_path"], device=None, device_map=spec["device_map"])
+        else:
+            model, tokenizer = load_model(spec["model_path"], device=spec["device"])
         config = InfLLMConfig(**spec["config"])
 
         def progress(done: int, total: int) -> None:
@@ -212,7 +216,8 @@ def run_speed(model, tokenizer, model_id: str, model_path: str | None, runs: lis
                 progress.update(reading, completed=done, total=total)
 
             if plan.isolated:
-                spec = {"model_path": model_path, "device": plan.device, "config": run.config.to_dict(),
+                spec = {"model_path": model_path, "device": plan.device, "device_map": plan.device_map,
+                        "config": run.config.to_dict(),
                         "ids": ids[:length], "decode_tokens": plan.decode_tokens,
                         "prefill_chunk": plan.prefill_chunk, "threads": torch.get_num_threads()}
                 result = measure_isolated(spec, advance)
