@@ -173,6 +173,7 @@ class ChatApp:
         return True
 
     def _cmd_reset(self, command: Command) -> bool:
+        sessions.release(self.conversation.engine)  # the saved session's files receive nothing from now on
         self.conversation.reset()
         if self.session is None:
             self.ui.info("the conversation was reset")

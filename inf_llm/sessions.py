@@ -318,6 +318,17 @@ def save_session(path: Path, engine, messages: list[dict], chat: dict) -> Path:
     return path
 
 
+def release(engine) -> None:
+    """Forget the engine's memory (as `engine.reset()`) without writing to the session folder it uses: a reset
+    conversation is not that session any more, and the saved session must stay exactly as it was."""
+    binding = _bindings.pop(engine, None)
+    if binding is not None:
+        for layer, tier in zip(_layers(engine), binding.kv):
+            if layer.blocks.disk is tier:
+                layer.blocks.disk = None  # forgetting every block needs nothing from (or written to) its tier
+    engine.reset()
+
+
 def _remove_generations(folder: Path, keep: str | None) -> None:
     """Remove generation folders other than `keep` (earlier saves, or a save that did not commit)."""
     for child in folder.iterdir():

@@ -337,3 +337,17 @@ def test_float16_representatives_are_saved_as_they_are(model, tokenizer, tmp_pat
     other = conversation(model, tokenizer, tiny_config(topk_blocks=2, device_cache_blocks=4))
     with pytest.raises(sessions.SessionError, match="repr_dtype"):
         sessions.resume_session(path, other.engine, other.format.identity)
+
+
+def test_a_reset_conversation_writes_nothing_into_the_session_it_left(model, tokenizer, tmp_path):
+    config = tiny_config(topk_blocks=2, device_cache_blocks=4, host_cache_bytes=4096)
+    conv = conversation(model, tokenizer, config)
+    conv.ask(MESSAGES[0])
+    path = tmp_path / "left.session"
+    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    before = _tree(path)
+    sessions.release(conv.engine)
+    conv.reset()
+    conv.ask(MESSAGES[1])  # blocks beyond the budget go to a spill folder, not into the session
+    assert sum(layer.blocks.disk_blocks() for layer in conv.engine.memory.layers) > 0
+    assert _tree(path) == before
