@@ -261,6 +261,7 @@ def test_long_read_command_holds_the_ram_budget_and_asks_every_key(tiny_checkpoi
     assert long["host_block_bytes"] <= budget and long["disk_blocks"] > 0  # the rest went to disk
     assert all(p["host_block_bytes"] <= budget for p in progress)
     assert long["case"]["settings"]["host_cache_bytes"] == budget
+    assert _png_size(tmp_path / "long-read.png") == (800, 500)
 
 
 # --- speed --------------------------------------------------------------------------------------------------

@@ -304,7 +304,7 @@ def cmd_gpu(args) -> None:
 
 def cmd_long_read(args, console) -> None:
     from inf_llm.bench.display import make_progress
-    from inf_llm.bench.million import run_long_read
+    from inf_llm.bench.million import PROGRESS_KIND, run_long_read
     from inf_llm.bench.results import ResultLog
 
     model, tokenizer, model_id = _load(args)
@@ -321,7 +321,10 @@ def cmd_long_read(args, console) -> None:
         run_long_read(model, tokenizer, model_id, config, args.lengths, args.depths, log,
                       prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens, every=args.every,
                       say=progress.console.print, on_tokens=advance)
-    console.print(f"results: {log.path}")
+    from inf_llm.bench.plot import plot_records
+
+    for path in plot_records(log.records_of(PROGRESS_KIND), log.path.with_suffix(".png")):
+        console.print(f"results: {log.path}   plot: {path}")
 
 
 def cmd_table(args, console) -> None:
@@ -354,7 +357,7 @@ def cmd_plot(args, console) -> None:
     records = read_records(args.file)
     written = plot_records(records, args.png or args.file.with_suffix(".png"))
     if not written:
-        raise ValueError(f"{args.file} holds no passkey, speed or gpu records to plot")
+        raise ValueError(f"{args.file} holds no passkey, speed, gpu or long-read records to plot")
     for path in written:
         console.print(f"plot: {path}")
 

@@ -126,7 +126,28 @@ def plot_gpu(records: list[dict[str, Any]], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-PLOTTERS = {"passkey": plot_passkey, "speed": plot_speed, "gpu": plot_gpu}
+def plot_long_read(records: list[dict[str, Any]], path: str | Path) -> Path:
+    """Memory while reading the longest document: process RSS and its parts (blocks in RAM, representatives)
+    and bytes on disk, vs tokens read, with the RAM budget for blocks as a line."""
+    longest = max(r["case"]["length"] for r in records)
+    points = sorted((r for r in records if r["case"]["length"] == longest), key=lambda r: r["tokens"])
+    fig, ax = _figure(1)
+    tokens = [r["tokens"] for r in points]
+    for index, (label, field) in enumerate([("process RSS", "rss_bytes"), ("blocks in RAM", "host_block_bytes"),
+                                            ("representatives (RAM)", "repr_bytes"), ("blocks on disk", "disk_bytes")]):
+        ax.plot(tokens, [r[field] / 2**30 for r in points], label=label, **_style(index))
+    budget = points[0]["case"]["settings"].get("host_cache_bytes") if points else None
+    if budget is not None:
+        ax.axhline(budget / 2**30, color="k", linestyle="--", linewidth=1, label="RAM budget for blocks")
+    ax.set_xlabel("tokens read")
+    ax.set_ylabel("GiB")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"reading {format_length(longest)} tokens: memory", fontsize=10)
+    _legend(fig, *ax.get_legend_handles_labels())
+    return _save(fig, path)
+
+
+PLOTTERS = {"passkey": plot_passkey, "speed": plot_speed, "gpu": plot_gpu, "long_read_progress": plot_long_read}
 
 
 def plot_records(records: list[dict[str, Any]], path: str | Path) -> list[Path]:
