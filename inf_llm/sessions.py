@@ -352,6 +352,9 @@ def _convert_file(path: Path, engine, messages: list[dict], chat: dict) -> Path:
     old.unlink()
     binding = _bindings.get(engine)
     if binding is not None and binding.folder == staging.resolve():
+        # The engine's tiers were opened in the staging folder, which now has the session's name.
+        for tier in binding.kv + binding.reprs:
+            tier.path = path.resolve() / tier.path.relative_to(staging.resolve())
         binding.folder = path.resolve()
     _fsync_dir(path.parent)
     logger.info("converted session %s to format %d", path, FORMAT_VERSION)

@@ -303,9 +303,11 @@ def test_a_version_1_file_resumes_and_is_converted_when_saved(model, tokenizer, 
     torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
     sessions.save_session(path, resumed.engine, resumed.messages, resumed.format.identity)
     assert path.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["old.session"]
+    resumed.ask(MESSAGES[2])
+    sessions.save_session(path, resumed.engine, resumed.messages, resumed.format.identity)  # incremental, renamed
     again = conversation(model, tokenizer)
     again.load(sessions.resume_session(path, again.engine, again.format.identity).messages)
-    torch.testing.assert_close(probe_logits(again), probe_logits(conv), atol=0, rtol=0)
+    torch.testing.assert_close(probe_logits(again), probe_logits(resumed), atol=0, rtol=0)
 
 
 def test_resume_benchmark_resumes_exactly_and_a_turn_writes_little(tmp_path):
