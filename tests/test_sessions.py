@@ -353,3 +353,17 @@ def test_a_reset_conversation_writes_nothing_into_the_session_it_left(model, tok
     conv.ask(MESSAGES[1])  # blocks beyond the budget go to a spill folder, not into the session
     assert sum(layer.blocks.disk_blocks() for layer in conv.engine.memory.layers) > 0
     assert _tree(path) == before
+
+
+@pytest.mark.parametrize("method", ["full", "stream-llm"])
+def test_baseline_sessions_resume_exactly(model, tokenizer, tmp_path, method):
+    config = tiny_config(method=method, topk_blocks=0 if method != "full" else 2, device_cache_blocks=4)
+    conv = conversation(model, tokenizer, config)
+    conv.ask(MESSAGES[0])
+    path = tmp_path / f"{method}.session"
+    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    conv.ask(MESSAGES[1])
+    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    resumed = conversation(model, tokenizer, config)
+    resumed.load(sessions.resume_session(path, resumed.engine, resumed.format.identity).messages)
+    torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
