@@ -283,6 +283,13 @@ def _check_speed_record(r, model, decode_tokens):
         assert r["memory"]["device_bytes"] == (length + decode_tokens) * kv_bytes_per_token(model.config, 4)
     else:
         assert r["memory"]["window_tokens"] == config.local_window
+    if config.method == "inf-llm":
+        # Each decoded token asks every layer for its top-k blocks: hits + misses count exactly those requests.
+        requested = decode_tokens * model.config.num_hidden_layers * min(config.topk_blocks, r["memory"]["blocks"])
+        assert r["decode_cache_hits"] + r["decode_cache_misses"] == requested
+        assert r["decode_scoring_ms"] > 0
+    else:
+        assert r["decode_cache_hits"] == r["decode_cache_misses"] == 0 and r["decode_scoring_ms"] is None
 
 
 def test_speed_command_reports_every_field(tiny_checkpoint, tmp_path):

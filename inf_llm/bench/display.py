@@ -121,7 +121,7 @@ def speed_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def speed_table(records: list[dict[str, Any]]) -> TableData:
     columns = ("method", "tokens", "prefill s", "tok/s", "x full", "decode ms", "/ full", "/ shortest",
-               "RSS +MiB", "KiB/tok", "marginal", "/ KV16", "host MiB", "dev MiB", "efficiency")
+               "ranking ms", "RSS +MiB", "KiB/tok", "marginal", "/ KV16", "host MiB", "dev MiB", "efficiency")
     rows = []
     for row in speed_rows(records):
         r = row["record"]
@@ -129,14 +129,15 @@ def speed_table(records: list[dict[str, Any]]) -> TableData:
             row["name"], format_length(r["case"]["length"]), _fmt(r["prefill_s"], ".1f"),
             _fmt(r["prefill_tokens_per_s"], ".0f"), _fmt(row["prefill_speedup_vs_full"], ".2f"),
             _fmt(r["decode_ms_per_token"], ".1f"), _fmt(row["decode_vs_full"], ".2f"),
-            _fmt(row["decode_vs_shortest"], ".2f"), _fmt(r["rss_growth_bytes"] / MIB, ".0f"),
+            _fmt(row["decode_vs_shortest"], ".2f"), _fmt(r.get("decode_scoring_ms"), ".1f"),
+            _fmt(r["rss_growth_bytes"] / MIB, ".0f"),
             _fmt(r["rss_growth_per_token"] / 1024, ".1f"), _fmt(row["rss_marginal_per_token"] / 1024, ".1f"),
             _fmt(_ratio(row["rss_marginal_per_token"], r["kv16_bytes_per_token"]), ".2f"),
             _fmt(r["memory"]["host_bytes"] / MIB, ".0f"), _fmt(r["memory"]["device_bytes"] / MIB, ".0f"),
             _fmt(row["efficiency"] * 100, ".0f") + "%",
         ))
     return TableData("speed and memory: x full = prefill speed-up over full attention; decode / full and / shortest "
-                     "(its own shortest length); KiB/tok = RSS growth / tokens; marginal = KiB per token between this "
+                     "(its own shortest length); ranking ms = of decode ms, ranking the blocks (reading every representative); KiB/tok = RSS growth / tokens; marginal = KiB per token between this "
                      "length and the previous one; / KV16 = marginal / 16-bit KV bytes per token; efficiency = model "
                      "FLOPs / prefill time / the best matmul peak measured in the run", columns, tuple(rows))
 

@@ -80,6 +80,7 @@ def measure_speed(model, tokenizer, config: InfLLMConfig, ids: list[int], *, dec
     _sync(device)
     prefill_s = time.perf_counter() - start
     rss_prefill = _rss()
+    before = engine.stats()
     step_ms = []
     for _ in range(decode_tokens):
         token = int(logits.argmax())
@@ -90,7 +91,11 @@ def measure_speed(model, tokenizer, config: InfLLMConfig, ids: list[int], *, dec
     rss_end = _rss()
     rss_peak = max(rss_peak, rss_prefill, rss_end)
     stats = engine.stats()
+    decode_hits, decode_misses = stats.cache_hits - before.cache_hits, stats.cache_misses - before.cache_misses
     return {
+        "decode_cache_hits": decode_hits,
+        "decode_cache_misses": decode_misses,
+        "decode_scoring_ms": _scoring_ms(engine, decode_tokens),
         "prefill_s": prefill_s,
         "prefill_tokens_per_s": len(ids) / prefill_s,
         "decode_ms_per_token": statistics.fmean(step_ms) if step_ms else None,
@@ -102,6 +107,28 @@ def measure_speed(model, tokenizer, config: InfLLMConfig, ids: list[int], *, dec
         "rss_peak_growth_bytes": rss_peak - rss_base,
         "memory": {field: getattr(stats, field) for field in stats.__dataclass_fields__},
     }
+
+
+def _scoring_ms(engine: Engine, repeats: int) -> float | None:
+    """What ranking the blocks costs a decoded token, all layers (the part of decode that reads every
+    representative): block scoring alone, as a decode step calls it, timed on the memory as it is now."""
+    from inf_llm.attention import block_scores
+
+    layers = getattr(engine.memory, "layers", None)
+    if not layers or engine.config.method != "inf-llm" or repeats < 1:
+        return None
+    shape = layers[0].shape
+    query = torch.randn(shape.num_heads, 1, shape.head_dim, device=engine.device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for layer in layers:
+            if layer.blocks.num_blocks:
+                block_scores(layer.reprs, query.to(layer.device), shape.num_kv_heads, layer.config.per_head_ranking,
+                             layer._repr_absmax)
+        _sync(engine.device)
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
 
 
 def _sync(device: torch.device) -> None:
