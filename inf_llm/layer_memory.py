@@ -117,9 +117,10 @@ class LayerMemory:
         self._note_absmax(self._reprs[n:end])
 
     def _note_absmax(self, reprs: torch.Tensor) -> None:
-        if reprs.numel():
+        # Only 16-bit scoring needs the bound; float32 representatives skip the reduction (and its check).
+        if reprs.numel() and reprs.dtype == torch.float16:
             self._repr_absmax = torch.maximum(self._repr_absmax, reprs.abs().amax().float())
-            if reprs.dtype == torch.float16 and not torch.isfinite(self._repr_absmax):
+            if not torch.isfinite(self._repr_absmax):
                 raise ValueError("a representative exceeds float16's range (keys of this model are that large): "
                                  "use repr_dtype: float32")
 
