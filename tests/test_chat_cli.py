@@ -11,6 +11,7 @@ import pytest
 
 from tests.test_chat_conversation import VOCAB, tiny_config
 from tests.tiny_models import tiny_model
+from tests.test_sessions import _tree  # a session folder's files and bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,11 +32,6 @@ def chat(checkpoint, data_dir, stdin, *extra, config=None):
     args = [sys.executable, "-m", "inf_llm.chat", "--model-path", str(folder), "--inf-llm-config-path",
             str(config or default_config), "--temperature", "0", "--max-new-tokens", "4", "--device", "cpu", *extra]
     return subprocess.run(args, input=stdin, capture_output=True, text=True, env=env, cwd=str(REPO), timeout=300)
-
-
-def _tree(path):
-    """Every file of a session folder with its bytes."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def test_pipes_sessions_and_refusal(checkpoint, tmp_path):
