@@ -90,7 +90,7 @@ class LayerMemory:
         self.rem_score = torch.empty((hq, 0), dtype=torch.float32, device=self.device)
         # Representatives of blocks 0..num_blocks-1 are the first rows of a buffer that doubles when full:
         # concatenating per new block would copy all of them every chunk (quadratic in the stream's length).
-        self._reprs = torch.empty((0, hq, d), dtype=self.repr_dtype, device=self.device)
+        self._reprs = self._new_reprs(0)
         # float16 scoring bounds its sums with the largest |representative| (never lowered: a bound, not a max).
         self._repr_absmax = torch.zeros((), dtype=torch.float32, device=self.device)
         self.blocks.truncate(0)
@@ -103,14 +103,27 @@ class LayerMemory:
 
     @property
     def reprs(self) -> torch.Tensor:
-        """(num_blocks, Hq, D) in `repr_dtype`: one representative per block and query head (a view)."""
+        """(num_blocks, Hq, D) in `repr_dtype`: one representative per block and query head (a view, not
+        contiguous for float32: see `_new_reprs`)."""
         return self._reprs[: self.blocks.num_blocks]
+
+    def _new_reprs(self, rows: int) -> torch.Tensor:
+        """An empty (rows, Hq, D) buffer laid out for ranking, which multiplies it by one vector per token.
+
+        float32: column-major, each of the Hq*D coordinates contiguous over the blocks. torch's CPU
+        matrix-vector product streams that layout about 1.7x faster than rows (7.7 vs 12.5-14 ms for the 141 MB
+        of representatives at 64K tokens, 2 cores): ranking reads every representative once per decoded token.
+        float16: rows, the layout torch's 16-bit product is fast on (a column-major one is 6x slower).
+        """
+        hq, d = self.shape.num_heads, self.shape.head_dim
+        if self.repr_dtype == torch.float16:
+            return torch.empty((rows, hq, d), dtype=self.repr_dtype, device=self.device)
+        return torch.empty((hq, d, rows), dtype=self.repr_dtype, device=self.device).permute(2, 0, 1)
 
     def _append_reprs(self, new: torch.Tensor) -> None:
         n, end = self.blocks.num_blocks, self.blocks.num_blocks + new.shape[0]
         if end > self._reprs.shape[0]:
-            grown = torch.empty((max(end, 2 * self._reprs.shape[0]), *new.shape[1:]), dtype=self.repr_dtype,
-                                device=self.device)
+            grown = self._new_reprs(max(end, 2 * self._reprs.shape[0]))
             grown[:n] = self._reprs[:n]
             self._reprs = grown
         self._reprs[n:end] = new
@@ -126,7 +139,8 @@ class LayerMemory:
 
     def set_reprs(self, reprs: torch.Tensor) -> None:
         """Replace the representatives (N, Hq, D), any float dtype (loading a session)."""
-        self._reprs = reprs.to(self.device, self.repr_dtype).clone()
+        self._reprs = self._new_reprs(reprs.shape[0])
+        self._reprs.copy_(reprs)
         self._repr_absmax = torch.zeros((), dtype=torch.float32, device=self.device)
         self._note_absmax(self._reprs)
 
@@ -316,7 +330,7 @@ class LayerMemory:
     def state_dict(self) -> dict:
         state = self.snapshot()
         state.update({f"blocks_{k}": v for k, v in self.blocks.state_dict().items()})
-        state["reprs"] = self.reprs[: self.blocks.num_blocks]
+        state["reprs"] = self.reprs.clone(memory_format=torch.contiguous_format)  # rows, without the spare capacity
         return state
 
     def load_state_dict(self, state: dict) -> None:
