@@ -16,6 +16,7 @@ import torch
 
 from inf_llm.config import InfLLMConfig
 from inf_llm.hf import attach
+from inf_llm.host_memory import release_free_memory
 from inf_llm.memory import MemoryStats
 from inf_llm.placement import execution_device
 from inf_llm.sampling import SamplingParams, sample_next
@@ -78,6 +79,8 @@ class Engine:
             self.tokens.extend(chunk[0].tolist())
             if progress is not None:
                 progress(min(start + self.prefill_chunk, len(ids)), len(ids))
+        if len(ids) > 1:
+            release_free_memory()  # the read's temporaries, kept by the allocator otherwise (host_memory.py)
         return logits
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams()) -> Iterator[GenerationStep]:

@@ -138,3 +138,15 @@ def test_seeded_sampling_is_reproducible():
     a = [s.token_id for s in Engine(model, ByteTokenizer(), _config()).generate(_ids(20), params)]
     b = [s.token_id for s in Engine(model, ByteTokenizer(), _config()).generate(_ids(20), params)]
     assert a == b
+
+
+def test_feeding_a_prompt_releases_freed_heap_memory_and_decoding_does_not(monkeypatch):
+    import inf_llm.engine as engine_module
+
+    calls = []
+    monkeypatch.setattr(engine_module, "release_free_memory", lambda: calls.append(1) or True)
+    engine = Engine(tiny_model("llama"), ByteTokenizer(), _config(), prefill_chunk=48)
+    engine.feed(_ids(100))
+    assert len(calls) == 1  # once per prompt, after all its model calls
+    engine.feed([5])
+    assert len(calls) == 1  # never per decoded token
