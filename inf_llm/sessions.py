@@ -12,7 +12,7 @@ Format (version 2): a folder `<name>.session/` holding
   in size), where the blocks are (`blocks`), and `sha256`, a digest of all of it. A session is resumed only
   where the identity agrees: another model's or config's memory would silently give different answers;
 - one generation folder `g-*/` with, per layer, the memory blocks as a disk tier (`inf_llm.disk_tier`:
-  `layer-NNN/`) and their representatives (`layer-NNN-reprs/`, one float32 row per block).
+  `layer-NNN/`) and their representatives (`layer-NNN-reprs/`, one row per block in `repr_dtype`).
 
 Saving writes only what is not on disk yet. After a save or a resume the engine's block stores use the
 session's tiers as their disk tier, so blocks that leave RAM go there, and a later save writes the blocks still
@@ -59,9 +59,12 @@ SUFFIX = ".session"
 STATE_FILE = "state.pt"
 _GENERATION = "g-"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-# Settings that change speed only, never what the model computes: a session may resume under other values.
 # Settings that change speed or where blocks are kept, never outputs: a session resumes under other values.
 _SPEED_ONLY_SETTINGS = ("kernel_backend", "device_cache_blocks", "cache_policy", "score_decay", "host_cache_bytes", "disk_dir")
+# Settings whose saved state converts: a session resumes under another value (representatives are cast to the
+# engine's dtype, and its next save writes a new generation in that dtype). Sessions saved before the default
+# became float16 keep working.
+_CONVERTIBLE_SETTINGS = ("repr_dtype",)
 
 
 class SessionError(ValueError):
@@ -439,7 +442,10 @@ def load_into(session: SessionFile, engine) -> None:
             reprs.append(row_tier)
             layer.load_blocks(kv_tier, n, rows.reshape(n, hq, d), session.engine_state["memory"]["layers"][i])
         engine.tokens = list(session.engine_state["tokens"])
-        _bindings[engine] = _Binding(session.path.resolve(), session.blocks["generation"], kv, reprs)
+        if all(tier.layout.torch_dtype == layer.repr_dtype for tier, layer in zip(reprs, layers)):
+            _bindings[engine] = _Binding(session.path.resolve(), session.blocks["generation"], kv, reprs)
+        else:
+            _bindings.pop(engine, None)  # converted representatives: the next save writes a whole new generation
     except BaseException:
         engine.reset()
         _bindings.pop(engine, None)
@@ -448,7 +454,10 @@ def load_into(session: SessionFile, engine) -> None:
 
 def check_identity(session: SessionFile, engine, chat: dict) -> None:
     """SessionError naming every difference if the session was made by another model, config or chat format."""
-    differences = _differences(session.identity, identity_of(engine, chat))
+    saved, current = session.identity, identity_of(engine, chat)
+    differences = _differences(
+        {**saved, "config": {k: v for k, v in saved.get("config", {}).items() if k not in _CONVERTIBLE_SETTINGS}},
+        {**current, "config": {k: v for k, v in current["config"].items() if k not in _CONVERTIBLE_SETTINGS}})
     if differences:
         raise SessionError(f"{session.path} was saved with another model, config or chat format and cannot be "
                            f"resumed here ({'; '.join(differences)}); it was left as it is. Start the chat with the "

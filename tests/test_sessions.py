@@ -335,10 +335,31 @@ def test_float16_representatives_are_saved_as_they_are(model, tokenizer, tmp_pat
     for a, b in zip(resumed.engine.memory.layers, conv.engine.memory.layers):
         assert a.reprs.dtype == torch.float16 and torch.equal(a.reprs, b.reprs)
     torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
-    # Another representative dtype is another config: refused, not converted.
-    other = conversation(model, tokenizer, tiny_config(topk_blocks=2, device_cache_blocks=4))
-    with pytest.raises(sessions.SessionError, match="repr_dtype"):
-        sessions.resume_session(path, other.engine, other.format.identity)
+
+
+
+def test_a_session_resumes_under_another_representative_dtype_and_is_rewritten_in_it(model, tokenizer, tmp_path):
+    """Sessions saved before the default became float16 keep working: representatives are cast on resume."""
+    saved_config = tiny_config(topk_blocks=2, device_cache_blocks=4, repr_dtype="float32")
+    conv = conversation(model, tokenizer, saved_config)
+    conv.ask(MESSAGES[0])
+    path = tmp_path / "old.session"
+    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    config = tiny_config(topk_blocks=2, device_cache_blocks=4, repr_dtype="float16")
+    resumed = conversation(model, tokenizer, config)
+    resumed.load(sessions.resume_session(path, resumed.engine, resumed.format.identity).messages)
+    for a, b in zip(resumed.engine.memory.layers, conv.engine.memory.layers):
+        assert a.reprs.dtype == torch.float16 and torch.equal(a.reprs, b.reprs.half())
+    expected = probe_logits(resumed)
+    old_generation = _generation(path)
+    # The next save cannot append float16 rows to float32 files: it writes a new generation, in float16.
+    sessions.save_session(path, resumed.engine, resumed.messages, resumed.format.identity)
+    assert _generation(path) != old_generation and not old_generation.exists()
+    again = conversation(model, tokenizer, config)
+    again.load(sessions.resume_session(path, again.engine, again.format.identity).messages)
+    for a, b in zip(again.engine.memory.layers, resumed.engine.memory.layers):
+        assert torch.equal(a.reprs, b.reprs)
+    torch.testing.assert_close(probe_logits(again), expected, atol=0, rtol=0)
 
 
 def test_a_reset_conversation_writes_nothing_into_the_session_it_left(model, tokenizer, tmp_path):
