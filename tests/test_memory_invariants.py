@@ -176,3 +176,22 @@ def test_float16_block_scores_rank_like_float64_and_never_overflow(per_head, mag
     assert same[separated].all() and separated.any()
     with pytest.raises(ValueError, match="repr_absmax"):
         block_scores(half, queries, hkv, per_head)
+
+
+def test_representatives_keep_their_values_in_either_layout_through_buffer_growth():
+    """float32 representatives are stored column-major, float16 as rows (the layouts ranking is fast on); both
+    hold the same values through the buffer's doublings, and state_dict gives them as plain rows."""
+    q, k, v = _qkv(3)
+    layers = {dtype: _layer(repr_dtype=dtype) for dtype in ("float32", "float16")}
+    for layer in layers.values():
+        for start in range(0, T, 7):  # odd pieces: blocks form at every point of a chunk
+            layer.forward(q[:, start : start + 7], k[:, start : start + 7], v[:, start : start + 7], 0.125)
+    wide, half = layers["float32"], layers["float16"]
+    assert wide.blocks.num_blocks >= 12  # grown from 0 through 1, 2, 4, 8, 16 rows
+    assert wide.reprs.dtype == torch.float32 and wide.reprs.stride(0) == 1  # column-major
+    assert half.reprs.dtype == torch.float16 and half.reprs.is_contiguous()
+    # Every block is retrieved (topk_blocks >= blocks), so ranking cannot differ: the same keys and masses.
+    assert torch.equal(half.reprs, wide.reprs.half())
+    saved = wide.state_dict()["reprs"]
+    assert saved.is_contiguous() and torch.equal(saved, wide.reprs)
+    assert saved.untyped_storage().nbytes() == saved.numel() * 4  # without the buffer's spare capacity
