@@ -324,30 +324,29 @@ def test_resume_benchmark_resumes_exactly_and_a_turn_writes_little(tmp_path):
     assert 0 < results["turn_save_mb"] < results["save_mb"] / 3
 
 
-def test_float16_representatives_are_saved_as_they_are(model, tokenizer, tmp_path):
-    config = tiny_config(topk_blocks=2, device_cache_blocks=4, repr_dtype="float16")
-    conv = conversation(model, tokenizer, config)
+def _save_then_resume(model, tokenizer, path, saved_config, config):
+    """A conversation of one turn saved under `saved_config` at `path`, and one resumed from it under `config`."""
+    conv = conversation(model, tokenizer, saved_config)
     conv.ask(MESSAGES[0])
-    path = tmp_path / "half.session"
     sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
     resumed = conversation(model, tokenizer, config)
     resumed.load(sessions.resume_session(path, resumed.engine, resumed.format.identity).messages)
+    return conv, resumed
+
+
+def test_float16_representatives_are_saved_as_they_are(model, tokenizer, tmp_path):
+    config = tiny_config(topk_blocks=2, device_cache_blocks=4, repr_dtype="float16")
+    conv, resumed = _save_then_resume(model, tokenizer, tmp_path / "half.session", config, config)
     for a, b in zip(resumed.engine.memory.layers, conv.engine.memory.layers):
         assert a.reprs.dtype == torch.float16 and torch.equal(a.reprs, b.reprs)
     torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
 
 
-
 def test_a_session_resumes_under_another_representative_dtype_and_is_rewritten_in_it(model, tokenizer, tmp_path):
     """Sessions saved before the default became float16 keep working: representatives are cast on resume."""
-    saved_config = tiny_config(topk_blocks=2, device_cache_blocks=4, repr_dtype="float32")
-    conv = conversation(model, tokenizer, saved_config)
-    conv.ask(MESSAGES[0])
     path = tmp_path / "old.session"
-    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
     config = tiny_config(topk_blocks=2, device_cache_blocks=4, repr_dtype="float16")
-    resumed = conversation(model, tokenizer, config)
-    resumed.load(sessions.resume_session(path, resumed.engine, resumed.format.identity).messages)
+    conv, resumed = _save_then_resume(model, tokenizer, path, config.replace(repr_dtype="float32"), config)
     for a, b in zip(resumed.engine.memory.layers, conv.engine.memory.layers):
         assert a.reprs.dtype == torch.float16 and torch.equal(a.reprs, b.reprs.half())
     expected = probe_logits(resumed)
