@@ -69,8 +69,8 @@ class InfLLMConfig:
     storage_dtype        (none)                           host dtype of blocks; auto = model's if 16-bit;
                                                           int8 = 8-bit with a scale per block and KV head
     repr_dtype           (none)                           dtype of the representatives and of block scoring:
-                                                          float32 | float16 (half the RAM and the bytes read
-                                                          per token; scores rounded to 16 bits)
+                                                          float16 (default: half the RAM and the bytes read
+                                                          per token; scores rounded to 16 bits) | float32
     kernel_backend       (fattn, see REFERENCE_KEYS)      auto | torch | triton; outputs do not depend on it
     host_cache_bytes     (none)                           RAM for block K/V, all layers together (split evenly);
                                                           null = unbounded; blocks beyond it go to disk
@@ -94,7 +94,7 @@ class InfLLMConfig:
     score_decay: float | None = None
     per_head_ranking: bool = False
     storage_dtype: str = "auto"
-    repr_dtype: str = "float32"
+    repr_dtype: str = "float16"
     kernel_backend: str = "auto"
     host_cache_bytes: int | None = None
     disk_dir: str | None = None
