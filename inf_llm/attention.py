@@ -48,7 +48,7 @@ def block_scores(representatives: torch.Tensor, queries: torch.Tensor, num_kv_he
         return torch.einsum("nkg,kg->kn", per_kv, query_mean.reshape(num_kv_heads, group * d)).float()
     flat = representatives.float().reshape(n, hq * d)  # a view (rows or column-major), no copy of the largest tensor
     if not per_head:
-        # Summed over heads, the score is one matrix-vector product over the contiguous representatives.
+        # Summed over heads, the score is one matrix-vector product over all the representatives at once.
         return torch.mv(flat, query_mean.reshape(hq * d))
     group = hq // num_kv_heads
     per_kv = flat.view(n, num_kv_heads, group * d)  # (N, Hkv, G*D)
