@@ -62,25 +62,19 @@ def mask_bias(groups: int, tq: int, tk: int, mask: str, q_offset: int, window: i
 
 def _masked_logits(q: torch.Tensor, k: torch.Tensor, scale: float, mask: str, q_offset: int,
                    window: int) -> torch.Tensor:
-    """`_grouped_logits` with the mask's invisible entries at -inf: (B, Hkv, G, Tq, Tk) float32."""
+    """Scaled logits with the mask's invisible entries at -inf: q (B, Hq, Tq, D), k (B, Hkv, Tk, D) ->
+    (B, Hkv, G, Tq, Tk) float32, each KV head's query group in one product (k is not repeated)."""
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
-    bias = mask_bias(hq // hkv, tq, tk, mask, q_offset, window, q.device)
-    if bias is None:
-        return _grouped_logits(q, k, scale)
     qg = q.float().reshape(b * hkv, (hq // hkv) * tq, d)
     kt = k.float().reshape(b * hkv, tk, d).transpose(1, 2)
-    return torch.baddbmm(bias, qg, kt, alpha=scale).view(b, hkv, hq // hkv, tq, tk)
-
-
-def _grouped_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    # q: (B, Hq, Tq, D), k: (B, Hkv, Tk, D) -> logits (B, Hkv, G, Tq, Tk) in float32, without repeating k.
-    b, hq, tq, d = q.shape
-    hkv = k.shape[1]
-    # Scale the (smaller) queries rather than the logits: one pass over Tq x D instead of Tq x Tk.
-    qg = (q.float() * scale).reshape(b, hkv, (hq // hkv) * tq, d)
-    logits = torch.matmul(qg, k.float().transpose(-1, -2))
-    return logits.view(b, hkv, hq // hkv, tq, k.shape[2])
+    bias = mask_bias(hq // hkv, tq, tk, mask, q_offset, window, q.device)
+    if bias is None:
+        # Scale the (smaller) queries rather than the logits: one pass over Tq x D instead of Tq x Tk.
+        logits = torch.bmm(qg * scale, kt)
+    else:
+        logits = torch.baddbmm(bias, qg, kt, alpha=scale)
+    return logits.view(b, hkv, hq // hkv, tq, tk)
 
 
 def attend(
