@@ -452,12 +452,15 @@ def load_into(session: SessionFile, engine) -> None:
         raise
 
 
+def _comparable(identity: dict) -> dict:
+    """An identity without the settings a resume converts (`_CONVERTIBLE_SETTINGS`)."""
+    config = {k: v for k, v in identity.get("config", {}).items() if k not in _CONVERTIBLE_SETTINGS}
+    return {**identity, "config": config}
+
+
 def check_identity(session: SessionFile, engine, chat: dict) -> None:
     """SessionError naming every difference if the session was made by another model, config or chat format."""
-    saved, current = session.identity, identity_of(engine, chat)
-    differences = _differences(
-        {**saved, "config": {k: v for k, v in saved.get("config", {}).items() if k not in _CONVERTIBLE_SETTINGS}},
-        {**current, "config": {k: v for k, v in current["config"].items() if k not in _CONVERTIBLE_SETTINGS}})
+    differences = _differences(_comparable(session.identity), _comparable(identity_of(engine, chat)))
     if differences:
         raise SessionError(f"{session.path} was saved with another model, config or chat format and cannot be "
                            f"resumed here ({'; '.join(differences)}); it was left as it is. Start the chat with the "
