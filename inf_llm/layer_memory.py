@@ -194,12 +194,14 @@ class LayerMemory:
         # Global stage: memory keys, then the chunk-window keys that leave some query's band.
         n_comp = max(0, w + c - window)
         if cfg.method == "inf-llm":
-            mem_k, mem_v = self._retrieve(q)
+            parts_k, parts_v = self._retrieve(q)
         else:
-            mem_k, mem_v = self.sink_k, self.sink_v
+            parts_k, parts_v = [self.sink_k], [self.sink_v]
             n_comp = min(n_comp, max(0, cfg.num_sink_tokens - first_pos))  # only future sinks survive eviction
-        glob_k = torch.cat((mem_k, loc_k[:, :n_comp]), dim=1)
-        glob_v = torch.cat((mem_v, loc_v[:, :n_comp]), dim=1)
+        num_memory = sum(part.shape[1] for part in parts_k)
+        # One concatenation of the memory parts and the complement keys (each copy of the global keys costs).
+        glob_k = torch.cat(parts_k + [loc_k[:, :n_comp]], dim=1)
+        glob_v = torch.cat(parts_v + [loc_v[:, :n_comp]], dim=1)
         q_glob = q_loc
         if glob_k.shape[1] > 0:
             if cfg.method == "stream-llm":
@@ -214,7 +216,7 @@ class LayerMemory:
         with_mass = cfg.method == "inf-llm"
         out, mass = ops.chunk_attention(
             q_loc, k_loc, loc_v[None], q_glob, glob_k[None], glob_v[None], scale,
-            local_offset=w, global_offset=w + mem_k.shape[1], window=window, with_mass=with_mass,
+            local_offset=w, global_offset=w + num_memory, window=window, with_mass=with_mass,
         )
         if with_mass:
             self.win_score[:, self.win_start : self.win_end] += mass[0]  # (Hq, w + c)
@@ -222,8 +224,8 @@ class LayerMemory:
         self._evict()
         return out[0]
 
-    def _retrieve(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sinks + the top-k blocks for this chunk + remainder, unrotated: (Hkv, M, D) each."""
+    def _retrieve(self, q: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Sinks, the top-k blocks for this chunk, remainder: lists of unrotated (Hkv, M_i, D) parts, K and V."""
         parts_k, parts_v = [self.sink_k], [self.sink_v]
         if self.blocks.num_blocks:
             per_head = self.config.per_head_ranking
@@ -234,7 +236,7 @@ class LayerMemory:
             parts_v.append(bv)
         parts_k.append(self.rem_k)
         parts_v.append(self.rem_v)
-        return torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
+        return parts_k, parts_v
 
     # --- memory update ----------------------------------------------------------------------------------------
 
