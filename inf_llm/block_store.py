@@ -17,6 +17,12 @@ by the configured `cache_policy` (lru, lru-s or fifo: `inf_llm.cache_policy`).
 
 The policies and tiers change speed and memory use only: whatever is evicted, the gathered K/V are the stored
 values. Blocks asked for in the current request are never evicted from the device cache by it.
+
+On CUDA a retrieval costs the device no idle time where it can be avoided: the chosen ids come to the host
+asynchronously (`BlockIds`), so the caller can enqueue more work (the chunk's local attention) before waiting
+for them, and missing blocks are copied host-to-device and unpacked on a side stream, which the main stream
+waits for (on the device, not the host) only where the gather reads them. Events order a slot's new block
+after the last read of its old one.
 """
 
 from __future__ import annotations
@@ -30,6 +36,30 @@ from inf_llm.block_layout import BlockLayout
 from inf_llm.cache_policy import EvictionPolicy
 from inf_llm.disk_tier import DiskTier, SpillDirectory
 from inf_llm.host_tier import HostTier
+
+
+class BlockIds:
+    """Block ids chosen on the device, on their way to the host (which keeps the cache's books).
+
+    On CUDA the copy goes into pinned memory asynchronously and an event marks its end, so `tolist` waits for
+    this copy only, not for device work enqueued after it; elsewhere this wraps the tensor itself.
+    """
+
+    def __init__(self, ids: torch.Tensor):
+        self.dim = ids.dim()
+        self._ready = None
+        if ids.device.type == "cuda":
+            self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            self._host.copy_(ids, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(ids.device))
+        else:
+            self._host = ids
+
+    def tolist(self) -> list:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
 
 
 @dataclass(frozen=True)
@@ -85,6 +115,9 @@ class BlockStore:
         self.slot_block = [-1] * cache_blocks
         self.block_slot: dict[int, int] = {}
         self.cache = EvictionPolicy(policy, score_decay)
+        # CUDA: loads run on a side stream; `_slots_read` is recorded on the main stream after each gather's reads.
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._slots_read = None
         self.hits = 0
         self.misses = 0
         self.disk_reads = 0  # blocks read from disk
@@ -264,22 +297,40 @@ class BlockStore:
             if block_id in self.host:
                 self.host.use(block_id)
         records = self._read_records(block_ids, promote=True)
+        if self._copy_stream is None:
+            self._unpack_into(records, slots)
+            return
+        main = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            if self._slots_read is not None:
+                self._copy_stream.wait_event(self._slots_read)  # the slots' old blocks have been gathered
+            self._unpack_into(records, slots)
+            loaded = torch.cuda.Event()
+            loaded.record(self._copy_stream)
+        # Device-side: main-stream work enqueued before this point (the local attention) overlaps the copy; what
+        # is enqueued next (the gather) waits for it.
+        main.wait_event(loaded)
+
+    def _unpack_into(self, records: torch.Tensor, slots: list[int]) -> None:
         # The pinned buffer is fresh per call and never written again, so the copy may run asynchronously.
         k, v = self.layout.values(records.to(self.device, non_blocking=self.pin), self.compute_dtype)
         index = torch.tensor(slots, device=self.device)
         self.dev_k.index_copy_(0, index, k)  # (n, Hkv, B, D) into their slots
         self.dev_v.index_copy_(0, index, v)
 
-    def gather(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, block_ids: torch.Tensor | BlockIds) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the selected blocks, concatenated along time.
 
-        block_ids: (n,) shared by all KV heads, or (Hkv, n) per KV head.
+        block_ids: (n,) shared by all KV heads, or (Hkv, n) per KV head; a tensor, or `BlockIds` already on
+        their way to the host.
         Returns k, v: (Hkv, n * block_size, D) in the compute dtype on the device.
         """
+        if isinstance(block_ids, torch.Tensor):
+            block_ids = BlockIds(block_ids)
         ids = block_ids.tolist()
-        flat = sorted(set(ids if block_ids.dim() == 1 else [b for row in ids for b in row]))
+        flat = sorted(set(ids if block_ids.dim == 1 else [b for row in ids for b in row]))
         slot_of = dict(zip(flat, self.fetch_slots(flat)))
-        if block_ids.dim() == 1:
+        if block_ids.dim == 1:
             slots = torch.tensor([slot_of[b] for b in ids], device=self.device)
             # index_select, not fancy indexing: several times faster on CPU for the same copy.
             k = self.dev_k.index_select(0, slots).transpose(0, 1)  # (Hkv, n, B, D)
@@ -289,6 +340,9 @@ class BlockStore:
             heads = torch.arange(self.num_kv_heads, device=self.device)[:, None]
             k = self.dev_k[slots, heads]  # (Hkv, n, B, D)
             v = self.dev_v[slots, heads]
+        if self._copy_stream is not None:
+            self._slots_read = torch.cuda.Event()
+            self._slots_read.record(torch.cuda.current_stream(self.device))
         hkv, n = k.shape[0], k.shape[1]
         return k.reshape(hkv, n * self.block_size, self.head_dim), v.reshape(hkv, n * self.block_size, self.head_dim)
 

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from inf_llm.attention import block_scores, representatives, select_blocks
-from inf_llm.block_store import BlockStore, TierSettings
+from inf_llm.block_store import BlockIds, BlockStore, TierSettings
 from inf_llm.config import InfLLMConfig
 from inf_llm.kernels import AttentionOps
+from inf_llm.kernels.reference import finish_chunk_attention
 from inf_llm.rope import RotaryTable
 
 
@@ -55,9 +56,12 @@ class LayerMemory:
         storage_dtype: torch.dtype,
         device: torch.device,
         tiers: TierSettings | None = None,
+        overlap: bool | None = None,
     ):
         self.config, self.shape, self.rotary, self.ops = config, shape, rotary, ops
         self.dtype, self.device = dtype, device
+        # Staged chunks (see `_chunk`): the default on CUDA, where they let retrieval overlap the local stage.
+        self.overlap = device.type == "cuda" if overlap is None else overlap
         hq, hkv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
         self.blocks = BlockStore(
             hkv,
@@ -133,9 +137,11 @@ class LayerMemory:
         # Only 16-bit scoring needs the bound; float32 representatives skip the reduction (and its check).
         if reprs.numel() and reprs.dtype == torch.float16:
             self._repr_absmax = torch.maximum(self._repr_absmax, reprs.abs().amax().float())
-            if not torch.isfinite(self._repr_absmax):
-                raise ValueError("a representative exceeds float16's range (keys of this model are that large): "
-                                 "use repr_dtype: float32")
+
+    def _check_absmax(self) -> None:
+        if self.repr_dtype == torch.float16 and not torch.isfinite(self._repr_absmax):
+            raise ValueError("a representative exceeds float16's range (keys of this model are that large): "
+                             "use repr_dtype: float32")
 
     def set_reprs(self, reprs: torch.Tensor) -> None:
         """Replace the representatives (N, Hq, D), any float dtype (loading a session)."""
@@ -143,6 +149,7 @@ class LayerMemory:
         self._reprs.copy_(reprs)
         self._repr_absmax = torch.zeros((), dtype=torch.float32, device=self.device)
         self._note_absmax(self._reprs)
+        self._check_absmax()
 
     @property
     def window_len(self) -> int:
@@ -175,6 +182,7 @@ class LayerMemory:
         """
         step = self.config.chunk_size
         outs = [self._chunk(q[:, s : s + step], k[:, s : s + step], v[:, s : s + step], scale) for s in range(0, q.shape[1], step)]
+        self._check_absmax()  # once per call: on CUDA each check waits for the device
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def _chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -193,8 +201,14 @@ class LayerMemory:
 
         # Global stage: memory keys, then the chunk-window keys that leave some query's band.
         n_comp = max(0, w + c - window)
+        chosen = self._select(q) if cfg.method == "inf-llm" else None
+        local = None
+        if self.overlap:
+            # Staged: the local partial is enqueued before the chosen blocks are waited for, so that on CUDA the
+            # device computes it while the host keeps the cache's books and the side stream copies blocks in.
+            local = ops.attend(q_loc, k_loc, loc_v[None], scale, mask="band", q_offset=w, window=window)
         if cfg.method == "inf-llm":
-            parts_k, parts_v = self._retrieve(q)
+            parts_k, parts_v = self._retrieve(chosen)
         else:
             parts_k, parts_v = [self.sink_k], [self.sink_v]
             n_comp = min(n_comp, max(0, cfg.num_sink_tokens - first_pos))  # only future sinks survive eviction
@@ -214,23 +228,29 @@ class LayerMemory:
 
         # Both stages in one exact softmax (the complement offset counts the memory keys placed before the window's).
         with_mass = cfg.method == "inf-llm"
-        out, mass = ops.chunk_attention(
-            q_loc, k_loc, loc_v[None], q_glob, glob_k[None], glob_v[None], scale,
-            local_offset=w, global_offset=w + num_memory, window=window, with_mass=with_mass,
-        )
+        offsets = dict(local_offset=w, global_offset=w + num_memory, window=window, with_mass=with_mass)
+        if local is None:
+            out, mass = ops.chunk_attention(q_loc, k_loc, loc_v[None], q_glob, glob_k[None], glob_v[None], scale, **offsets)
+        else:
+            out, mass = finish_chunk_attention(ops, local, q_loc, k_loc, q_glob, glob_k[None], glob_v[None], scale, **offsets)
         if with_mass:
             self.win_score[:, self.win_start : self.win_end] += mass[0]  # (Hq, w + c)
         self.num_seen += c
         self._evict()
         return out[0]
 
-    def _retrieve(self, q: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Sinks, the top-k blocks for this chunk, remainder: lists of unrotated (Hkv, M_i, D) parts, K and V."""
+    def _select(self, q: torch.Tensor) -> BlockIds | None:
+        """The top-k blocks for this chunk's queries (None when there are no blocks), on their way to the host."""
+        if not self.blocks.num_blocks:
+            return None
+        per_head = self.config.per_head_ranking
+        scores = block_scores(self.reprs, q, self.shape.num_kv_heads, per_head, self._repr_absmax)
+        return BlockIds(select_blocks(scores, self.config.topk_blocks))
+
+    def _retrieve(self, chosen: BlockIds | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Sinks, the chosen blocks, remainder: lists of unrotated (Hkv, M_i, D) parts, K and V."""
         parts_k, parts_v = [self.sink_k], [self.sink_v]
-        if self.blocks.num_blocks:
-            per_head = self.config.per_head_ranking
-            scores = block_scores(self.reprs, q, self.shape.num_kv_heads, per_head, self._repr_absmax)
-            chosen = select_blocks(scores, self.config.topk_blocks)
+        if chosen is not None:
             bk, bv = self.blocks.gather(chosen)
             parts_k.append(bk)
             parts_v.append(bv)

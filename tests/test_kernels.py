@@ -423,3 +423,19 @@ if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "--worker":
         raise SystemExit("usage: TRITON_INTERPRET=1 python -m tests.test_kernels --worker OUT.json")
     _run_worker(sys.argv[2])
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_comparisons_at_tiny_shapes(tmp_path):
+    """`python -m inf_llm.kernels.gpu_check --tiny` (the script a GPU session runs) on CPU under the interpreter:
+    every kernel comparison passes, and the overlapped layer schedule equals the serial one exactly."""
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-m", "inf_llm.kernels.gpu_check", "--tiny", "--json", str(out)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["checks"] and all(row["ok"] for row in record["checks"])
+    overlap = [row for row in record["checks"] if row["what"] == "overlap = serial"]
+    assert len(overlap) == 1 and overlap[0]["max_err"] == 0.0
+    assert {row["what"] for row in record["times"]} >= {"attend none", "attend band", "chunk, overlap"}

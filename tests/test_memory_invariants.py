@@ -17,7 +17,7 @@ HQ, HKV, T = 4, 2, 120
 SHAPE = LayerShape(HQ, HKV, T)  # head_dim = T so that a one-hot value can name every position
 
 
-def _layer(**overrides) -> LayerMemory:
+def _layer(overlap: bool | None = None, **overrides) -> LayerMemory:
     cfg = dict(
         num_sink_tokens=4, local_window=16, block_size=8, repr_tokens=2, topk_blocks=64, chunk_size=8,
         device_cache_blocks=64, storage_dtype="float32", kernel_backend="torch",
@@ -27,7 +27,7 @@ def _layer(**overrides) -> LayerMemory:
     model = tiny_model("llama", head_dim=T)
     rotary = RotaryTable(model.model.rotary_emb, T, config.local_window + config.chunk_size + config.num_sink_tokens + 1, torch.device("cpu"))
     return LayerMemory(config, SHAPE, rotary, resolve_ops("torch", torch.device("cpu")),
-                       dtype=torch.float32, storage_dtype=torch.float32, device=torch.device("cpu"))
+                       dtype=torch.float32, storage_dtype=torch.float32, device=torch.device("cpu"), overlap=overlap)
 
 
 def _qkv(seed: int = 0):
@@ -195,3 +195,32 @@ def test_representatives_keep_their_values_in_either_layout_through_buffer_growt
     saved = wide.state_dict()["reprs"]
     assert saved.is_contiguous() and torch.equal(saved, wide.reprs)
     assert saved.untyped_storage().nbytes() == saved.numel() * 4  # without the buffer's spare capacity
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("pieces", [[T], [1] * T, [13, 40, 67]])
+def test_staged_chunks_equal_the_fused_ones(pieces, per_head):
+    """The staged schedule (CUDA's: local partial first, retrieval, then the global partial merged by log-sum-exp)
+    computes what the fused chunk attention does: the same outputs, blocks, representatives and key masses, with
+    top-k retrieval through a device cache small enough to evict."""
+    cache = 3 * HKV if per_head else 4  # per-head ranking may ask for top-k blocks per KV head at once
+    fused = _layer(overlap=False, topk_blocks=3, device_cache_blocks=cache, per_head_ranking=per_head)
+    staged = _layer(overlap=True, topk_blocks=3, device_cache_blocks=cache, per_head_ranking=per_head)
+    assert not fused.overlap and staged.overlap
+    q, k, v = _qkv(4)
+    torch.testing.assert_close(_feed(staged, q, k, v, pieces), _feed(fused, q, k, v, pieces), atol=1e-5, rtol=1e-4)
+    assert staged.blocks.num_blocks == fused.blocks.num_blocks >= 10
+    assert staged.blocks.misses == fused.blocks.misses > 0  # the same blocks were chosen, evictions included
+    torch.testing.assert_close(staged.reprs, fused.reprs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(staged.win_score[:, staged.win_start : staged.win_end],
+                               fused.win_score[:, fused.win_start : fused.win_end], atol=1e-5, rtol=1e-4)
+
+
+def test_keys_beyond_float16_fail_with_a_clear_error_under_float16_representatives():
+    q, k, v = _qkv(5)
+    k = k * 1e6  # |key| ~ 5e5 > 65504: a float16 representative would be infinite
+    wide = _layer(repr_dtype="float32")
+    wide.forward(q, k, v, 1e-7)  # float32 representatives hold them
+    assert torch.isfinite(wide.reprs).all()
+    with pytest.raises(ValueError, match="float16's range.*repr_dtype: float32"):
+        _layer(repr_dtype="float16").forward(q, k, v, 1e-7)

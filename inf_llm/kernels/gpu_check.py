@@ -9,7 +9,11 @@ Correctness: every kernel (`attend` under each mask, `key_mass`, `merge`) agains
 and 128, grouped heads 4:1 (Mistral's 32/8) and 8:1 (32/4), Tq 1 (decode) and 512 (a prefill chunk), Tk 4K to
 32K, bfloat16 and float16. Speed: `attend` next to `torch.nn.functional.scaled_dot_product_attention` over the
 same number of visible keys (the whole Tk for mask "none"; the window for "band", whose other keys the kernel
-must skip), plus `key_mass` and `merge` next to the reference. Exits 1 if any comparison fails.
+must skip), plus `key_mass` and `merge` next to the reference. The overlap of retrieval with compute: one layer's
+memory (Mistral-7B's shapes, its preset's window and blocks, a device cache that must evict every chunk) fed a
+stream of prefill chunks with the host-to-device block copies on a side stream against the same without
+(`LayerMemory.overlap`): the outputs must be equal (a copy read before it lands would differ), and the time per
+chunk of each is reported. Exits 1 if any comparison fails.
 
 Without a GPU, ``TRITON_INTERPRET=1 python -m inf_llm.kernels.gpu_check --tiny`` runs the same code paths on
 CPU at toy shapes in float16/float32 (the interpreter gets bfloat16 wrong), to check the script itself.
@@ -29,6 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from inf_llm.config import InfLLMConfig
 from inf_llm.kernels import reference, resolve_ops
 
 # Tolerances against the float32 reference. The kernels round the probabilities to the input dtype before the
@@ -192,6 +197,58 @@ def check_speed(ops, shapes: list[Shape], dtype: torch.dtype, device: torch.devi
     return rows
 
 
+def _layer_memory(ops, config: InfLLMConfig, hq: int, hkv: int, d: int, dtype: torch.dtype,
+                  device: torch.device, overlap: bool):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from inf_llm.layer_memory import LayerMemory, LayerShape
+    from inf_llm.rope import RotaryTable
+
+    rotary_emb = LlamaRotaryEmbedding(LlamaConfig(hidden_size=hq * d, num_attention_heads=hq, head_dim=d)).to(device)
+    positions = config.local_window + config.chunk_size + config.num_sink_tokens + 1
+    rotary = RotaryTable(rotary_emb, d, positions, device)
+    return LayerMemory(config, LayerShape(hq, hkv, d), rotary, ops, dtype=dtype, storage_dtype=torch.float16,
+                       device=device, overlap=overlap)
+
+
+def check_overlap(ops, dtype: torch.dtype, device: torch.device, tiny: bool) -> tuple[list[CheckRow], list[TimeRow]]:
+    """One layer's memory with and without the staged, side-stream schedule: equal outputs, time per chunk."""
+    if tiny:
+        hq, hkv, d, chunks = 8, 2, 32, 12
+        config = InfLLMConfig(num_sink_tokens=8, local_window=32, block_size=16, topk_blocks=2, chunk_size=32,
+                              device_cache_blocks=2, kernel_backend="triton")
+    else:
+        hq, hkv, d, chunks = 32, 8, 128, 48  # 24K tokens in 512-token chunks
+        config = InfLLMConfig(num_sink_tokens=128, local_window=4096, block_size=128, topk_blocks=16,
+                              chunk_size=512, device_cache_blocks=16, kernel_backend="triton")
+    c = config.chunk_size
+    g = torch.Generator(device=device).manual_seed(7)
+    q = torch.randn(hq, chunks * c, d, device=device, dtype=dtype, generator=g)
+    k = torch.randn(hkv, chunks * c, d, device=device, dtype=dtype, generator=g)
+    v = torch.randn(hkv, chunks * c, d, device=device, dtype=dtype, generator=g)
+    scale = 1 / math.sqrt(d)
+    outs, times = {}, {}
+    for overlap in (False, True):
+        layer = _layer_memory(ops, config, hq, hkv, d, dtype, device, overlap)
+        pieces, elapsed = [], []
+        for i in range(chunks):
+            _sync(device)
+            start = time.perf_counter()
+            pieces.append(layer.forward(q[:, i * c : (i + 1) * c], k[:, i * c : (i + 1) * c], v[:, i * c : (i + 1) * c], scale))
+            _sync(device)
+            elapsed.append((time.perf_counter() - start) * 1e3)
+        later = sorted(elapsed[chunks // 2 :])  # once the memory holds blocks beyond the window
+        outs[overlap], times[overlap] = torch.cat(pieces, dim=1), later[len(later) // 2]
+        misses = layer.blocks.misses
+        del layer
+    label = f"Hq{hq}/Hkv{hkv} D{d} {chunks}x{c} tokens, cache {config.device_cache_blocks} blocks"
+    err = _max_err(outs[True].float(), outs[False].float())
+    rows = [CheckRow("overlap = serial", label, str(dtype), err, 0.0, err == 0.0 and misses > 0)]
+    timing = [TimeRow("chunk, overlap", label, str(dtype), times[True], "same, serial", times[False])]
+    return rows, timing
+
+
 def _print_tables(checks: list[CheckRow], times: list[TimeRow]) -> None:
     print(f"{'check':<18} {'shape':<40} {'dtype':<15} {'max err':>10} {'tol':>8}  ok")
     for r in checks:
@@ -231,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     checks = check_correctness(ops, _shapes(args.tiny), dtypes, device)
     reps = 2 if device.type == "cpu" else args.reps
     times = check_speed(ops, _timing_shapes(args.tiny), dtypes[0], device, reps)
+    overlap_checks, overlap_times = check_overlap(ops, dtypes[0], device, args.tiny)
+    checks += overlap_checks
+    times += overlap_times
     _print_tables(checks, times)
     failed = [r for r in checks if not r.ok]
     print(f"\n{len(checks) - len(failed)}/{len(checks)} checks passed in {time.perf_counter() - started:.0f} s")

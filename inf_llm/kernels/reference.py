@@ -198,7 +198,18 @@ def chunk_attention(
 def compose_chunk_attention(ops, q_local, k_local, v_local, q_global, k_global, v_global, scale, *,
                             local_offset: int, global_offset: int, window: int, with_mass: bool):
     """`chunk_attention` built from a backend's primitives: two partials merged by log-sum-exp (what kernels do)."""
-    out, lse = ops.attend(q_local, k_local, v_local, scale, mask="band", q_offset=local_offset, window=window)
+    local = ops.attend(q_local, k_local, v_local, scale, mask="band", q_offset=local_offset, window=window)
+    return finish_chunk_attention(ops, local, q_local, k_local, q_global, k_global, v_global, scale,
+                                  local_offset=local_offset, global_offset=global_offset, window=window,
+                                  with_mass=with_mass)
+
+
+def finish_chunk_attention(ops, local, q_local, k_local, q_global, k_global, v_global, scale, *,
+                           local_offset: int, global_offset: int, window: int, with_mass: bool):
+    """`compose_chunk_attention` once its local partial ``local = (out, lse)`` is computed: the global partial,
+    the merge and the local keys' mass. Split so that a caller can start the local stage before the global keys
+    exist (on CUDA, while the retrieved blocks are copied in)."""
+    out, lse = local
     if k_global.shape[2]:
         g_out, g_lse = ops.attend(q_global, k_global, v_global, scale, mask="complement", q_offset=global_offset, window=window)
         out, lse = ops.merge(out, lse, g_out, g_lse)
