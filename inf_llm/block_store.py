@@ -94,7 +94,10 @@ class BlockStore:
         policy: str = "lru",
         score_decay: float | None = None,
         tiers: TierSettings | None = None,
+        side_stream: bool = False,
     ):
+        if side_stream and device.type != "cuda":
+            raise ValueError(f"a side stream for block copies needs a CUDA device, not {device}")
         self.num_kv_heads, self.block_size, self.head_dim = num_kv_heads, block_size, head_dim
         self.storage_dtype, self.compute_dtype = storage_dtype, compute_dtype
         self.device = device
@@ -115,8 +118,9 @@ class BlockStore:
         self.slot_block = [-1] * cache_blocks
         self.block_slot: dict[int, int] = {}
         self.cache = EvictionPolicy(policy, score_decay)
-        # CUDA: loads run on a side stream; `_slots_read` is recorded on the main stream after each gather's reads.
-        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # side_stream: loads run on a CUDA side stream; `_slots_read` is recorded on the main stream after each
+        # gather's reads. Without it every copy is ordered on the current stream.
+        self._copy_stream = torch.cuda.Stream(device) if side_stream else None
         self._slots_read = None
         self.hits = 0
         self.misses = 0

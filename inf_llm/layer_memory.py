@@ -60,7 +60,8 @@ class LayerMemory:
     ):
         self.config, self.shape, self.rotary, self.ops = config, shape, rotary, ops
         self.dtype, self.device = dtype, device
-        # Staged chunks (see `_chunk`): the default on CUDA, where they let retrieval overlap the local stage.
+        # Staged chunks (see `_chunk`) with block copies on a side stream: the default on CUDA, where they let
+        # retrieval overlap the local stage. Without: one stream, everything in program order.
         self.overlap = device.type == "cuda" if overlap is None else overlap
         hq, hkv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
         self.blocks = BlockStore(
@@ -74,6 +75,7 @@ class LayerMemory:
             policy=config.cache_policy,
             score_decay=config.score_decay,
             tiers=tiers,
+            side_stream=self.overlap and device.type == "cuda",
         )
         self.reset()
 

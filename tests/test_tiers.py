@@ -495,3 +495,9 @@ def test_engine_with_a_tiny_host_budget_gives_the_same_logits(tmp_path, policy, 
     fresh = Engine(model, None, base.replace(host_cache_bytes=3 * layout.record_bytes * 2))
     fresh.load_state_dict(tiered.state_dict())
     torch.testing.assert_close(fresh.feed(ids[260:270]), reference.feed(ids[260:270]), atol=0, rtol=0)
+
+
+def test_a_side_stream_for_block_copies_is_refused_off_cuda():
+    with pytest.raises(ValueError, match="side stream .* CUDA device"):
+        BlockStore(HKV, B, D, storage_dtype=torch.float16, compute_dtype=torch.float32, device=CPU, cache_blocks=4,
+                   side_stream=True)

@@ -11,9 +11,9 @@ and 128, grouped heads 4:1 (Mistral's 32/8) and 8:1 (32/4), Tq 1 (decode) and 51
 same number of visible keys (the whole Tk for mask "none"; the window for "band", whose other keys the kernel
 must skip), plus `key_mass` and `merge` next to the reference. The overlap of retrieval with compute: one layer's
 memory (Mistral-7B's shapes, its preset's window and blocks, a device cache that must evict every chunk) fed a
-stream of prefill chunks with the host-to-device block copies on a side stream against the same without
-(`LayerMemory.overlap`): the outputs must be equal (a copy read before it lands would differ), and the time per
-chunk of each is reported. Exits 1 if any comparison fails.
+stream of prefill chunks, staged with the host-to-device block copies on a side stream, against the serial
+schedule on one stream (`LayerMemory.overlap`): the outputs must be equal (a slot read before its copy lands, or
+overwritten before its last read, would differ), and the time per chunk of each is reported. Exits 1 if any comparison fails.
 
 Without a GPU, ``TRITON_INTERPRET=1 python -m inf_llm.kernels.gpu_check --tiny`` runs the same code paths on
 CPU at toy shapes in float16/float32 (the interpreter gets bfloat16 wrong), to check the script itself.
