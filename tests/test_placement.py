@@ -43,7 +43,7 @@ class _TableMovedTo(RotaryTable):
 
     def __init__(self, rotary_emb, head_dim, max_position, device):
         super().__init__(rotary_emb, head_dim, max_position, CPU)
-        self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+        self.cos, self.sin_signed = self.cos.to(device), self.sin_signed.to(device)
 
 
 def test_each_layer_memory_is_created_on_its_layers_device(monkeypatch):
