@@ -72,7 +72,8 @@ def representatives(keys: torch.Tensor, scores: torch.Tensor, repr_tokens: int) 
     n, hkv, b, d = keys.shape
     hq = scores.shape[1]
     top = torch.topk(scores, repr_tokens, dim=-1).indices  # (N, Hq, r)
-    # Query head h reads KV head h // group: expand keys to query heads without copying.
-    keys_per_q = keys.float().repeat_interleave(hq // hkv, dim=1)  # (N, Hq, B, D)
-    chosen = torch.gather(keys_per_q, 2, top.unsqueeze(-1).expand(n, hq, repr_tokens, d))
-    return chosen.mean(dim=2)
+    # Query head h reads KV head h // group: gather each group's chosen keys from its KV head directly (the keys
+    # are not repeated per query head).
+    per_kv = top.reshape(n, hkv, (hq // hkv) * repr_tokens)
+    chosen = torch.gather(keys, 2, per_kv.unsqueeze(-1).expand(-1, -1, -1, d))  # (N, Hkv, G*r, D)
+    return chosen.float().view(n, hq, repr_tokens, d).mean(dim=2)
