@@ -20,9 +20,9 @@ values. Blocks asked for in the current request are never evicted from the devic
 
 On CUDA a retrieval costs the device no idle time where it can be avoided: the chosen ids come to the host
 asynchronously (`BlockIds`), so the caller can enqueue more work (the chunk's local attention) before waiting
-for them, and missing blocks are copied host-to-device and unpacked on a side stream, which the main stream
-waits for (on the device, not the host) only where the gather reads them. Events order a slot's new block
-after the last read of its old one.
+for them, and with `side_stream` (which `LayerMemory` asks for when it stages chunks) missing blocks are copied
+host-to-device and unpacked on a side stream, which the main stream waits for (on the device, not the host)
+only where the gather reads them. Events order a slot's new block after the last read of its old one.
 """
 
 from __future__ import annotations

@@ -37,13 +37,12 @@ import torch
 import triton
 import triton.language as tl
 
-from inf_llm.kernels.reference import MASKS
+from inf_llm.kernels.reference import LOG2E, MASKS
 
 # Read once, like @triton.jit does when the kernels below are defined.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 _MASK_CODES = {"none": 0, "causal": 1, "band": 2, "complement": 3}
-_LOG2E = 1.4426950408889634
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -482,7 +481,7 @@ def _attend(
         q, k, v, part_out, part_lse,
         *q.stride(), *k.stride(), *v.stride(), *part_out.stride(), *part_lse.stride(),
         hkv, group, tq, tk, dk, dv,
-        q_offset, window, float(scale) * _LOG2E,
+        q_offset, window, float(scale) * LOG2E,
         start, split_len,
         MASK=mask_code,
         BLOCK_M=block_m, BLOCK_N=block_n,
@@ -593,7 +592,7 @@ def key_mass(
         q, k, lse, out,
         *q.stride(), *k.stride(), *lse.stride(),
         hq, hq // hkv, tq, tk, dk,
-        q_offset, window, float(scale) * _LOG2E,
+        q_offset, window, float(scale) * LOG2E,
         MASK=mask_code,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=_pow2_at_least(dk),
         DOT_DTYPE=_TL_DTYPES[dtype], INPUT_PRECISION=_input_precision(dtype), EVEN_D=dk == _pow2_at_least(dk),
