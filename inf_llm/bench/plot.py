@@ -102,6 +102,31 @@ def plot_speed(records: list[dict[str, Any]], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_prose(records: list[dict[str, Any]], path: str | Path) -> Path:
+    """Mean score (%) vs length, one panel per task (depths and seeds pooled), one line per method."""
+    names = series_names(records)
+    tasks = list(dict.fromkeys(r["case"]["task"] for r in records))
+    scores: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        scores[(record["case"]["task"], names[series_key(record)])][record["case"]["length"]].append(record["score"])
+    fig, axes = _figure(len(tasks))
+    axes = axes if len(tasks) > 1 else [axes]
+    for ax, task in zip(axes, tasks):
+        for index, name in enumerate(sorted(set(names.values()))):
+            points = scores.get((task, name))
+            if not points:
+                continue
+            lengths = sorted(points)
+            ax.plot(lengths, [100 * sum(points[n]) / len(points[n]) for n in lengths], label=name, **_style(index))
+        _length_axis(ax, [r["case"]["length"] for r in records])
+        ax.set_ylim(-5, 105)
+        ax.set_title(task, fontsize=10)
+    axes[0].set_ylabel("mean score %")
+    handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    _legend(fig, list(handles.values()), list(handles))
+    return _save(fig, path)
+
+
 def plot_gpu(records: list[dict[str, Any]], path: str | Path) -> Path:
     """Three panels vs length: prefill seconds, decode ms/token, peak GPU memory; failed steps are marked."""
     series: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -147,7 +172,7 @@ def plot_long_read(records: list[dict[str, Any]], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-PLOTTERS = {"passkey": plot_passkey, "speed": plot_speed, "gpu": plot_gpu, "long_read_progress": plot_long_read}
+PLOTTERS = {"passkey": plot_passkey, "prose": plot_prose, "speed": plot_speed, "gpu": plot_gpu, "long_read_progress": plot_long_read}
 
 
 def plot_records(records: list[dict[str, Any]], path: str | Path) -> list[Path]:

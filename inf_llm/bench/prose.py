@@ -1,0 +1,121 @@
+"""The long-document benchmark: needle tasks over natural prose (`prose_tasks.py`), along the chat user's path.
+
+Each case reads one prompt into an empty memory (`Engine.feed`, chunked prefill) and answers it freely and
+greedily (`Engine.generate`, no answer prefix, the task's token budget), as `python -m inf_llm.chat --temperature 0`
+would answer a pasted document with a question. Its score is the fraction of the expected numbers in the reply.
+Cases run shortest first, and within a length task by task, so that a stopped run has comparable cells; the
+result log makes a run resumable (rerun the same command).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from inf_llm.bench.methods import MethodRun
+from inf_llm.bench.prose_tasks import MAX_NEW_TOKENS, PROMPT_VERSION, ProsePrompt, build_prose_prompt, score
+from inf_llm.bench.results import ResultLog, machine_info
+from inf_llm.engine import Engine
+from inf_llm.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+KIND = "prose"
+
+
+@dataclass(frozen=True)
+class ProsePlan:
+    tasks: tuple[str, ...]
+    lengths: tuple[int, ...]
+    depths: tuple[float, ...]
+    seeds: int  # seeds 0 .. seeds-1 per task, length and depth
+    full_max_len: int  # full attention runs only up to this length
+    stream_max_len: int | None = None  # StreamingLLM too, when given (it finds nothing beyond its window)
+    prefill_chunk: int = 2048
+    first_seed: int = 0
+
+
+@dataclass(frozen=True)
+class ProseCase:
+    run: MethodRun
+    task: str
+    length: int
+    depth: float
+    seed: int
+
+    def key(self, model_id: str) -> dict[str, Any]:
+        return {"model": model_id, "settings": self.run.identity(), "task": self.task, "length": self.length,
+                "depth": self.depth, "seed": self.seed,
+                "prompt": {"version": PROMPT_VERSION, "max_new_tokens": MAX_NEW_TOKENS[self.task]}}
+
+
+def plan_cases(runs: list[MethodRun], plan: ProsePlan) -> list[ProseCase]:
+    cases = []
+    for length in sorted(plan.lengths):
+        for task in plan.tasks:
+            for run in runs:
+                if run.method == "full" and length > plan.full_max_len:
+                    continue
+                if run.method == "stream-llm" and plan.stream_max_len is not None and length > plan.stream_max_len:
+                    continue
+                for depth in plan.depths:
+                    for seed in range(plan.first_seed, plan.first_seed + plan.seeds):
+                        cases.append(ProseCase(run, task, length, depth, seed))
+    return cases
+
+
+def answer(engine: Engine, prompt: ProsePrompt, progress=None) -> dict[str, Any]:
+    """Read the prompt into an empty memory and answer it greedily; the measured fields of a record."""
+    engine.reset()
+    start = time.perf_counter()
+    engine.feed(prompt.ids[:-1], progress=progress)  # generate feeds the last prompt token itself
+    prefill_s = time.perf_counter() - start
+    params = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS[prompt.task])
+    reply, tokens, decode_ms = "", 0, None
+    for step in engine.generate(prompt.ids[-1:], params):
+        reply += step.text
+        tokens += 1
+        decode_ms = step.decode_ms_per_token
+    value = score(prompt.answers, reply)
+    return {"tokens": len(prompt.ids), "answers": list(prompt.answers), "reply": reply, "reply_tokens": tokens,
+            "score": value, "correct": value == 1.0, "needles": [list(span) for span in prompt.needles],
+            "prefill_s": prefill_s, "prefill_tokens_per_s": (len(prompt.ids) - 1) / prefill_s if prefill_s else None,
+            "decode_ms_per_token": decode_ms}
+
+
+def run_prose(model, tokenizer, model_id: str, runs: list[MethodRun], plan: ProsePlan, log: ResultLog,
+              console=None) -> list[dict[str, Any]]:
+    """Run every case not yet in `log`, appending each record as it finishes; return the new records."""
+    from rich.markup import escape
+
+    from inf_llm.bench.display import make_progress
+
+    cases = plan_cases(runs, plan)
+    pending = [case for case in cases if not log.done(KIND, case.key(model_id))]
+    if len(pending) < len(cases):
+        logger.info("%d of %d prose cases are already in %s", len(cases) - len(pending), len(cases), log.path)
+    machine, new = machine_info(), []
+    engines: dict[MethodRun, Engine] = {}
+    with make_progress(console) as progress:
+        overall = progress.add_task("prose cases", total=len(pending))
+        reading = progress.add_task("reading", total=1, visible=False)
+        for case in pending:
+            run = case.run
+            if run not in engines:
+                engines.clear()  # one engine at a time: the previous one's memory is freed first
+                engines[run] = Engine(model, tokenizer, run.config, prefill_chunk=plan.prefill_chunk)
+            prompt = build_prose_prompt(tokenizer, case.task, case.length, case.depth, case.seed)
+            what = f"{run.label} {case.task} {case.length} tokens, depth {case.depth:.0%}, seed {case.seed}"
+            progress.update(reading, description=what, completed=0, total=len(prompt.ids), visible=True)
+            result = answer(engines[run], prompt, lambda done, total: progress.update(reading, completed=done))
+            record = log.append(KIND, case.key(model_id), label=run.label, config=run.config.to_dict(),
+                                machine=machine, **result)
+            new.append(record)
+            colour = "green" if result["correct"] else "red" if result["score"] == 0 else "yellow"
+            progress.console.print(f"{escape(what)}: [{colour}]{result['score']:.2f}[/{colour}] expected "
+                                   f"{' '.join(prompt.answers)}, reply {escape(repr(result['reply'][:120]))}")
+            progress.advance(overall)
+        progress.update(reading, visible=False)
+    return new

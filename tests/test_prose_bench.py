@@ -1,0 +1,178 @@
+"""Tests of the long-document benchmark: the prose corpus, the needle prompts, scoring, and the `prose` command.
+
+Prompts use the embedded model's tokenizer and chat template (the user's path); the command runs a tiny random
+Llama on a small corpus archive made here in the layout of the real one. Assertions are exact invariants: token
+ranges decode to the needles, the prompt is the chat's rendering of one user message, scores count whole numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from inf_llm.bench.__main__ import main
+from inf_llm.bench.corpus import CORPUS_MEMBERS, CorpusMissing, clean_paragraphs, corpus_path, load_paragraphs
+from inf_llm.bench.prose_tasks import TASKS, build_prose_prompt, score
+from inf_llm.bench.results import read_records
+
+SMALL = ["--set", "num_sink_tokens=8", "--set", "local_window=64", "--set", "chunk_size=32", "--set", "block_size=16",
+         "--set", "topk_blocks=2", "--set", "device_cache_blocks=4"]
+_WORDS = ("the quiet river ran past old mills and small farms while people watched from low stone bridges "
+          "and talked about weather harvests roads letters songs and the long winter ahead").split()
+
+
+def _paragraph(rng: random.Random) -> str:
+    sentences = []
+    for _ in range(rng.randint(3, 6)):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(8, 16))]
+        sentences.append(" ".join(words).capitalize() + ".")
+    return " ".join(sentences)
+
+
+@pytest.fixture(scope="module")
+def paragraphs() -> tuple[str, ...]:
+    rng = random.Random(0)
+    return tuple(_paragraph(rng) for _ in range(300))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_model):
+    return embedded_model[1]
+
+
+def _wrapped(paragraphs, width=60) -> str:
+    """Hard-wrapped text in the style of the corpus files, with a heading and licence boilerplate."""
+    import textwrap
+
+    parts = ["The Project Gutenberg Etext of a test", "CHAPTER I", "Contents, Names, Places"]
+    parts += [textwrap.fill(p, width) for p in paragraphs]
+    return "\n\n".join(parts) + "\n\nEnd of the Project Gutenberg Etext of a test, which is long enough to be dropped.\n"
+
+
+def _archive(path, texts) -> None:
+    with tarfile.open(path, "w:gz") as archive:
+        for member, text in zip(CORPUS_MEMBERS, texts):
+            data = text.encode("latin-1")
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+# --- the corpus ---------------------------------------------------------------------------------------------------
+
+
+def test_clean_paragraphs_reflows_and_drops_boilerplate_and_headings(paragraphs):
+    text = _wrapped(paragraphs[:5]).replace("the quiet", "`the quiet'", 1)
+    cleaned = clean_paragraphs(text)
+    assert cleaned == [p.replace("the quiet", "'the quiet'", 1) if i == 0 and "the quiet" in p else p
+                       for i, p in enumerate(paragraphs[:5])]
+
+
+def test_corpus_archive_is_read_in_place_and_errors_name_the_fetch_command(tmp_path, paragraphs, monkeypatch):
+    path = tmp_path / "corpus.tar.gz"
+    _archive(path, [_wrapped(paragraphs[:10]), _wrapped(paragraphs[10:20])])
+    assert load_paragraphs(path) == paragraphs[:20]  # the first text, then the second
+    monkeypatch.setenv("INF_LLM_CORPUS", str(path))
+    assert corpus_path() == path and load_paragraphs() == paragraphs[:20]
+    with pytest.raises(CorpusMissing, match="make corpus"):
+        load_paragraphs(tmp_path / "missing.tar.gz")
+    (tmp_path / "bad.tar.gz").write_bytes(b"not an archive")
+    with pytest.raises(CorpusMissing, match="pip download --no-deps --no-binary :all: brotli==1.2.1"):
+        load_paragraphs(tmp_path / "bad.tar.gz")
+
+
+def test_the_installed_corpus_is_natural_prose():
+    """`make setup` fetched the archive: both texts are there, cleaned into paragraphs of prose."""
+    prose = load_paragraphs()
+    text = " ".join(prose)
+    assert len(prose) > 800 and len(text) > 400_000
+    assert "Alice was beginning to get very tired" in prose[0]
+    assert "Workshop on Electronic Texts" in text
+    assert not any("gutenberg" in p.lower() for p in prose)
+
+
+# --- prompts and scoring --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("length,depth", [(1024, 0.0), (2048, 0.5), (4096, 0.9)])
+def test_prose_prompt_places_every_needle_and_asks_as_a_chat_user(tokenizer, paragraphs, task, length, depth):
+    from chat.chat_format import ChatFormat
+
+    prompt = build_prose_prompt(tokenizer, task, length, depth, seed=3, paragraphs=paragraphs)
+    assert abs(len(prompt.ids) - length) <= 32
+    # The token ranges hold the needle sentences, in the document, the target at its depth.
+    start, end = prompt.context
+    for (a, b), text in zip(prompt.needles, prompt.needle_texts):
+        assert start <= a < b <= end and tokenizer.decode(prompt.ids[a:b]).strip() == text
+    target = prompt.needles[prompt.target][0]
+    assert abs((target - start) / (end - start) - depth) < 0.05
+    # Every expected number is in a needle; distractors (multikey) hold other numbers.
+    assert all(any(answer in text for text in prompt.needle_texts) for answer in prompt.answers)
+    assert len(prompt.needles) == {"single": 1, "twohop": 2}.get(task, 4)
+    # Exactly what the chat sends for one user message: the tokenizer's template, the generation prompt, no prefix.
+    text = tokenizer.decode(prompt.ids)
+    assert text.endswith(f"{prompt.question}<|im_end|>\n<|im_start|>assistant\n")
+    message = text[text.index("Some special magic numbers"): text.index(prompt.question) + len(prompt.question)]
+    assert prompt.ids == ChatFormat.create(tokenizer).render([{"role": "user", "content": message}],
+                                                             add_generation_prompt=True)
+    assert build_prose_prompt(tokenizer, task, length, depth, seed=3, paragraphs=paragraphs) == prompt
+    assert build_prose_prompt(tokenizer, task, length, depth, seed=4, paragraphs=paragraphs).answers != prompt.answers
+
+
+def test_prose_prompt_refuses_bad_requests(tokenizer, paragraphs):
+    with pytest.raises(ValueError, match="depth"):
+        build_prose_prompt(tokenizer, "single", 2048, 1.5, 0, paragraphs=paragraphs)
+    with pytest.raises(ValueError, match="too short"):
+        build_prose_prompt(tokenizer, "single", 100, 0.5, 0, paragraphs=paragraphs)
+    with pytest.raises(ValueError, match="unknown task"):
+        build_prose_prompt(tokenizer, "summary", 2048, 0.5, 0, paragraphs=paragraphs)
+
+
+def test_score_counts_whole_numbers_only():
+    assert score(("1234567",), "The number is 1234567.") == 1.0
+    assert score(("1234567",), "The number is 91234567 or 12345678.") == 0.0
+    assert score(("1234567",), "It is 12345.") == 0.0
+    assert score(("1111111", "2222222", "3333333", "4444444"), "1111111, 3333333 and 5555555") == 0.5
+
+
+# --- the command ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny-llama-prose")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_prose_command_answers_every_case_resumes_and_draws(tiny_checkpoint, tmp_path, paragraphs, monkeypatch):
+    corpus = tmp_path / "corpus.tar.gz"
+    _archive(corpus, [_wrapped(paragraphs[:150]), _wrapped(paragraphs[150:])])
+    monkeypatch.setenv("INF_LLM_CORPUS", str(corpus))
+    torch.set_num_threads(1)
+    base = ["prose", "--model-path", str(tiny_checkpoint), "--tasks", "single,twohop", "--lengths", "600,700",
+            "--depths", "0.5", "--seeds", "1", "--full-max-len", "600", "--out", str(tmp_path), *SMALL]
+    assert main(base) == 0
+    records = read_records(tmp_path / "prose.jsonl")
+    # 2 tasks x (2 lengths for inf-llm and stream-llm + 1 for full).
+    assert len(records) == 10
+    for r in records:
+        assert abs(r["tokens"] - r["case"]["length"]) <= 32
+        assert r["score"] == score(tuple(r["answers"]), r["reply"]) and r["correct"] == (r["score"] == 1.0)
+        assert 1 <= r["reply_tokens"] <= 32
+    assert main(base) == 0 and len(read_records(tmp_path / "prose.jsonl")) == 10  # nothing re-run
+    assert main(["table", str(tmp_path / "prose.jsonl"), "--markdown"]) == 0
+    assert (tmp_path / "prose.png").stat().st_size > 0
+    monkeypatch.setenv("INF_LLM_CORPUS", str(tmp_path / "missing.tar.gz"))
+    assert main(base) == 2  # a clear error, before the model loads
