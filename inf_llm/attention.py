@@ -13,17 +13,35 @@ import torch
 _FP16_SCORE_BOUND = 2.0**14
 
 
-def block_scores(representatives: torch.Tensor, queries: torch.Tensor, num_kv_heads: int, per_head: bool,
-                 repr_absmax: torch.Tensor | None = None) -> torch.Tensor:
+def ranking_query(queries: torch.Tensor, block_ranking: str, num_kv_heads: int) -> torch.Tensor:
+    """The vector a chunk's queries rank the blocks with: (R, D) float32, matching the rows of a block's summary.
+
+    queries: (Hq, Tq, D), rotated or not as the caller ranks. The chunk is summarised by its mean query.
+    representatives: R = Hq, the mean query of each head (its dot with a head's representative is that head's
+    score). bounds: R = 2 * Hkv, rows (max, min) per KV head: for each head h of KV head g's group,
+    q_h . k <= relu(q_h) . max_g + min(q_h, 0) . min_g for every key k of the block (channel by channel), and the
+    group's sum of these bounds is (sum_h relu(q_h)) . max_g + (sum_h min(q_h, 0)) . min_g: linear, so the
+    scores are one matrix-vector product as for representatives.
+    """
+    query_mean = queries.float().mean(dim=1)  # (Hq, D)
+    if block_ranking == "representatives":
+        return query_mean
+    hq, d = query_mean.shape
+    grouped = query_mean.view(num_kv_heads, hq // num_kv_heads, d)
+    return torch.stack((grouped.clamp(min=0).sum(1), grouped.clamp(max=0).sum(1)), dim=1).reshape(2 * num_kv_heads, d)
+
+
+def block_scores(summaries: torch.Tensor, query: torch.Tensor, num_kv_heads: int, per_head: bool,
+                 summary_absmax: torch.Tensor | None = None) -> torch.Tensor:
     """Relevance of every memory block to a chunk of queries.
 
-    representatives: (N, Hq, D), one vector per block and query head, float32 or float16.
-    queries: (Hq, Tq, D), the chunk's unrotated queries.
-    repr_absmax: float16 representatives only, a () tensor >= their largest absolute value.
-    Returns (N,) summed over heads, or (Hkv, N) summed over each KV head's query group when per_head; float32,
-    up to a positive factor for float16 representatives (rankings are all that scores are used for).
+    summaries: (N, R, D), one summary per block (`representatives` or `key_bounds`), float32 or float16.
+    query: (R, D) float32 from `ranking_query`.
+    summary_absmax: float16 summaries only, a () tensor >= their largest absolute value.
+    Returns (N,) summed over heads, or (Hkv, N) summed over each KV head's rows when per_head; float32,
+    up to a positive factor for float16 summaries (rankings are all that scores are used for).
 
-    float16: the product reads half the bytes (retrieval reads every representative once per chunk: at 64K
+    float16: the product reads half the bytes (retrieval reads every summary once per chunk: at 64K
     tokens this is most of what decoding a token reads); the scores come back rounded to 16 bits. Any partial sum
     is bounded by sum|q| * max|r|; the query is scaled by a power of two so that bound stays under 2**14, so no
     score overflows whatever the model's key magnitudes (scaling by a power of two is exact).
@@ -32,27 +50,22 @@ def block_scores(representatives: torch.Tensor, queries: torch.Tensor, num_kv_he
     column-major layout `LayerMemory` keeps (12.5 ms for rows); float16 rows 2.7 ms with `mv`, but 17 ms with
     `mm` and 17 ms column-major, so the layouts are the callers' business and these products fit them.
     """
-    n, hq, d = representatives.shape
-    query_mean = queries.float().mean(dim=1)  # (Hq, D)
-    if representatives.dtype == torch.float16:
-        if repr_absmax is None:
-            raise ValueError("float16 representatives need repr_absmax to bound the scores")
-        bound = query_mean.abs().sum() * repr_absmax.float()
+    n, rows, d = summaries.shape
+    if summaries.dtype == torch.float16:
+        if summary_absmax is None:
+            raise ValueError("float16 summaries need summary_absmax to bound the scores")
+        bound = query.abs().sum() * summary_absmax.float()
         exponent = torch.ceil(torch.log2(torch.clamp(bound / _FP16_SCORE_BOUND, min=1.0)))
-        query_mean = (query_mean * torch.exp2(-exponent)).half()
-        flat = representatives.reshape(n, hq * d)
-        if not per_head:
-            return torch.mv(flat, query_mean.reshape(hq * d)).float()
-        group = hq // num_kv_heads
-        per_kv = flat.view(n, num_kv_heads, group * d)
-        return torch.einsum("nkg,kg->kn", per_kv, query_mean.reshape(num_kv_heads, group * d)).float()
-    flat = representatives.float().reshape(n, hq * d)  # a view (rows or column-major), no copy of the largest tensor
+        query = (query * torch.exp2(-exponent)).half()
+        flat = summaries.reshape(n, rows * d)
+    else:
+        flat = summaries.float().reshape(n, rows * d)  # a view (rows or column-major), no copy of the largest tensor
     if not per_head:
-        # Summed over heads, the score is one matrix-vector product over all the representatives at once.
-        return torch.mv(flat, query_mean.reshape(hq * d))
-    group = hq // num_kv_heads
-    per_kv = flat.view(n, num_kv_heads, group * d)  # (N, Hkv, G*D)
-    return torch.einsum("nkg,kg->kn", per_kv, query_mean.reshape(num_kv_heads, group * d))
+        # Summed over heads, the score is one matrix-vector product over all the summaries at once.
+        return torch.mv(flat, query.reshape(rows * d)).float()
+    # Each KV head's rows are contiguous (its query group's representatives, or its max and min).
+    per_kv = flat.view(n, num_kv_heads, (rows // num_kv_heads) * d)
+    return torch.einsum("nkg,kg->kn", per_kv, query.reshape(num_kv_heads, (rows // num_kv_heads) * d)).float()
 
 
 def select_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -77,3 +90,13 @@ def representatives(keys: torch.Tensor, scores: torch.Tensor, repr_tokens: int) 
     per_kv = top.reshape(n, hkv, (hq // hkv) * repr_tokens)
     chosen = torch.gather(keys, 2, per_kv.unsqueeze(-1).expand(-1, -1, -1, d))  # (N, Hkv, G*r, D)
     return chosen.float().view(n, hq, repr_tokens, d).mean(dim=2)
+
+
+def key_bounds(keys: torch.Tensor) -> torch.Tensor:
+    """Per-channel max and min of each block's keys, per KV head (Quest's page summary, Tang et al. 2024).
+
+    keys: (N, Hkv, B, D) unrotated. Returns (N, 2 * Hkv, D) float32, rows (max, min) for each KV head in turn.
+    """
+    n, hkv, _, d = keys.shape
+    k = keys.float()
+    return torch.stack((k.amax(dim=2), k.amin(dim=2)), dim=2).reshape(n, 2 * hkv, d)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from inf_llm.attention import block_scores, representatives, select_blocks
+from inf_llm.attention import block_scores, key_bounds, ranking_query, representatives, select_blocks
 from inf_llm.block_store import BlockIds, BlockStore, TierSettings
 from inf_llm.config import InfLLMConfig
 from inf_llm.kernels import AttentionOps
@@ -108,23 +108,30 @@ class LayerMemory:
         return torch.float16 if self.config.repr_dtype == "float16" else torch.float32
 
     @property
+    def repr_rows(self) -> int:
+        """Rows of a block's summary: Hq representatives, or a (max, min) pair of key bounds per KV head."""
+        if self.config.block_ranking == "bounds":
+            return 2 * self.shape.num_kv_heads
+        return self.shape.num_heads
+
+    @property
     def reprs(self) -> torch.Tensor:
-        """(num_blocks, Hq, D) in `repr_dtype`: one representative per block and query head (a view, not
-        contiguous for float32: see `_new_reprs`)."""
+        """(num_blocks, repr_rows, D) in `repr_dtype`: each block's summary for ranking, its representatives or
+        its key bounds (a view, not contiguous for float32: see `_new_reprs`)."""
         return self._reprs[: self.blocks.num_blocks]
 
     def _new_reprs(self, rows: int) -> torch.Tensor:
-        """An empty (rows, Hq, D) buffer laid out for ranking, which multiplies it by one vector per token.
+        """An empty (rows, repr_rows, D) buffer laid out for ranking, which multiplies it by one vector per token.
 
         float32: column-major, each of the Hq*D coordinates contiguous over the blocks. torch's CPU
         matrix-vector product streams that layout about 1.7x faster than rows (7.7 vs 12.5-14 ms for the 141 MB
         of representatives at 64K tokens, 2 cores): ranking reads every representative once per decoded token.
         float16: rows, the layout torch's 16-bit product is fast on (a column-major one is 6x slower).
         """
-        hq, d = self.shape.num_heads, self.shape.head_dim
+        r, d = self.repr_rows, self.shape.head_dim
         if self.repr_dtype == torch.float16:
-            return torch.empty((rows, hq, d), dtype=self.repr_dtype, device=self.device)
-        return torch.empty((hq, d, rows), dtype=self.repr_dtype, device=self.device).permute(2, 0, 1)
+            return torch.empty((rows, r, d), dtype=self.repr_dtype, device=self.device)
+        return torch.empty((r, d, rows), dtype=self.repr_dtype, device=self.device).permute(2, 0, 1)
 
     def _append_reprs(self, new: torch.Tensor) -> None:
         n, end = self.blocks.num_blocks, self.blocks.num_blocks + new.shape[0]
@@ -146,7 +153,7 @@ class LayerMemory:
                              "use repr_dtype: float32")
 
     def set_reprs(self, reprs: torch.Tensor) -> None:
-        """Replace the representatives (N, Hq, D), any float dtype (loading a session)."""
+        """Replace the block summaries (N, repr_rows, D), any float dtype (loading a session)."""
         self._reprs = self._new_reprs(reprs.shape[0])
         self._reprs.copy_(reprs)
         self._repr_absmax = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -203,7 +210,10 @@ class LayerMemory:
 
         # Global stage: memory keys, then the chunk-window keys that leave some query's band.
         n_comp = max(0, w + c - window)
-        chosen = self._select(q) if cfg.method == "inf-llm" else None
+        if cfg.method == "inf-llm":
+            chosen = self._select(self.rotary.rotate_at(q, window) if cfg.rank_rotated else q)
+        else:
+            chosen = None
         local = None
         if self.overlap:
             # Staged: the local partial is enqueued before the chosen blocks are waited for, so that on CUDA the
@@ -245,8 +255,9 @@ class LayerMemory:
         """The top-k blocks for this chunk's queries (None when there are no blocks), on their way to the host."""
         if not self.blocks.num_blocks:
             return None
-        per_head = self.config.per_head_ranking
-        scores = block_scores(self.reprs, q, self.shape.num_kv_heads, per_head, self._repr_absmax)
+        cfg, hkv = self.config, self.shape.num_kv_heads
+        query = ranking_query(q, cfg.block_ranking, hkv)
+        scores = block_scores(self.reprs, query, hkv, cfg.per_head_ranking, self._repr_absmax)
         return BlockIds(select_blocks(scores, self.config.topk_blocks))
 
     def _retrieve(self, chosen: BlockIds | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -289,7 +300,10 @@ class LayerMemory:
         k = self.rem_k[:, : n * size].reshape(hkv, n, size, d).transpose(0, 1)  # (n, Hkv, B, D)
         v = self.rem_v[:, : n * size].reshape(hkv, n, size, d).transpose(0, 1)
         score = self.rem_score[:, : n * size].reshape(hq, n, size).transpose(0, 1)  # (n, Hq, B)
-        self._append_reprs(representatives(k, score, self.config.repr_tokens))
+        if self.config.block_ranking == "bounds":
+            self._append_reprs(key_bounds(k))
+        else:
+            self._append_reprs(representatives(k, score, self.config.repr_tokens))
         self.blocks.append(k, v)
         self.rem_k, self.rem_v = self.rem_k[:, n * size :], self.rem_v[:, n * size :]
         self.rem_score = self.rem_score[:, n * size :]

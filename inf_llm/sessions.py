@@ -48,6 +48,7 @@ from typing import Any
 import platformdirs
 import torch
 
+from inf_llm.config import ADDED_LATER
 from inf_llm.disk_tier import DiskTier, DiskTierError, RowLayout
 
 logger = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ def _new_generation(folder: Path, layers) -> _Binding:
         for i, layer in enumerate(layers):
             kv_tier = DiskTier(gen / f"layer-{i:03d}", layer.blocks.layout, durable=False)
             layer.blocks.copy_to(kv_tier)
-            width = layer.shape.num_heads * layer.shape.head_dim
+            width = layer.repr_rows * layer.shape.head_dim
             row_tier = DiskTier(gen / f"layer-{i:03d}-reprs", RowLayout(width, layer.config.repr_dtype),
                                 durable=False)
             _write_rows(row_tier, layer.reprs, 0, layer.blocks.num_blocks)
@@ -435,12 +436,12 @@ def load_into(session: SessionFile, engine) -> None:
             row_tier = DiskTier.open(gen / f"layer-{i:03d}-reprs", durable=False, entries=counts["repr_entries"])
             if not kv_tier.has_prefix(n) or not row_tier.has_prefix(n):
                 raise DiskTierError(f"{gen} does not hold all {n} blocks of layer {i}")
-            hq, d = layer.shape.num_heads, layer.shape.head_dim
+            r, d = layer.repr_rows, layer.shape.head_dim
             rows = torch.stack([row_tier.layout.rows(row_tier.read(b)[None])[0] for b in range(n)]) if n else \
-                torch.empty((0, hq * d), dtype=row_tier.layout.torch_dtype)
+                torch.empty((0, r * d), dtype=row_tier.layout.torch_dtype)
             kv.append(kv_tier)
             reprs.append(row_tier)
-            layer.load_blocks(kv_tier, n, rows.reshape(n, hq, d), session.engine_state["memory"]["layers"][i])
+            layer.load_blocks(kv_tier, n, rows.reshape(n, r, d), session.engine_state["memory"]["layers"][i])
         engine.tokens = list(session.engine_state["tokens"])
         if all(tier.layout.torch_dtype == layer.repr_dtype for tier, layer in zip(reprs, layers)):
             _bindings[engine] = _Binding(session.path.resolve(), session.blocks["generation"], kv, reprs)
@@ -453,8 +454,10 @@ def load_into(session: SessionFile, engine) -> None:
 
 
 def _comparable(identity: dict) -> dict:
-    """An identity without the settings a resume converts (`_CONVERTIBLE_SETTINGS`)."""
-    config = {k: v for k, v in identity.get("config", {}).items() if k not in _CONVERTIBLE_SETTINGS}
+    """An identity without the settings a resume converts (`_CONVERTIBLE_SETTINGS`); a setting added after the
+    session was saved counts as the value that reproduces its behaviour (`ADDED_LATER`)."""
+    config = {**ADDED_LATER, **identity.get("config", {})}
+    config = {k: v for k, v in config.items() if k not in _CONVERTIBLE_SETTINGS}
     return {**identity, "config": config}
 
 

@@ -59,6 +59,15 @@ def test_float16_representatives_change_ranking_only(schedule):
     _check_all_blocks_retrieved("llama", schedule, 16 if schedule == "one call" else 1, repr_dtype="float16")
 
 
+@pytest.mark.parametrize("schedule", ["one call", "token by token"])
+@pytest.mark.parametrize("ranking", [dict(block_ranking="bounds"), dict(block_ranking="bounds", rank_rotated=True),
+                                     dict(rank_rotated=True), dict(block_ranking="bounds", per_head_ranking=True, device_cache_blocks=128)])
+def test_every_ranking_variant_changes_the_choice_only(schedule, ranking):
+    """With every block retrieved the ranking does not matter: key bounds, ranking with the query rotated for the
+    global stage, and their combinations give the dense result."""
+    _check_all_blocks_retrieved("llama", schedule, 16 if schedule == "one call" else 1, **ranking)
+
+
 def _check_all_blocks_retrieved(family, schedule, chunk_size, **settings):
     model = tiny_model(family)
     ids = _ids(200)

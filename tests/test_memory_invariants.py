@@ -141,13 +141,34 @@ def test_snapshot_restore_rolls_back_exactly():
 
 @pytest.mark.parametrize("per_head", [False, True])
 def test_block_scores_are_the_chunk_mean_query_against_each_representative(per_head):
-    from inf_llm.attention import block_scores
+    from inf_llm.attention import block_scores, ranking_query
 
     g = torch.Generator().manual_seed(5)
     reprs, queries = torch.randn(7, 6, 8, generator=g), torch.randn(6, 5, 8, generator=g)
     per_query_head = torch.stack([(reprs[:, h] * queries[h].mean(0)).sum(-1) for h in range(6)])  # (Hq, N)
     expected = per_query_head.view(2, 3, 7).sum(1) if per_head else per_query_head.sum(0)
-    torch.testing.assert_close(block_scores(reprs, queries, 2, per_head), expected)
+    query = ranking_query(queries, "representatives", 2)
+    torch.testing.assert_close(block_scores(reprs, query, 2, per_head), expected)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_bound_scores_bound_every_keys_logit_and_are_tight_for_one_key(per_head):
+    """Key bounds score a block by sum over a group's heads of the channel-wise bound of q . k: never below the
+    sum of the heads' largest logits over the block's keys, and equal to it when the block holds one key."""
+    from inf_llm.attention import block_scores, key_bounds, ranking_query
+
+    g = torch.Generator().manual_seed(7)
+    n, hq, hkv, b, d = 9, 6, 2, 5, 8
+    keys, queries = torch.randn(n, hkv, b, d, generator=g), torch.randn(hq, 3, d, generator=g)
+    q = queries.mean(1).view(hkv, hq // hkv, d)  # (Hkv, G, D)
+    best = torch.einsum("kgd,nkbd->nkgb", q, keys).amax(-1).sum(-1)  # (N, Hkv): each head's largest logit, summed
+    exact = best.T if per_head else best.sum(-1)
+    got = block_scores(key_bounds(keys), ranking_query(queries, "bounds", hkv), hkv, per_head)
+    assert (got >= exact - 1e-5).all() and (got > exact + 1e-3).any()
+    one = keys[:, :, :1]
+    best1 = torch.einsum("kgd,nkbd->nkgb", q, one).amax(-1).sum(-1)
+    got1 = block_scores(key_bounds(one), ranking_query(queries, "bounds", hkv), hkv, per_head)
+    torch.testing.assert_close(got1, best1.T if per_head else best1.sum(-1))
 
 
 @pytest.mark.parametrize("per_head", [False, True])
@@ -155,7 +176,7 @@ def test_block_scores_are_the_chunk_mean_query_against_each_representative(per_h
 def test_float16_block_scores_rank_like_float64_and_never_overflow(per_head, magnitude):
     """16-bit scoring reads half the bytes; scores are rounded to 16 bits (a positive factor aside), so well
     separated blocks rank exactly as in float64, and keys of any magnitude give finite scores."""
-    from inf_llm.attention import block_scores, select_blocks
+    from inf_llm.attention import block_scores, ranking_query, select_blocks
 
     g = torch.Generator().manual_seed(6)
     n, hq, hkv, d = 300, 6, 2, 16
@@ -163,7 +184,8 @@ def test_float16_block_scores_rank_like_float64_and_never_overflow(per_head, mag
     per_query_head = torch.einsum("nhd,hd->hn", reprs.double(), queries.double().mean(1))  # (Hq, N)
     exact = per_query_head.view(hkv, hq // hkv, n).sum(1) if per_head else per_query_head.sum(0)
     half = reprs.half()
-    got = block_scores(half, queries, hkv, per_head, half.abs().amax().float())
+    query = ranking_query(queries, "representatives", hkv)
+    got = block_scores(half, query, hkv, per_head, half.abs().amax().float())
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     # Up to the power-of-two factor that kept the sums in range, the same scores (to 16-bit rounding).
     factor = (exact.abs().amax(-1, keepdim=True) / got.abs().amax(-1, keepdim=True)).double()
@@ -174,8 +196,8 @@ def test_float16_block_scores_rank_like_float64_and_never_overflow(per_head, mag
     separated = (order[..., 7] - order[..., 8]) > 1e-2 * exact.abs().amax(-1)
     same = (select_blocks(got, 8) == select_blocks(exact, 8)).all(-1)
     assert same[separated].all() and separated.any()
-    with pytest.raises(ValueError, match="repr_absmax"):
-        block_scores(half, queries, hkv, per_head)
+    with pytest.raises(ValueError, match="summary_absmax"):
+        block_scores(half, query, hkv, per_head)
 
 
 def test_representatives_keep_their_values_in_either_layout_through_buffer_growth():

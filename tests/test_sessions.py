@@ -342,6 +342,28 @@ def test_float16_representatives_are_saved_as_they_are(model, tokenizer, tmp_pat
     torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("repr_dtype", ["float16", "float32"])
+def test_key_bound_sessions_resume_exactly(model, tokenizer, tmp_path, repr_dtype):
+    """Blocks ranked by key bounds save their (max, min) rows, 2 x KV heads wide, and resume to the same logits."""
+    config = tiny_config(topk_blocks=2, device_cache_blocks=4, repr_dtype=repr_dtype, block_ranking="bounds")
+    conv, resumed = _save_then_resume(model, tokenizer, tmp_path / "bounds.session", config, config)
+    for a, b in zip(resumed.engine.memory.layers, conv.engine.memory.layers):
+        assert a.reprs.shape[1] == 2 * a.shape.num_kv_heads and torch.equal(a.reprs, b.reprs)
+    torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
+    other = conversation(model, tokenizer, tiny_config(topk_blocks=2, device_cache_blocks=4, repr_dtype=repr_dtype))
+    _refused(tmp_path / "bounds.session", other.engine, other.format.identity,
+             r"config\.block_ranking: session has 'bounds', now 'representatives'")
+
+
+def test_sessions_saved_before_a_setting_existed_count_it_at_its_old_behaviour():
+    old = {"config": {"method": "inf-llm", "topk_blocks": 8}}
+    now = {"config": {"method": "inf-llm", "topk_blocks": 8, "block_ranking": "representatives", "rank_rotated": False}}
+    assert sessions._differences(sessions._comparable(old), sessions._comparable(now)) == []
+    bounds = {"config": {**now["config"], "block_ranking": "bounds"}}
+    assert sessions._differences(sessions._comparable(old), sessions._comparable(bounds)) == [
+        "config.block_ranking: session has 'representatives', now 'bounds'"]
+
+
 def test_a_session_resumes_under_another_representative_dtype_and_is_rewritten_in_it(model, tokenizer, tmp_path):
     """Sessions saved before the default became float16 keep working: representatives are cast on resume."""
     path = tmp_path / "old.session"

@@ -15,15 +15,15 @@ from typing import Any
 
 import yaml
 
-from inf_llm.config import METHODS, InfLLMConfig
+from inf_llm.config import ADDED_LATER, METHODS, InfLLMConfig
 
 # The settings each method's results depend on (speed included).
 _WINDOWED = ("num_sink_tokens", "local_window", "chunk_size", "kernel_backend")
 # Where blocks are kept (RAM budget, disk folder) changes neither results nor compute: not part of an identity.
 _PLACEMENT_FIELDS = ("host_cache_bytes", "disk_dir")
-# Settings added after results were recorded, at the value that reproduces the behaviour of those results: left
-# out of the identity at that value, so that recorded cases still count as done.
-_ADDED_LATER = {"repr_dtype": "float32"}
+# Settings added after results were recorded (`ADDED_LATER`) are left out of the identity at the value that
+# reproduces those results, so that recorded cases still count as done.
+_ADDED_LATER = ADDED_LATER
 RELEVANT_FIELDS: dict[str, tuple[str, ...] | None] = {
     "inf-llm": None,  # all of them
     "stream-llm": _WINDOWED,

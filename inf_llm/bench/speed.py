@@ -112,7 +112,7 @@ def measure_speed(model, tokenizer, config: InfLLMConfig, ids: list[int], *, dec
 def _scoring_ms(engine: Engine, repeats: int) -> float | None:
     """What ranking the blocks costs a decoded token, all layers (the part of decode that reads every
     representative): block scoring alone, as a decode step calls it, timed on the memory as it is now."""
-    from inf_llm.attention import block_scores
+    from inf_llm.attention import block_scores, ranking_query
 
     layers = getattr(engine.memory, "layers", None)
     if not layers or engine.config.method != "inf-llm" or repeats < 1:
@@ -124,7 +124,8 @@ def _scoring_ms(engine: Engine, repeats: int) -> float | None:
         start = time.perf_counter()
         for layer in layers:
             if layer.blocks.num_blocks:
-                block_scores(layer.reprs, query.to(layer.device), shape.num_kv_heads, layer.config.per_head_ranking,
+                ranked = ranking_query(query.to(layer.device), layer.config.block_ranking, shape.num_kv_heads)
+                block_scores(layer.reprs, ranked, shape.num_kv_heads, layer.config.per_head_ranking,
                              layer._repr_absmax)
         _sync(engine.device)
         times.append(1000 * (time.perf_counter() - start))
