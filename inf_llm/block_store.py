@@ -57,9 +57,13 @@ class BlockIds:
             self._host = ids
 
     def tolist(self) -> list:
+        return self.tensor().tolist()
+
+    def tensor(self) -> torch.Tensor:
+        """The ids on the host (waits for their copy on CUDA)."""
         if self._ready is not None:
             self._ready.synchronize()
-        return self._host.tolist()
+        return self._host
 
 
 @dataclass(frozen=True)

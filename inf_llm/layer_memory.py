@@ -60,6 +60,9 @@ class LayerMemory:
     ):
         self.config, self.shape, self.rotary, self.ops = config, shape, rotary, ops
         self.dtype, self.device = dtype, device
+        self.index = 0  # the decoder layer this memory belongs to (set by InfLLMMemory; names it in traces)
+        self.trace = None  # a RetrievalTrace while one is attached (retrieval_trace.py); None costs nothing
+        self._scores = None  # the last chunk's block scores, kept for the trace only
         # Staged chunks (see `_chunk`) with block copies on a side stream: the default on CUDA, where they let
         # retrieval overlap the local stage. Without: one stream, everything in program order.
         self.overlap = device.type == "cuda" if overlap is None else overlap
@@ -247,6 +250,10 @@ class LayerMemory:
             out, mass = finish_chunk_attention(ops, local, q_loc, k_loc, q_glob, glob_k[None], glob_v[None], scale, **offsets)
         if with_mass:
             self.win_score[:, self.win_start : self.win_end] += mass[0]  # (Hq, w + c)
+        if self.trace is not None and cfg.method == "inf-llm":
+            parts = (self.sink_k.shape[1], num_memory - self.sink_k.shape[1] - self.rem_k.shape[1], self.rem_k.shape[1])
+            self.trace.record(self.index, self.num_seen, q_loc, k_loc, q_glob, glob_k[None], scale, local_offset=w, num_memory=num_memory, window=window,
+                              parts=parts, blocks=None if chosen is None else chosen.tensor(), scores=self._scores)
         self.num_seen += c
         self._evict()
         return out[0]
@@ -258,6 +265,7 @@ class LayerMemory:
         cfg, hkv = self.config, self.shape.num_kv_heads
         query = ranking_query(q, cfg.block_ranking, hkv)
         scores = block_scores(self.reprs, query, hkv, cfg.per_head_ranking, self._repr_absmax)
+        self._scores = scores if self.trace is not None else None
         return BlockIds(select_blocks(scores, self.config.topk_blocks))
 
     def _retrieve(self, chosen: BlockIds | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

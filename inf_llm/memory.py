@@ -17,6 +17,7 @@ from inf_llm.config import InfLLMConfig
 from inf_llm.kernels import resolve_ops
 from inf_llm.layer_memory import LayerMemory, LayerShape
 from inf_llm.placement import layer_device
+from inf_llm.retrieval_trace import RetrievalTrace
 from inf_llm.rope import RotaryTable
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
@@ -91,10 +92,23 @@ class InfLLMMemory:
                     tiers=tiers[index],
                 )
             )
+        for index, layer in enumerate(self.layers):
+            layer.index = index
 
     @property
     def num_tokens(self) -> int:
         return self.layers[0].num_seen
+
+    def start_trace(self) -> RetrievalTrace:
+        """Record what retrieval does from now on (see retrieval_trace.py), until `stop_trace`."""
+        trace = RetrievalTrace(self.config.block_size, self.config.num_sink_tokens)
+        for layer in self.layers:
+            layer.trace = trace
+        return trace
+
+    def stop_trace(self) -> None:
+        for layer in self.layers:
+            layer.trace = None
 
     def forward_kwargs(self, num_new: int, device: torch.device) -> dict:
         # Position ids of 0 make the model's own RoPE the identity; the layers rotate q and k themselves.

@@ -121,6 +121,45 @@ def test_chosen_blocks_equal_an_independent_recomputation_from_keys_and_attentio
 
 
 @pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("pieces", [[T], [1] * T])
+def test_trace_records_the_blocks_and_the_weights_the_layer_attended(per_head, pieces):
+    """The trace's chosen blocks and per-token weights are those of the attention itself (one-hot values make
+    the outputs the weights); with the sinks, remainder and window its weights sum to one per query and head."""
+    from inf_llm.retrieval_trace import RetrievalTrace, sources
+
+    layer = _layer(topk_blocks=3, device_cache_blocks=16, per_head_ranking=per_head, repr_dtype="float32")
+    trace = layer.trace = RetrievalTrace(layer.config.block_size, layer.config.num_sink_tokens)
+    q, k, v = _qkv(4)
+    weights = _feed(layer, q, k, v, pieces)  # (Hq, T, T)
+    step = layer.config.chunk_size
+    assert len(trace.chunks) == sum(-(-n // step) for n in pieces)  # one record per chunk the layer attended
+    group = HQ // HKV
+    for chunk in trace.chunks:
+        rows = weights[:, chunk.start : chunk.start + chunk.queries]  # (Hq, c, T)
+        total = chunk.sink_weight + chunk.remainder_weight + chunk.window_weight + float(chunk.token_weight.sum())
+        assert abs(total - 1.0) < 1e-4
+        ids = chunk.blocks if chunk.blocks.dim() == 2 else chunk.blocks[None].expand(HKV, -1)
+        token_weight = chunk.token_weight if chunk.token_weight.dim() == 3 else None
+        for g in range(HKV):
+            heads = rows[g * group : (g + 1) * group]
+            for index, block in enumerate(ids[g].tolist()):
+                a, b = trace.block_span(block)
+                seen = heads[:, :, a:b].sum(dim=(0, 1)) / (HQ * chunk.queries)
+                if token_weight is not None:
+                    torch.testing.assert_close(token_weight[g, index], seen, atol=1e-5, rtol=1e-4)
+                elif g == 0:
+                    expected = rows[:, :, a:b].sum(dim=(0, 1)) / (HQ * chunk.queries)
+                    torch.testing.assert_close(chunk.token_weight[index], expected, atol=1e-5, rtol=1e-4)
+            if chunk.scores is not None and not per_head:
+                best = int(chunk.scores.argmax())
+                assert chunk.rank_of(best) == 0 and best in chunk.blocks.tolist()
+    # Sources: the retrieved passages of the last queries, most attended first, weights from the same records.
+    found = sources(trace, since=T - 10, limit=3)
+    assert found and all(s.end - s.start >= layer.config.block_size for s in found)
+    assert [s.weight for s in found] == sorted((s.weight for s in found), reverse=True)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
 def test_top_k_retrieval_attends_whole_blocks_and_the_always_visible_groups(per_head):
     layer = _layer(topk_blocks=2, device_cache_blocks=4, per_head_ranking=per_head)
     q, k, v = _qkv(1)

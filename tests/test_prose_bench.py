@@ -176,3 +176,37 @@ def test_prose_command_answers_every_case_resumes_and_draws(tiny_checkpoint, tmp
     assert (tmp_path / "prose.png").stat().st_size > 0
     monkeypatch.setenv("INF_LLM_CORPUS", str(tmp_path / "missing.tar.gz"))
     assert main(base) == 2  # a clear error, before the model loads
+
+
+# --- the retrieval trace --------------------------------------------------------------------------------------------
+
+
+def test_trace_command_reports_every_step_and_a_class(tiny_checkpoint, tmp_path, paragraphs, monkeypatch, capsys):
+    corpus = tmp_path / "corpus.tar.gz"
+    _archive(corpus, [_wrapped(paragraphs[:150]), _wrapped(paragraphs[150:])])
+    monkeypatch.setenv("INF_LLM_CORPUS", str(corpus))
+    torch.set_num_threads(1)
+    assert main(["trace", "--model-path", str(tiny_checkpoint), "--length", "700", "--depth", "0.2", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "prompt end" in out and "needle at tokens" in out
+    assert any(name in out for name in ("answered", "never retrieved", "split at a block boundary",
+                                        "dropped while decoding", "retrieved in too few layers",
+                                        "retrieved and not used"))
+
+
+def test_trace_summaries_count_layers_and_classify(tokenizer, paragraphs):
+    from inf_llm.bench.trace import StepSummary, classify
+
+    prompt = build_prose_prompt(tokenizer, "single", 1024, 0.2, 0, paragraphs=paragraphs)
+
+    def steps(prompt_end, whole, part):
+        return [StepSummary("prompt end", 0, prompt_end, prompt_end, 0, 0.1, ()),
+                *[StepSummary(str(i), i + 1, w, p, 0, 0.1, ()) for i, (w, p) in enumerate(zip(whole, part))]]
+
+    assert classify(steps(10, [10, 10], [10, 10]), prompt, 1.0, 10, 128) == "answered"
+    assert classify(steps(0, [0, 0], [0, 0]), prompt, 0.0, 10, 128) == "never retrieved"
+    assert classify(steps(8, [2, 1], [9, 8]), prompt, 0.0, 10, 128) == "split at a block boundary"
+    assert classify(steps(8, [2, 1], [3, 1]), prompt, 0.0, 10, 128) == "dropped while decoding"
+    assert classify(steps(2, [2, 1], [3, 1]), prompt, 0.0, 10, 128) == "retrieved in too few layers"
+    assert classify(steps(9, [9, 8], [9, 8]), prompt, 0.5, 10, 128) == "retrieved and not used"
+    assert classify(steps(0, [0], [0]), prompt, 0.0, 10, 2048) == "in the window"

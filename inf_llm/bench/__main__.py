@@ -153,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     prose.add_argument("--stream-max-len", type=parse_length, default=None,
                        help="longest prompt given to StreamingLLM (default: every length)")
 
+    trace = commands.add_parser("trace", help="one prose case with a retrieval trace: where the needles are, which "
+                                "blocks each layer chose at each step, and why the answer failed (inf-llm only)")
+    _add_model(trace)
+    trace.add_argument("--inf-llm-config-path", help="InfLLM preset (YAML) (default: the model's preset)")
+    trace.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                       help="override an InfLLMConfig field, e.g. --set topk_blocks=16 (repeatable)")
+    trace.add_argument("--task", type=parse_tasks, default=("single",), help="the task (default: single)")
+    trace.add_argument("--length", type=parse_length, default=parse_length("4K"), help="prompt length (default: 4K)")
+    trace.add_argument("--depth", type=float, default=0.5, help="target needle depth (default: 0.5)")
+    trace.add_argument("--seed", type=int, default=0, help="the case's seed (default: 0)")
+
     speed = commands.add_parser("speed", help="prefill tokens/s, decode ms/token and memory vs context length")
     _add_model(speed)
     _add_settings(speed, "inf-llm,stream-llm,full")
@@ -304,6 +315,36 @@ def cmd_prose(args, console) -> None:
         _finish(console, log, KIND, model_id, prose_table)
 
 
+def cmd_trace(args, console) -> None:
+    from rich.markup import escape
+
+    from inf_llm.bench.corpus import load_paragraphs
+    from inf_llm.bench.display import to_rich
+    from inf_llm.bench.prose_tasks import build_prose_prompt
+    from inf_llm.bench.trace import steps_table, trace_case
+    from inf_llm.engine import Engine
+    from inf_llm.retrieval_trace import RetrievalTrace
+
+    load_paragraphs()
+    if not 0.0 <= args.depth <= 1.0:
+        raise ValueError(f"--depth {args.depth} is invalid: a fraction in [0, 1]")
+    model, tokenizer, _ = _load(args)
+    args.methods, args.tag = "inf-llm", None
+    (run,) = _runs(args, None if args.model_path is None else model.config.model_type)
+    prompt = build_prose_prompt(tokenizer, args.task[0], args.length, args.depth, args.seed)
+    engine = Engine(model, tokenizer, run.config, prefill_chunk=args.prefill_chunk)
+    result = trace_case(engine, prompt)
+    console.print(f"{run.label}: {args.task[0]}, {len(prompt.ids)} tokens, depth {args.depth:.0%}, seed {args.seed}")
+    console.print(f"question: {escape(prompt.question)}")
+    layout = RetrievalTrace(run.config.block_size, run.config.num_sink_tokens)  # position -> block arithmetic
+    for (a, e), text in zip(prompt.needles, prompt.needle_texts):
+        console.print(f"needle at tokens {a}-{e} (blocks {layout.blocks_of(a, e)}): {escape(text)}")
+    console.print(f"expected {' '.join(prompt.answers)}; reply {escape(repr(result['reply']))}; "
+                  f"score {result['score']:.2f}")
+    console.print(to_rich(steps_table(result)))
+    console.print(f"[bold]{result['class']}[/bold]")
+
+
 def cmd_speed(args, console) -> None:
     from inf_llm.bench.display import peak_table, speed_table, to_rich
     from inf_llm.bench.results import ResultLog
@@ -422,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         from rich.console import Console
 
         console = Console() if Console().is_terminal else Console(width=200)  # logs keep whole table rows
-        {"passkey": cmd_passkey, "prose": cmd_prose, "speed": cmd_speed, "long-read": cmd_long_read, "table": cmd_table, "plot": cmd_plot}[args.command](args, console)
+        {"passkey": cmd_passkey, "prose": cmd_prose, "trace": cmd_trace, "speed": cmd_speed, "long-read": cmd_long_read, "table": cmd_table, "plot": cmd_plot}[args.command](args, console)
     except KeyboardInterrupt:
         print("\nstopped; the finished cases are saved: run the same command again to continue", file=sys.stderr)
         return 130

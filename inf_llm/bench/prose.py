@@ -73,13 +73,14 @@ def answer(engine: Engine, prompt: ProsePrompt, progress=None) -> dict[str, Any]
     engine.feed(prompt.ids[:-1], progress=progress)  # generate feeds the last prompt token itself
     prefill_s = time.perf_counter() - start
     params = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS[prompt.task])
-    reply, tokens, decode_ms = "", 0, None
+    reply, reply_ids, decode_ms = "", [], None
     for step in engine.generate(prompt.ids[-1:], params):
         reply += step.text
-        tokens += 1
+        reply_ids.append(step.token_id)
         decode_ms = step.decode_ms_per_token
     value = score(prompt.answers, reply)
-    return {"tokens": len(prompt.ids), "answers": list(prompt.answers), "reply": reply, "reply_tokens": tokens,
+    return {"tokens": len(prompt.ids), "answers": list(prompt.answers), "reply": reply, "reply_tokens": len(reply_ids),
+            "reply_ids": reply_ids,
             "score": value, "correct": value == 1.0, "needles": [list(span) for span in prompt.needles],
             "prefill_s": prefill_s, "prefill_tokens_per_s": (len(prompt.ids) - 1) / prefill_s if prefill_s else None,
             "decode_ms_per_token": decode_ms}

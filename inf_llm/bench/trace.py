@@ -1,0 +1,118 @@
+"""Why a long-document case failed: the retrieval trace of one prose case (`python -m inf_llm.bench trace`).
+
+It reads the case's prompt with a `RetrievalTrace` attached, answers it as the benchmark does, and reports, for the
+prompt's last chunk and every decoded token: in how many layers the blocks holding the answer's needles were
+chosen (whole, or only part of a needle cut by a block boundary), how the needle's best block ranked, and the
+attention weight the query put on the needle's tokens. A summary classifies the case:
+
+- `answered`: the reply holds every expected number;
+- `in the window`: the needle was still in the local window (no retrieval needed);
+- `never retrieved`: no layer chose a needle block at any decoded token;
+- `split at a block boundary`: layers chose part of the needle much more often than all of it;
+- `dropped while decoding`: most layers had the needle for the prompt's last chunk, fewer than half at decoding;
+- `retrieved in too few layers`: fewer than half the layers chose it at the decoded tokens;
+- `retrieved and not used`: most layers chose it and the answer is still wrong (a limit of the model, or of
+  attending it at one distance: see the weight column).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from inf_llm.bench.prose import answer
+from inf_llm.bench.prose_tasks import ProsePrompt
+from inf_llm.bench.table_data import TableData
+from inf_llm.engine import Engine
+from inf_llm.retrieval_trace import RetrievalTrace
+
+
+@dataclass(frozen=True)
+class StepSummary:
+    label: str  # "prompt end" or the decoded token's text
+    start: int  # position of the step's first query
+    layers_whole: int  # layers that chose every block of the needles
+    layers_part: int  # layers that chose at least one
+    rank: float | None  # median over layers of the best needle block's rank (0 = first)
+    weight: float  # attention on the needles' tokens, mean over layers (1 = all of it)
+    ranks: tuple[int | None, ...]  # per layer
+
+
+def needle_spans(prompt: ProsePrompt) -> list[tuple[int, int]]:
+    return [prompt.needles[i] for i in prompt.answer_needles]
+
+
+def summarise(trace: RetrievalTrace, prompt: ProsePrompt, reply_tokens: list[str]) -> list[StepSummary]:
+    """One summary per traced step from the prompt's last chunk on."""
+    spans = needle_spans(prompt)
+    needle_blocks = sorted({b for a, e in spans for b in trace.blocks_of(a, e)})
+    last_prompt = len(prompt.ids) - 1  # generate feeds this token; its query gives the first reply token
+    starts = sorted({c.start for c in trace.chunks})
+    prompt_end = max((s for s in starts if s < last_prompt), default=None)
+    steps = ([("prompt end", prompt_end)] if prompt_end is not None else [])
+    steps += [(text, last_prompt + i) for i, text in enumerate(reply_tokens) if last_prompt + i in starts]
+    out = []
+    for label, start in steps:
+        chunks = sorted((c for c in trace.chunks if c.start == start), key=lambda c: c.layer)
+        whole = part = 0
+        ranks, weights = [], []
+        for chunk in chunks:
+            chosen = set(chunk.blocks.flatten().tolist())
+            whole += bool(needle_blocks) and set(needle_blocks) <= chosen
+            part += bool(chosen & set(needle_blocks))
+            ranks.append(min((r for b in needle_blocks if (r := chunk.rank_of(b)) is not None), default=None))
+            weights.append(sum(trace.weight_on(chunk, a, e) for a, e in spans))
+        known = [r for r in ranks if r is not None]
+        out.append(StepSummary(label, start, whole, part, statistics.median(known) if known else None,
+                               sum(weights) / max(len(weights), 1), tuple(ranks)))
+    return out
+
+
+def classify(steps: list[StepSummary], prompt: ProsePrompt, score: float, num_layers: int, window: int) -> str:
+    if score == 1.0:
+        return "answered"
+    if all(a >= len(prompt.ids) - window for a, _ in needle_spans(prompt)):
+        return "in the window"
+    decoding = [s for s in steps if s.label != "prompt end"]
+    if not decoding or all(s.layers_part == 0 for s in decoding):
+        return "never retrieved"
+    whole = statistics.mean(s.layers_whole for s in decoding) / num_layers
+    part = statistics.mean(s.layers_part for s in decoding) / num_layers
+    prompt_end = next((s for s in steps if s.label == "prompt end"), None)
+    if whole < 0.5 and part >= 0.5 and part - whole >= 0.25:
+        return "split at a block boundary"
+    if whole < 0.5 and prompt_end is not None and prompt_end.layers_whole / num_layers >= 0.5:
+        return "dropped while decoding"
+    if whole < 0.5:
+        return "retrieved in too few layers"
+    return "retrieved and not used"
+
+
+def trace_case(engine: Engine, prompt: ProsePrompt) -> dict[str, Any]:
+    """Answer the case with a trace attached; its record fields plus the per-step summaries and the class."""
+    trace = engine.memory.start_trace()
+    try:
+        result = answer(engine, prompt)
+    finally:
+        engine.memory.stop_trace()
+    texts = [engine.tokenizer.decode([t]) for t in result["reply_ids"]]  # step i's query gives reply token i
+    steps = summarise(trace, prompt, texts)
+    layers = len(engine.memory.layers)
+    result["steps"] = steps
+    result["class"] = classify(steps, prompt, result["score"], layers, engine.config.local_window)
+    result["needle_blocks"] = [trace.blocks_of(a, e) for a, e in needle_spans(prompt)]
+    result["layers"] = layers
+    return result
+
+
+def steps_table(result: dict[str, Any]) -> TableData:
+    layers = result["layers"]
+    rows = []
+    for s in result["steps"]:
+        ranks = " ".join("-" if r is None else str(r) for r in s.ranks)
+        rows.append((repr(s.label), str(s.start), f"{s.layers_whole}/{layers}", f"{s.layers_part}/{layers}",
+                     "-" if s.rank is None else f"{s.rank:g}", f"{s.weight:.3f}", ranks))
+    return TableData(f"retrieval of the needle blocks {result['needle_blocks']} ({result['class']})",
+                     ("step", "position", "layers: whole", "layers: part", "median rank", "weight on needles",
+                      "rank per layer (0 = best)"), tuple(rows), left_columns=1)
