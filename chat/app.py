@@ -172,6 +172,26 @@ class ChatApp:
         self.ui.table("memory statistics", stats_rows(self.conversation, self.session))
         return True
 
+    def _cmd_sources(self, command: Command) -> bool:
+        try:
+            found = self.conversation.sources()
+        except ValueError as error:
+            self.ui.error(str(error))
+            return True
+        if not found:
+            self.ui.info("the last reply attended no memory block: everything it used was in the local window "
+                         "or the first tokens")
+            return True
+        count = self.conversation.last_reply_tokens
+        rows = []
+        for source, text in found:
+            share = 100 * source.weight / max(count, 1)
+            snippet = " ".join(text.split())
+            rows.append((f"tokens {source.start:,}-{source.end:,}: {share:.1f}% of each reply token's attention",
+                         snippet if len(snippet) <= 300 else snippet[:297] + "..."))
+        self.ui.table("where the last reply's attention went in memory (mean over layers and heads)", rows)
+        return True
+
     def _cmd_reset(self, command: Command) -> bool:
         sessions.release(self.conversation.engine)  # the saved session's files receive nothing from now on
         self.conversation.reset()

@@ -1,7 +1,7 @@
 """The `!!` commands: parsing, and the help text that says what each one costs.
 
 fastchat's commands (`!!exit`, `!!reset`, `!!remove`, `!!regen`, `!!save`, `!!load`) plus `!!file`, `!!stats`,
-`!!help`. Anything else starting with `!!` is refused (a typo must not be sent to the model as a message).
+`!!sources`, `!!help`. Anything else starting with `!!` is refused (a typo must not be sent to the model as a message).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "file": ("!!file PATH [QUESTION]", "send a text file as your message; with QUESTION, the file is context and "
                                        "the question follows it in the same message (costs reading the file)"),
     "stats": ("!!stats", "show the memory and speed statistics"),
+    "sources": ("!!sources", "show the passages the memory brought back into the last reply's attention, most "
+                             "attended first (replays the reply: about as long as writing it again)"),
     "help": ("!!help", "show this help"),
 }
 
@@ -57,7 +59,7 @@ def parse_command(line: str) -> Command:
         args = tuple(shlex.split(rest))
     except ValueError as error:
         raise CommandError(f"cannot parse the arguments of {PREFIX}{name}: {error}") from None
-    if name in ("exit", "reset", "remove", "regen", "stats", "help") and args:
+    if name in ("exit", "reset", "remove", "regen", "stats", "sources", "help") and args:
         raise CommandError(f"{PREFIX}{name} takes no arguments")
     if name in ("save", "load") and len(args) > 1:
         raise CommandError(f"usage: {COMMANDS[name][0]}")

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from inf_llm.engine import Engine, EngineSnapshot, GenerationStep
+from inf_llm.retrieval_trace import Source, sources
 from inf_llm.sampling import SamplingParams
 
 from chat.chat_format import ChatFormat
@@ -92,6 +93,8 @@ class Conversation:
         self._snapshots: list[_Snapshot] = []
         self.counters = Counters()
         self._replies = 0
+        # (position of the query that gave the last reply's first token, reply tokens): what !!sources replays
+        self._last_reply: tuple[int, int] | None = None
         if engine.tokens:
             raise ValueError("the engine's memory must be empty when a conversation starts; call engine.reset()")
 
@@ -132,13 +135,47 @@ class Conversation:
             self.messages.pop()
         if self.messages and self.messages[-1]["role"] == "user":
             self.messages.pop()
+        self._last_reply = None
         self._sync(self.format.render(self.messages), progress)
         return True
 
     def reset(self) -> None:
         self.messages.clear()
         self._snapshots.clear()
+        self._last_reply = None
         self.engine.reset()
+
+    @property
+    def last_reply_tokens(self) -> int:
+        """Tokens of the last reply generated in this run (0 if none): the queries `sources` replays."""
+        return self._last_reply[1] if self._last_reply else 0
+
+    def sources(self, limit: int = 5) -> list[tuple[Source, str]]:
+        """The passages of the conversation that retrieval brought into the last reply's attention, most attended
+        first, with their text: (Source, text) pairs (see `inf_llm.retrieval_trace.sources`).
+
+        The reply is replayed with a trace attached: the memory goes back to the snapshot taken after its prompt,
+        the tokens that produced the reply are fed again one at a time (as generation fed them, so retrieval
+        chooses the same blocks), then the rest of the transcript; the memory ends as it was. Costs about one
+        decoding of the reply, plus an attention computation per token and layer for the trace.
+        """
+        if self._last_reply is None or not self.messages or self.messages[-1]["role"] != "assistant":
+            raise ValueError("there is no reply of this run to trace (a resumed session's replies cannot be)")
+        if not hasattr(self.engine.memory, "start_trace"):
+            raise ValueError(f"method {self.engine.config.method!r} retrieves nothing from memory: only inf-llm does")
+        start, count = self._last_reply
+        tokens = list(self.engine.tokens)
+        self._sync(tokens[:start], None)  # back to the snapshot after the prompt (re-reads only if it was dropped)
+        trace = self.engine.memory.start_trace()
+        try:
+            for token in tokens[start : start + count]:
+                self.engine.feed([token])
+        finally:
+            self.engine.memory.stop_trace()
+            self._sync(self.format.render(self.messages), None)
+            self._push()
+        found = sources(trace, since=start, limit=limit)
+        return [(source, self.engine.tokenizer.decode(tokens[source.start : source.end])) for source in found]
 
     def load(self, messages: list[dict]) -> None:
         """Adopt a transcript whose memory was loaded into the engine (a resumed session); nothing is read.
@@ -148,6 +185,7 @@ class Conversation:
         """
         self.messages = [dict(m) for m in messages]
         self._snapshots.clear()
+        self._last_reply = None
         expected = self.format.render(self.messages)
         if self.engine.tokens != expected:
             logger.warning("the session's memory (%d tokens) differs from its transcript's rendering (%d tokens) "
@@ -186,6 +224,7 @@ class Conversation:
             # A fixed seed per reply number: reproducible runs, yet !!regen gives another reply.
             params = replace(params, seed=params.seed + self._replies)
         self._replies += 1
+        self._last_reply = None
         steps = self.engine.generate(target[-1:], params)
         try:
             for step in steps:
@@ -205,6 +244,8 @@ class Conversation:
         finally:
             steps.close()
         self.counters.fed_tokens += 1 + max(generated - 1, 0)  # the last prompt token, then each fed sample
+        if finish != "interrupted" or generated:
+            self._last_reply = (len(target) - 1, generated)
         self.counters.generated_tokens += generated
         self.messages.append({"role": "assistant", "content": "".join(parts)})
 

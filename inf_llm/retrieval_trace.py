@@ -108,13 +108,13 @@ class RetrievalTrace:
                     total += float(head_weights[index, lo - a : hi - a].sum())
         return total
 
-    def block_weights(self, since: int) -> dict[int, float]:
-        """Weight each retrieved block received from the queries at positions >= `since`, summed over those
+    def block_weights(self, since: int, until: int | None = None) -> dict[int, float]:
+        """Weight each retrieved block received from the queries at positions [since, until), summed over those
         queries and averaged over layers (so 1.0 = all of one query's attention in every layer)."""
         layers = {chunk.layer for chunk in self.chunks} or {0}
         totals: dict[int, float] = defaultdict(float)
         for chunk in self.chunks:
-            if chunk.start < since:
+            if chunk.start < since or (until is not None and chunk.start >= until):
                 continue
             ids = chunk.blocks if chunk.blocks.dim() == 2 else chunk.blocks[None]
             weights = chunk.token_weight if chunk.token_weight.dim() == 3 else chunk.token_weight[None]
@@ -131,10 +131,10 @@ class Source:
     weight: float  # attention it received, summed over the traced queries, averaged over layers
 
 
-def sources(trace: RetrievalTrace, since: int, limit: int = 5) -> list[Source]:
-    """The passages that retrieval brought back for the queries at positions >= `since`, most attended first:
-    contiguous retrieved blocks merged into one passage."""
-    weights = trace.block_weights(since)
+def sources(trace: RetrievalTrace, since: int, until: int | None = None, limit: int = 5) -> list[Source]:
+    """The passages that retrieval brought back for the queries at positions [since, until), most attended
+    first: contiguous retrieved blocks merged into one passage."""
+    weights = trace.block_weights(since, until)
     passages: list[Source] = []
     for block in sorted(weights):
         start, end = trace.block_span(block)

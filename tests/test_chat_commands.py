@@ -181,3 +181,14 @@ def test_stop_gate_first_press_asks_second_press_interrupts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sources_lists_the_passages_of_the_last_reply(model_and_tokenizer):
+    long_message = "Tell me about the sea and the ships that sail on it. " * 12
+    chat = Chat(model_and_tokenizer, ["!!sources", long_message, "what about boats?", "!!sources", "!!sources x",
+                                      "after"]).run()
+    assert "no reply of this run to trace" in chat.err and "takes no arguments" in chat.err
+    table = chat.out[chat.out.index("where the last reply's attention went"):]
+    assert "of each reply token's attention" in table and "tokens " in table
+    assert chat.user_messages() == [long_message, "what about boats?", "after"]
+    assert chat.conv.engine.tokens == chat.conv.format.render(chat.conv.messages)

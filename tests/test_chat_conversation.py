@@ -235,3 +235,52 @@ def test_engine_must_start_empty(model, tokenizer):
     engine.feed([1, 2, 3])
     with pytest.raises(ValueError, match="empty"):
         Conversation(engine, ChatFormat.create(tokenizer), SamplingParams())
+
+
+def test_sources_replay_the_last_reply_and_leave_the_memory_as_it_was(model, tokenizer):
+    """!!sources: the passages and weights equal those a trace attached during the reply itself records, and the
+    memory after the replay gives the same next-token logits, bit for bit."""
+    from inf_llm.retrieval_trace import sources
+
+    def conversation():
+        return make(model, tokenizer, temperature=0.0, max_new_tokens=10, topk_blocks=2, device_cache_blocks=4)
+
+    live = conversation()
+    live.ask(MESSAGES[1])
+    start = len(live.engine.tokens) + len(live.format.render(
+        live.messages + [{"role": "user", "content": MESSAGES[2]}], add_generation_prompt=True)) \
+        - len(live.format.render(live.messages)) - 1
+    trace = live.engine.memory.start_trace()
+    live.ask(MESSAGES[2])
+    live.engine.memory.stop_trace()
+    expected = sources(trace, since=start, until=start + live.last_reply_tokens)  # the reply's queries only
+
+    conv = conversation()
+    conv.ask(MESSAGES[1])
+    conv.ask(MESSAGES[2])
+    assert conv.messages == live.messages and conv.last_reply_tokens == live.last_reply_tokens > 0
+    probe = conv.format.render(conv.messages + [{"role": "user", "content": "and?"}], add_generation_prompt=True)
+    tokens, snap = list(conv.engine.tokens), conv.engine.snapshot()
+    before = conv.engine.feed(probe[len(tokens):])
+    conv.engine.restore(snap)
+    found = conv.sources()
+    assert found and len(found) == len(expected)
+    for (got, text), want in zip(found, expected):
+        assert (got.start, got.end) == (want.start, want.end) and got.weight == pytest.approx(want.weight, rel=1e-5)
+        assert text == tokenizer.decode(tokens[got.start : got.end])
+    assert conv.engine.tokens == tokens
+    torch.testing.assert_close(conv.engine.feed(probe[len(tokens):]), before, atol=0, rtol=0)
+
+
+def test_sources_are_refused_without_a_reply_or_a_memory_that_retrieves(model, tokenizer):
+    conv = make(model, tokenizer, temperature=0.0)
+    with pytest.raises(ValueError, match="no reply"):
+        conv.sources()
+    conv.ask(MESSAGES[0])
+    conv.remove()
+    with pytest.raises(ValueError, match="no reply"):
+        conv.sources()
+    full = make(model, tokenizer, temperature=0.0, method="full")
+    full.ask(MESSAGES[0])
+    with pytest.raises(ValueError, match="retrieves nothing"):
+        full.sources()
