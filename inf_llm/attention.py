@@ -76,6 +76,18 @@ def select_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
 
 
+def with_following(ids: torch.Tensor, following: int, num_blocks: int) -> torch.Tensor:
+    """Chosen block ids (n,) and the `following` blocks after each that exist: sorted, each once.
+
+    A passage cut by a block boundary (a sentence whose start ranks high and whose end sits in the next block)
+    comes back whole. Blocks are consecutive in the stream, so block b + 1 holds the tokens right after b's.
+    """
+    if following == 0:
+        return ids
+    extended = (ids[:, None] + torch.arange(following + 1, device=ids.device)).flatten()
+    return torch.unique(extended[extended < num_blocks])
+
+
 def representatives(keys: torch.Tensor, scores: torch.Tensor, repr_tokens: int) -> torch.Tensor:
     """One vector per block and query head: the mean of the keys that received the most attention.
 

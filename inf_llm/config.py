@@ -32,7 +32,8 @@ KERNEL_BACKENDS = ("auto", "torch", "triton")
 BLOCK_RANKINGS = ("representatives", "bounds")
 # Settings added after sessions and benchmark results were recorded, at the value that reproduces what those
 # recorded: a saved identity without the key is read as having this value.
-ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "rank_rotated": False}
+ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "rank_rotated": False,
+               "following_blocks": 0}
 
 # Presets live at the repository root; the package is installed editable, so this resolves there too.
 PRESET_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -77,6 +78,8 @@ class InfLLMConfig:
     rank_rotated         (none)                           rank with the query rotated as the global stage
                                                           attends (distance local_window; the reference's
                                                           choice) instead of unrotated (distance 0)
+    following_blocks     (none)                           also retrieve the next N blocks after each chosen
+                                                          one (a passage cut by a block boundary)
     storage_dtype        (none)                           host dtype of blocks; auto = model's if 16-bit;
                                                           int8 = 8-bit with a scale per block and KV head
     repr_dtype           (none)                           dtype of the representatives and of block scoring:
@@ -106,6 +109,7 @@ class InfLLMConfig:
     per_head_ranking: bool = False
     block_ranking: str = "representatives"
     rank_rotated: bool = False
+    following_blocks: int = 0
     storage_dtype: str = "auto"
     repr_dtype: str = "float16"
     kernel_backend: str = "auto"
@@ -115,6 +119,7 @@ class InfLLMConfig:
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
         _check_int("num_sink_tokens", self.num_sink_tokens, 0)
+        _check_int("following_blocks", self.following_blocks, 0)
         for name in ("local_window", "block_size", "repr_tokens", "chunk_size", "device_cache_blocks"):
             _check_int(name, getattr(self, name), 1)
         # The baselines retrieve nothing, so zero blocks is meaningful for them only.
@@ -133,10 +138,16 @@ class InfLLMConfig:
             raise ValueError(
                 f"chunk_size={self.chunk_size} exceeds local_window={self.local_window}: every query of a chunk "
                 "must find its local keys in the window; use chunk_size <= local_window")
-        if self.method == "inf-llm" and self.topk_blocks > self.device_cache_blocks:
+        retrieved = self.topk_blocks * (1 + self.following_blocks)
+        if self.method == "inf-llm" and retrieved > self.device_cache_blocks:
+            what = f"topk_blocks={self.topk_blocks}" + (
+                f" with following_blocks={self.following_blocks} ({retrieved} blocks)" if self.following_blocks else "")
             raise ValueError(
-                f"topk_blocks={self.topk_blocks} exceeds device_cache_blocks={self.device_cache_blocks}: the "
+                f"{what} exceeds device_cache_blocks={self.device_cache_blocks}: the "
                 "retrieved blocks must all fit in the device cache; raise device_cache_blocks or lower topk_blocks")
+        if self.per_head_ranking and self.following_blocks:
+            raise ValueError(f"following_blocks={self.following_blocks} is not supported with per_head_ranking: "
+                             "set following_blocks: 0 or per_head_ranking: false")
         if self.method == "inf-llm" and self.repr_tokens > self.block_size:
             raise ValueError(
                 f"repr_tokens={self.repr_tokens} exceeds block_size={self.block_size}: a block's representatives "

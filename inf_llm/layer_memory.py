@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from inf_llm.attention import block_scores, key_bounds, ranking_query, representatives, select_blocks
+from inf_llm.attention import block_scores, key_bounds, ranking_query, representatives, select_blocks, with_following
 from inf_llm.block_store import BlockIds, BlockStore, TierSettings
 from inf_llm.config import InfLLMConfig
 from inf_llm.kernels import AttentionOps
@@ -266,7 +266,8 @@ class LayerMemory:
         query = ranking_query(q, cfg.block_ranking, hkv)
         scores = block_scores(self.reprs, query, hkv, cfg.per_head_ranking, self._repr_absmax)
         self._scores = scores if self.trace is not None else None
-        return BlockIds(select_blocks(scores, self.config.topk_blocks))
+        chosen = select_blocks(scores, cfg.topk_blocks)
+        return BlockIds(with_following(chosen, cfg.following_blocks, self.blocks.num_blocks))
 
     def _retrieve(self, chosen: BlockIds | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Sinks, the chosen blocks, remainder: lists of unrotated (Hkv, M_i, D) parts, K and V."""

@@ -71,7 +71,8 @@ def test_weights_sum_to_one_and_each_token_counts_once(pieces, per_head):
 
 
 @pytest.mark.parametrize("ranking", [dict(), dict(block_ranking="bounds"), dict(rank_rotated=True),
-                                     dict(repr_tokens=1), dict(block_ranking="bounds", rank_rotated=True)])
+                                     dict(repr_tokens=1), dict(block_ranking="bounds", rank_rotated=True),
+                                     dict(following_blocks=1)])
 def test_chosen_blocks_equal_an_independent_recomputation_from_keys_and_attention(ranking):
     """Fed token by token with top-k below the number of blocks, each query attends exactly the blocks that a
     recomputation outside the memory chooses: block summaries from the keys fed and the attention mass each key
@@ -113,6 +114,7 @@ def test_chosen_blocks_equal_an_independent_recomputation_from_keys_and_attentio
         if scores[topk - 1][0] - scores[topk][0] < 1e-4 * abs(scores[0][0]):
             continue  # a near-tie: rounding may pick either; the clear cases are what this pins
         chosen = {b for _, b in scores[:topk]}
+        chosen |= {b + 1 for b in chosen if b + 1 in formed and cfg.following_blocks}  # and the next block
         for b in formed:
             seen = weights[:, p, sinks + b * size : sinks + (b + 1) * size]
             assert (seen > 0).all() if b in chosen else (seen == 0).all(), (p, b, sorted(chosen))
