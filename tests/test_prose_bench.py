@@ -13,15 +13,14 @@ import tarfile
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from inf_llm.bench.__main__ import main
 from inf_llm.bench.corpus import CORPUS_MEMBERS, CorpusMissing, clean_paragraphs, corpus_path, load_paragraphs
 from inf_llm.bench.prose_tasks import TASKS, build_prose_prompt, score
 from inf_llm.bench.results import read_records
+# The benchmark tests' tiny Llama with the embedded tokenizer, and their small windowed settings.
+from tests.test_bench import SMALL, tiny_checkpoint, tokenizer  # noqa: F401
 
-SMALL = ["--set", "num_sink_tokens=8", "--set", "local_window=64", "--set", "chunk_size=32", "--set", "block_size=16",
-         "--set", "topk_blocks=2", "--set", "device_cache_blocks=4"]
 _WORDS = ("the quiet river ran past old mills and small farms while people watched from low stone bridges "
           "and talked about weather harvests roads letters songs and the long winter ahead").split()
 
@@ -38,11 +37,6 @@ def _paragraph(rng: random.Random) -> str:
 def paragraphs() -> tuple[str, ...]:
     rng = random.Random(0)
     return tuple(_paragraph(rng) for _ in range(300))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(embedded_model):
-    return embedded_model[1]
 
 
 def _wrapped(paragraphs, width=60) -> str:
@@ -142,18 +136,6 @@ def test_score_counts_whole_numbers_only():
 
 
 # --- the command ------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True)
-    folder = tmp_path_factory.mktemp("tiny-llama-prose")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_prose_command_answers_every_case_resumes_and_draws(tiny_checkpoint, tmp_path, paragraphs, monkeypatch):

@@ -9,6 +9,7 @@ imported when chosen: `gpu` runs on machines without rich or matplotlib.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -261,6 +262,20 @@ def _runs(args, model_type: str | None, default_config=None):
             + variant_runs(base, overrides, getattr(args, "compare", None), args.tag))
 
 
+def _run_cases(args, console, kind: str, table_fn, run) -> None:
+    """Load the model, run the cases not yet in the result log (`run(model, tokenizer, model_id, runs, log=,
+    console=)`), then print the table and draw the plot, also when stopped."""
+    from inf_llm.bench.results import ResultLog
+
+    model, tokenizer, model_id = _load(args)
+    runs = _runs(args, None if args.model_path is None else model.config.model_type)
+    log = ResultLog(args.out / f"{args.name}.jsonl", fresh=args.fresh)
+    try:
+        run(model, tokenizer, model_id, runs, log=log, console=console)
+    finally:
+        _finish(console, log, kind, model_id, table_fn)
+
+
 def _finish(console, log, kind: str, model_id: str | None, table_fn) -> None:
     from inf_llm.bench.display import to_rich
     from inf_llm.bench.plot import plot_records
@@ -281,38 +296,24 @@ def cmd_passkey(args, console) -> None:
     from inf_llm.bench.display import passkey_table
     from inf_llm.bench.passkey import KIND, PasskeyPlan, run_passkey
     from inf_llm.bench.prompt import ANSWER_PREFIX
-    from inf_llm.bench.results import ResultLog
 
-    model, tokenizer, model_id = _load(args)
-    runs = _runs(args, None if args.model_path is None else model.config.model_type)
     plan = PasskeyPlan(lengths=args.lengths, depths=args.depths, seeds=args.seeds, full_max_len=args.full_max_len,
                        max_new_tokens=args.max_new_tokens,
                        answer_prefix=ANSWER_PREFIX if args.answer_prefix is None else args.answer_prefix,
                        chat_template=not args.no_chat_template, prefill_chunk=args.prefill_chunk)
-    log = ResultLog(args.out / f"{args.name}.jsonl", fresh=args.fresh)
-    try:
-        run_passkey(model, tokenizer, model_id, runs, plan, log, console)
-    finally:
-        _finish(console, log, KIND, model_id, passkey_table)
+    _run_cases(args, console, KIND, passkey_table, functools.partial(run_passkey, plan=plan))
 
 
 def cmd_prose(args, console) -> None:
     from inf_llm.bench.corpus import load_paragraphs
     from inf_llm.bench.display import prose_table
     from inf_llm.bench.prose import KIND, ProsePlan, run_prose
-    from inf_llm.bench.results import ResultLog
 
     load_paragraphs()  # a missing corpus fails before the model loads
-    model, tokenizer, model_id = _load(args)
-    runs = _runs(args, None if args.model_path is None else model.config.model_type)
     plan = ProsePlan(tasks=args.tasks, lengths=args.lengths, depths=args.depths, seeds=args.seeds,
                      full_max_len=args.full_max_len, stream_max_len=args.stream_max_len,
                      prefill_chunk=args.prefill_chunk, first_seed=args.first_seed)
-    log = ResultLog(args.out / f"{args.name}.jsonl", fresh=args.fresh)
-    try:
-        run_prose(model, tokenizer, model_id, runs, plan, log, console)
-    finally:
-        _finish(console, log, KIND, model_id, prose_table)
+    _run_cases(args, console, KIND, prose_table, functools.partial(run_prose, plan=plan))
 
 
 def cmd_trace(args, console) -> None:
