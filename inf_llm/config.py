@@ -101,14 +101,14 @@ class InfLLMConfig:
     local_window: int = 128
     block_size: int = 32
     repr_tokens: int = 4
-    topk_blocks: int = 8
+    topk_blocks: int = 32
     chunk_size: int = 128
-    device_cache_blocks: int = 32
+    device_cache_blocks: int = 64
     cache_policy: str = "lru"
     score_decay: float | None = None
     per_head_ranking: bool = False
-    block_ranking: str = "representatives"
-    rank_rotated: bool = False
+    block_ranking: str = "bounds"
+    rank_rotated: bool = True
     following_blocks: int = 0
     storage_dtype: str = "auto"
     repr_dtype: str = "float16"
@@ -381,6 +381,10 @@ def _load_reference(path: Path, data: dict[Any, Any]) -> LoadedConfig:
                           + " (the reference has no default for them)")
     if method == "inf-llm":
         settings.setdefault("repr_tokens", _REFERENCE_REPR_TOPK_DEFAULT)
+        # The paper's representatives, ranked as this project ranked them before the ranking was a setting
+        # (unrotated; the reference's code ranks with the rotated query: rank_rotated: true in our format).
+        settings.setdefault("block_ranking", "representatives")
+        settings.setdefault("rank_rotated", False)
     if "chunk_size" not in settings and isinstance(settings.get("local_window"), int):
         # The baselines' reference configs give no exc_block_size; keep ours within their window.
         settings["chunk_size"] = min(_DEFAULTS.chunk_size, settings["local_window"])

@@ -332,6 +332,8 @@ class LayerMemory:
             "rem_v": self.rem_v,
             "rem_score": self.rem_score,
             "num_blocks": self.blocks.num_blocks,
+            # float16 ranking scales the query by this bound: restoring it makes a replay rank exactly as before.
+            "repr_absmax": self._repr_absmax,
         }
 
     def restore(self, snap: dict) -> None:
@@ -350,6 +352,8 @@ class LayerMemory:
         for name in ("sink_k", "sink_v", "rem_k", "rem_v", "rem_score"):
             setattr(self, name, snap[name])
         self.blocks.truncate(snap["num_blocks"])  # and so the representatives (rows past it are overwritten)
+        if "repr_absmax" in snap:  # sessions saved before it was part of the state recompute it (set_reprs)
+            self._repr_absmax = snap["repr_absmax"].to(self.device)
         self._fewest_blocks = min(self._fewest_blocks, snap["num_blocks"])
 
     def mark_blocks(self) -> int:

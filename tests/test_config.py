@@ -62,9 +62,9 @@ REFUSED = [
     (dict(block_ranking="quest"), ["block_ranking", "'quest'", "'bounds'"]),
     (dict(rank_rotated=1), ["rank_rotated", "1", "true or false"]),
     (dict(following_blocks=-1), ["following_blocks", "-1", ">= 0"]),
-    (dict(following_blocks=4), ["following_blocks=4", "40 blocks", "device_cache_blocks=32"]),
+    (dict(following_blocks=2), ["following_blocks=2", "96 blocks", "device_cache_blocks=64"]),
     (dict(following_blocks=1, per_head_ranking=True, device_cache_blocks=64), ["following_blocks=1", "per_head_ranking"]),
-    (dict(topk_blocks=40), ["topk_blocks=40", "device_cache_blocks=32"]),
+    (dict(topk_blocks=80), ["topk_blocks=80", "device_cache_blocks=64"]),
     (dict(topk_blocks=8, device_cache_blocks=4), ["topk_blocks=8", "device_cache_blocks=4"]),
     (dict(repr_tokens=33), ["repr_tokens=33", "block_size=32"]),
     (dict(chunk_size=512), ["chunk_size=512", "local_window=128"]),
@@ -93,7 +93,8 @@ def test_defaults_are_the_embedded_model_settings():
     config = InfLLMConfig()
     assert (config.method, config.num_sink_tokens, config.local_window, config.block_size) == (
         "inf-llm", 32, 128, 32)
-    assert (config.repr_tokens, config.topk_blocks, config.chunk_size, config.device_cache_blocks) == (4, 8, 128, 32)
+    assert (config.repr_tokens, config.topk_blocks, config.chunk_size, config.device_cache_blocks) == (4, 32, 128, 64)
+    assert (config.block_ranking, config.rank_rotated, config.following_blocks) == ("bounds", True, 0)
     assert (config.cache_policy, config.score_decay, config.per_head_ranking) == ("lru", None, False)
     assert (config.storage_dtype, config.kernel_backend) == ("auto", "auto")
 
@@ -139,10 +140,10 @@ def test_to_dict_lists_fields_in_order():
 def test_replace_is_validated_and_leaves_the_original_unchanged():
     config = InfLLMConfig()
     changed = config.replace(topk_blocks=16, local_window=1024)
-    assert (changed.topk_blocks, changed.local_window, config.topk_blocks) == (16, 1024, 8)
+    assert (changed.topk_blocks, changed.local_window, config.topk_blocks) == (16, 1024, 32)
     with pytest.raises(ValueError) as error:
-        config.replace(topk_blocks=64)
-    assert_names(str(error.value), "topk_blocks=64", "device_cache_blocks=32")
+        config.replace(topk_blocks=128)
+    assert_names(str(error.value), "topk_blocks=128", "device_cache_blocks=64")
     with pytest.raises(ValueError) as error:
         config.replace(local_windw=512)
     assert_names(str(error.value), "'local_windw'", "did you mean 'local_window'")
@@ -184,7 +185,7 @@ def test_a_partial_file_takes_the_defaults_and_extras(tmp_path):
     ("exc_block_size: 128\n", ["'exc_block_size'", "'chunk_size'"]),
     ("zzz: 1\n", ["'zzz'", "valid keys", "num_sink_tokens"]),
     ("local_window: 512\nlocal_window: 1024\n", ["duplicate key", "local_window"]),
-    ("topk_blocks: 64\n", ["topk_blocks=64", "device_cache_blocks=32"]),
+    ("topk_blocks: 128\n", ["topk_blocks=128", "device_cache_blocks=64"]),
     ("cache_policy: lru-s\n", ["score_decay", "lru-s"]),
     ("model_path: 3\n", ["model_path=3"]),
     ("conv_template: [a]\n", ["conv_template=['a']"]),
@@ -252,7 +253,8 @@ def test_embedded_presets():
 def test_paper_presets(name, model_path):
     loaded = load_config(preset_path(name))
     assert loaded.config == InfLLMConfig(num_sink_tokens=128, local_window=4096, block_size=128, repr_tokens=4,
-                                         topk_blocks=16, chunk_size=512, device_cache_blocks=32)
+                                         topk_blocks=16, chunk_size=512, device_cache_blocks=32,
+                                         block_ranking="representatives", rank_rotated=False)
     assert loaded.model_path == model_path
 
 
@@ -383,7 +385,7 @@ QWEN_INF_LLM = MISTRAL_INF_LLM_12K.replace("topk: 64", "topk: 16").replace(
     "mistralai/Mistral-7B-Instruct-v0.2", "Qwen/Qwen1.5-7B-Chat").replace("mistral-inst", "qwen")
 
 PAPER = InfLLMConfig(num_sink_tokens=128, local_window=4096, block_size=128, repr_tokens=4, topk_blocks=16,
-                     chunk_size=512, device_cache_blocks=32)
+                     chunk_size=512, device_cache_blocks=32, block_ranking="representatives", rank_rotated=False)
 
 
 def noted_keys(loaded):

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(prose)
     _add_settings(prose, "inf-llm,stream-llm,full")
     _add_output(prose, "prose")
-    prose.add_argument("--tasks", type=parse_tasks, default=parse_tasks("single,multikey,multivalue,multiquery,twohop"),
+    prose.add_argument("--tasks", type=parse_tasks, default="single,multikey,multivalue,multiquery,twohop",
                        help="comma-separated, from single, multikey, multivalue, multiquery, twohop (default: all)")
     prose.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4K,8K,16K"),
                        help="prompt lengths in tokens (default: 4K,8K,16K)")
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--inf-llm-config-path", help="InfLLM preset (YAML) (default: the model's preset)")
     trace.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                        help="override an InfLLMConfig field, e.g. --set topk_blocks=16 (repeatable)")
-    trace.add_argument("--task", type=parse_tasks, default=("single",), help="the task (default: single)")
+    trace.add_argument("--task", type=parse_tasks, default="single", help="the task (default: single)")
     trace.add_argument("--length", type=parse_length, default=parse_length("4K"), help="prompt length (default: 4K)")
     trace.add_argument("--depth", type=float, default=0.5, help="target needle depth (default: 0.5)")
     trace.add_argument("--seed", type=int, default=0, help="the case's seed (default: 0)")

@@ -24,8 +24,6 @@ import tarfile
 from functools import lru_cache
 from pathlib import Path
 
-import platformdirs
-
 CORPUS_PACKAGE = "brotli==1.2.1"
 CORPUS_ARCHIVE = "brotli-1.2.1.tar.gz"
 CORPUS_MEMBERS = ("brotli-1.2.1/tests/testdata/alice29.txt", "brotli-1.2.1/tests/testdata/lcet10.txt")
@@ -43,6 +41,8 @@ def corpus_path() -> Path:
     """`$INF_LLM_CORPUS` if set, else `<user cache>/inf-llm/corpus/brotli-1.2.1.tar.gz`."""
     if os.environ.get(CORPUS_ENV):
         return Path(os.environ[CORPUS_ENV]).expanduser()
+    import platformdirs  # here, not at the top: the GPU script imports this package where it is missing
+
     return Path(platformdirs.user_cache_dir("inf-llm")).expanduser() / "corpus" / CORPUS_ARCHIVE
 
 

@@ -117,7 +117,9 @@ def plot_prose(records: list[dict[str, Any]], path: str | Path) -> Path:
             if not points:
                 continue
             lengths = sorted(points)
-            ax.plot(lengths, [100 * sum(points[n]) / len(points[n]) for n in lengths], label=name, **_style(index))
+            # One colour per series in every panel (the axes' own cycle would shift where a series is missing).
+            ax.plot(lengths, [100 * sum(points[n]) / len(points[n]) for n in lengths], label=name,
+                    color=f"C{index % 10}", **_style(index))
         _length_axis(ax, [r["case"]["length"] for r in records])
         ax.set_ylim(-5, 105)
         ax.set_title(task, fontsize=10)
