@@ -213,8 +213,10 @@ class LayerMemory:
 
         # Global stage: memory keys, then the chunk-window keys that leave some query's band.
         n_comp = max(0, w + c - window)
+        # The query rotated to the global distance: computed once, for ranking (rank_rotated) and the global stage.
+        q_at_window = self.rotary.rotate_at(q, window) if cfg.method == "inf-llm" and cfg.rank_rotated else None
         if cfg.method == "inf-llm":
-            chosen = self._select(self.rotary.rotate_at(q, window) if cfg.rank_rotated else q)
+            chosen = self._select(q if q_at_window is None else q_at_window)
         else:
             chosen = None
         local = None
@@ -239,7 +241,7 @@ class LayerMemory:
                 q_glob = self.rotary.rotate_positions(q, q_pos)[None]
                 glob_k = self.rotary.rotate(glob_k, 0)
             else:
-                q_glob = self.rotary.rotate_at(q, window)[None]
+                q_glob = (self.rotary.rotate_at(q, window) if q_at_window is None else q_at_window)[None]
 
         # Both stages in one exact softmax (the complement offset counts the memory keys placed before the window's).
         with_mass = cfg.method == "inf-llm"
