@@ -1,6 +1,6 @@
 """What retrieval did, chunk by chunk and layer by layer: the blocks chosen, how they ranked, the attention they got.
 
-A diagnostic of InfLLM's memory (ALGORITHM.md section 2): with a `RetrievalTrace` attached
+A diagnostic of InfLLM's memory (the retrieval step of arXiv 2402.04617, section 3): with a `RetrievalTrace` attached
 (`InfLLMMemory.start_trace()`), every layer reports each chunk it attends, including each decoded token (a chunk
 of one). Per chunk it keeps the chosen block ids, the score of every block (the ranking), and the attention weight
 each token of the chosen blocks received (the union softmax of the local and global stages, recomputed here from

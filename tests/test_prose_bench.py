@@ -13,10 +13,11 @@ import tarfile
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from inf_llm.bench.__main__ import main
 from inf_llm.bench.corpus import CORPUS_MEMBERS, CorpusMissing, clean_paragraphs, corpus_path, load_paragraphs
-from inf_llm.bench.prose_tasks import TASKS, build_prose_prompt, score
+from inf_llm.bench.prose_tasks import MAX_NEW_TOKENS, TASKS, build_prose_prompt, score
 from inf_llm.bench.results import read_records
 # The benchmark tests' tiny Llama with the embedded tokenizer, and their small windowed settings.
 from tests.test_bench import SMALL, tiny_checkpoint, tokenizer  # noqa: F401
@@ -138,7 +139,8 @@ def test_score_counts_whole_numbers_only():
 # --- the command ------------------------------------------------------------------------------------------------------
 
 
-def test_prose_command_answers_every_case_resumes_and_draws(tiny_checkpoint, tmp_path, paragraphs, monkeypatch):
+def test_prose_command_answers_every_case_resumes_and_draws(tiny_checkpoint, tokenizer, tmp_path, paragraphs,
+                                                            monkeypatch):
     corpus = tmp_path / "corpus.tar.gz"
     _archive(corpus, [_wrapped(paragraphs[:150]), _wrapped(paragraphs[150:])])
     monkeypatch.setenv("INF_LLM_CORPUS", str(corpus))
@@ -147,12 +149,16 @@ def test_prose_command_answers_every_case_resumes_and_draws(tiny_checkpoint, tmp
             "--depths", "0.5", "--seeds", "1", "--full-max-len", "600", "--out", str(tmp_path), *SMALL]
     assert main(base) == 0
     records = read_records(tmp_path / "prose.jsonl")
+    eos = {tokenizer.eos_token_id, AutoConfig.from_pretrained(tiny_checkpoint).eos_token_id}
     # 2 tasks x (2 lengths for inf-llm and stream-llm + 1 for full).
     assert len(records) == 10
     for r in records:
         assert abs(r["tokens"] - r["case"]["length"]) <= 32
         assert r["score"] == score(tuple(r["answers"]), r["reply"]) and r["correct"] == (r["score"] == 1.0)
-        assert 1 <= r["reply_tokens"] <= 32
+        # Greedy until EOS or the task's token budget: every token counted, the budget never exceeded.
+        budget = MAX_NEW_TOKENS[r["case"]["task"]]
+        assert r["reply_tokens"] == len(r["reply_ids"]) and 1 <= r["reply_tokens"] <= budget
+        assert r["reply_tokens"] == budget or r["reply_ids"][-1] in eos
     assert main(base) == 0 and len(read_records(tmp_path / "prose.jsonl")) == 10  # nothing re-run
     assert main(["table", str(tmp_path / "prose.jsonl"), "--markdown"]) == 0
     assert (tmp_path / "prose.png").stat().st_size > 0

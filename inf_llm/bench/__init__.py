@@ -1,4 +1,4 @@
-"""Benchmarks of InfLLM against its baselines, in the same run on the same machine (STYLE.md rule 15).
+"""Benchmarks of InfLLM against its baselines, in the same run on the same machine, so that ratios are fair.
 
 Run `python -m inf_llm.bench --help`. Sub-commands:
 

@@ -103,6 +103,13 @@ def _add_settings(parser: argparse.ArgumentParser, methods: str) -> None:
                         help="also run inf-llm with these settings, e.g. --compare storage_dtype=int8 (repeatable)")
 
 
+def _add_inf_llm_settings(parser: argparse.ArgumentParser, example: str) -> None:
+    """The settings of a command that runs inf-llm alone: a preset and overrides."""
+    parser.add_argument("--inf-llm-config-path", help="InfLLM preset (YAML) (default: the model's preset)")
+    parser.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                        help=f"override an InfLLMConfig field, e.g. --set {example} (repeatable)")
+
+
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-path",
                         help="a Hugging Face checkpoint folder or .gguf (default: the embedded SmolLM2)")
@@ -157,9 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace = commands.add_parser("trace", help="one prose case with a retrieval trace: where the needles are, which "
                                 "blocks each layer chose at each step, and why the answer failed (inf-llm only)")
     _add_model(trace)
-    trace.add_argument("--inf-llm-config-path", help="InfLLM preset (YAML) (default: the model's preset)")
-    trace.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                       help="override an InfLLMConfig field, e.g. --set topk_blocks=16 (repeatable)")
+    _add_inf_llm_settings(trace, "topk_blocks=16")
     trace.add_argument("--task", type=parse_tasks, default="single", help="the task (default: single)")
     trace.add_argument("--length", type=parse_length, default=parse_length("4K"), help="prompt length (default: 4K)")
     trace.add_argument("--depth", type=float, default=0.5, help="target needle depth (default: 0.5)")
@@ -195,9 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     long_read = commands.add_parser("long-read", help="one document up to 1M tokens under a RAM budget, keys at "
                                     "several depths (inf-llm only)")
     _add_model(long_read)
-    long_read.add_argument("--inf-llm-config-path", help="InfLLM preset (YAML) (default: the model's preset)")
-    long_read.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                           help="override an InfLLMConfig field, e.g. --set storage_dtype=int8 (repeatable)")
+    _add_inf_llm_settings(long_read, "storage_dtype=int8")
     _add_output(long_read, "long-read")
     long_read.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4K,1M"),
                            help="document lengths, the shortest being the control (default: 4K,1M)")

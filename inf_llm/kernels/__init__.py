@@ -8,7 +8,7 @@ attention each key received, for the block representatives). Two implementations
 - ``"triton"``: `triton_attention.py`, fused GPU kernels (on CPU only under ``TRITON_INTERPRET=1``, for tests).
 
 `resolve_ops` is called once, when a model is set up, and returns an `AttentionOps`; nothing re-decides per call
-and nothing falls back silently (STYLE.md rule 5). ``"auto"`` chooses triton on CUDA and torch elsewhere; on
+and nothing falls back silently. ``"auto"`` chooses triton on CUDA and torch elsewhere; on
 CUDA without an importable triton it uses torch and says so in a warning. triton is imported inside
 `resolve_ops`, so importing this package never pays for it.
 """
