@@ -7,6 +7,7 @@ Both kinds share one small interface used by the engine: `forward_kwargs()` (wha
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -157,12 +158,26 @@ class InfLLMMemory:
         )
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name under which the model's forward takes its KV cache.
+
+    transformers renamed `past_key_values` to `cache` within 5.x; an unknown keyword would vanish into the
+    forward's ``**kwargs`` and leave the cache empty, so the name is read off the signature, not assumed.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise TypeError(f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`")
+
+
 class FullAttentionMemory:
     """The baseline: the model's own attention over a growing KV cache (transformers' DynamicCache)."""
 
     def __init__(self, model: torch.nn.Module, config: InfLLMConfig):
         self.config = config
         self.model_config = model.config
+        self.cache_keyword = cache_keyword(model)
         self.reset()
 
     def reset(self) -> None:
@@ -176,7 +191,7 @@ class FullAttentionMemory:
         start = self.num_tokens
         return {
             "position_ids": torch.arange(start, start + num_new, device=device)[None],
-            "cache": self.cache,
+            self.cache_keyword: self.cache,
             "use_cache": True,
         }
 

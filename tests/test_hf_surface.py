@@ -7,6 +7,7 @@ from transformers import AttentionInterface, GPT2Config, LlamaConfig
 
 from inf_llm import hf
 from inf_llm.config import InfLLMConfig
+from inf_llm.memory import FullAttentionMemory, cache_keyword
 from tests.tiny_models import tiny_config, tiny_model
 
 
@@ -73,3 +74,25 @@ def test_per_head_ranking_needs_room_in_the_device_cache():
     config = InfLLMConfig(per_head_ranking=True, topk_blocks=8, device_cache_blocks=8)
     with pytest.raises(ValueError, match="device_cache_blocks"):
         hf.check_config_for_model(config, LlamaConfig(num_attention_heads=4, num_key_value_heads=2))
+
+
+def test_the_full_attention_cache_reaches_the_model():
+    """An unknown cache keyword would vanish into the forward's **kwargs and leave the cache empty."""
+    model = tiny_model("llama")
+    memory = FullAttentionMemory(model, InfLLMConfig(method="full"))
+    model(input_ids=torch.tensor([[1, 2, 3]]), logits_to_keep=1, **memory.forward_kwargs(3, torch.device("cpu")))
+    assert memory.num_tokens == 3
+
+
+def test_the_cache_keyword_is_read_off_the_forward_signature():
+    class Renamed(torch.nn.Module):  # the name before transformers' rename
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return None
+
+    class Neither(torch.nn.Module):
+        def forward(self, input_ids=None, **kwargs):
+            return None
+
+    assert cache_keyword(Renamed()) == "past_key_values"
+    with pytest.raises(TypeError, match="neither `cache` nor `past_key_values`"):
+        cache_keyword(Neither())
