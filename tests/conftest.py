@@ -2,8 +2,6 @@
 
 import pytest
 
-from inf_llm.loading import load_model
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds; `make test-fast` skips it")
@@ -17,4 +15,6 @@ def embedded_model():
     cached copy in seconds. Tests must not modify the weights. An Engine switches the model's attention to
     InfLLM's (and back on its next feed): a test that calls the plain model sets the stock attention itself.
     """
+    from inf_llm.loading import load_model  # here, not at the top: GPU machines run tests/test_cuda.py without it
+
     return load_model()

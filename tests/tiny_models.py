@@ -77,8 +77,8 @@ def _dense_attention(module, query, key, value, attention_mask, scaling, dropout
     q = query[0].float()  # (Hq, T, D) unrotated (position ids were 0)
     k = key[0].float().repeat_interleave(group, dim=0)
     v = value[0].float().repeat_interleave(group, dim=0)
-    pos = torch.arange(t)
-    cos, sin = rotary_emb(q, torch.arange(max(t, window + sinks + 1))[None])
+    pos = torch.arange(t, device=q.device)
+    cos, sin = rotary_emb(q, torch.arange(max(t, window + sinks + 1), device=q.device)[None])
     scale0 = cos[0, 0, 0]
     cos, sin = cos[0] / scale0, sin[0] / scale0  # the model already applied its position-0 factor
 
@@ -112,7 +112,7 @@ def dense_logits(model, ids: torch.Tensor, method: str, window: int, sinks: int)
     with torch.inference_mode():
         out = model(
             input_ids=ids[None],
-            position_ids=torch.zeros((1, len(ids)), dtype=torch.long),
+            position_ids=torch.zeros((1, len(ids)), dtype=torch.long, device=ids.device),
             use_cache=False,
             dense_rule=rule,
         )
