@@ -337,3 +337,19 @@ def test_keys_beyond_float16_fail_with_a_clear_error_under_float16_representativ
     assert torch.isfinite(wide.reprs).all()
     with pytest.raises(ValueError, match="float16's range.*repr_dtype: float32"):
         _layer(repr_dtype="float16").forward(q, k, v, 1e-7)
+
+
+@pytest.mark.parametrize("shape", [(40,), (3, 40)])
+@pytest.mark.parametrize("k", [1, 5, 39])
+@pytest.mark.parametrize("levels", [3, 12, 10**6])  # few distinct scores: ties everywhere; many: almost none
+def test_block_selection_breaks_ties_toward_the_earlier_block(shape, k, levels):
+    """Oracle: order by (score descending, index ascending), take k. Both the CPU path and the one without a
+    host read-back (the CUDA path) must give it, on scores with many ties and with none."""
+    from inf_llm.attention import select_blocks, select_blocks_earliest_on_ties
+
+    g = torch.Generator().manual_seed(levels + k)
+    scores = torch.randint(0, levels, shape, generator=g).float() / 7
+    rows = scores.view(-1, shape[-1]).tolist()
+    expected = torch.tensor([sorted(sorted(range(len(r)), key=lambda i: (-r[i], i))[:k]) for r in rows]).view(*shape[:-1], k)
+    assert torch.equal(select_blocks(scores, k), expected)
+    assert torch.equal(select_blocks_earliest_on_ties(scores, k), expected)
