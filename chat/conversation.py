@@ -94,7 +94,7 @@ class Conversation:
         self.counters = Counters()
         self._replies = 0
         # (position of the query that gave the last reply's first token, reply tokens): what !!sources replays
-        self._last_reply: tuple[int, int] | None = None
+        self._last_reply: tuple[int, list[int]] | None = None  # (position of the first query, the query ids)
         if engine.tokens:
             raise ValueError("the engine's memory must be empty when a conversation starts; call engine.reset()")
 
@@ -148,7 +148,7 @@ class Conversation:
     @property
     def last_reply_tokens(self) -> int:
         """Tokens of the last reply generated in this run (0 if none): the queries `sources` replays."""
-        return self._last_reply[1] if self._last_reply else 0
+        return len(self._last_reply[1]) if self._last_reply else 0
 
     def sources(self, limit: int = 5) -> list[tuple[Source, str]]:
         """The passages of the conversation that retrieval brought into the last reply's attention, most attended
@@ -163,12 +163,12 @@ class Conversation:
             raise ValueError("there is no reply of this run to trace (a resumed session's replies cannot be)")
         if not hasattr(self.engine.memory, "start_trace"):
             raise ValueError(f"method {self.engine.config.method!r} retrieves nothing from memory: only inf-llm does")
-        start, count = self._last_reply
+        start, queries = self._last_reply
         tokens = list(self.engine.tokens)
         self._sync(tokens[:start], None)  # back to the snapshot after the prompt (re-reads only if it was dropped)
         trace = self.engine.memory.start_trace()
         try:
-            for token in tokens[start : start + count]:
+            for token in queries:
                 self.engine.feed([token])
         finally:
             self.engine.memory.stop_trace()
@@ -218,6 +218,7 @@ class Conversation:
         self._push()
 
         parts: list[str] = []
+        sampled: list[int] = []
         finish, generated, decode_ms = "interrupted", 0, None
         params = self.params
         if params.seed is not None:
@@ -229,6 +230,7 @@ class Conversation:
         try:
             for step in steps:
                 parts.append(step.text)
+                sampled.append(step.token_id)
                 generated += 1
                 decode_ms = step.decode_ms_per_token
                 if on_step is not None:
@@ -245,7 +247,9 @@ class Conversation:
             steps.close()
         self.counters.fed_tokens += 1 + max(generated - 1, 0)  # the last prompt token, then each fed sample
         if finish != "interrupted" or generated:
-            self._last_reply = (len(target) - 1, generated)
+            # The queries of the reply: the last prompt token, then every sample but the last (never fed). Kept as
+            # ids: the transcript re-tokenises the reply's text, not always into the tokens that were sampled.
+            self._last_reply = (len(target) - 1, [target[-1], *sampled[:-1]])
         self.counters.generated_tokens += generated
         self.messages.append({"role": "assistant", "content": "".join(parts)})
 
