@@ -110,8 +110,12 @@ class BlockStore:
         self.layout = BlockLayout(num_kv_heads, block_size, head_dim, storage_dtype)
         tiers = tiers or TierSettings()
         self.tiers = tiers
+        # The host tier's rows are pageable: every load copies its records into a pinned buffer first
+        # (`_read_records`), which is what the host-to-device copy reads. Pinning the rows themselves bought
+        # nothing and cost cudaHostAlloc on each growth of the slab (measured on an H200: 3.6 of 6.4 s of wall time
+        # reading 8K tokens into a 32K memory at Mistral-7B's shapes, BENCHMARKS.md).
         self.host = HostTier(self.layout, budget_bytes=tiers.host_budget_bytes, policy=policy,
-                             score_decay=score_decay, pin=self.pin)
+                             score_decay=score_decay)
         self.disk: DiskTier | None = None
         self._spill: SpillDirectory | None = None  # held so that the spill folder lives as long as this store
         self.num_blocks = 0

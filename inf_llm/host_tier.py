@@ -1,8 +1,8 @@
 """The host-memory tier of the block store: block records in RAM, within a byte budget.
 
-Records (`BlockLayout`) live in rows of one slab, pinned on CUDA machines so that copies to the device are
-fast. With a budget (`host_cache_bytes`, split over the layers) the slab never holds more than
-``budget // record_bytes`` rows, so the bytes of block K/V in RAM never exceed the budget; the store decides
+Records (`BlockLayout`) live in rows of one slab in pageable memory (loads to a GPU go through a pinned
+buffer of their own, see `BlockStore._read_records`). With a budget (`host_cache_bytes`, split over the layers)
+the slab never holds more than ``budget // record_bytes`` rows, so the bytes of block K/V in RAM never exceed the budget; the store decides
 what leaves (to the disk tier) by this tier's `EvictionPolicy`. Without a budget every block stays here, as a
 growing slab (the behaviour before tiers existed).
 """
@@ -27,13 +27,12 @@ class HostTier:
         budget_bytes: int | None,
         policy: str = "lru",
         score_decay: float | None = None,
-        pin: bool = False,
     ):
         if budget_bytes is not None and budget_bytes < 0:
             raise ValueError(f"host budget must be >= 0 bytes or None, got {budget_bytes}")
-        self.layout, self.pin = layout, pin
+        self.layout = layout
         self.max_blocks = None if budget_bytes is None else budget_bytes // layout.record_bytes
-        self.slab = layout.empty(0, pin_memory=pin)  # (rows, record_bytes) uint8
+        self.slab = layout.empty(0)  # (rows, record_bytes) uint8
         self.row_of: dict[int, int] = {}
         self.free_rows: list[int] = []
         self.policy = EvictionPolicy(policy, score_decay)
@@ -96,7 +95,7 @@ class HostTier:
         capacity = max(_MIN_ROWS, 2 * rows, len(self) + n)
         if self.max_blocks is not None:
             capacity = min(capacity, self.max_blocks)  # never allocate past the budget
-        slab = self.layout.empty(capacity, pin_memory=self.pin)
+        slab = self.layout.empty(capacity)
         slab[:rows] = self.slab
         self.slab = slab
         # Pop from the end: lowest rows first, so a slab fills front to back.
