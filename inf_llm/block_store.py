@@ -326,9 +326,17 @@ class BlockStore:
     def _unpack_into(self, records: torch.Tensor, slots: list[int]) -> None:
         # The pinned buffer is fresh per call and never written again, so the copy may run asynchronously.
         k, v = self.layout.values(records.to(self.device, non_blocking=self.pin), self.compute_dtype)
-        index = torch.tensor(slots, device=self.device)
+        index = self._index(slots)
         self.dev_k.index_copy_(0, index, k)  # (n, Hkv, B, D) into their slots
         self.dev_v.index_copy_(0, index, v)
+
+    def _index(self, values: list) -> torch.Tensor:
+        """Slot numbers as an index tensor on the device. On CUDA through pinned memory, asynchronously: a copy
+        from pageable memory would make the host wait for the stream each time (several per layer and chunk)."""
+        index = torch.tensor(values, dtype=torch.long)
+        if self.device.type != "cuda":
+            return index.to(self.device)
+        return index.pin_memory().to(self.device, non_blocking=True)
 
     def gather(self, block_ids: torch.Tensor | BlockIds) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the selected blocks, concatenated along time.
@@ -343,12 +351,12 @@ class BlockStore:
         flat = sorted(set(ids if block_ids.dim == 1 else [b for row in ids for b in row]))
         slot_of = dict(zip(flat, self.fetch_slots(flat)))
         if block_ids.dim == 1:
-            slots = torch.tensor([slot_of[b] for b in ids], device=self.device)
+            slots = self._index([slot_of[b] for b in ids])
             # index_select, not fancy indexing: several times faster on CPU for the same copy.
             k = self.dev_k.index_select(0, slots).transpose(0, 1)  # (Hkv, n, B, D)
             v = self.dev_v.index_select(0, slots).transpose(0, 1)
         else:
-            slots = torch.tensor([[slot_of[b] for b in row] for row in ids], device=self.device)  # (Hkv, n)
+            slots = self._index([[slot_of[b] for b in row] for row in ids])  # (Hkv, n)
             heads = torch.arange(self.num_kv_heads, device=self.device)[:, None]
             k = self.dev_k[slots, heads]  # (Hkv, n, B, D)
             v = self.dev_v[slots, heads]

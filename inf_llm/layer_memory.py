@@ -207,9 +207,12 @@ class LayerMemory:
         w = loc_k.shape[1] - c
         first_pos = self.num_seen - w  # absolute position of loc_k[:, 0]
 
-        # Local stage: exact relative positions inside the window.
-        q_loc = self.rotary.rotate(q, w)[None]  # (1, Hq, c, D)
-        k_loc = self.rotary.rotate(loc_k, 0)[None]  # (1, Hkv, w + c, D)
+        # Local stage: exact relative positions inside the window. Rotations are computed in float32 and the
+        # attention reads them in the memory's dtype, as the stock model does: 16-bit on a GPU (where float32
+        # inputs would take the kernels' three-product TF32 path, several times slower), float32 on the CPU.
+        dtype = self.dtype
+        q_loc = self.rotary.rotate(q, w)[None].to(dtype)  # (1, Hq, c, D)
+        k_loc = self.rotary.rotate(loc_k, 0)[None].to(dtype)  # (1, Hkv, w + c, D)
 
         # Global stage: memory keys, then the chunk-window keys that leave some query's band.
         n_comp = max(0, w + c - window)
@@ -238,13 +241,14 @@ class LayerMemory:
             if cfg.method == "stream-llm":
                 # Sinks at their true positions, the query right after its full window (StreamingLLM's cache).
                 q_pos = torch.clamp(torch.arange(self.num_seen, self.num_seen + c, device=q.device), max=cfg.num_sink_tokens + window - 1)
-                q_glob = self.rotary.rotate_positions(q, q_pos)[None]
-                glob_k = self.rotary.rotate(glob_k, 0)
+                q_glob = self.rotary.rotate_positions(q, q_pos)[None].to(dtype)
+                glob_k = self.rotary.rotate(glob_k, 0).to(dtype)
             else:
-                q_glob = (self.rotary.rotate_at(q, window) if q_at_window is None else q_at_window)[None]
+                q_glob = (self.rotary.rotate_at(q, window) if q_at_window is None else q_at_window)[None].to(dtype)
 
         # Both stages in one exact softmax (the complement offset counts the memory keys placed before the window's).
-        with_mass = cfg.method == "inf-llm"
+        # The keys' attention mass feeds representatives only; key bounds are read off the keys.
+        with_mass = cfg.method == "inf-llm" and cfg.block_ranking == "representatives"
         offsets = dict(local_offset=w, global_offset=w + num_memory, window=window, with_mass=with_mass)
         if local is None:
             out, mass = ops.chunk_attention(q_loc, k_loc, loc_v[None], q_glob, glob_k[None], glob_v[None], scale, **offsets)
