@@ -30,10 +30,11 @@ STORAGE_DTYPES = ("auto", "float16", "bfloat16", "float32", "int8")
 REPR_DTYPES = ("float32", "float16")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 BLOCK_RANKINGS = ("representatives", "bounds")
+MEMORY_POSITIONS = ("shared", "ordered")
 # Settings added after sessions and benchmark results were recorded, at the value that reproduces what those
 # recorded: a saved identity without the key is read as having this value.
 ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "rank_rotated": False,
-               "following_blocks": 0}
+               "following_blocks": 0, "memory_positions": "shared"}
 
 # Presets live at the repository root; the package is installed editable, so this resolves there too.
 PRESET_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -80,6 +81,11 @@ class InfLLMConfig:
                                                           choice) instead of unrotated (distance 0)
     following_blocks     (none)                           also retrieve the next N blocks after each chosen
                                                           one (a passage cut by a block boundary)
+    memory_positions     (none)                           where the global stage places what it attends: shared
+                                                          (the paper: every memory token at distance
+                                                          local_window) | ordered (in their text order, next to
+                                                          each other, the last at distance local_window: the
+                                                          retrieved passages read as one text with the gaps cut)
     storage_dtype        (none)                           host dtype of blocks; auto = model's if 16-bit;
                                                           int8 = 8-bit with a scale per block and KV head
     repr_dtype           (none)                           dtype of the representatives and of block scoring:
@@ -110,6 +116,7 @@ class InfLLMConfig:
     block_ranking: str = "bounds"
     rank_rotated: bool = True
     following_blocks: int = 0
+    memory_positions: str = "shared"
     storage_dtype: str = "auto"
     repr_dtype: str = "float16"
     kernel_backend: str = "auto"
@@ -129,6 +136,7 @@ class InfLLMConfig:
         _check_choice("repr_dtype", self.repr_dtype, REPR_DTYPES)
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _check_choice("block_ranking", self.block_ranking, BLOCK_RANKINGS)
+        _check_choice("memory_positions", self.memory_positions, MEMORY_POSITIONS)
         for name in ("per_head_ranking", "rank_rotated"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be true or false")

@@ -243,6 +243,12 @@ class LayerMemory:
                 q_pos = torch.clamp(torch.arange(self.num_seen, self.num_seen + c, device=q.device), max=cfg.num_sink_tokens + window - 1)
                 q_glob = self.rotary.rotate_positions(q, q_pos)[None].to(dtype)
                 glob_k = self.rotary.rotate(glob_k, 0).to(dtype)
+            elif cfg.memory_positions == "ordered":
+                # The global keys in text order at positions 0..G-1, the query at window+G-1: the last global key
+                # sits at distance `window`, as with shared positions, and the others follow their order.
+                g = glob_k.shape[1]
+                q_glob = self.rotary.rotate_at(q, window + g - 1)[None].to(dtype)
+                glob_k = self.rotary.rotate(glob_k, 0).to(dtype)
             else:
                 q_glob = (self.rotary.rotate_at(q, window) if q_at_window is None else q_at_window)[None].to(dtype)
 

@@ -60,6 +60,7 @@ REFUSED = [
     (dict(kernel_backend="cuda"), ["kernel_backend", "'cuda'", "'triton'"]),
     (dict(per_head_ranking="yes"), ["per_head_ranking", "'yes'"]),
     (dict(block_ranking="quest"), ["block_ranking", "'quest'", "'bounds'"]),
+    (dict(memory_positions="sorted"), ["memory_positions", "'sorted'", "'ordered'"]),
     (dict(rank_rotated=1), ["rank_rotated", "1", "true or false"]),
     (dict(following_blocks=-1), ["following_blocks", "-1", ">= 0"]),
     (dict(following_blocks=2), ["following_blocks=2", "96 blocks", "device_cache_blocks=64"]),

@@ -8,7 +8,7 @@ import torch
 from inf_llm.config import InfLLMConfig
 from inf_llm.hf import attach
 from inf_llm.kernels import reference
-from tests.tiny_models import FAMILIES, dense_logits, run_schedule, stock_logits, tiny_model
+from tests.tiny_models import FAMILIES, chunk_last_positions, dense_logits, run_schedule, stock_logits, tiny_model
 
 ATOL = 2e-4
 
@@ -78,6 +78,36 @@ def _check_all_blocks_retrieved(family, schedule, chunk_size, **settings):
     got = run_schedule(model, memory, ids, SCHEDULES[schedule])
     assert memory.stats().blocks >= 15  # the memory really held blocks: retrieval was exercised
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_ordered_positions_token_by_token_with_every_block_retrieved_are_the_stock_model(family):
+    """Ordered memory positions put each global key at its distance from the chunk's last query: with one-token
+    chunks and every block retrieved, that is every key's true distance, so InfLLM is the model itself."""
+    model = tiny_model(family)
+    ids = _ids(200)
+    memory = attach(model, _memory_config(memory_positions="ordered", chunk_size=1))
+    got = run_schedule(model, memory, ids, SCHEDULES["token by token"])
+    assert memory.stats().blocks >= 15
+    torch.testing.assert_close(got, stock_logits(model, ids), atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("schedule,chunk_size", [("one call", 16), ("one call", 5), ("uneven pieces", 16), ("uneven pieces", 32)])
+@pytest.mark.parametrize("settings", [dict(), dict(following_blocks=1, device_cache_blocks=64)])
+def test_ordered_positions_with_every_block_retrieved_equal_the_dense_reference(schedule, chunk_size, settings):
+    """Chunks of several queries: each far key at its distance from the last query of the chunk."""
+    model = tiny_model("llama")
+    ids = _ids(200)
+    cfg = _memory_config(memory_positions="ordered", chunk_size=chunk_size, **settings)
+    last = chunk_last_positions(SCHEDULES[schedule], chunk_size)
+    expected = dense_logits(model, ids, "inf-llm", cfg.local_window, cfg.num_sink_tokens, chunk_last=last)
+    memory = attach(model, cfg)
+    got = run_schedule(model, memory, ids, SCHEDULES[schedule])
+    assert memory.stats().blocks >= 15
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    # Not the shared-position rule: the comparison can tell them apart.
+    shared = dense_logits(model, ids, "inf-llm", cfg.local_window, cfg.num_sink_tokens)
+    assert (shared - expected).abs().max() > 20 * ATOL
 
 
 @pytest.mark.parametrize("method", ["stream-llm", "infinite-lm"])

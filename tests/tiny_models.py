@@ -71,14 +71,14 @@ _DENSE = {}
 
 
 def _dense_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, dense_rule=None, **kwargs):
-    method, window, sinks, rotary_emb = dense_rule
+    method, window, sinks, rotary_emb, chunk_last = dense_rule
     _, hq, t, d = query.shape
     group = hq // key.shape[1]
     q = query[0].float()  # (Hq, T, D) unrotated (position ids were 0)
     k = key[0].float().repeat_interleave(group, dim=0)
     v = value[0].float().repeat_interleave(group, dim=0)
     pos = torch.arange(t, device=q.device)
-    cos, sin = rotary_emb(q, torch.arange(max(t, window + sinks + 1), device=q.device)[None])
+    cos, sin = rotary_emb(q, torch.arange(max(t, window + sinks + 1), device=q.device)[None])  # (P, D) tables
     scale0 = cos[0, 0, 0]
     cos, sin = cos[0] / scale0, sin[0] / scale0  # the model already applied its position-0 factor
 
@@ -91,6 +91,8 @@ def _dense_attention(module, query, key, value, attention_mask, scaling, dropout
     if method == "stream-llm":
         q_pos = torch.clamp(pos, max=sinks + window - 1)
         far = rot(q, q_pos) @ rot(k, pos).transpose(-1, -2)
+    elif chunk_last is not None:
+        far = rot(q, chunk_last.to(q.device)) @ rot(k, pos).transpose(-1, -2)  # distance chunk_last - j
     else:
         far = rot(q, torch.full_like(pos, window)) @ k.transpose(-1, -2)
     logits = torch.where(rel < window, local, far) * scaling
@@ -105,10 +107,15 @@ def _dense_attention(module, query, key, value, attention_mask, scaling, dropout
 AttentionInterface.register("inf_llm_dense_reference", _dense_attention)
 
 
-def dense_logits(model, ids: torch.Tensor, method: str, window: int, sinks: int) -> torch.Tensor:
-    """Logits (T, V) of the dense reference for the given rule."""
+def dense_logits(model, ids: torch.Tensor, method: str, window: int, sinks: int,
+                 chunk_last: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (T, V) of the dense reference for the given rule.
+
+    chunk_last (T,): with it, InfLLM's far keys sit at their distance from the last query of the query's chunk
+    (`memory_positions: ordered` with every block retrieved) instead of at distance `window`.
+    """
     model.set_attn_implementation("inf_llm_dense_reference")
-    rule = (method, window, sinks, model.model.rotary_emb)
+    rule = (method, window, sinks, model.model.rotary_emb, chunk_last)
     with torch.inference_mode():
         out = model(
             input_ids=ids[None],
@@ -117,6 +124,18 @@ def dense_logits(model, ids: torch.Tensor, method: str, window: int, sinks: int)
             dense_rule=rule,
         )
     return out.logits[0].float()
+
+
+def chunk_last_positions(pieces: list[int], chunk_size: int) -> torch.Tensor:
+    """(T,): for each position, the last position of the memory chunk it is attended in, when the input is fed
+    in these pieces and each piece is cut into chunks of chunk_size."""
+    last, start = [], 0
+    for n in pieces:
+        for offset in range(0, n, chunk_size):
+            end = start + min(offset + chunk_size, n)
+            last += [end - 1] * (end - start - offset)
+        start += n
+    return torch.tensor(last)
 
 
 def run_schedule(model, memory, ids: torch.Tensor, pieces: list[int]) -> torch.Tensor:
