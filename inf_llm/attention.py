@@ -1,4 +1,4 @@
-"""The pure functions of InfLLM's retrieval (ALGORITHM.md section 2, steps 2 and 5).
+"""The pure functions of InfLLM's retrieval (docs/METHOD.md section 2, steps 2 and 5).
 
 Attention itself (partial results, masks, merge) lives in `inf_llm.kernels`; these functions score blocks
 against a chunk of queries and summarise a block by its representative keys.

@@ -1,4 +1,4 @@
-"""Memory blocks of one layer in three tiers: device cache, host memory, disk (ALGORITHM.md section 1).
+"""Memory blocks of one layer in three tiers: device cache, host memory, disk (docs/METHOD.md section 1).
 
 Blocks are append-only and immutable; each is one `BlockLayout` record (K and V of every KV head, 16-bit by
 default, or int8 with per-head scales). Where a block is:

@@ -1,4 +1,4 @@
-"""Which cached memory block to evict: the cache policies of ALGORITHM.md section 1 (`cache_policy`).
+"""Which cached memory block to evict: the cache policies of docs/METHOD.md section 1 (`cache_policy`).
 
 One `EvictionPolicy` orders the blocks held by one cache tier (the device cache, the host-memory tier):
 

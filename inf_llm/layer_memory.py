@@ -1,4 +1,4 @@
-"""The context memory of one decoder layer and the attention of a chunk over it (ALGORITHM.md sections 1-3).
+"""The context memory of one decoder layer and the attention of a chunk over it (docs/METHOD.md sections 1-3).
 
 Per layer InfLLM keeps, with keys unrotated:
 

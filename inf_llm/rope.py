@@ -1,4 +1,4 @@
-"""Rotary position embedding at the positions InfLLM chooses (ALGORITHM.md section 2, steps 1 and 3).
+"""Rotary position embedding at the positions InfLLM chooses (docs/METHOD.md section 2, steps 1 and 3).
 
 The model is run with every position id set to 0, so its own RoPE leaves queries and keys unrotated (up to
 the constant `attention_scaling` some rope types apply, e.g. yarn). InfLLM then rotates them itself: local

@@ -1,4 +1,4 @@
-"""InfLLM against the stock model and the dense reference (ALGORITHM.md section 4), on tiny random models."""
+"""InfLLM against the stock model and the dense reference (docs/METHOD.md section 4), on tiny random models."""
 
 import functools
 
@@ -143,6 +143,6 @@ def test_dense_reference_comparison_catches_the_reference_prefill_bug(monkeypatc
     monkeypatch.setattr(reference, "mask_bias", functools.lru_cache(maxsize=32)(reference.mask_bias.__wrapped__))
     chunked = run_schedule(model, attach(model, cfg), ids, [120])
     assert (chunked - expected).abs().max() > 1e-2
-    # Decoding token by token is unaffected by that bug, as ALGORITHM.md says.
+    # Decoding token by token is unaffected by that bug, as docs/METHOD.md section 2 says.
     stepwise = run_schedule(model, attach(model, cfg.replace(chunk_size=1)), ids, [1] * 120)
     torch.testing.assert_close(stepwise, expected, atol=ATOL, rtol=1e-4)

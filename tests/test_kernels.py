@@ -1,4 +1,4 @@
-"""The Triton kernels against the torch reference, and the backend dispatcher (STYLE.md rule 3 and 5).
+"""The Triton kernels against the torch reference, and the backend dispatcher (chosen once, never a silent fallback).
 
 The kernels run on CPU in triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before the
 kernels are defined. Setting it in this process would leak into every later test module, so the comparisons run
@@ -9,8 +9,9 @@ The pytest side parametrises over the same case list and asserts each verdict, s
 Shapes are small (the interpreter is 60-500x slower than torch) but cover: head_dim 16/32/64 (and 128, 48, and
 a value dim unlike the key dim), Tq 1/16/33, Tk 1/17/64 (and a few hundred for tile skipping and key splits),
 grouped 3:1 and 1:1 heads, every mask, offsets that leave rows empty, float32 (tight) and float16 (loose).
-bfloat16 is not compared: the interpreter upcasts it after every load (PLATFORM.md). Tile skipping is checked
-by poisoning with NaN the keys and values of tiles that no query may see: loading one would spread the NaN.
+bfloat16 is not compared: triton's interpreter upcasts it after every load, so its results are wrong there.
+Tile skipping is checked by poisoning with NaN the keys and values of tiles that no query may see: loading one
+would spread the NaN.
 """
 
 from __future__ import annotations

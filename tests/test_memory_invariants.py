@@ -1,4 +1,4 @@
-"""Invariants of one layer's memory (ALGORITHM.md section 4), driven directly with random q/k/v.
+"""Invariants of one layer's memory (docs/METHOD.md section 4), driven directly with random q/k/v.
 
 Values are one-hot in the token's position, so a layer's output row *is* the attention weight each token
 received: weights sum to 1, no token is attended twice, and which tokens were visible can be read off.

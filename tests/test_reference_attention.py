@@ -1,6 +1,6 @@
 """The plain-torch attention primitives (`inf_llm.kernels.reference`) against a naive oracle and exact invariants.
 
-The oracle is written here from the mask definitions alone (ALGORITHM.md section 2; `reference.py` docstring):
+The oracle is written here from the mask definitions alone (docs/METHOD.md section 2; `reference.py` docstring):
 one query row at a time, in float64, with an explicit softmax over the keys that row may see and the key/value
 heads repeated for grouped-query attention. The invariants are the ones InfLLM relies on: partial attentions
 over disjoint key sets merge into the attention over their union; the local band plus its complement is the

@@ -1,6 +1,6 @@
 """Tiny random checkpoints of every supported family (no downloads) and a dense InfLLM reference.
 
-The dense reference is the oracle of ALGORITHM.md section 4: for each query at position p and each key at
+The dense reference is the oracle of docs/METHOD.md section 4: for each query at position p and each key at
 position j <= p it applies the position rule directly, over the whole sequence at once:
 
 - ``p - j < window``: the true relative distance (RoPE at p and j);

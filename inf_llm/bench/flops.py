@@ -8,7 +8,7 @@ Prefill efficiency (issue 5) = model FLOPs / prefill time / matmul peak, all fro
   linear maps (2 x params), the vocabulary projection for the last position of each model call only (what
   `logits_to_keep=1` computes), and attention: 4 x head_dim x query heads per attended key per layer
   (QK^T and PV). Masked-out work is not counted, so an implementation that computes and discards pays for it.
-  For the windowed methods the attended keys per query follow ALGORITHM.md section 2 (window, then sinks,
+  For the windowed methods the attended keys per query follow docs/METHOD.md section 2 (window, then sinks,
   retrieved blocks and the remainder); the remainder is approximated by its mean, half a block.
 """
 

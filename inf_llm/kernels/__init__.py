@@ -1,6 +1,6 @@
 """Attention primitives and the one place that picks their implementation.
 
-InfLLM's chunk step (ALGORITHM.md section 2) needs three primitives: `attend` (a partial attention returning
+InfLLM's chunk step (docs/METHOD.md section 2) needs three primitives: `attend` (a partial attention returning
 ``(out, lse)`` under a position mask), `merge` (the exact log-sum-exp merge of two partials) and `key_mass` (the
 attention each key received, for the block representatives). Two implementations share one signature:
 

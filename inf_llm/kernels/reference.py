@@ -1,6 +1,6 @@
 """Plain-torch attention primitives: the reference for the Triton kernels and the CPU path.
 
-InfLLM (ALGORITHM.md section 2) computes each chunk as partial attentions over key sets with position masks,
+InfLLM (docs/METHOD.md section 2) computes each chunk as partial attentions over key sets with position masks,
 merged exactly by log-sum-exp. Every primitive here has a Triton twin in `triton_attention.py` with the same
 signature; `inf_llm.kernels.resolve_ops` picks one explicitly.
 

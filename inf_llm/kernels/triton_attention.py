@@ -1,6 +1,6 @@
 """Triton twins of the attention primitives in `reference.py`: same signatures, same mask semantics.
 
-InfLLM (ALGORITHM.md section 2) computes each chunk as partial attentions over key sets (local window, then
+InfLLM (docs/METHOD.md section 2) computes each chunk as partial attentions over key sets (local window, then
 sinks + retrieved blocks + remainder) merged by log-sum-exp, and accumulates the attention mass each local key
 receives. These kernels do the three steps on the GPU:
 
