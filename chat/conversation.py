@@ -93,8 +93,9 @@ class Conversation:
         self._snapshots: list[_Snapshot] = []
         self.counters = Counters()
         self._replies = 0
-        # (position of the query that gave the last reply's first token, reply tokens): what !!sources replays
-        self._last_reply: tuple[int, list[int]] | None = None  # (position of the first query, the query ids)
+        # (position of the query that gave the last reply's first token, the ids of the reply's queries): what
+        # !!sources replays
+        self._last_reply: tuple[int, list[int]] | None = None
         if engine.tokens:
             raise ValueError("the engine's memory must be empty when a conversation starts; call engine.reset()")
 
@@ -219,7 +220,7 @@ class Conversation:
 
         parts: list[str] = []
         sampled: list[int] = []
-        finish, generated, decode_ms = "interrupted", 0, None
+        finish, decode_ms = "interrupted", None
         params = self.params
         if params.seed is not None:
             # A fixed seed per reply number: reproducible runs, yet !!regen gives another reply.
@@ -231,7 +232,6 @@ class Conversation:
             for step in steps:
                 parts.append(step.text)
                 sampled.append(step.token_id)
-                generated += 1
                 decode_ms = step.decode_ms_per_token
                 if on_step is not None:
                     on_step(step)
@@ -245,6 +245,7 @@ class Conversation:
             self._restore_latest()
         finally:
             steps.close()
+        generated = len(sampled)
         self.counters.fed_tokens += 1 + max(generated - 1, 0)  # the last prompt token, then each fed sample
         if finish != "interrupted" or generated:
             # The queries of the reply: the last prompt token, then every sample but the last (never fed). Kept as

@@ -73,8 +73,7 @@ def select_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
 
     Equal scores go to the earlier block. `torch.topk` leaves ties unspecified, and they are common: blocks of
     repeated text have equal summaries, and 16-bit summaries round near-ties to ties. Left to topk, the choice
-    would differ between CPU and CUDA and between two runs over the same scores (a `!!sources` replay); here it
-    is a function of the scores alone.
+    differed between CPU and CUDA (seen on an H200); here it is a function of the scores alone.
     """
     n = scores.shape[-1]
     if n <= k:

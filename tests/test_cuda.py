@@ -8,25 +8,13 @@ the compiled Triton kernels inside the whole model, and the full-attention basel
 import pytest
 import torch
 
-from inf_llm.config import InfLLMConfig
 from inf_llm.hf import attach
+from tests.test_equivalence import ATOL, SCHEDULES, _ids, _memory_config
 from tests.tiny_models import dense_logits, run_schedule, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-ATOL = 2e-4
 CUDA = torch.device("cuda")
-SCHEDULES = {"one call": [200], "uneven pieces": [7, 50, 1, 64, 33, 45], "token by token": [1] * 200}
-
-
-def _ids(n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-def _config(**overrides) -> InfLLMConfig:
-    base = dict(num_sink_tokens=4, local_window=32, block_size=8, repr_tokens=2, topk_blocks=32, chunk_size=16,
-                device_cache_blocks=32, storage_dtype="float32")
-    return InfLLMConfig(**{**base, **overrides})
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -36,7 +24,7 @@ def _config(**overrides) -> InfLLMConfig:
 def test_all_blocks_retrieved_on_cuda_equals_dense_reference(backend, family, schedule, ranking):
     model = tiny_model(family).to(CUDA)
     ids = _ids(200).to(CUDA)
-    cfg = _config(kernel_backend=backend, block_ranking=ranking, rank_rotated=ranking == "bounds")
+    cfg = _memory_config(kernel_backend=backend, block_ranking=ranking, rank_rotated=ranking == "bounds")
     expected = dense_logits(model, ids, "inf-llm", cfg.local_window, cfg.num_sink_tokens)
     memory = attach(model, cfg)
     got = run_schedule(model, memory, ids, SCHEDULES[schedule])
@@ -51,10 +39,11 @@ def test_evicting_device_cache_on_cuda_equals_the_cpu_run(backend, schedule):
     blocks as the CPU run (float32 both, the torch kernels on CPU)."""
     settings = dict(topk_blocks=4, device_cache_blocks=6, block_ranking="bounds", rank_rotated=True)
     ids = _ids(200)
-    expected = run_schedule(model := tiny_model("mistral"), attach(model, _config(kernel_backend="torch", **settings)),
-                            ids, SCHEDULES[schedule])
+    cpu_model = tiny_model("mistral")
+    cpu_memory = attach(cpu_model, _memory_config(kernel_backend="torch", **settings))
+    expected = run_schedule(cpu_model, cpu_memory, ids, SCHEDULES[schedule])
     model = tiny_model("mistral").to(CUDA)
-    memory = attach(model, _config(kernel_backend=backend, **settings))
+    memory = attach(model, _memory_config(kernel_backend=backend, **settings))
     got = run_schedule(model, memory, ids.to(CUDA), SCHEDULES[schedule])
     assert memory.stats().cache_misses > memory.stats().device_blocks  # the cache evicted
     torch.testing.assert_close(got.cpu(), expected, atol=ATOL, rtol=1e-4)
@@ -63,8 +52,8 @@ def test_evicting_device_cache_on_cuda_equals_the_cpu_run(backend, schedule):
 def test_full_attention_on_cuda_keeps_its_cache_between_calls():
     model = tiny_model("mistral").to(CUDA)
     ids = _ids(120).to(CUDA)
-    whole = run_schedule(model, attach(model, _config(method="full")), ids, [120])
-    memory = attach(model, _config(method="full"))
+    whole = run_schedule(model, attach(model, _memory_config(method="full")), ids, [120])
+    memory = attach(model, _memory_config(method="full"))
     pieces = run_schedule(model, memory, ids, [50, 1, 69])
     assert memory.num_tokens == 120
     torch.testing.assert_close(pieces, whole, atol=ATOL, rtol=1e-4)
