@@ -146,7 +146,7 @@ class InfLLMConfig:
             raise ValueError(
                 f"chunk_size={self.chunk_size} exceeds local_window={self.local_window}: every query of a chunk "
                 "must find its local keys in the window; use chunk_size <= local_window")
-        retrieved = self.topk_blocks * (1 + self.following_blocks)
+        retrieved = self.retrieved_blocks
         if self.method == "inf-llm" and retrieved > self.device_cache_blocks:
             what = f"topk_blocks={self.topk_blocks}" + (
                 f" with following_blocks={self.following_blocks} ({retrieved} blocks)" if self.following_blocks else "")
@@ -160,6 +160,11 @@ class InfLLMConfig:
             raise ValueError(
                 f"repr_tokens={self.repr_tokens} exceeds block_size={self.block_size}: a block's representatives "
                 "are chosen among its own tokens; use repr_tokens <= block_size")
+
+    @property
+    def retrieved_blocks(self) -> int:
+        """The most blocks one chunk retrieves: the top-k and, with following_blocks, the blocks after each."""
+        return self.topk_blocks * (1 + self.following_blocks)
 
     def _check_score_decay(self) -> None:
         decay = self.score_decay

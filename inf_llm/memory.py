@@ -72,8 +72,7 @@ class InfLLMMemory:
         # attends (sinks, retrieved blocks, the remainder under one block, the chunk's complement keys).
         max_position = config.local_window + config.chunk_size + config.num_sink_tokens + 1
         if config.method == "inf-llm" and config.memory_positions == "ordered":
-            retrieved = config.topk_blocks * (1 + config.following_blocks) + 1
-            max_position += retrieved * config.block_size
+            max_position += (config.retrieved_blocks + 1) * config.block_size  # + 1: the remainder
         tables: dict[torch.device, RotaryTable] = {}
         ops_for: dict[torch.device, object] = {}
         self.layers: list[LayerMemory] = []
