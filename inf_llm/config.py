@@ -105,11 +105,11 @@ class InfLLMConfig:
     method: str = "inf-llm"
     num_sink_tokens: int = 32
     local_window: int = 128
-    block_size: int = 32
+    block_size: int = 16
     repr_tokens: int = 4
-    topk_blocks: int = 32
+    topk_blocks: int = 64
     chunk_size: int = 128
-    device_cache_blocks: int = 64
+    device_cache_blocks: int = 128
     cache_policy: str = "lru"
     score_decay: float | None = None
     per_head_ranking: bool = False

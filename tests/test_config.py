@@ -63,11 +63,11 @@ REFUSED = [
     (dict(memory_positions="sorted"), ["memory_positions", "'sorted'", "'ordered'"]),
     (dict(rank_rotated=1), ["rank_rotated", "1", "true or false"]),
     (dict(following_blocks=-1), ["following_blocks", "-1", ">= 0"]),
-    (dict(following_blocks=2), ["following_blocks=2", "96 blocks", "device_cache_blocks=64"]),
-    (dict(following_blocks=1, per_head_ranking=True, device_cache_blocks=64), ["following_blocks=1", "per_head_ranking"]),
-    (dict(topk_blocks=80), ["topk_blocks=80", "device_cache_blocks=64"]),
+    (dict(following_blocks=2), ["following_blocks=2", "192 blocks", "device_cache_blocks=128"]),
+    (dict(following_blocks=1, per_head_ranking=True, device_cache_blocks=128), ["following_blocks=1", "per_head_ranking"]),
+    (dict(topk_blocks=160), ["topk_blocks=160", "device_cache_blocks=128"]),
     (dict(topk_blocks=8, device_cache_blocks=4), ["topk_blocks=8", "device_cache_blocks=4"]),
-    (dict(repr_tokens=33), ["repr_tokens=33", "block_size=32"]),
+    (dict(repr_tokens=33, block_size=32), ["repr_tokens=33", "block_size=32"]),
     (dict(chunk_size=512), ["chunk_size=512", "local_window=128"]),
     (dict(method="stream-llm", chunk_size=512), ["chunk_size=512", "local_window=128"]),
     (dict(cache_policy="lru-s"), ["score_decay", "None", "lru-s"]),
@@ -93,8 +93,8 @@ def test_invalid_settings_are_refused_naming_field_and_value(changes, words):
 def test_defaults_are_the_embedded_model_settings():
     config = InfLLMConfig()
     assert (config.method, config.num_sink_tokens, config.local_window, config.block_size) == (
-        "inf-llm", 32, 128, 32)
-    assert (config.repr_tokens, config.topk_blocks, config.chunk_size, config.device_cache_blocks) == (4, 32, 128, 64)
+        "inf-llm", 32, 128, 16)
+    assert (config.repr_tokens, config.topk_blocks, config.chunk_size, config.device_cache_blocks) == (4, 64, 128, 128)
     assert (config.block_ranking, config.rank_rotated, config.following_blocks) == ("bounds", True, 0)
     assert (config.cache_policy, config.score_decay, config.per_head_ranking) == ("lru", None, False)
     assert (config.storage_dtype, config.kernel_backend) == ("auto", "auto")
@@ -141,10 +141,10 @@ def test_to_dict_lists_fields_in_order():
 def test_replace_is_validated_and_leaves_the_original_unchanged():
     config = InfLLMConfig()
     changed = config.replace(topk_blocks=16, local_window=1024)
-    assert (changed.topk_blocks, changed.local_window, config.topk_blocks) == (16, 1024, 32)
+    assert (changed.topk_blocks, changed.local_window, config.topk_blocks) == (16, 1024, 64)
     with pytest.raises(ValueError) as error:
-        config.replace(topk_blocks=128)
-    assert_names(str(error.value), "topk_blocks=128", "device_cache_blocks=64")
+        config.replace(topk_blocks=256)
+    assert_names(str(error.value), "topk_blocks=256", "device_cache_blocks=128")
     with pytest.raises(ValueError) as error:
         config.replace(local_windw=512)
     assert_names(str(error.value), "'local_windw'", "did you mean 'local_window'")
@@ -186,7 +186,7 @@ def test_a_partial_file_takes_the_defaults_and_extras(tmp_path):
     ("exc_block_size: 128\n", ["'exc_block_size'", "'chunk_size'"]),
     ("zzz: 1\n", ["'zzz'", "valid keys", "num_sink_tokens"]),
     ("local_window: 512\nlocal_window: 1024\n", ["duplicate key", "local_window"]),
-    ("topk_blocks: 128\n", ["topk_blocks=128", "device_cache_blocks=64"]),
+    ("topk_blocks: 256\n", ["topk_blocks=256", "device_cache_blocks=128"]),
     ("cache_policy: lru-s\n", ["score_decay", "lru-s"]),
     ("model_path: 3\n", ["model_path=3"]),
     ("conv_template: [a]\n", ["conv_template=['a']"]),
