@@ -6,6 +6,8 @@ against a chunk of queries and summarise a block by its representative keys.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -54,9 +56,7 @@ def block_scores(summaries: torch.Tensor, query: torch.Tensor, num_kv_heads: int
     if summaries.dtype == torch.float16:
         if summary_absmax is None:
             raise ValueError("float16 summaries need summary_absmax to bound the scores")
-        bound = query.abs().sum() * summary_absmax.float()
-        exponent = torch.ceil(torch.log2(torch.clamp(bound / _FP16_SCORE_BOUND, min=1.0)))
-        query = (query * torch.exp2(-exponent)).half()
+        query = fp16_ranking_query(query, summary_absmax, on_host=query.device.type == "cpu")
         flat = summaries.reshape(n, rows * d)
     else:
         flat = summaries.float().reshape(n, rows * d)  # a view (rows or column-major), no copy of the largest tensor
@@ -66,6 +66,23 @@ def block_scores(summaries: torch.Tensor, query: torch.Tensor, num_kv_heads: int
     # Each KV head's rows are contiguous (its query group's representatives, or its max and min).
     per_kv = flat.view(n, num_kv_heads, (rows // num_kv_heads) * d)
     return torch.einsum("nkg,kg->kn", per_kv, query.reshape(num_kv_heads, (rows // num_kv_heads) * d)).float()
+
+
+def fp16_ranking_query(query: torch.Tensor, summary_absmax: torch.Tensor, *, on_host: bool) -> torch.Tensor:
+    """`query` (float32) scaled by a power of two so that sum|q| * max|summary| stays under 2**14, as float16.
+
+    on_host: compute the power of two from host floats (on the CPU, where a dozen tiny tensor ops cost more than a
+    decoding step's ranking product and reading values back is free); otherwise with tensor ops, which a GPU runs
+    without a stall. Both give the same factor; a bound that is not finite gives 0, and the layer then refuses
+    the summaries.
+    """
+    if on_host:
+        bound = query.abs().sum().item() * summary_absmax.item()
+        factor = 2.0 ** -math.ceil(math.log2(max(bound / _FP16_SCORE_BOUND, 1.0))) if math.isfinite(bound) else 0.0
+        return (query * factor).half()
+    bound = query.abs().sum() * summary_absmax.float()
+    exponent = torch.ceil(torch.log2(torch.clamp(bound / _FP16_SCORE_BOUND, min=1.0)))
+    return (query * torch.where(torch.isfinite(bound), torch.exp2(-exponent), 0.0)).half()
 
 
 def select_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -121,7 +121,9 @@ class BlockStore:
         self.num_blocks = 0
         # Device cache: slot -> block id (-1 = free), block id -> slot, and the policy over cached block ids.
         self.cache_blocks = cache_blocks
-        self.dev_k = torch.zeros((cache_blocks, num_kv_heads, block_size, head_dim), dtype=compute_dtype, device=device)
+        # Head-major, (Hkv, slots, B, D): a head's chosen blocks are one index_select along its slots, written straight
+        # into the caller's buffer of global keys (`gather`), with no transposing copy on the way.
+        self.dev_k = torch.zeros((num_kv_heads, cache_blocks, block_size, head_dim), dtype=compute_dtype, device=device)
         self.dev_v = torch.zeros_like(self.dev_k)
         self.slot_block = [-1] * cache_blocks
         self.block_slot: dict[int, int] = {}
@@ -271,6 +273,15 @@ class BlockStore:
 
     def fetch_slots(self, block_ids: list[int]) -> list[int]:
         """Make the given (distinct) blocks resident on the device and return their slots (same order)."""
+        block_slot = self.block_slot
+        slots = [block_slot.get(b, -1) for b in block_ids]
+        if -1 not in slots:
+            # Every block resident, the usual decoding step: only the policy's books change. (Resident blocks
+            # exist: truncation frees their slots.)
+            self.cache.start_request()
+            self.cache.use_all(block_ids)
+            self.hits += len(block_ids)
+            return slots
         self._check_ids(block_ids)
         wanted = set(block_ids)
         if len(wanted) > self.cache_blocks:
@@ -327,8 +338,8 @@ class BlockStore:
         # The pinned buffer is fresh per call and never written again, so the copy may run asynchronously.
         k, v = self.layout.values(records.to(self.device, non_blocking=self.pin), self.compute_dtype)
         index = self._index(slots)
-        self.dev_k.index_copy_(0, index, k)  # (n, Hkv, B, D) into their slots
-        self.dev_v.index_copy_(0, index, v)
+        self.dev_k.index_copy_(1, index, k.transpose(0, 1))  # (n, Hkv, B, D) into their slots
+        self.dev_v.index_copy_(1, index, v.transpose(0, 1))
 
     def _index(self, values: list) -> torch.Tensor:
         """Slot numbers as an index tensor on the device. On CUDA through pinned memory, asynchronously: a copy
@@ -338,33 +349,48 @@ class BlockStore:
             return index.to(self.device)
         return index.pin_memory().to(self.device, non_blocking=True)
 
-    def gather(self, block_ids: torch.Tensor | BlockIds) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, block_ids: torch.Tensor | BlockIds, out: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the selected blocks, concatenated along time.
 
         block_ids: (n,) shared by all KV heads, or (Hkv, n) per KV head; a tensor, or `BlockIds` already on
         their way to the host.
-        Returns k, v: (Hkv, n * block_size, D) in the compute dtype on the device.
+        out: where to write them, two (Hkv, n * block_size, D) tensors in the compute dtype whose rows of each
+        head are contiguous (a slice along time of a contiguous buffer); by default new tensors.
+        Returns k, v: (Hkv, n * block_size, D) in the compute dtype on the device (`out` when given).
+
+        Each head's blocks are one index_select from its slots into the output: on a CPU decode step of the
+        embedded model (64 blocks of 16 tokens) the gather used to be followed by a transposing copy and a
+        concatenation, three passes over the retrieved keys where one suffices.
         """
         if isinstance(block_ids, torch.Tensor):
             block_ids = BlockIds(block_ids)
         ids = block_ids.tolist()
-        flat = sorted(set(ids if block_ids.dim == 1 else [b for row in ids for b in row]))
-        slot_of = dict(zip(flat, self.fetch_slots(flat)))
-        if block_ids.dim == 1:
-            slots = self._index([slot_of[b] for b in ids])
-            # index_select, not fancy indexing: several times faster on CPU for the same copy.
-            k = self.dev_k.index_select(0, slots).transpose(0, 1)  # (Hkv, n, B, D)
-            v = self.dev_v.index_select(0, slots).transpose(0, 1)
+        per_head = block_ids.dim == 2
+        if not per_head and all(a < b for a, b in zip(ids, ids[1:])):
+            slot_list = self.fetch_slots(ids)  # distinct and ascending already, as retrieval chooses them
         else:
-            slots = self._index([[slot_of[b] for b in row] for row in ids])  # (Hkv, n)
-            heads = torch.arange(self.num_kv_heads, device=self.device)[:, None]
-            k = self.dev_k[slots, heads]  # (Hkv, n, B, D)
-            v = self.dev_v[slots, heads]
+            flat = sorted(set(b for row in ids for b in row)) if per_head else sorted(set(ids))
+            slot_of = dict(zip(flat, self.fetch_slots(flat)))
+            slot_list = [[slot_of[b] for b in row] for row in ids] if per_head else [slot_of[b] for b in ids]
+        n = len(ids[0]) if per_head else len(ids)
+        hkv, size, d = self.num_kv_heads, self.block_size, self.head_dim
+        if out is None:
+            out = tuple(torch.empty((hkv, n * size, d), dtype=self.compute_dtype, device=self.device) for _ in range(2))
+        out_k, out_v = out
+        if out_k.shape != (hkv, n * size, d) or out_v.shape != out_k.shape:
+            raise ValueError(f"gather of {n} blocks needs outputs of shape {(hkv, n * size, d)}, got "
+                             f"{tuple(out_k.shape)} and {tuple(out_v.shape)}")
+        slots = self._index(slot_list)
+        for h in range(hkv):
+            index = slots[h] if per_head else slots
+            # index_select, not fancy indexing: several times faster on CPU for the same copy.
+            torch.index_select(self.dev_k[h], 0, index, out=out_k[h].view(n, size, d))
+            torch.index_select(self.dev_v[h], 0, index, out=out_v[h].view(n, size, d))
         if self._copy_stream is not None:
             self._slots_read = torch.cuda.Event()
             self._slots_read.record(torch.cuda.current_stream(self.device))
-        hkv, n = k.shape[0], k.shape[1]
-        return k.reshape(hkv, n * self.block_size, self.head_dim), v.reshape(hkv, n * self.block_size, self.head_dim)
+        return out_k, out_v
 
     # --- persistence ------------------------------------------------------------------------------------------
 

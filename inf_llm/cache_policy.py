@@ -63,6 +63,16 @@ class EvictionPolicy:
         elif self.name == "lru-s":
             self._order[key] += self._unit
 
+    def use_all(self, keys: list[Hashable]) -> None:
+        """`use` each key in turn."""
+        if self.name == "lru":
+            move = self._order.move_to_end
+            for key in keys:
+                move(key)
+        elif self.name == "lru-s":
+            for key in keys:
+                self._order[key] += self._unit
+
     def discard(self, key: Hashable) -> None:
         self._order.pop(key, None)
 

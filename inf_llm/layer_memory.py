@@ -227,15 +227,9 @@ class LayerMemory:
             # Staged: the local partial is enqueued before the chosen blocks are waited for, so that on CUDA the
             # device computes it while the host keeps the cache's books and the side stream copies blocks in.
             local = ops.attend(q_loc, k_loc, loc_v[None], scale, mask="band", q_offset=w, window=window)
-        if cfg.method == "inf-llm":
-            parts_k, parts_v = self._retrieve(chosen)
-        else:
-            parts_k, parts_v = [self.sink_k], [self.sink_v]
+        if cfg.method != "inf-llm":
             n_comp = min(n_comp, max(0, cfg.num_sink_tokens - first_pos))  # only future sinks survive eviction
-        num_memory = sum(part.shape[1] for part in parts_k)
-        # One concatenation of the memory parts and the complement keys (each copy of the global keys costs).
-        glob_k = torch.cat(parts_k + [loc_k[:, :n_comp]], dim=1)
-        glob_v = torch.cat(parts_v + [loc_v[:, :n_comp]], dim=1)
+        glob_k, glob_v, num_memory = self._global_keys(chosen, loc_k[:, :n_comp], loc_v[:, :n_comp])
         q_glob = q_loc
         if glob_k.shape[1] > 0:
             if cfg.method == "stream-llm":
@@ -281,16 +275,32 @@ class LayerMemory:
         chosen = select_blocks(scores, cfg.topk_blocks)
         return BlockIds(with_following(chosen, cfg.following_blocks, self.blocks.num_blocks))
 
-    def _retrieve(self, chosen: BlockIds | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Sinks, the chosen blocks, remainder: lists of unrotated (Hkv, M_i, D) parts, K and V."""
-        parts_k, parts_v = [self.sink_k], [self.sink_v]
-        if chosen is not None:
-            bk, bv = self.blocks.gather(chosen)
-            parts_k.append(bk)
-            parts_v.append(bv)
-        parts_k.append(self.rem_k)
-        parts_v.append(self.rem_v)
-        return parts_k, parts_v
+    def _global_keys(self, chosen: BlockIds | None, comp_k: torch.Tensor, comp_v: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The global stage's unrotated keys and values, (Hkv, M + C, D) each: sinks, the chosen blocks (inf-llm),
+        the remainder (inf-llm), then the C complement keys of the chunk-window; and M, the memory keys' count.
+
+        Written once into one buffer per K and V: the chosen blocks go from the block store's slots straight to
+        their place (`BlockStore.gather(out=...)`); each copy of ~1K retrieved keys per layer costs on every
+        decoded token.
+        """
+        inf_llm = self.config.method == "inf-llm"
+        n_blocks = 0 if chosen is None else chosen.tensor().shape[-1]
+        parts = [(self.sink_k, self.sink_v), None] + ([(self.rem_k, self.rem_v)] if inf_llm else []) + [(comp_k, comp_v)]
+        sizes = [self.sink_k.shape[1], n_blocks * self.config.block_size] + [k.shape[1] for k, _ in parts[2:]]
+        hkv, d = self.shape.num_kv_heads, self.shape.head_dim
+        glob_k = torch.empty((hkv, sum(sizes), d), dtype=self.dtype, device=self.device)
+        glob_v = torch.empty_like(glob_k)
+        start = 0
+        for part, size in zip(parts, sizes):
+            if part is None:
+                if size:
+                    self.blocks.gather(chosen, out=(glob_k[:, start : start + size], glob_v[:, start : start + size]))
+            elif size:
+                glob_k[:, start : start + size] = part[0]
+                glob_v[:, start : start + size] = part[1]
+            start += size
+        return glob_k, glob_v, start - sizes[-1]
 
     # --- memory update ----------------------------------------------------------------------------------------
 

@@ -291,6 +291,25 @@ def test_float16_block_scores_rank_like_float64_and_never_overflow(per_head, mag
         block_scores(half, query, hkv, per_head)
 
 
+@pytest.mark.parametrize("absmax", [0.0, 1e-3, 1.0, 2.0**14, 3.0 * 2.0**14, 65504.0, float("inf")])
+def test_float16_ranking_query_scales_alike_from_host_floats_and_on_the_device(absmax):
+    """The CPU computes the float16 query's power-of-two scale from host floats, a GPU with tensor ops (no stall):
+    the two are the same function, at bounds right on a power of two and for an infinite bound."""
+    from inf_llm.attention import fp16_ranking_query
+
+    g = torch.Generator().manual_seed(11)
+    for query in (torch.randn(6, 16, generator=g), torch.full((6, 16), 1.0 / 96), torch.zeros(6, 16)):
+        bound = torch.tensor(absmax)
+        host = fp16_ranking_query(query, bound, on_host=True)
+        device = fp16_ranking_query(query, bound, on_host=False)
+        assert host.dtype == device.dtype == torch.float16
+        assert torch.equal(host, device)
+        if absmax == float("inf"):
+            assert not host.any()
+        else:
+            assert host.float().abs().sum().item() * absmax <= 2.0**14 * 1.001  # the bound the scale exists for
+
+
 def test_representatives_keep_their_values_in_either_layout_through_buffer_growth():
     """float32 representatives are stored column-major, float16 as rows (the layouts ranking is fast on); both
     hold the same values through the buffer's doublings, and state_dict gives them as plain rows."""
