@@ -34,7 +34,7 @@ MEMORY_POSITIONS = ("shared", "ordered")
 # Settings added after sessions and benchmark results were recorded, at the value that reproduces what those
 # recorded: a saved identity without the key is read as having this value.
 ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "rank_rotated": False,
-               "following_blocks": 0, "memory_positions": "shared"}
+               "following_blocks": 0, "memory_positions": "shared", "prefill_topk_blocks": None}
 
 # Presets live at the repository root; the package is installed editable, so this resolves there too.
 PRESET_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -67,6 +67,9 @@ class InfLLMConfig:
     block_size           block_size                       tokens per memory block
     repr_tokens          repr_topk                        representative tokens per block (retrieval keys)
     topk_blocks          topk                             memory blocks retrieved per chunk of queries
+    prefill_topk_blocks  (none)                           blocks retrieved per chunk of more than one query (a
+                                                          prompt being read); null = topk_blocks. Decoding
+                                                          steps (one query) retrieve topk_blocks
     chunk_size           exc_block_size                   queries processed per attention chunk in prefill
     device_cache_blocks  max_cached_block                 memory blocks cached on the compute device
     cache_policy         cache_strategy                   device-cache eviction: lru | lru-s | fifo
@@ -108,6 +111,7 @@ class InfLLMConfig:
     block_size: int = 16
     repr_tokens: int = 4
     topk_blocks: int = 64
+    prefill_topk_blocks: int | None = None
     chunk_size: int = 128
     device_cache_blocks: int = 128
     cache_policy: str = "lru"
@@ -131,6 +135,8 @@ class InfLLMConfig:
             _check_int(name, getattr(self, name), 1)
         # The baselines retrieve nothing, so zero blocks is meaningful for them only.
         _check_int("topk_blocks", self.topk_blocks, 1 if self.method == "inf-llm" else 0)
+        if self.prefill_topk_blocks is not None:
+            _check_int("prefill_topk_blocks", self.prefill_topk_blocks, 1)
         _check_choice("cache_policy", self.cache_policy, CACHE_POLICIES)
         _check_choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES)
         _check_choice("repr_dtype", self.repr_dtype, REPR_DTYPES)
@@ -148,7 +154,9 @@ class InfLLMConfig:
                 "must find its local keys in the window; use chunk_size <= local_window")
         retrieved = self.retrieved_blocks
         if self.method == "inf-llm" and retrieved > self.device_cache_blocks:
-            what = f"topk_blocks={self.topk_blocks}" + (
+            most = ("topk_blocks", self.topk_blocks) if self.topk_blocks >= self.chunk_topk_blocks else \
+                ("prefill_topk_blocks", self.prefill_topk_blocks)
+            what = f"{most[0]}={most[1]}" + (
                 f" with following_blocks={self.following_blocks} ({retrieved} blocks)" if self.following_blocks else "")
             raise ValueError(
                 f"{what} exceeds device_cache_blocks={self.device_cache_blocks}: the "
@@ -162,9 +170,15 @@ class InfLLMConfig:
                 "are chosen among its own tokens; use repr_tokens <= block_size")
 
     @property
+    def chunk_topk_blocks(self) -> int:
+        """The top-k of a chunk of more than one query (a prompt being read)."""
+        return self.topk_blocks if self.prefill_topk_blocks is None else self.prefill_topk_blocks
+
+    @property
     def retrieved_blocks(self) -> int:
-        """The most blocks one chunk retrieves: the top-k and, with following_blocks, the blocks after each."""
-        return self.topk_blocks * (1 + self.following_blocks)
+        """The most blocks one chunk retrieves: the larger top-k and, with following_blocks, the blocks after
+        each."""
+        return max(self.topk_blocks, self.chunk_topk_blocks) * (1 + self.following_blocks)
 
     def _check_score_decay(self) -> None:
         decay = self.score_decay

@@ -272,7 +272,8 @@ class LayerMemory:
         query = ranking_query(q, cfg.block_ranking, hkv)
         scores = block_scores(self.reprs, query, hkv, cfg.per_head_ranking, self._repr_absmax)
         self._scores = scores if self.trace is not None else None
-        chosen = select_blocks(scores, cfg.topk_blocks)
+        # A decoding step (one query) retrieves topk_blocks, a chunk of a prompt prefill_topk_blocks when set.
+        chosen = select_blocks(scores, cfg.topk_blocks if q.shape[1] == 1 else cfg.chunk_topk_blocks)
         return BlockIds(with_following(chosen, cfg.following_blocks, self.blocks.num_blocks))
 
     def _global_keys(self, chosen: BlockIds | None, comp_k: torch.Tensor, comp_v: torch.Tensor

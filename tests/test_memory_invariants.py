@@ -183,6 +183,28 @@ def test_top_k_retrieval_attends_whole_blocks_and_the_always_visible_groups(per_
     assert len(starts) == 2  # two whole blocks, nothing else
 
 
+@pytest.mark.parametrize("pieces", [[T], [13, 40, 67], [1] * T, [60] + [1] * (T - 60)])
+def test_prefill_top_k_applies_to_chunks_of_a_prompt_and_top_k_to_decoding_steps(pieces):
+    """A chunk of more than one query retrieves prefill_topk_blocks, a one-token step topk_blocks: the outputs
+    equal those of a layer whose topk_blocks is the one that applies, chunk by chunk, exactly."""
+    q, k, v = _qkv(7)
+    # Key bounds: a block's summary is its keys alone, so the three layers hold the same memory whatever each
+    # retrieved (representatives would depend on the attention each key received).
+    same = dict(device_cache_blocks=8, chunk_size=8, block_ranking="bounds")
+    both = _feed(_layer(topk_blocks=2, prefill_topk_blocks=5, **same), q, k, v, pieces)
+    prompt_like = _feed(_layer(topk_blocks=5, **same), q, k, v, pieces)
+    step_like = _feed(_layer(topk_blocks=2, **same), q, k, v, pieces)
+    s = 0
+    for n in pieces:
+        # A call of n tokens runs in chunks of chunk_size; a last chunk of one token is a decoding step too.
+        for c in range(s, s + n, 8):
+            size = min(8, s + n - c)
+            want = prompt_like if size > 1 else step_like
+            assert torch.equal(both[:, c : c + size], want[:, c : c + size]), (c, size)
+        s += n
+    assert not torch.equal(prompt_like, step_like)  # the two budgets do choose differently here
+
+
 def test_sinks_are_kept_and_blocks_form_every_block_size_evicted_tokens():
     layer = _layer()
     q, k, v = _qkv(2)
