@@ -37,6 +37,10 @@ setup(
         "safetensors",
         "platformdirs",
         "psutil",
+        # One writer per session (inf_llm/session_lock.py): flock, which the kernel releases when its process
+        # dies. transformers already depends on it; named here because we import it. 3.20.4 to 3.29.4 delete the
+        # lock file on release, which lets two processes lock two files of one name.
+        "filelock>=3.29.5",
     ],
     extras_require={
         "test": ["pytest", "pexpect"],

@@ -3,6 +3,10 @@
 Front-end neutral: `simple_ui.SimpleUI` (plain text, pipes) and `rich_ui.RichUI` (prompt-toolkit + rich) both
 implement the small `UI` protocol below. Nothing typed is ever lost to a mistake: an unknown command, a missing
 file or a refused session prints a message and the chat goes on.
+
+One writer per session: the chat holds the lock of the session it saves to (`inf_llm.session_lock`) from the
+moment it binds it until it binds another, `!!reset`s or ends, so a second chat on the same session is refused
+instead of overwriting its turns. A session opened read-only is resumed without the lock and never saved to.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Protocol
 
 from inf_llm import sessions
 from inf_llm.engine import GenerationStep
+from inf_llm.session_lock import SessionBusyError, SessionLock
 
 from chat.commands import Command, CommandError, help_rows, is_command, parse_command
 from chat.conversation import Conversation, Reply, StopRequested, TurnCancelled
@@ -39,9 +44,11 @@ class UI(Protocol):
 
 
 class ChatApp:
-    def __init__(self, conversation: Conversation, ui: UI, *, session: str | None = None):
+    def __init__(self, conversation: Conversation, ui: UI):
         self.conversation, self.ui = conversation, ui
-        self.session = session  # bound session name: saved after every change
+        self.session: str | None = None  # bound session name: saved after every change, its lock held
+        self.read_only: str | None = None  # the session this conversation was opened from read-only: never saved to
+        self._lock: SessionLock | None = None  # the lock of `session`
 
     # --- sessions -------------------------------------------------------------------------------------------
 
@@ -49,10 +56,30 @@ class ChatApp:
     def chat_identity(self) -> dict:
         return self.conversation.format.identity
 
-    def open_session(self, name: str) -> bool:
-        """Resume `name` if it exists (else start it); False, with a message, if it is refused."""
+    def open_session(self, name: str, *, read_only: bool = False, lock: SessionLock | None = None) -> bool:
+        """Resume `name` if it exists (else start it); False, with a message, if it is refused or another process
+        holds it. read_only: resume it without its lock and never save to it. lock: its lock, already taken."""
         try:
             path = sessions.session_path(name)
+            if read_only:
+                if not path.exists():
+                    raise sessions.SessionError(f"no session named {name!r} to open read-only; saved sessions: "
+                                                + (", ".join(sessions.list_sessions()) or "none"))
+                self._resume(path, read_only=True)
+                self._unbind()  # saved to nowhere: not the session it was opened from, nor one bound before
+                self.read_only = name
+                self.ui.info(f"opened session {name!r} read-only: {len(self.conversation.messages)} messages, "
+                             f"{len(self.conversation.engine.tokens):,} tokens in memory (nothing re-read); it is "
+                             "never saved to (!!save NEW saves this conversation as session NEW)")
+                return True
+            lock = lock or self._lock_for(name)
+        except SessionBusyError as error:
+            self.ui.error(f"{error}. Close the other chat first, or open this one with --read-only")
+            return False
+        except sessions.SessionError as error:
+            self.ui.error(str(error))
+            return False
+        try:
             if path.exists():
                 self._resume(path)
                 self.ui.info(f"resumed session {name!r}: {len(self.conversation.messages)} messages, "
@@ -60,12 +87,42 @@ class ChatApp:
             else:
                 self.ui.info(f"new session {name!r} (saved after every turn to {path})")
         except sessions.SessionError as error:
+            self._release_unless_bound(lock)
             self.ui.error(str(error))
             return False
-        self.session = name
+        self._bind(name, lock)
         return True
 
-    def _resume(self, path: Path) -> None:
+    def close(self) -> None:
+        """Release the session's lock: this chat saves nothing more (the session stays as last saved)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _lock_for(self, name: str) -> SessionLock:
+        """The lock of session `name`, taken (SessionBusyError if another process holds it)."""
+        if name == self.session and self._lock is not None:
+            return self._lock
+        lock = SessionLock(sessions.session_path(name))
+        lock.acquire()
+        return lock
+
+    def _release_unless_bound(self, lock: SessionLock) -> None:
+        if lock is not self._lock:
+            lock.release()
+
+    def _bind(self, name: str, lock: SessionLock) -> None:
+        """Save to session `name` from now on; the lock of the session bound before is released."""
+        if self._lock is not None and self._lock is not lock:
+            self._lock.release()
+        self.session, self._lock = name, lock
+
+    def _unbind(self) -> None:
+        """Save nowhere from now on: the conversation is no longer the bound session's."""
+        self.close()
+        self.session = self.read_only = None
+
+    def _resume(self, path: Path, *, read_only: bool = False) -> None:
         # Check everything before touching the conversation: a refused file leaves the chat as it was.
         engine = self.conversation.engine
         try:
@@ -75,17 +132,18 @@ class ChatApp:
             raise sessions.SessionError(f"interrupted while reading {path}; nothing changed") from None
         self.conversation.reset()
         try:
-            sessions.load_into(saved, engine)
+            sessions.load_into(saved, engine, read_only=read_only)
         except KeyboardInterrupt:
             self.conversation.reset()
-            self.session = None
+            self._unbind()
             raise sessions.SessionError(f"interrupted while loading {path}: the conversation is now empty") from None
         except Exception as error:
             self.conversation.reset()
-            self.session = None
+            self._unbind()
             raise sessions.SessionError(f"{path}: its memory does not fit this engine ({error}); the file was left "
                                         "as it is and the conversation is now empty") from error
         self.conversation.load(saved.messages)
+        self.read_only = None  # the conversation is this session's now
 
     def save(self, name: str | None = None) -> bool:
         name = name or self.session
@@ -106,15 +164,19 @@ class ChatApp:
     # --- the loop -------------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        while True:
-            try:
-                line = self.ui.read_message()
-            except EOFError:
-                return 0
-            except KeyboardInterrupt:
-                continue  # Ctrl-C at the prompt clears the line, as in a shell
-            if not self.handle(line):
-                return 0
+        """Read and run inputs until Ctrl-D or !!exit; then release the session (`close`)."""
+        try:
+            while True:
+                try:
+                    line = self.ui.read_message()
+                except EOFError:
+                    return 0
+                except KeyboardInterrupt:
+                    continue  # Ctrl-C at the prompt clears the line, as in a shell
+                if not self.handle(line):
+                    return 0
+        finally:
+            self.close()
 
     def handle(self, line: str) -> bool:
         """Run one input; False when the chat should end."""
@@ -169,7 +231,9 @@ class ChatApp:
         return True
 
     def _cmd_stats(self, command: Command) -> bool:
-        self.ui.table("memory statistics", stats_rows(self.conversation, self.session))
+        session = self.session or (f"- (opened from {self.read_only!r} read-only: not saved; !!save NEW)"
+                                   if self.read_only else None)
+        self.ui.table("memory statistics", stats_rows(self.conversation, session))
         return True
 
     def _cmd_sources(self, command: Command) -> bool:
@@ -201,7 +265,7 @@ class ChatApp:
             # Never overwrite a saved conversation with an empty one: the new one is unsaved until !!save NAME.
             self.ui.info(f"the conversation was reset; session {self.session!r} is kept on disk as it was "
                          "(!!save NAME saves the new conversation, !!load NAME goes back)")
-            self.session = None
+        self._unbind()
         return True
 
     def _cmd_remove(self, command: Command) -> bool:
@@ -222,16 +286,23 @@ class ChatApp:
         return True
 
     def _cmd_save(self, command: Command) -> bool:
-        name = command.args[0] if command.args else (self.session or "default")
-        try:
-            sessions.session_path(name)
-        except sessions.SessionError as error:
-            self.ui.error(str(error))
+        name = command.args[0] if command.args else (self.session or self.read_only or "default")
+        if name == self.read_only:
+            # It may have moved on in the process that holds it: saving this conversation there would lose turns.
+            self.ui.error(f"session {name!r} was opened read-only and is never saved to; !!save NEW saves this "
+                          "conversation as session NEW")
             return True
-        if self.save(name):
-            self.session = name
-            self.ui.info(f"saved session {name!r} ({len(self.conversation.engine.tokens):,} tokens); "
-                         "it is saved again after every turn")
+        try:
+            lock = self._lock_for(name)
+        except sessions.SessionError as error:  # an invalid name, or another process holds it
+            self.ui.error(f"{error}; nothing changed" if isinstance(error, SessionBusyError) else str(error))
+            return True
+        if not self.save(name):
+            self._release_unless_bound(lock)
+            return True
+        self._bind(name, lock)
+        self.ui.info(f"saved session {name!r} ({len(self.conversation.engine.tokens):,} tokens); "
+                     "it is saved again after every turn")
         return True
 
     def _cmd_load(self, command: Command) -> bool:
@@ -246,11 +317,17 @@ class ChatApp:
             if not path.exists():
                 raise sessions.SessionError(f"no session named {name!r}; saved sessions: "
                                             + (", ".join(sessions.list_sessions()) or "none"))
+            lock = self._lock_for(name)
+        except sessions.SessionError as error:  # also when another process holds it: the chat goes on as it was
+            self.ui.error(f"{error}; nothing changed" if isinstance(error, SessionBusyError) else str(error))
+            return True
+        try:
             self._resume(path)
         except sessions.SessionError as error:
+            self._release_unless_bound(lock)
             self.ui.error(str(error))
             return True
-        self.session = name
+        self._bind(name, lock)
         self.ui.info(f"loaded session {name!r}: {len(self.conversation.messages)} messages, "
                      f"{len(self.conversation.engine.tokens):,} tokens in memory (nothing re-read)")
         return True

@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiline", action="store_true",
                    help="Enter inserts a newline; Esc then Enter sends (simple style: an empty line sends)")
     p.add_argument("--session", metavar="NAME", default=None,
-                   help="resume session NAME if it exists (else start it); it is saved after every turn")
+                   help="resume session NAME if it exists (else start it); it is saved after every turn. Refused "
+                        "while another process has it open")
+    p.add_argument("--read-only", action="store_true",
+                   help="with --session: resume the session without ever saving to it (also while another process "
+                        "has it open); !!save NEW saves the conversation as session NEW and continues there")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--device-map", default=None, metavar="MAP",
                    help="spread a model too big for one GPU over several with accelerate (e.g. 'auto'); each layer's "
@@ -64,7 +68,10 @@ def _load_config(arg: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.read_only and args.session is None:
+        parser.error("--read-only opens a saved session: give --session NAME")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     style = args.style or ("rich" if sys.stdin.isatty() and sys.stdout.isatty() else "simple")
@@ -78,10 +85,37 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    from inf_llm.session_lock import SessionBusyError, SessionLock
+    from inf_llm.sessions import SessionError, session_path
+
+    lock = None
+    try:
+        if args.session is not None:
+            path = session_path(args.session)  # a bad name fails before the model loads
+            if not args.read_only:
+                # So does a session another process holds: two writers would each overwrite the other's turns.
+                lock = SessionLock(path)
+                lock.acquire()
+    except SessionBusyError as error:
+        print(f"error: {error}. Close the other chat first, or add --read-only to resume it without saving to it",
+              file=sys.stderr)
+        return 2
+    except SessionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return _start(args, style, params, lock)
+    finally:
+        if lock is not None:
+            lock.release()  # on every way out; the chat releases it sooner when it binds another session
+
+
+def _start(args, style: str, params, lock) -> int:
+    """Load the model, then chat; `lock`: the session's, already held (None without --session, or read-only)."""
     from inf_llm.config import ConfigError, default_preset_for, load_config
     from inf_llm.engine import Engine
     from inf_llm.loading import ModelLoadError, load_model
-    from inf_llm.sessions import SessionError, session_path
+    from inf_llm.sessions import SessionError
 
     from chat.app import ChatApp
     from chat.chat_format import ChatFormat, ChatFormatError
@@ -89,8 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     from chat.stats import status_line
 
     try:
-        if args.session is not None:
-            session_path(args.session)  # a bad name fails before the model loads
         config, config_model_path, config_template = _load_config(args.inf_llm_config_path)
         model_path = args.model_path or config_model_path
         print("loading the model...", file=sys.stderr, flush=True)
@@ -119,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ui = SimpleUI(user=chat_format.user_name, assistant=chat_format.assistant_name, multiline=args.multiline)
     app = ChatApp(conversation, ui)
-    if args.session is not None and not app.open_session(args.session):
+    if args.session is not None and not app.open_session(args.session, read_only=args.read_only, lock=lock):
         return 2  # refused: never continue (and autosave) over a session we could not read
     ui.info(f"{config.method} memory on {engine.device}; type !!help for commands, Ctrl-D or !!exit to quit")
     return app.run()

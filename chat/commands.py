@@ -22,9 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                          "(no re-reading; costs only the new reply)"),
     "save": ("!!save [NAME]", "save transcript + memory as session NAME (default: the current one) and keep "
                               "saving it after every turn (writes the whole memory: ~25 KB per token for the "
-                              "embedded model, ~6 s at 32K tokens)"),
+                              "embedded model, ~6 s at 32K tokens); refused while another chat has NAME open"),
     "load": ("!!load [NAME]", "resume session NAME without re-reading it (reads the file: ~8 s at 32K tokens); "
-                              "without NAME, list the saved sessions"),
+                              "refused while another chat has NAME open; without NAME, list the saved sessions"),
     "file": ("!!file PATH [QUESTION]", "send a text file as your message; with QUESTION, the file is context and "
                                        "the question follows it in the same message (costs reading the file)"),
     "stats": ("!!stats", "show the memory and speed statistics"),

@@ -27,6 +27,12 @@ a folder the engine is not using (another session, or the first save) writes a n
 `state.pt`, then removes the old generation. A crash leaves the previous save or the new one. Refused sessions
 are left untouched. Version 1 (one torch file with the blocks in it) is still read; saving converts it.
 
+Read-only resume (`read_only=True`: the session is open in another process, which may save to it at any
+moment) copies the blocks the state names into a private temporary folder first, so that nothing the engine
+does later (blocks leaving RAM, a rollback recorded in the block log) writes to the session's folder; the next
+save goes to another session, as a whole new generation. Saving is never safe without the session's lock
+(`inf_llm.session_lock`): the chat takes it before it binds a session.
+
 Sessions live in `platformdirs.user_data_dir("inf-llm")/sessions`, or `$INF_LLM_DATA_DIR/sessions`.
 """
 
@@ -49,7 +55,7 @@ import platformdirs
 import torch
 
 from inf_llm.config import ADDED_LATER
-from inf_llm.disk_tier import DiskTier, DiskTierError, RowLayout
+from inf_llm.disk_tier import DiskTier, DiskTierError, RowLayout, SpillDirectory
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +101,8 @@ class _Binding:
 
 # Engine -> binding; weak, so that a dropped engine does not keep its session's files open.
 _bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Engine -> the private copy of a read-only resumed session's blocks that its stores use (removed once unused).
+_private_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def sessions_dir() -> Path:
@@ -111,6 +119,7 @@ def session_path(name: str) -> Path:
 
 
 def list_sessions() -> list[str]:
+    """The names of the session folders (and version-1 files); lock files (`.NAME.session.lock`) are not."""
     folder = sessions_dir()
     return sorted(p.name[: -len(SUFFIX)] for p in folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []
 
@@ -316,6 +325,7 @@ def save_session(path: Path, engine, messages: list[dict], chat: dict) -> Path:
         for layer, tier in zip(layers, binding.kv):
             layer.blocks.use_disk(tier)
         _bindings[engine] = binding
+        _remove_copy(engine, _private_copies.pop(engine, None))  # the stores use the session's tiers now
         _remove_generations(path, keep=binding.generation)
     logger.info("saved session %s (%d messages, %d tokens, %s)", path, len(messages), len(engine.tokens),
                 "new blocks only" if incremental else "all blocks")
@@ -331,6 +341,29 @@ def release(engine) -> None:
             if layer.blocks.disk is tier:
                 layer.blocks.disk = None  # forgetting every block needs nothing from (or written to) its tier
     engine.reset()
+    _remove_copy(engine, _private_copies.pop(engine, None))
+
+
+def _remove_copy(engine, copy: SpillDirectory | None) -> None:
+    """Remove the private copy of a read-only resumed session's blocks; the engine's stores left it or were reset."""
+    if copy is None:
+        return
+    for layer in _layers(engine) or []:
+        disk = layer.blocks.disk
+        if disk is not None and copy.root is not None and disk.path.is_relative_to(copy.root):
+            layer.blocks.disk = None  # a reset store holds no block of it; the next to leave RAM goes elsewhere
+    copy.remove()
+
+
+def _private_tier(source: DiskTier, num_blocks: int, folder: Path) -> DiskTier:
+    """A copy of blocks 0..num_blocks-1 of `source` in `folder` (each checked against its CRC32 on the way);
+    `source` is closed. Blocks a saved state names are never rewritten, so a concurrent save cannot change them."""
+    tier = DiskTier(folder, source.layout, durable=False)
+    for start in range(0, num_blocks, 64):  # 32 MB at a time for a 7B model's 128-token blocks
+        ids = range(start, min(start + 64, num_blocks))
+        tier.write(ids, torch.stack([source.read(b) for b in ids]))
+    source.close()
+    return tier
 
 
 def _remove_generations(folder: Path, keep: str | None) -> None:
@@ -415,9 +448,14 @@ def read_session(path: Path) -> SessionFile:
                        version=expected, blocks=payload.get("blocks"))
 
 
-def load_into(session: SessionFile, engine) -> None:
+def load_into(session: SessionFile, engine, *, read_only: bool = False) -> None:
     """Give `engine` the session's memory (after `check_identity`). Blocks are not read: the engine's stores use
-    the session's tiers. On error the engine is reset and the session left as it is."""
+    the session's tiers. On error the engine is reset and the session left as it is.
+
+    read_only: never write to the session's folder from now on (another process may hold it): the blocks are
+    copied into a private temporary folder, which the stores use instead, and the engine is bound to no session.
+    """
+    previous_copy = _private_copies.pop(engine, None)
     try:
         if session.version == 1 or session.blocks is None:
             engine.load_state_dict(session.engine_state)
@@ -429,6 +467,9 @@ def load_into(session: SessionFile, engine) -> None:
             raise ValueError(f"the session has {len(saved)} layers of blocks, this engine "
                              f"{'none' if layers is None else len(layers)}")
         gen = session.path.resolve() / session.blocks["generation"]
+        copy = SpillDirectory(engine.config.disk_dir) if read_only else None
+        if copy is not None:
+            _private_copies[engine] = copy
         kv, reprs = [], []
         for i, (layer, counts) in enumerate(zip(layers, saved)):
             n = counts["num_blocks"]
@@ -439,18 +480,24 @@ def load_into(session: SessionFile, engine) -> None:
             r, d = layer.repr_rows, layer.shape.head_dim
             rows = torch.stack([row_tier.layout.rows(row_tier.read(b)[None])[0] for b in range(n)]) if n else \
                 torch.empty((0, r * d), dtype=row_tier.layout.torch_dtype)
+            if copy is not None:
+                kv_tier = _private_tier(kv_tier, n, copy.folder(f"layer-{i:03d}"))
             kv.append(kv_tier)
             reprs.append(row_tier)
             layer.load_blocks(kv_tier, n, rows.reshape(n, r, d), session.engine_state["memory"]["layers"][i])
         engine.tokens = list(session.engine_state["tokens"])
-        if all(tier.layout.torch_dtype == layer.repr_dtype for tier, layer in zip(reprs, layers)):
+        if copy is None and all(tier.layout.torch_dtype == layer.repr_dtype for tier, layer in zip(reprs, layers)):
             _bindings[engine] = _Binding(session.path.resolve(), session.blocks["generation"], kv, reprs)
         else:
-            _bindings.pop(engine, None)  # converted representatives: the next save writes a whole new generation
+            # Read-only, or converted representatives: the next save writes a whole new generation.
+            _bindings.pop(engine, None)
     except BaseException:
         engine.reset()
         _bindings.pop(engine, None)
+        _remove_copy(engine, _private_copies.pop(engine, None))
         raise
+    finally:
+        _remove_copy(engine, previous_copy)  # its blocks were forgotten (reset) or replaced by the session's
 
 
 def _comparable(identity: dict) -> dict:
@@ -471,12 +518,13 @@ def check_identity(session: SessionFile, engine, chat: dict) -> None:
                            "use another session name")
 
 
-def resume_session(path: Path, engine, chat: dict) -> SessionFile:
-    """Read, verify and check a session, then load its memory into `engine` (nothing is re-read)."""
+def resume_session(path: Path, engine, chat: dict, *, read_only: bool = False) -> SessionFile:
+    """Read, verify and check a session, then load its memory into `engine` (nothing is re-read by the model;
+    read_only: see `load_into`)."""
     session = read_session(path)
     check_identity(session, engine, chat)
     try:
-        load_into(session, engine)
+        load_into(session, engine, read_only=read_only)
     except Exception as error:
         raise SessionError(f"{path}: its memory does not fit this engine or is damaged ({error}); it was left as "
                            "it is") from error

@@ -5,13 +5,16 @@ and start-up errors. A tiny random checkpoint (the embedded tokenizer, random we
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from inf_llm import sessions
+from inf_llm.session_lock import SessionLock, info_path
 from tests.test_chat_conversation import VOCAB, tiny_config
 from tests.tiny_models import tiny_model
-from tests.test_sessions import _tree  # a session folder's files and bytes
+from tests.test_sessions import _files, _tree  # a session folder's files and bytes (and modification times)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,12 +29,34 @@ def checkpoint(tmp_path_factory, embedded_model):
     return folder, config
 
 
-def chat(checkpoint, data_dir, stdin, *extra, config=None):
+def command(checkpoint, data_dir, *extra, config=None):
+    """(argv, env) of the chat on the tiny checkpoint, its sessions in data_dir/sessions."""
     folder, default_config = checkpoint
     env = {**os.environ, "INF_LLM_DATA_DIR": str(data_dir), "PYTHONPATH": str(REPO)}
     args = [sys.executable, "-m", "inf_llm.chat", "--model-path", str(folder), "--inf-llm-config-path",
             str(config or default_config), "--temperature", "0", "--max-new-tokens", "4", "--device", "cpu", *extra]
+    return args, env
+
+
+def chat(checkpoint, data_dir, stdin, *extra, config=None):
+    args, env = command(checkpoint, data_dir, *extra, config=config)
     return subprocess.run(args, input=stdin, capture_output=True, text=True, env=env, cwd=str(REPO), timeout=300)
+
+
+def saved_messages(folder):
+    """The user messages of a session as last saved ([] before its first save)."""
+    try:
+        return [m["content"] for m in sessions.read_session(folder).messages if m["role"] == "user"]
+    except sessions.SessionError:
+        return []
+
+
+def wait_for(condition, process, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
 
 
 def test_pipes_sessions_and_refusal(checkpoint, tmp_path):
@@ -58,6 +83,59 @@ def test_pipes_sessions_and_refusal(checkpoint, tmp_path):
     assert _tree(session) == saved
 
 
+@pytest.mark.slow  # four chat processes: about 30 s (tests/test_chat_commands.py checks the same in one process)
+def test_a_second_process_is_refused_or_reads_only(checkpoint, tmp_path, monkeypatch):
+    # Two terminals on one session: the second must not resume it and save over the first one's turns.
+    session = tmp_path / "sessions" / "work.session"
+    args, env = command(checkpoint, tmp_path, "--session", "work")
+    first = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env, cwd=str(REPO))
+    try:
+        first.stdin.write("hello\n")
+        first.stdin.flush()
+        wait_for(lambda: saved_messages(session) == ["hello"], first)
+        saved = _files(session)
+
+        refused = chat(checkpoint, tmp_path, "bye\n", "--session", "work")
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert refused.stderr.startswith(f"error: session 'work' is open in another process (pid {first.pid}, since ")
+        assert refused.stderr.endswith("add --read-only to resume it without saving to it\n")
+        assert refused.stderr.count("\n") == 1  # one line, before the model loads
+        assert _files(session) == saved
+
+        reader = chat(checkpoint, tmp_path, "bye\n!!save\n!!save work\n!!save fork\nmore\n", "--session", "work",
+                      "--read-only")
+        assert reader.returncode == 0, reader.stderr
+        assert "opened session 'work' read-only: 2 messages" in reader.stderr
+        assert reader.stdout.count("ASSISTANT: ") == 2
+        assert reader.stderr.count("session 'work' was opened read-only and is never saved to") == 2
+        assert "saved session 'fork'" in reader.stderr
+        assert _files(session) == saved  # not a byte, not a modification time
+        assert saved_messages(tmp_path / "sessions" / "fork.session") == ["hello", "bye", "more"]
+
+        out, err = first.communicate("again\n", timeout=300)  # its next turn, then the end of its input
+        assert first.returncode == 0, err
+        assert out.count("ASSISTANT: ") == 2
+    finally:
+        first.kill()
+        first.wait()
+    assert saved_messages(session) == ["hello", "again"]  # nothing lost: each chat's turns are in its session
+    assert not info_path(session).exists()  # released at exit
+    with SessionLock(session):
+        pass
+    monkeypatch.setenv(sessions.DATA_DIR_ENV, str(tmp_path))
+    assert sessions.list_sessions() == ["fork", "work"]
+
+
+def test_read_only_needs_a_session(capsys):
+    from chat.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--read-only"])
+    assert exit.value.code == 2
+    assert "--read-only opens a saved session: give --session NAME" in capsys.readouterr().err
+
+
 def test_start_up_errors_name_the_problem(checkpoint, tmp_path, monkeypatch, capsys):
     from chat.cli import main
 
@@ -82,5 +160,5 @@ def test_help_names_every_flag():
     out = build_parser().format_help()
     for flag in ("--model-path", "--inf-llm-config-path", "--conv-template", "--conv-system-msg", "--temperature",
                  "--top-p", "--top-k", "--repetition-penalty", "--max-new-tokens", "--style", "--multiline",
-                 "--session", "--device", "--debug"):
+                 "--session", "--read-only", "--device", "--debug"):
         assert flag in out

@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import signal
 
 import pytest
@@ -15,7 +16,10 @@ from chat.simple_ui import SimpleUI
 from inf_llm import sessions
 from inf_llm.engine import Engine
 from inf_llm.sampling import SamplingParams
+from inf_llm.session_lock import SessionBusyError, SessionLock, read_holder
 from tests.test_chat_conversation import VOCAB, tiny_config
+from tests.test_session_lock import holding
+from tests.test_sessions import _files
 from tests.tiny_models import tiny_model
 
 
@@ -157,6 +161,93 @@ def test_refused_session_is_not_opened(model_and_tokenizer):
     assert not chat.app.open_session("broken") and chat.app.session is None
     assert "damaged or not a session" in chat.err
     assert path.read_bytes() == b"not a session"
+
+
+def held(name):
+    """Whether some chat holds session `name`'s lock (a second lock on it is refused, even in this process)."""
+    try:
+        with SessionLock(sessions.session_path(name)):
+            return False
+    except SessionBusyError:
+        return True
+
+
+def test_a_session_another_process_holds_is_refused_and_nothing_changes(model_and_tokenizer):
+    Chat(model_and_tokenizer, ["theirs"], session="theirs").run()
+    theirs = sessions.session_path("theirs")
+    chat = Chat(model_and_tokenizer, [], session="mine")
+    assert chat.app.handle("hello")
+    with holding(theirs) as holder:
+        before = _files(theirs)
+        state = ([dict(m) for m in chat.conv.messages], list(chat.conv.engine.tokens))
+        for command in ("!!load theirs", "!!save theirs"):
+            assert chat.app.handle(command)
+            assert re.fullmatch(rf"error: session 'theirs' is open in another process \(pid {holder.pid}, since "
+                                r"[\d: -]+\); it was left as it is; nothing changed", chat.err.splitlines()[-1])
+            assert (chat.conv.messages, chat.conv.engine.tokens, chat.app.session) == (*state, "mine")
+        assert chat.app.handle("after")  # still saved to the session it had
+        assert _files(theirs) == before
+        # At start-up (--session) too, and a refused chat stays unbound.
+        other = Chat(model_and_tokenizer, [])
+        assert not other.app.open_session("theirs") and other.app.session is None
+        assert f"(pid {holder.pid}, since " in other.err and "or open this one with --read-only" in other.err
+    assert [m["content"] for m in sessions.read_session(sessions.session_path("mine")).messages[::2]] == \
+        ["hello", "after"]
+    assert held("mine")
+    chat.run()  # the end of input ends the chat
+    assert not held("mine")
+
+
+def test_the_lock_follows_the_bound_session(model_and_tokenizer):
+    chat = Chat(model_and_tokenizer, [], session="a")
+    assert (held("a"), held("b")) == (True, False)
+    chat.app.handle("hello")
+    chat.app.handle("!!save b")
+    assert (held("a"), held("b")) == (False, True) and chat.app.session == "b"
+    chat.app.handle("!!load a")
+    assert (held("a"), held("b")) == (True, False) and chat.app.session == "a"
+    chat.app.handle("!!reset")
+    assert (held("a"), held("b")) == (False, False) and chat.app.session is None
+    chat.app.handle("!!save")  # an unbound chat saves to "default" and binds it
+    assert held("default")
+    chat.app.handle("!!exit")
+    assert held("default")  # !!exit only asks the loop to stop; the loop releases the session
+    chat.ui.stdin = io.StringIO("!!exit\n")
+    chat.run()
+    assert not held("default")
+
+
+def test_read_only_resumes_never_saves_and_forks(model_and_tokenizer):
+    Chat(model_and_tokenizer, ["hello"], session="work").run()
+    work = sessions.session_path("work")
+    before = _files(work)
+    chat = Chat(model_and_tokenizer, ["bye", "!!save", "!!save work", "!!stats", "!!save fork", "more"])
+    assert not chat.app.open_session("nope", read_only=True)
+    assert "no session named 'nope' to open read-only; saved sessions: work" in chat.err
+    assert chat.app.open_session("work", read_only=True)
+    assert "opened session 'work' read-only: 2 messages" in chat.err
+    assert not held("work")  # it takes no lock: the session may be open in another chat
+    chat.run()
+    assert chat.user_messages() == ["hello", "bye", "more"]
+    assert chat.err.count("session 'work' was opened read-only and is never saved to") == 2
+    assert "- (opened from 'work' read-only: not saved; !!save NEW)" in chat.out  # !!stats
+    assert _files(work) == before
+    fork = sessions.read_session(sessions.session_path("fork")).messages
+    assert [m["content"] for m in fork[::2]] == ["hello", "bye", "more"] and chat.app.session == "fork"
+    assert not held("fork")
+
+
+def test_the_session_of_a_killed_holder_opens(model_and_tokenizer):
+    Chat(model_and_tokenizer, ["hello"], session="s").run()
+    with holding(sessions.session_path("s")) as holder:
+        os.kill(holder.pid, signal.SIGKILL)
+        assert holder.wait(timeout=60) == -signal.SIGKILL
+    chat = Chat(model_and_tokenizer, ["again"], session="s")
+    assert "resumed session 's': 2 messages" in chat.err
+    assert read_holder(sessions.session_path("s")).pid == os.getpid()
+    chat.run()
+    assert [m["content"] for m in sessions.read_session(sessions.session_path("s")).messages[::2]] == \
+        ["hello", "again"]
 
 
 def test_ctrl_c_at_the_prompt_does_not_end_the_chat(model_and_tokenizer):

@@ -4,6 +4,7 @@ mismatched files are refused with a message naming the reason and left byte-for-
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +89,13 @@ def _tree(path):
     if path.is_file():
         return {"": path.read_bytes()}
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _files(path):
+    """Every file and folder under `path` with its bytes (None for a folder) and modification time: to show that
+    nothing was written, not even the same bytes again."""
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*"))}
 
 
 def _refused(path, engine, chat, match):
@@ -397,6 +405,42 @@ def test_a_reset_conversation_writes_nothing_into_the_session_it_left(model, tok
     conv.ask(MESSAGES[1])  # blocks beyond the budget go to a spill folder, not into the session
     assert sum(layer.blocks.disk_blocks() for layer in conv.engine.memory.layers) > 0
     assert _tree(path) == before
+
+
+def test_a_read_only_resume_writes_nothing_into_the_session(model, tokenizer, tmp_path):
+    # Another process holds the session and may save to it: whatever this chat does (blocks leaving RAM, a
+    # rollback past the resumed blocks, new turns) must stay out of its folder.
+    writer = conversation(model, tokenizer, tiny_config(topk_blocks=2, device_cache_blocks=4, host_cache_bytes=4096))
+    writer.ask(MESSAGES[0])
+    writer.ask(MESSAGES[1])
+    path = tmp_path / "held.session"
+    sessions.save_session(path, writer.engine, writer.messages, writer.format.identity)
+    expected = probe_logits(writer)  # (the writer's probe rolls back in its own block logs: before the snapshot)
+    before = _files(path)
+    spill = tmp_path / "reader-spill"
+    config = tiny_config(topk_blocks=2, device_cache_blocks=4, host_cache_bytes=4096, disk_dir=str(spill))
+    reader = conversation(model, tokenizer, config)
+    fed = reader.counters.fed_tokens
+    reader.load(sessions.resume_session(path, reader.engine, reader.format.identity, read_only=True).messages)
+    assert reader.counters.fed_tokens == fed  # nothing re-read by the model
+    torch.testing.assert_close(probe_logits(reader), expected, atol=0, rtol=0)
+    reader.ask(MESSAGES[2])
+    stores = [layer.blocks for layer in reader.engine.memory.layers]
+    assert sum(store.disk_writes for store in stores) > 0  # blocks left RAM...
+    assert all(Path(store.disk_path).is_relative_to(spill) for store in stores)  # ...into the private copy
+    assert reader.remove() and reader.remove()  # back before the resumed turn: the block logs roll back
+    reader.ask(MESSAGES[3])
+    assert _files(path) == before
+
+    # Saving it elsewhere (the chat's !!save NEW) writes every block there and removes the private copy.
+    fork = tmp_path / "fork.session"
+    assert len(list(spill.iterdir())) == 1
+    sessions.save_session(fork, reader.engine, reader.messages, reader.format.identity)
+    assert list(spill.iterdir()) == []
+    again = conversation(model, tokenizer, config)
+    again.load(sessions.resume_session(fork, again.engine, again.format.identity).messages)
+    torch.testing.assert_close(probe_logits(again), probe_logits(reader), atol=0, rtol=0)
+    assert _files(path) == before
 
 
 @pytest.mark.parametrize("method", ["full", "stream-llm"])
