@@ -11,6 +11,10 @@ Two runtime packages are deliberately absent from `install_requires` and install
 
 torch is given as a range only: install the build you want first (`make setup` installs the CPU build
 `torch==2.13.0`), because a bare requirement lets pip choose a multi-GB CUDA build.
+
+The YAML presets stay in `config/` at the repository root and are installed as the package data folder
+`inf_llm/presets/` (`package_dir` maps the one to the other), so an installed copy finds them by name as a source
+tree does (`inf_llm.config.PRESET_DIR`).
 """
 
 from setuptools import find_packages, setup
@@ -20,7 +24,9 @@ setup(
     version="0.1.0",
     description="InfLLM (training-free long-context memory, arXiv 2402.04617) on transformers 5, as a terminal chatbot",
     python_requires=">=3.10",
-    packages=find_packages(include=["inf_llm", "inf_llm.*", "chat", "chat.*"]),
+    packages=find_packages(include=["inf_llm", "inf_llm.*", "chat", "chat.*"]) + ["inf_llm.presets"],
+    package_dir={"inf_llm.presets": "config"},
+    package_data={"inf_llm.presets": ["*.yaml"]},
     install_requires=[
         "torch>=2.4",
         # Tested range: the attention plug-in uses transformers' public AttentionInterface of 5.x.
@@ -28,6 +34,10 @@ setup(
         "rich>=13",
         "prompt-toolkit>=3.0.40",
         "pyyaml>=6",
+        # Tensor.numpy() (session checksums, the disk tier's CRCs): torch does not require numpy itself.
+        "numpy",
+        # The check of transformers' tested range (inf_llm/hf.py).
+        "packaging",
         # The GPU kernels; on CPU, tests run them in triton's interpreter. `make setup` installs 3.7.1,
         # the release torch 2.13's CUDA build pins. No wheels exist outside Linux.
         "triton>=3.4; platform_system == 'Linux'",
@@ -43,7 +53,9 @@ setup(
         "filelock>=3.29.5",
     ],
     extras_require={
-        "test": ["pytest", "pexpect"],
+        # setuptools (70.1 builds wheels without the `wheel` package): tests/test_install.py builds and installs
+        # the project offline, with no build isolation.
+        "test": ["pytest", "pexpect", "setuptools>=70.1"],
         "bench": ["matplotlib"],
     },
     entry_points={

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 TOKENIZER_TEMPLATE = "tokenizer"  # the name recorded in sessions for "the tokenizer's own chat template"
+# fastchat is installed without its dependencies (a web server stack we do not use), so not by setup.py.
+FASTCHAT_INSTALL_HINT = "pip install --no-deps fschat==0.2.36"
 
 
 class ChatFormatError(ValueError):
@@ -40,7 +42,13 @@ class ChatFormat:
                     "this tokenizer has no chat template; name a fastchat one with --conv-template "
                     "(e.g. vicuna_v1.1, llama-2, mistral, zephyr)")
             return cls(tokenizer, TOKENIZER_TEMPLATE, system_message)
-        from fastchat.conversation import conv_templates
+        try:
+            from fastchat.conversation import conv_templates
+        except ModuleNotFoundError as error:
+            if error.name is None or error.name.split(".")[0] != "fastchat":
+                raise  # fastchat is there and something it imports is not: that is a real bug
+            raise ChatFormatError(f"the conversation template {template!r} is fastchat's, and fastchat is not "
+                                  f"installed; install it with `{FASTCHAT_INSTALL_HINT}`") from None
 
         if template not in conv_templates:
             close = difflib.get_close_matches(template, list(conv_templates), n=3)

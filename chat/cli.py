@@ -16,8 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", default=None,
                    help="Hugging Face checkpoint folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--inf-llm-config-path", default=None,
-                   help="InfLLM config: a YAML file (ours or the reference InfLLM's) or a preset name from config/ "
-                        "(default: the model's preset)")
+                   help="InfLLM config: a YAML file (ours or the reference InfLLM's) or a preset name such as "
+                        "smollm2-full (an unknown name lists the presets; default: the model's preset)")
     p.add_argument("--conv-template", default=None,
                    help="fastchat conversation template name (default: the tokenizer's own chat template)")
     p.add_argument("--conv-system-msg", default=None, help="system message (default: the template's)")

