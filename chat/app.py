@@ -2,7 +2,10 @@
 
 Front-end neutral: `simple_ui.SimpleUI` (plain text, pipes) and `rich_ui.RichUI` (prompt-toolkit + rich) both
 implement the small `UI` protocol below. Nothing typed is ever lost to a mistake: an unknown command, a missing
-file or a refused session prints a message and the chat goes on.
+file or a refused session prints a message and the chat goes on. Nothing is lost to a failure either: a turn that
+fails (a model error, a disk error, a damaged block) is rolled back whole and not saved, and a save that fails
+(a full disk, an I/O error) leaves the session at its previous save; either prints one line and the chat goes
+on, still bound, so the next save writes everything the failed one did not.
 
 One writer per session: the chat holds the lock of the session it saves to (`inf_llm.session_lock`) from the
 moment it binds it until it binds another, `!!reset`s or ends, so a second chat on the same session is refused
@@ -20,7 +23,7 @@ from inf_llm.engine import GenerationStep
 from inf_llm.session_lock import SessionBusyError, SessionLock
 
 from chat.commands import Command, CommandError, help_rows, is_command, parse_command
-from chat.conversation import Conversation, Reply, StopRequested, TurnCancelled
+from chat.conversation import Conversation, Reply, StopRequested, TurnCancelled, TurnFailed
 from chat.interrupts import StopGate
 from chat.stats import stats_rows
 
@@ -152,8 +155,11 @@ class ChatApp:
         try:
             sessions.save_session(sessions.session_path(name), self.conversation.engine, self.conversation.messages,
                                   self.chat_identity)
-        except (OSError, sessions.SessionError) as error:
-            self.ui.error(f"could not save session {name!r}: {error}")
+        except Exception as error:  # a full disk, an I/O error, a bug: the chat must go on either way
+            logger.debug("saving session %r failed", name, exc_info=error)
+            lines = str(error).strip().splitlines()
+            self.ui.error(f"could not save session {name!r} ({type(error).__name__}: {lines[0] if lines else ''}); "
+                          "the session on disk is its previous save, and the next save tries again")
             return False
         except KeyboardInterrupt:
             # save_session removed its temporary file: the session on disk is the previous save, whole.
@@ -183,7 +189,7 @@ class ChatApp:
         if not line.strip():
             return True  # an empty line does not end the chat
         if not is_command(line):
-            self._turn(lambda **kw: self.conversation.ask(line, **kw))
+            self._turn(lambda **kw: self.conversation.ask(line, **kw), "your message was dropped")
             return True
         try:
             command = parse_command(line)
@@ -192,7 +198,8 @@ class ChatApp:
             return True
         return getattr(self, f"_cmd_{command.name}")(command)
 
-    def _turn(self, run) -> Reply | None:
+    def _turn(self, run, dropped: str) -> Reply | None:
+        """Run one turn; `dropped` says what a failed turn gives up ("your message was dropped")."""
         turn = self.ui.turn()
         reply = None
         with StopGate() as gate:
@@ -207,6 +214,13 @@ class ChatApp:
             except TurnCancelled:
                 turn.close(None)
                 self.ui.info("interrupted while reading: the message was dropped and the memory rolled back")
+                return None
+            except TurnFailed as error:
+                # Nothing to save: the conversation is what it was at the end of the previous turn.
+                turn.close(None)
+                self.ui.error(f"the turn failed ({error}): {dropped}, " + (
+                    "and the memory was emptied (the next turn re-reads the conversation)" if error.memory_reset else
+                    "and the conversation and its memory are as they were before it"))
                 return None
             except KeyboardInterrupt:
                 # Landed outside the guarded feed/generation (rare): drop the unanswered message, roll back.
@@ -242,6 +256,9 @@ class ChatApp:
         except ValueError as error:
             self.ui.error(str(error))
             return True
+        except (TurnCancelled, TurnFailed) as error:
+            self.ui.error(f"!!sources stopped ({str(error) or 'interrupted'}); the memory is as it was before it")
+            return True
         if not found:
             self.ui.info("the last reply attended no memory block: everything it used was in the local window "
                          "or the first tokens")
@@ -270,7 +287,12 @@ class ChatApp:
 
     def _cmd_remove(self, command: Command) -> bool:
         fed = self.conversation.counters.fed_tokens
-        if not self.conversation.remove():
+        try:
+            removed = self.conversation.remove()
+        except (TurnCancelled, TurnFailed) as error:
+            self.ui.error(f"!!remove stopped ({str(error) or 'interrupted'}); nothing was removed")
+            return True
+        if not removed:
             self.ui.error("there is nothing to remove")
             return True
         reread = self.conversation.counters.fed_tokens - fed
@@ -282,7 +304,7 @@ class ChatApp:
         if not self.conversation.messages or self.conversation.messages[-1]["role"] != "assistant":
             self.ui.error("there is no reply to regenerate")
             return True
-        self._turn(lambda **kw: self.conversation.regen(**kw))
+        self._turn(lambda **kw: self.conversation.regen(**kw), "the previous reply was kept")
         return True
 
     def _cmd_save(self, command: Command) -> bool:
@@ -345,5 +367,5 @@ class ChatApp:
         question = " ".join(command.args[1:])
         message = f"{text.rstrip()}\n\n{question}" if question else text
         self.ui.info(f"sending {path} ({len(text):,} characters)" + (" with your question" if question else ""))
-        self._turn(lambda **kw: self.conversation.ask(message, **kw))
+        self._turn(lambda **kw: self.conversation.ask(message, **kw), "the file's message was dropped")
         return True

@@ -14,13 +14,19 @@ Rollback uses `Engine.snapshot()` / `restore()`, taken after each prompt and aft
 valid only along the history it was taken on: restoring one drops every later one. Only the last
 `max_snapshots` are kept (each holds a copy of the local window); a rollback further back re-reads from the
 oldest kept one, or from the start.
+
+A turn is all or nothing (`_all_or_nothing`): when the reading of a message is interrupted (TurnCancelled) or
+any error stops a turn (TurnFailed: a model call, a disk tier's read or write, a damaged block), the transcript
+and the memory go back to what they were before it. An error may land inside a model call, after some layers
+stored the chunk, so the memory is always restored from a snapshot, never trusted as it is.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from inf_llm.engine import Engine, EngineSnapshot, GenerationStep
@@ -36,6 +42,16 @@ Progress = Callable[[int, int], None]
 
 class TurnCancelled(Exception):
     """The user interrupted the reading of their message: the turn was rolled back, the transcript is unchanged."""
+
+
+class TurnFailed(Exception):
+    """An error stopped the turn; the transcript and the memory are as they were before it. `cause` is the error;
+    `memory_reset`: putting the memory back failed too, so it was emptied and the next turn re-reads the transcript."""
+
+    def __init__(self, cause: BaseException, *, memory_reset: bool = False):
+        self.cause, self.memory_reset = cause, memory_reset
+        lines = str(cause).strip().splitlines()
+        super().__init__(f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__)
 
 
 class StopRequested(Exception):
@@ -107,37 +123,33 @@ class Conversation:
 
         progress(done, total) follows the reading of the message. If it raises (e.g. StopRequested) or the
         reading is interrupted, the turn is rolled back and TurnCancelled raised. Once generating,
-        should_stop() ends the reply early; it is kept as far as it got (finish_reason "interrupted").
+        should_stop() ends the reply early; it is kept as far as it got (finish_reason "interrupted"). Any error
+        rolls the turn back (transcript and memory as before it) and raises TurnFailed.
         """
-        self.messages.append({"role": "user", "content": text})
-        try:
+        with self._all_or_nothing():
+            self.messages.append({"role": "user", "content": text})
             return self._respond(progress, on_step, should_stop)
-        except TurnCancelled:
-            self.messages.pop()
-            raise
 
     def regen(self, *, progress: Progress | None = None, on_step: Callable[[GenerationStep], None] | None = None,
               should_stop: Callable[[], bool] = lambda: False) -> Reply:
         """Replace the last reply: back to the snapshot after the last prompt (nothing re-read), then generate."""
         if not self.messages or self.messages[-1]["role"] != "assistant":
             raise ValueError("there is no reply to regenerate")
-        reply = self.messages.pop()
-        try:
+        with self._all_or_nothing():
+            self.messages.pop()
             return self._respond(progress, on_step, should_stop)
-        except TurnCancelled:
-            self.messages.append(reply)
-            raise
 
     def remove(self, progress: Progress | None = None) -> bool:
         """Remove the last exchange (the last user message and its reply); False when there is none."""
         if not self.messages:
             return False
-        if self.messages[-1]["role"] == "assistant":
-            self.messages.pop()
-        if self.messages and self.messages[-1]["role"] == "user":
-            self.messages.pop()
-        self._last_reply = None
-        self._sync(self.format.render(self.messages), progress)
+        with self._all_or_nothing():
+            if self.messages[-1]["role"] == "assistant":
+                self.messages.pop()
+            if self.messages and self.messages[-1]["role"] == "user":
+                self.messages.pop()
+            self._last_reply = None
+            self._sync(self.format.render(self.messages), progress)
         return True
 
     def reset(self) -> None:
@@ -166,13 +178,13 @@ class Conversation:
             raise ValueError(f"method {self.engine.config.method!r} retrieves nothing from memory: only inf-llm does")
         start, queries = self._last_reply
         tokens = list(self.engine.tokens)
-        self._sync(tokens[:start], None)  # back to the snapshot after the prompt (re-reads only if it was dropped)
-        trace = self.engine.memory.start_trace()
-        try:
-            for token in queries:
-                self.engine.feed([token])
-        finally:
-            self.engine.memory.stop_trace()
+        with self._all_or_nothing():
+            self._sync(tokens[:start], None)  # back to the snapshot after the prompt (re-reads only if it was dropped)
+            trace = self.engine.memory.start_trace()
+            try:
+                self._replay(queries)
+            finally:
+                self.engine.memory.stop_trace()
             self._sync(self.format.render(self.messages), None)
             self._push()
         found = sources(trace, since=start, limit=limit)
@@ -206,12 +218,9 @@ class Conversation:
         target = self.format.render(self.messages, add_generation_prompt=True)
         fed_before = self.counters.fed_tokens
         t0 = time.perf_counter()
-        try:
-            # All but the last token: generate() needs one prompt token to start from.
-            self._sync(target[:-1], progress)
-        except (KeyboardInterrupt, StopRequested):
-            self._restore_latest()
-            raise TurnCancelled() from None
+        # All but the last token: generate() needs one prompt token to start from. Ctrl-C here drops the message
+        # (`_all_or_nothing`); from the first sampled token on, it keeps the reply as far as it got.
+        self._sync(target[:-1], progress)
         prompt_fed = self.counters.fed_tokens - fed_before
         prefill_rate = prompt_fed / max(time.perf_counter() - t0, 1e-9) if prompt_fed > 1 else None
         if prefill_rate is not None:
@@ -269,6 +278,54 @@ class Conversation:
         logger.debug("turn: fed %d prompt tokens, generated %d (%s), fed %d to close the turn; memory %d tokens",
                      prompt_fed + 1, generated, finish, closing, len(self.engine.tokens))
         return reply
+
+    # --- all or nothing --------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """Run a turn (or !!remove, !!sources) whole or not at all: if Ctrl-C stops the reading of a message
+        (TurnCancelled) or any error stops it (TurnFailed), the transcript, the memory and the reply count go
+        back to what they were before it. Ctrl-C while a reply is written is handled inside (the reply is kept)."""
+        messages, tokens = [dict(m) for m in self.messages], list(self.engine.tokens)
+        last_reply, replies = self._last_reply, self._replies
+        try:
+            yield
+        except (Exception, KeyboardInterrupt) as error:
+            self.messages[:] = messages
+            self._last_reply, self._replies = last_reply, replies
+            try:
+                self._return_to(tokens, last_reply)
+            except Exception as again:
+                # Nothing left to restore from: empty the memory, which the next turn re-reads (costly, but right).
+                logger.error("could not put the memory back after %r: %r; it was emptied", error, again)
+                self._snapshots.clear()
+                self.engine.reset()
+                raise TurnFailed(error, memory_reset=True) from again
+            if isinstance(error, (KeyboardInterrupt, StopRequested)):
+                raise TurnCancelled() from None
+            logger.debug("turn failed and was rolled back", exc_info=error)
+            raise TurnFailed(error) from error
+
+    def _return_to(self, tokens: list[int], last_reply: tuple[int, list[int]] | None) -> None:
+        """Make the memory hold `tokens` again, as it did before an abandoned turn.
+
+        Always from a snapshot: an error inside a model call leaves part of a chunk stored in some layers, which
+        `engine.tokens` does not show. When that lands at the prompt of the last reply (an abandoned !!regen or
+        !!sources), the reply is fed again as its generation fed it, one query at a time, then the rest as the
+        turn's end did: the memory is then bit-for-bit what it was (a read in chunks would round differently).
+        """
+        self._rollback(len(tokens))
+        if last_reply is not None:
+            start, queries = last_reply
+            if len(self.engine.tokens) == start < len(tokens) and tokens[start] == queries[0]:
+                self._replay(queries)
+        self._sync(tokens, None)
+
+    def _replay(self, queries: list[int]) -> None:
+        """Feed the queries of a reply one at a time, as `Engine.generate` fed them."""
+        for token in queries:
+            self.engine.feed([token])
+            self.counters.fed_tokens += 1
 
     # --- memory <-> transcript ---------------------------------------------------------------------------------
 

@@ -13,15 +13,19 @@ Blocks are immutable once created, so a block is written at most once; the index
 Crash safety. A write puts the records into blocks.data first and only then appends their PUT entries to the
 index, so an index entry never points at data that was not written: a process that dies between the two
 leaves records that no entry names (ignored, overwritten later). Opening replays the index up to its first
-incomplete or corrupt entry and cuts it there. With `durable=True` both files are fsynced at each step, which
-extends this to power loss; a throw-away spill folder (`SpillDirectory`) skips the fsyncs, since nothing can
-reopen it after its process is gone, and a session's folder fsyncs once per save (`sync`).
+incomplete or corrupt entry and cuts it there; an append that fails in a running process (a full disk) is cut
+before the next one, so a partial entry never hides the entries written after it. With `durable=True` both
+files are fsynced at each step, which extends this to power loss; a throw-away spill folder (`SpillDirectory`)
+skips the fsyncs, since nothing can reopen it after its process is gone, and a session's folder fsyncs once per
+save (`sync`).
 
 Saved states. The index is a log, so the state after its first `entries` entries is the state at that moment.
 A session records that count at each save and reopens the folder at it (`open(..., entries=n)`): what was
 written after the save (a rollback, blocks of an unsaved turn) is ignored, and cut from the index at the next
 write. For this to hold, slots named by the saved state are never written again: `protect` marks every slot in
-use so far as kept, where otherwise a rollback lets later blocks reuse the slots of the blocks it forgot.
+use so far as kept, where otherwise a rollback lets later blocks reuse the slots of the blocks it forgot. A save
+protects what it wrote, and reopening at a saved state protects that state's slots (a resumed chat that rolls
+back to its start and writes new blocks must not overwrite the save it would otherwise fall back to).
 
 Damage. Each record's CRC32 is kept in its PUT entry and checked when the record is read, so a damaged block
 file gives an error naming the block instead of silently wrong keys and values.
@@ -81,7 +85,7 @@ def _entry(kind: int, a: int, b: int, c: int = 0) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def _write_all(fd: int, data: memoryview, offset: int | None) -> None:
+def write_all(fd: int, data: memoryview, offset: int | None) -> None:
     """pwrite (or append, offset None) every byte: a single call may write fewer."""
     done = 0
     while done < len(data):
@@ -119,6 +123,10 @@ class DiskTier:
         self._entries = 0  # index entries that make the current state
         self._cut_at: int | None = None  # index bytes to keep at the next write (state reopened at a saved point)
         self._replay(entries)
+        if entries is not None:
+            # Reopened at a saved state: its slots stay readable until the next save commits, whatever this
+            # process forgets (a rollback) and writes in the meantime.
+            self.protect()
         self._map: mmap.mmap | None = None
         self._map_tensor: torch.Tensor | None = None
         self._capacity = 0  # records covered by the mapping
@@ -323,7 +331,7 @@ class DiskTier:
         data = records.contiguous().numpy()
         crcs = [zlib.crc32(memoryview(row)) for row in data]
         try:
-            _write_all(self._data_fd, memoryview(data).cast("B"), first * self.record_bytes)
+            write_all(self._data_fd, memoryview(data).cast("B"), first * self.record_bytes)
             if self.durable:
                 os.fsync(self._data_fd)
             self._commit_index(b"".join(_entry(_PUT, b, first + i, crc) for i, (b, crc) in enumerate(zip(block_ids, crcs))))
@@ -339,9 +347,16 @@ class DiskTier:
         if self._cut_at is not None:
             os.ftruncate(self._index_fd, self._cut_at)  # entries past the state this folder was opened at
             self._cut_at = None
-        _write_all(self._index_fd, memoryview(entries), None)
-        if self.durable:
-            os.fsync(self._index_fd)
+        end = os.fstat(self._index_fd).st_size
+        try:
+            write_all(self._index_fd, memoryview(entries), None)
+            if self.durable:
+                os.fsync(self._index_fd)
+        except BaseException:
+            # A failed append (a full disk) may leave part of an entry, where replay would stop and lose every entry
+            # appended after it: the next commit cuts the log back here first.
+            self._cut_at = end
+            raise
         self._entries += len(entries) // ENTRY_BYTES
 
     def truncate(self, n: int) -> None:

@@ -24,8 +24,11 @@ representatives only; blocks are read when retrieval asks for them, each checked
 
 Writes are atomic: `state.pt` is replaced by `os.replace` after the blocks it names are synced, and a save into
 a folder the engine is not using (another session, or the first save) writes a new generation folder, commits
-`state.pt`, then removes the old generation. A crash leaves the previous save or the new one. Refused sessions
-are left untouched. Version 1 (one torch file with the blocks in it) is still read; saving converts it.
+`state.pt`, then removes the old generation. A crash leaves the previous save or the new one; so does a save
+that fails (a full disk, an I/O error: the error is the OSError itself, also from inside torch.save), and the
+next save into the same folder writes everything the failed one did not. A first save that fails removes the
+folder it created. Refused sessions are left untouched. Version 1 (one torch file with the blocks in it) is still
+read; saving converts it.
 
 Read-only resume (`read_only=True`: the session is open in another process, which may save to it at any
 moment) copies the blocks the state names into a private temporary folder first, so that nothing the engine
@@ -55,7 +58,7 @@ import platformdirs
 import torch
 
 from inf_llm.config import ADDED_LATER
-from inf_llm.disk_tier import DiskTier, DiskTierError, RowLayout, SpillDirectory
+from inf_llm.disk_tier import DiskTier, DiskTierError, RowLayout, SpillDirectory, write_all
 
 logger = logging.getLogger(__name__)
 
@@ -211,17 +214,45 @@ def _layers(engine) -> list | None:
     return getattr(engine.memory, "layers", None)
 
 
+class _StateWriter:
+    """The file torch.save writes `state.pt` through: each write goes to the descriptor whole (`write_all`), and a
+    failed one is kept, since torch reports it only as a RuntimeError about the stream's position."""
+
+    def __init__(self, fd: int):
+        self.fd, self.error = fd, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            write_all(self.fd, view, None)
+        except OSError as error:
+            self.error = error
+            raise
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+
 def _write_state(folder: Path, payload: dict) -> None:
     payload["sha256"] = content_sha256(payload)
     fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.tmp-", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        writer = _StateWriter(fd)
+        try:
+            torch.save(payload, writer)
+        except RuntimeError as error:
+            if writer.error is not None:
+                raise writer.error from error  # e.g. ENOSPC: say so, not "unexpected pos"
+            raise
+        os.fsync(fd)
+        os.close(fd)
+        fd = None
         os.replace(tmp, folder / STATE_FILE)
     except BaseException:
         # Also on Ctrl-C: the previous state.pt stays as it was.
+        if fd is not None:
+            os.close(fd)
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(folder)
@@ -294,7 +325,18 @@ def save_session(path: Path, engine, messages: list[dict], chat: dict) -> Path:
     }
     if path.is_file():
         return _convert_file(path, engine, messages, chat)
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
+    try:
+        return _save_into(path, engine, messages, payload, layers)
+    except BaseException:
+        if created and not (path / STATE_FILE).exists():
+            # A first save that failed (a full disk): leave no folder that would be refused as an incomplete session.
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _save_into(path: Path, engine, messages: list[dict], payload: dict, layers) -> Path:
     if layers is None:  # full attention: its KV cache is the state
         payload["engine"], payload["blocks"] = engine.state_dict(), None
         _write_state(path, payload)
@@ -326,7 +368,7 @@ def save_session(path: Path, engine, messages: list[dict], chat: dict) -> Path:
             layer.blocks.use_disk(tier)
         _bindings[engine] = binding
         _remove_copy(engine, _private_copies.pop(engine, None))  # the stores use the session's tiers now
-        _remove_generations(path, keep=binding.generation)
+    _remove_generations(path, keep=binding.generation)  # earlier saves, and any a killed process left half-written
     logger.info("saved session %s (%d messages, %d tokens, %s)", path, len(messages), len(engine.tokens),
                 "new blocks only" if incremental else "all blocks")
     return path

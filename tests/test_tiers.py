@@ -216,6 +216,31 @@ def test_a_torn_or_corrupt_index_entry_is_cut_at_the_next_write(tmp_path, tail):
     assert DiskTier.open(tmp_path / "s").block_ids() == [0, 1, 2]
 
 
+def test_an_append_that_fails_half_written_is_cut_before_the_next(tmp_path, monkeypatch):
+    """A full disk in a running process: the index append writes half an entry and fails. The blocks written
+    after it must survive a reopening (replay stops at a torn entry, so it must not stay in the middle)."""
+    layout = BlockLayout(HKV, B, D, torch.float32)
+    records = _records(layout, 4, 4)
+    tier = DiskTier(tmp_path / "s", layout, durable=False)
+    tier.write([0, 1], records[:2])
+    write = os.write
+
+    def half_then_full(fd, data):
+        write(fd, bytes(data)[: ENTRY_BYTES // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(DiskTierError, match="No space left"):
+        tier.write([2], records[2:3])
+    monkeypatch.undo()
+    assert tier.block_ids() == [0, 1]
+    tier.write([2, 3], records[2:])
+    assert os.path.getsize(tmp_path / "s" / INDEX_FILE) == 4 * ENTRY_BYTES
+    reopened = DiskTier.open(tmp_path / "s")
+    assert reopened.block_ids() == [0, 1, 2, 3]
+    assert all(torch.equal(reopened.read(b), records[b]) for b in range(4))
+
+
 def test_reopening_at_a_saved_entry_count_gives_that_state_even_after_rollback_and_rewrites(tmp_path):
     """A session saves `entries`; what happens after (rollback, new blocks in the freed slots) is not seen."""
     layout = BlockLayout(HKV, B, D, torch.float32)
