@@ -201,12 +201,18 @@ def dry_run(model, tokenizer, kind, base, folder):
 def test_a_save_that_fails_at_each_kind_of_call_leaves_the_previous_save(model, tokenizer, tmp_path, kind):
     """The first write, pwrite, fsync, replace (and ftruncate) of a save, its commit and the call after it; the
     slow test below and `python -m tests.save_fault_run` try every call."""
+    _fail_saves_at(model, tokenizer, tmp_path, kind, firsts)
+
+
+def _fail_saves_at(model, tokenizer, tmp_path, kind, points) -> None:
+    """Fail a save of `kind` at each call `points(calls)` names (ENOSPC and EIO in turn): a save that raised opens
+    at the previous save, one that failed after its commit at the new one."""
     base = tmp_path / "base.session"
     previous = base_session(model, tokenizer, base)
     calls = dry_run(model, tokenizer, kind, base, tmp_path / "dry.session")
     commit = commit_point(calls)
     assert {"write", "pwrite", "fsync", "replace"} <= set(calls)
-    for at in firsts(calls):
+    for at in points(calls):
         code = (errno.ENOSPC, errno.EIO)[at % 2]
         raised = run_failing_save(model, tokenizer, kind, base, previous, tmp_path / f"{at}.session", at, code)
         assert raised == (at <= commit), (at, calls[at - 1])
@@ -215,14 +221,7 @@ def test_a_save_that_fails_at_each_kind_of_call_leaves_the_previous_save(model, 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["incremental", "new generation"])
 def test_a_save_that_fails_at_any_call_leaves_the_previous_save(model, tokenizer, tmp_path, kind):
-    base = tmp_path / "base.session"
-    previous = base_session(model, tokenizer, base)
-    calls = dry_run(model, tokenizer, kind, base, tmp_path / "dry.session")
-    commit = commit_point(calls)
-    for at in range(1, len(calls) + 1):
-        code = (errno.ENOSPC, errno.EIO)[at % 2]
-        raised = run_failing_save(model, tokenizer, kind, base, previous, tmp_path / f"{at}.session", at, code)
-        assert raised == (at <= commit), (at, calls[at - 1])
+    _fail_saves_at(model, tokenizer, tmp_path, kind, lambda calls: range(1, len(calls) + 1))
 
 
 @pytest.mark.slow
