@@ -43,6 +43,17 @@ class Tally:
         row[0] += 1
         row[{"recovered": 1, "refused": 2, "lost": 3}[outcome]] += 1
 
+    def run(self, fault: str, where: str, case, folder: Path) -> None:
+        """Count `case()`'s outcome ("recovered" or "refused") under `fault`; any exception is a loss, printed with
+        `where`. The case's folder is removed either way."""
+        try:
+            self.add(fault, case())
+        except Exception:
+            print(f"LOST: {where}")
+            traceback.print_exc()
+            self.add(fault, "lost")
+        shutil.rmtree(folder, ignore_errors=True)
+
     def print(self) -> None:
         header = ("fault class", "cases tried", "recovered", "refused cleanly", "lost anything")
         print("| " + " | ".join(header) + " |")
@@ -61,15 +72,14 @@ def error_cases(model, tokenizer, root: Path, tally: Tally, every_call: bool) ->
         for code in (errno.ENOSPC, errno.EIO):
             for at in points:
                 folder = root / f"{kind}-{errno.errorcode[code]}-{at}.session"
-                try:
+
+                def case(code=code, at=at, folder=folder) -> str:
                     raised = run_failing_save(model, tokenizer, kind, base, previous, folder, at, code)
                     assert raised == (at <= commit), f"raised {raised} at call {at} (commit at {commit})"
-                    tally.add(f"{errno.errorcode[code]} at a {calls[at - 1]}", "recovered")
-                except Exception:
-                    print(f"LOST: {kind}, {errno.errorcode[code]} at call {at} ({calls[at - 1]})")
-                    traceback.print_exc()
-                    tally.add(f"{errno.errorcode[code]} at a {calls[at - 1]}", "lost")
-                shutil.rmtree(folder, ignore_errors=True)
+                    return "recovered"
+
+                tally.run(f"{errno.errorcode[code]} at a {calls[at - 1]}",
+                          f"{kind}, {errno.errorcode[code]} at call {at} ({calls[at - 1]})", case, folder)
 
 
 def resumed_and_saved(model, tokenizer, folder: Path) -> None:
@@ -89,19 +99,16 @@ def kill_cases(model, tokenizer, root: Path, tally: Tally, every_call: bool) -> 
         commit = commit_point(calls)
         for at in range(1, len(calls) + 1) if every_call else boundaries(calls):
             folder = root / f"{kind}-kill-{at}.session"
-            fault = f"SIGKILL at a {calls[at - 1]} ({kind})"
-            try:
+
+            def case(at=at, folder=folder) -> str:
                 outcome = run_killed_save(model, tokenizer, kind, base, previous, folder, at=at, commit=commit)
                 if isinstance(outcome, sessions.SessionError):
-                    tally.add(fault, "refused")
-                else:
-                    resumed_and_saved(model, tokenizer, folder)
-                    tally.add(fault, "recovered")
-            except Exception:
-                print(f"LOST: {kind}, SIGKILL at call {at} ({calls[at - 1]})")
-                traceback.print_exc()
-                tally.add(fault, "lost")
-            shutil.rmtree(folder, ignore_errors=True)
+                    return "refused"
+                resumed_and_saved(model, tokenizer, folder)
+                return "recovered"
+
+            tally.run(f"SIGKILL at a {calls[at - 1]} ({kind})", f"{kind}, SIGKILL at call {at} ({calls[at - 1]})",
+                      case, folder)
 
 
 def delay_cases(model, tokenizer, root: Path, tally: Tally, count: int, rng: random.Random) -> None:
@@ -117,11 +124,12 @@ def delay_cases(model, tokenizer, root: Path, tally: Tally, count: int, rng: ran
     duration = time.perf_counter() - started
     save(long, base)
     previous = probe_logits(long)
-    for case in range(count):
-        first = case % 2 == 0
-        folder = root / f"long-{case}.session"
+    for index in range(count):
+        first = index % 2 == 0
+        folder = root / f"long-{index}.session"
         fault = f"SIGKILL after a random delay ({'first save' if first else 'incremental'}, {tokens:,} tokens)"
-        try:
+
+        def case(first=first, folder=folder) -> str:
             if first:
                 conv, before = long, None
             else:
@@ -135,16 +143,12 @@ def delay_cases(model, tokenizer, root: Path, tally: Tally, count: int, rng: ran
             got = opened_logits(model, tokenizer, folder)
             if isinstance(got, sessions.SessionError) or (first and not folder.exists()):
                 assert first, got  # only a first save killed before its commit leaves no session
-                tally.add(fault, "refused")
-            else:
-                assert same(got, new) or (before is not None and same(got, before)), "opened at neither save"
-                resumed_and_saved(model, tokenizer, folder)
-                tally.add(fault, "recovered")
-        except Exception:
-            print(f"LOST: delay case {case}")
-            traceback.print_exc()
-            tally.add(fault, "lost")
-        shutil.rmtree(folder, ignore_errors=True)
+                return "refused"
+            assert same(got, new) or (before is not None and same(got, before)), "opened at neither save"
+            resumed_and_saved(model, tokenizer, folder)
+            return "recovered"
+
+        tally.run(fault, f"delay case {index}", case, folder)
     print(f"(a first save of the long session took {1000 * duration:.0f} ms here; delays drawn in 0..1.2x that)")
 
 

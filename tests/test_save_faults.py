@@ -9,7 +9,6 @@ larger saves and prints a table.
 """
 
 import errno
-import io
 import os
 import shutil
 import signal
@@ -18,12 +17,10 @@ import time
 import pytest
 import torch
 
-from chat.app import ChatApp
-from chat.simple_ui import SimpleUI
 from inf_llm import sessions
 # model and tokenizer: a tiny random Llama with the embedded tokenizer (the conversation tests' fixtures).
 from tests.test_chat_conversation import MESSAGES, model, tokenizer  # noqa: F401
-from tests.test_sessions import conversation, probe_logits
+from tests.test_sessions import session_chat, conversation, probe_logits
 
 SYSCALLS = ("write", "pwrite", "fsync", "replace", "ftruncate")  # what a save writes with (os.*)
 
@@ -313,10 +310,7 @@ def test_a_resumed_session_is_not_overwritten_before_its_next_save_commits(model
 
 def test_the_chat_reports_a_failed_save_stays_bound_and_the_next_save_retries(model, tokenizer, monkeypatch):
     conv = conversation(model, tokenizer)
-    stdout, stderr = io.StringIO(), io.StringIO()
-    ui = SimpleUI(stdin=io.StringIO(f"{MESSAGES[0]}\n{MESSAGES[2]}\n{MESSAGES[3]}\n"), stdout=stdout, stderr=stderr)
-    app = ChatApp(conv, ui)
-    assert app.open_session("s")
+    app, stdout, stderr = session_chat(conv, [MESSAGES[0], MESSAGES[2], MESSAGES[3]])
     attempts = []
     original = sessions.save_session
 

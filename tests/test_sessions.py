@@ -2,6 +2,7 @@
 mismatched files are refused with a message naming the reason and left byte-for-byte untouched; writes are atomic.
 """
 
+import io
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +25,18 @@ from tests.tiny_models import tiny_model
 def data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv(sessions.DATA_DIR_ENV, str(tmp_path / "data"))
     return tmp_path / "data"
+
+
+
+def session_chat(conv, lines: list[str], name: str = "s"):
+    """A simple-style ChatApp over `conv`, bound to session `name`, that will read `lines`: (app, stdout, stderr)."""
+    from chat.app import ChatApp
+    from chat.simple_ui import SimpleUI
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    app = ChatApp(conv, SimpleUI(stdin=io.StringIO("".join(f"{line}\n" for line in lines)), stdout=stdout, stderr=stderr))
+    assert app.open_session(name)
+    return app, stdout, stderr
 
 
 def conversation(model, tokenizer, config=None, template=None):

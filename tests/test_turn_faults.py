@@ -9,22 +9,19 @@ next turn gives the twin's reply.
 """
 
 import errno
-import io
 import re
 import shutil
 
 import pytest
 import torch
 
-from chat.app import ChatApp
 from chat.conversation import TurnFailed
-from chat.simple_ui import SimpleUI
 from inf_llm import sessions
 from inf_llm.disk_tier import DiskTier
 from inf_llm.layer_memory import LayerMemory
 # model and tokenizer: a tiny random Llama with the embedded tokenizer (the conversation tests' fixtures).
 from tests.test_chat_conversation import MESSAGES, model, tiny_config, tokenizer  # noqa: F401
-from tests.test_sessions import _files, conversation, probe_logits
+from tests.test_sessions import session_chat, _files, conversation, probe_logits
 
 DOCUMENT = "A long document about the sea, its tides and its ships. " * 40  # several blocks per layer
 
@@ -215,10 +212,7 @@ def test_a_failed_regen_keeps_the_previous_reply_and_its_memory_bit_for_bit(mode
 
 def test_the_chat_reports_a_failed_turn_in_one_line_saves_nothing_and_goes_on(model, tokenizer, monkeypatch):
     conv = conversation(model, tokenizer)
-    stdout, stderr = io.StringIO(), io.StringIO()
-    ui = SimpleUI(stdin=io.StringIO(f"{MESSAGES[0]}\n{DOCUMENT}\n{MESSAGES[2]}\n"), stdout=stdout, stderr=stderr)
-    app = ChatApp(conv, ui)
-    assert app.open_session("s")
+    app, stdout, stderr = session_chat(conv, [MESSAGES[0], DOCUMENT, MESSAGES[2]])
     injected = Fault(LayerMemory, "forward", 2, _raise(RuntimeError("layer failed")), conv.engine)
     saves = []
     original_save = sessions.save_session
