@@ -271,7 +271,11 @@ def run_killed_save(model, tokenizer, kind, base, previous, folder, at=None, del
     else:
         outcome = "new" if same(got, new) else "previous" if same(got, previous) else "lost"
     if at is not None:
-        assert ended == "killed" and outcome == ("previous" if at <= commit else "new")
+        assert ended == "killed"
+        if at > commit:
+            assert outcome == "new"
+        else:  # the previous save, or for a first save none: its folder is refused as incomplete
+            assert outcome == "previous" or (previous is None and isinstance(outcome, sessions.SessionError)), outcome
     assert outcome != "lost"
     return outcome
 
