@@ -62,12 +62,18 @@ class Tally:
             print(f"| {fault} | " + " | ".join(str(n) for n in row) + " |", flush=True)
 
 
+def prepared(model, tokenizer, root: Path, kind: str, tag: str):
+    """A save of `kind` ready to fail: its base folder, the logits of its previous save (None for a first save),
+    the calls a dry run of it made, and the call that commits it."""
+    base = root / f"{kind}-base.session"
+    previous = base_session(model, tokenizer, base) if kind != "first save" else None
+    calls = dry_run(model, tokenizer, kind, base, root / f"{kind}-{tag}.session")
+    return base, previous, calls, commit_point(calls)
+
+
 def error_cases(model, tokenizer, root: Path, tally: Tally, every_call: bool) -> None:
     for kind in KINDS:
-        base = root / f"{kind}-base.session"
-        previous = base_session(model, tokenizer, base) if kind != "first save" else None
-        calls = dry_run(model, tokenizer, kind, base, root / f"{kind}-dry.session")
-        commit = commit_point(calls)
+        base, previous, calls, commit = prepared(model, tokenizer, root, kind, "dry")
         points = range(1, len(calls) + 1) if every_call else boundaries(calls)
         for code in (errno.ENOSPC, errno.EIO):
             for at in points:
@@ -93,10 +99,7 @@ def resumed_and_saved(model, tokenizer, folder: Path) -> None:
 
 def kill_cases(model, tokenizer, root: Path, tally: Tally, every_call: bool) -> None:
     for kind in KINDS:
-        base = root / f"{kind}-base.session"
-        previous = base_session(model, tokenizer, base) if kind != "first save" else None
-        calls = dry_run(model, tokenizer, kind, base, root / f"{kind}-kdry.session")
-        commit = commit_point(calls)
+        base, previous, calls, commit = prepared(model, tokenizer, root, kind, "kdry")
         for at in range(1, len(calls) + 1) if every_call else boundaries(calls):
             folder = root / f"{kind}-kill-{at}.session"
 
