@@ -55,10 +55,16 @@ class ConfigError(ValueError):
     """A config file could not be read or is invalid; the message names the file and the offending key."""
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+# The most tokens or blocks a count may name: larger values (10**30 in a YAML file) do not fit the tensors they size.
+MAX_COUNT = 2**31 - 1
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = MAX_COUNT) -> None:
     # bool is an int subclass in Python; `topk_blocks: true` is a typo, not 1.
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} is invalid: must be an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}={value!r} is invalid: must be at most {maximum}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -207,7 +213,7 @@ class InfLLMConfig:
 
     def _check_tiers(self) -> None:
         if self.host_cache_bytes is not None:
-            _check_int("host_cache_bytes", self.host_cache_bytes, 0)
+            _check_int("host_cache_bytes", self.host_cache_bytes, 0, maximum=2**63 - 1)
         if self.disk_dir is not None and (not isinstance(self.disk_dir, str) or not self.disk_dir):
             raise ValueError(f"disk_dir={self.disk_dir!r} is invalid: must be a folder path or null")
         if self.disk_dir is not None and self.host_cache_bytes is None:
@@ -348,10 +354,23 @@ def _read_mapping(path: Path) -> dict[Any, Any]:
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(error)}") from error
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: values nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
     return data
+
+
+def _one_line(error: yaml.YAMLError) -> str:
+    """PyYAML's message without its multi-line excerpt of the file: the problem and where."""
+    problem = getattr(error, "problem", None)
+    if problem is None:
+        return " ".join(str(error).split())
+    mark = getattr(error, "problem_mark", None)
+    context = getattr(error, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}" + (f" ({context})" if context else "")
 
 
 def _optional_str(path: Path, key: str, value: Any) -> str | None:
@@ -408,7 +427,7 @@ def _load_reference(path: Path, data: dict[Any, Any]) -> LoadedConfig:
             notes.append(f"{key}={value!r} is not used: {ref.why}")
 
     kind = settings.get("method")
-    if kind not in REFERENCE_METHODS:
+    if not isinstance(kind, str) or kind not in REFERENCE_METHODS:
         raise ConfigError(f"{path}: model.type={kind!r} is invalid: must be one of "
                           f"{', '.join(map(repr, REFERENCE_METHODS))}")
     method = settings["method"] = REFERENCE_METHODS[kind]
@@ -444,7 +463,7 @@ def _load_reference(path: Path, data: dict[Any, Any]) -> LoadedConfig:
 def _reference_conv_template(path: Path, conv_type: Any, notes: list[str]) -> str | None:
     if conv_type is None:
         return None
-    if conv_type not in REFERENCE_CONV_TEMPLATES:
+    if not isinstance(conv_type, str) or conv_type not in REFERENCE_CONV_TEMPLATES:
         raise ConfigError(f"{path}: conv_type={conv_type!r} is not known: must be one of "
                           f"{', '.join(map(repr, REFERENCE_CONV_TEMPLATES))}")
     template = REFERENCE_CONV_TEMPLATES[conv_type]

@@ -43,6 +43,7 @@ reused without reading its blocks, and `contains` says which blocks are already 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import mmap
@@ -93,7 +94,8 @@ def write_all(fd: int, data: memoryview, offset: int | None) -> None:
         done += os.pwrite(fd, chunk, offset + done) if offset is not None else os.write(fd, chunk)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: the names in it) by its path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -109,9 +111,15 @@ class DiskTier:
         self.path, self.durable = Path(path), durable
         self.layout = self._open_layout(layout)
         self.record_bytes = self.layout.record_bytes
+        # Opening an existing folder creates nothing in it: a folder that lacks a file is refused as it is.
+        create = os.O_CREAT if layout is not None else 0
         try:
-            self._data_fd = os.open(self.path / DATA_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-            self._index_fd = os.open(self.path / INDEX_FILE, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            self._data_fd = os.open(self.path / DATA_FILE, os.O_RDWR | create, 0o644)
+            try:
+                self._index_fd = os.open(self.path / INDEX_FILE, os.O_RDWR | create | os.O_APPEND, 0o644)
+            except OSError:
+                os.close(self._data_fd)
+                raise
         except OSError as error:
             raise DiskTierError(f"cannot open the block files in {str(self.path)!r}: {error}") from error
         self._closer = weakref.finalize(self, _close_fds, self._data_fd, self._index_fd)
@@ -171,7 +179,7 @@ class DiskTier:
                     os.fsync(handle.fileno())
             os.replace(tmp, meta)
             if self.durable:
-                _fsync_dir(self.path)
+                _fsync_path(self.path)
         except OSError as error:
             raise DiskTierError(f"cannot create a block folder at {str(self.path)!r}: {error}") from error
         return layout
@@ -241,12 +249,22 @@ class DiskTier:
         """Index entries making the current state; `open(path, entries=...)` returns to it."""
         return self._entries
 
+    def index_sha256(self) -> str:
+        """A digest of the index entries making the current state (each PUT carries its record's CRC32): the
+        same at a save and when the folder is reopened at that save, and another for another layer's or
+        session's blocks."""
+        try:
+            return hashlib.sha256(os.pread(self._index_fd, self._entries * ENTRY_BYTES, 0)).hexdigest()
+        except OSError as error:
+            raise DiskTierError(f"cannot read the index in {str(self.path)!r}: {error}") from error
+
     def sync(self) -> None:
-        """Make everything written so far durable (both files fsynced)."""
+        """Make everything written so far durable (the layout and both files fsynced)."""
         try:
             os.fsync(self._data_fd)
             os.fsync(self._index_fd)
-            _fsync_dir(self.path)
+            _fsync_path(self.path / LAYOUT_FILE)  # written once, fsynced at creation only when durable
+            _fsync_path(self.path)
         except OSError as error:
             raise DiskTierError(f"cannot sync the blocks in {str(self.path)!r}: {error}") from error
 

@@ -220,7 +220,18 @@ class FullAttentionMemory:
 
     def load_state_dict(self, state: dict) -> None:
         self.reset()
-        for idx, layer in enumerate(state["layers"]):
+        layers = state["layers"]
+        if not isinstance(layers, list) or len(layers) != self.model_config.num_hidden_layers:
+            raise ValueError(f"saved memory has {len(layers) if isinstance(layers, list) else 'no list of'} layers, "
+                             f"the model has {self.model_config.num_hidden_layers}")
+        first = layers[0]["k"] if layers else None
+        for layer in layers:
+            k, v = layer["k"], layer["v"]
+            # (batch 1, KV heads, tokens, head dim), alike in every layer: anything else fails in the model's forward.
+            if not all(isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 4 and t.shape[0] == 1
+                       and t.shape == first.shape and t.dtype == first.dtype for t in (k, v)):
+                raise ValueError("saved memory holds a KV cache of another shape or type in some layer")
+        for idx, layer in enumerate(layers):
             self.cache.update(layer["k"], layer["v"], idx)
 
     def stats(self) -> MemoryStats:

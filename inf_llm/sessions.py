@@ -20,7 +20,14 @@ only in RAM, the new representatives and a new `state.pt`: a 32K-token session a
 rather than rewriting everything. `state.pt` records how many index entries each tier had at the save
 (`DiskTier.entries`), and resuming opens the tiers at those counts: whatever the chat did after its last save
 (a rollback, the blocks of an unsaved turn) is not part of the session. Resuming reads `state.pt` and the
-representatives only; blocks are read when retrieval asks for them, each checked against its CRC32.
+representatives only; blocks are read when retrieval asks for them, each checked against its CRC32. `state.pt`
+also records a digest of each tier's index at the save (`DiskTier.index_sha256`), so a layer folder swapped with
+another's, or an index from another session, is refused rather than read as this one's blocks.
+
+Hostile files: a state whose checksum matches but whose structure is not what `save_session` writes is refused;
+so is a session whose `state.pt`, generation folder, layer folders or their files are symbolic links (the chat
+writes to those files, never outside the session's folder), or whose state names a generation that is not a
+folder in it. `python -m tests.fuzz_run` damages sessions at random and checks all of this.
 
 Writes are atomic: `state.pt` is replaced by `os.replace` after the blocks it names are synced, and a save into
 a folder the engine is not using (another session, or the first save) writes a new generation folder, commits
@@ -43,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -58,7 +66,8 @@ import platformdirs
 import torch
 
 from inf_llm.config import ADDED_LATER
-from inf_llm.disk_tier import DiskTier, DiskTierError, RowLayout, SpillDirectory, write_all
+from inf_llm.disk_tier import (DATA_FILE, INDEX_FILE, LAYOUT_FILE, DiskTier, DiskTierError, RowLayout,
+                              SpillDirectory, write_all)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +77,7 @@ FORMAT_VERSION = 2
 SUFFIX = ".session"
 STATE_FILE = "state.pt"
 _GENERATION = "g-"
+_GENERATION_NAME = re.compile(r"^g-[A-Za-z0-9_]{1,64}$")  # a folder in the session's (mkdtemp names)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # Settings that change speed or where blocks are kept, never outputs: a session resumes under other values.
 _SPEED_ONLY_SETTINGS = ("kernel_backend", "device_cache_blocks", "cache_policy", "score_decay", "host_cache_bytes", "disk_dir")
@@ -355,7 +365,8 @@ def _save_into(path: Path, engine, messages: list[dict], payload: dict, layers) 
     payload["engine"] = {"tokens": list(engine.tokens), "memory": {"layers": [layer.snapshot() for layer in layers]}}
     payload["blocks"] = {"generation": binding.generation,
                          "layers": [{"num_blocks": layer.blocks.num_blocks, "kv_entries": kv.entries,
-                                     "repr_entries": rows.entries}
+                                     "repr_entries": rows.entries, "kv_index": kv.index_sha256(),
+                                     "repr_index": rows.index_sha256()}
                                     for layer, kv, rows in zip(layers, binding.kv, binding.reprs)]}
     try:
         _write_state(path, payload)
@@ -463,31 +474,86 @@ def read_session(path: Path) -> SessionFile:
         state, expected = path, 1
     else:
         raise SessionError(f"no session file {path}")
+    if state.is_symlink():
+        raise SessionError(f"{state} is a symbolic link (to {os.readlink(state)}); a session's files must be in its "
+                           "folder; it was left as it is")
     if not state.is_file():
         raise SessionError(f"{path} is not a complete session (no {STATE_FILE}: a first save that did not finish?); "
                            "it was left as it is")
     try:
         payload = torch.load(state, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged zip, a truncated record, a file of something else
-        raise SessionError(f"{path} is damaged or not a session file ({type(error).__name__}: "
+        raise SessionError(f"{state} is damaged or not a session file ({type(error).__name__}: "
                            f"{str(error).splitlines()[0] if str(error) else ''}); it was left as it is") from error
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
-        raise SessionError(f"{path} is not an InfLLM session file; it was left as it is")
-    if payload.get("version") != expected:
-        raise SessionError(f"{path} is a session of format version {payload.get('version')!r}; this program reads "
+    if not isinstance(payload, dict) or not isinstance(payload.get("format"), str) \
+            or payload["format"] != FORMAT_NAME:
+        raise SessionError(f"{state} is not an InfLLM session file; it was left as it is")
+    version = payload.get("version")
+    if type(version) is not int or version != expected:
+        shown = repr(version) if version is None or isinstance(version, (int, float, str)) else type(version).__name__
+        raise SessionError(f"{state} is a session of format version {shown[:40]}; this program reads "
                            f"version {FORMAT_VERSION} folders and version 1 files; it was left as it is")
     try:
         intact = payload.get("sha256") == content_sha256(payload)
     except SessionError:
         intact = False
     if not intact:
-        raise SessionError(f"{path} is damaged (its checksum does not match its content); it was left as it is")
-    messages = payload["messages"]
-    if not all(isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
-               for m in messages):
-        raise SessionError(f"{path} has a malformed transcript; it was left as it is")
-    return SessionFile(path, payload["identity"], messages, payload["engine"], float(payload["saved_at"]),
+        raise SessionError(f"{state} is damaged (its checksum does not match its content); it was left as it is")
+    problem = _malformed(payload, expected)
+    if problem:
+        raise SessionError(f"{state} is not a session this program wrote ({problem}); it was left as it is")
+    return SessionFile(path, payload["identity"], payload["messages"], payload["engine"], float(payload["saved_at"]),
                        version=expected, blocks=payload.get("blocks"))
+
+
+def _plain(value: Any) -> bool:
+    """Whether value is made of dicts with string keys, lists, strings, numbers, booleans and None (an identity)."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float))
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _malformed(payload: dict, version: int) -> str | None:
+    """What in an intact payload (its checksum matches) is not the structure `save_session` writes; None if all is.
+    The checksum catches damage; this catches a file written by something else (or by hand) that recomputed it."""
+    identity = payload.get("identity")
+    if not isinstance(identity, dict) or not _plain(identity) \
+            or not all(isinstance(identity.get(key, {}), dict) for key in ("model", "config", "chat")):
+        return "its identity is not a mapping of model, config and chat facts"
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+            for m in messages):
+        return "its transcript is malformed"
+    saved_at = payload.get("saved_at")
+    if isinstance(saved_at, bool) or not isinstance(saved_at, (int, float)) or not math.isfinite(saved_at):
+        return "saved_at is not a time"
+    engine = payload.get("engine")
+    if not isinstance(engine, dict) or not isinstance(engine.get("tokens"), list) \
+            or not all(type(t) is int for t in engine["tokens"]):
+        return "its engine state has no list of token ids"
+    blocks = payload.get("blocks")
+    if version == 1 or blocks is None:
+        return None
+    if not isinstance(blocks, dict) or not isinstance(blocks.get("generation"), str) \
+            or not _GENERATION_NAME.match(blocks["generation"]):
+        return "its blocks do not name a generation folder inside the session"
+    layers = blocks.get("layers")
+    if not isinstance(layers, list) or not all(
+            isinstance(layer, dict) and all(_count(layer.get(key)) for key in ("num_blocks", "kv_entries", "repr_entries"))
+            and all(isinstance(layer.get(key, ""), str) for key in ("kv_index", "repr_index")) for layer in layers):
+        return "its block counts are malformed"
+    memory = engine.get("memory")
+    if not isinstance(memory, dict) or not isinstance(memory.get("layers"), list) \
+            or len(memory["layers"]) != len(layers) or not all(isinstance(layer, dict) for layer in memory["layers"]):
+        return "its engine state does not match its blocks"
+    return None
 
 
 def load_into(session: SessionFile, engine, *, read_only: bool = False) -> None:
@@ -498,9 +564,11 @@ def load_into(session: SessionFile, engine, *, read_only: bool = False) -> None:
     copied into a private temporary folder, which the stores use instead, and the engine is bound to no session.
     """
     previous_copy = _private_copies.pop(engine, None)
+    kv: list[DiskTier] = []
     try:
         if session.version == 1 or session.blocks is None:
             engine.load_state_dict(session.engine_state)
+            _check_tokens(engine)
             _bindings.pop(engine, None)
             return
         layers = _layers(engine)
@@ -512,13 +580,15 @@ def load_into(session: SessionFile, engine, *, read_only: bool = False) -> None:
         copy = SpillDirectory(engine.config.disk_dir) if read_only else None
         if copy is not None:
             _private_copies[engine] = copy
-        kv, reprs = [], []
+        reprs = []
         for i, (layer, counts) in enumerate(zip(layers, saved)):
             n = counts["num_blocks"]
-            kv_tier = DiskTier.open(gen / f"layer-{i:03d}", durable=False, entries=counts["kv_entries"])
-            row_tier = DiskTier.open(gen / f"layer-{i:03d}-reprs", durable=False, entries=counts["repr_entries"])
+            kv_tier = _open_tier(gen, f"layer-{i:03d}", counts["kv_entries"], counts.get("kv_index"))
+            row_tier = _open_tier(gen, f"layer-{i:03d}-reprs", counts["repr_entries"], counts.get("repr_index"))
             if not kv_tier.has_prefix(n) or not row_tier.has_prefix(n):
                 raise DiskTierError(f"{gen} does not hold all {n} blocks of layer {i}")
+            if len(kv_tier) != n or len(row_tier) != n:  # a save names every block its tiers hold at that state
+                raise DiskTierError(f"{gen} holds more than the {n} blocks of layer {i} its state names")
             r, d = layer.repr_rows, layer.shape.head_dim
             rows = torch.stack([row_tier.layout.rows(row_tier.read(b)[None])[0] for b in range(n)]) if n else \
                 torch.empty((0, r * d), dtype=row_tier.layout.torch_dtype)
@@ -526,20 +596,64 @@ def load_into(session: SessionFile, engine, *, read_only: bool = False) -> None:
                 kv_tier = _private_tier(kv_tier, n, copy.folder(f"layer-{i:03d}"))
             kv.append(kv_tier)
             reprs.append(row_tier)
-            layer.load_blocks(kv_tier, n, rows.reshape(n, r, d), session.engine_state["memory"]["layers"][i])
+            state = session.engine_state["memory"]["layers"][i]
+            _check_layer_state(layer, state)
+            layer.load_blocks(kv_tier, n, rows.reshape(n, r, d), state)
         engine.tokens = list(session.engine_state["tokens"])
+        _check_tokens(engine)
         if copy is None and all(tier.layout.torch_dtype == layer.repr_dtype for tier, layer in zip(reprs, layers)):
             _bindings[engine] = _Binding(session.path.resolve(), session.blocks["generation"], kv, reprs)
         else:
             # Read-only, or converted representatives: the next save writes a whole new generation.
             _bindings.pop(engine, None)
     except BaseException:
+        for layer in _layers(engine) or []:
+            if any(layer.blocks.disk is tier for tier in kv):
+                layer.blocks.disk = None  # the reset must not record forgetting its blocks in the session's log
         engine.reset()
         _bindings.pop(engine, None)
         _remove_copy(engine, _private_copies.pop(engine, None))
         raise
     finally:
         _remove_copy(engine, previous_copy)  # its blocks were forgotten (reset) or replaced by the session's
+
+
+def _open_tier(gen: Path, name: str, entries: int, index_sha256: str | None) -> DiskTier:
+    """A layer's tier of a saved generation, at its saved state; refused if it or a file of it is a symbolic link
+    (the chat writes to these files: never outside the session's folder) or its index is not the one saved
+    (another layer's or session's blocks; sessions saved before the digest was recorded are not checked)."""
+    folder = gen / name
+    for path in (gen, folder, *(folder / f for f in (LAYOUT_FILE, DATA_FILE, INDEX_FILE))):
+        if path.is_symlink():
+            raise DiskTierError(f"{path} is a symbolic link (to {os.readlink(path)}); a session's files must be in "
+                                "its folder")
+    tier = DiskTier.open(folder, durable=False, entries=entries)
+    if index_sha256 is not None and tier.index_sha256() != index_sha256:
+        tier.close()
+        raise DiskTierError(f"{folder / INDEX_FILE} is not the index this session saved (another layer's or "
+                            "session's blocks)")
+    return tier
+
+
+def _check_layer_state(layer, saved: dict) -> None:
+    """ValueError unless a layer's saved state has the entries of this engine's, each of its type, and tensors of
+    its dtype and shape but for the token dimension (1)."""
+    for key, mine in layer.snapshot().items():
+        if key == "repr_absmax" and key not in saved:
+            continue  # sessions saved before it was part of the state (recomputed)
+        value = saved.get(key)
+        if isinstance(mine, torch.Tensor):
+            fits = isinstance(value, torch.Tensor) and value.dtype == mine.dtype and value.dim() == mine.dim() \
+                and all(a == b for i, (a, b) in enumerate(zip(value.shape, mine.shape)) if i != 1)
+        else:
+            fits = type(value) is type(mine)
+        if not fits:
+            raise ValueError(f"the saved layer state's {key!r} is not of this engine's type or shape")
+
+
+def _check_tokens(engine) -> None:
+    if engine.stats().tokens != len(engine.tokens):
+        raise ValueError(f"the memory holds {engine.stats().tokens} tokens, the state names {len(engine.tokens)}")
 
 
 def _comparable(identity: dict) -> dict:
