@@ -7,6 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
+# inf_llm.sampling.CHAT_DEFAULTS, without importing torch (`python -m chat --help` needs none); a test keeps them equal.
+DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+
 DESCRIPTION = """Chat with a model whose context memory is InfLLM: conversations and pasted documents of any
 length, read once. Type !!help in the chat for the commands."""
 
@@ -21,10 +24,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conv-template", default=None,
                    help="fastchat conversation template name (default: the tokenizer's own chat template)")
     p.add_argument("--conv-system-msg", default=None, help="system message (default: the template's)")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    # Sampling: a flag wins; else the model's generation config, where it sets the value; else our default
+    # (`inf_llm.sampling.CHAT_DEFAULTS`, chosen for the embedded model, whose generation config sets none).
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"0 = greedy (default: the model's generation config's, else {DEFAULTS['temperature']})")
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"(default: the model's generation config's, else {DEFAULTS['top_p']}: off)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=f"0 = no limit (default: the model's generation config's, else {DEFAULTS['top_k']})")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="on the reply's own tokens, as transformers' with the prompt ignored (default: the model's "
+                        f"generation config's, else {DEFAULTS['repetition_penalty']})")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible replies")
     p.add_argument("--style", choices=("rich", "simple"), default=None,
@@ -44,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory then lives on that layer's device. Replaces --device")
     p.add_argument("--debug", action="store_true", help="log at DEBUG level to stderr")
     return p
+
+
+def _sampling_flags(args) -> dict:
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)
 
 
 def _resolve_device(name: str) -> str:
@@ -79,9 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     from inf_llm.sampling import SamplingParams
 
     try:
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                                seed=args.seed)
+        # Checked before the model loads; the model's generation config fills in the settings no flag gives.
+        SamplingParams(**{name: value for name, value in _sampling_flags(args).items() if value is not None})
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -104,17 +118,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        return _start(args, style, params, lock)
+        return _start(args, style, lock)
     finally:
         if lock is not None:
             lock.release()  # on every way out; the chat releases it sooner when it binds another session
 
 
-def _start(args, style: str, params, lock) -> int:
+def _start(args, style: str, lock) -> int:
     """Load the model, then chat; `lock`: the session's, already held (None without --session, or read-only)."""
     from inf_llm.config import ConfigError, default_preset_for, load_config
     from inf_llm.engine import Engine
     from inf_llm.loading import ModelLoadError, load_model
+    from inf_llm.sampling import resolve_params
     from inf_llm.sessions import SessionError
 
     from chat.app import ChatApp
@@ -139,6 +154,13 @@ def _start(args, style: str, params, lock) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    try:
+        params, origin = resolve_params(getattr(model, "generation_config", None), **_sampling_flags(args))
+    except ValueError as error:
+        print(f"error: the model's generation config: {error}; give the setting as a flag", file=sys.stderr)
+        return 2
+    logging.getLogger("chat").debug("sampling: %s", ", ".join(
+        f"{name} {getattr(params, name)} ({origin[name]})" for name in origin))
     conversation = Conversation(engine, chat_format, params)
     if style == "rich":
         from chat.rich_ui import RichUI

@@ -218,14 +218,23 @@ class Conversation:
         target = self.format.render(self.messages, add_generation_prompt=True)
         fed_before = self.counters.fed_tokens
         t0 = time.perf_counter()
-        # All but the last token: generate() needs one prompt token to start from. Ctrl-C here drops the message
-        # (`_all_or_nothing`); from the first sampled token on, it keeps the reply as far as it got.
-        self._sync(target[:-1], progress)
-        prompt_fed = self.counters.fed_tokens - fed_before
-        prefill_rate = prompt_fed / max(time.perf_counter() - t0, 1e-9) if prompt_fed > 1 else None
-        if prefill_rate is not None:
-            self.counters.last_prefill_tokens_per_s = prefill_rate  # shown while the reply streams
-        self._push()
+        # Keep what the memory shares with the prompt, but at least its last token to feed: generate() reads the new
+        # tokens as a prefill of all but the last, then the last alone (its logits give the first token).
+        self._rewind(min(common_prefix_len(self.engine.tokens, target), len(target) - 1))
+        new = target[len(self.engine.tokens):]
+        prefilled = False
+        prompt_fed = 0
+        prefill_rate = None
+
+        def at_prefilled() -> None:
+            # The rollback point of !!regen (and of a Ctrl-C before the first token): the prompt but its last token.
+            nonlocal prefilled, prompt_fed, prefill_rate
+            prompt_fed = self.counters.fed_tokens - fed_before
+            prefill_rate = prompt_fed / max(time.perf_counter() - t0, 1e-9) if prompt_fed > 1 else None
+            if prefill_rate is not None:
+                self.counters.last_prefill_tokens_per_s = prefill_rate  # shown while the reply streams
+            self._push()
+            prefilled = True
 
         parts: list[str] = []
         sampled: list[int] = []
@@ -236,7 +245,8 @@ class Conversation:
             params = replace(params, seed=params.seed + self._replies)
         self._replies += 1
         self._last_reply = None
-        steps = self.engine.generate(target[-1:], params)
+        steps = self.engine.generate(new, params, progress=self._counting(len(new) - 1, progress),
+                                     on_prefilled=at_prefilled)
         try:
             for step in steps:
                 parts.append(step.text)
@@ -250,7 +260,10 @@ class Conversation:
                 if should_stop():
                     break
         except KeyboardInterrupt:
-            # A hard interrupt may land inside a model call: the memory cannot be trusted past the prompt.
+            if not prefilled:
+                raise  # Ctrl-C while reading the message drops it (`_all_or_nothing`)
+            # From the prompt's last token on, the reply is kept as far as it got. A hard interrupt may land inside
+            # a model call: the memory cannot be trusted past the prompt.
             self._restore_latest()
         finally:
             steps.close()
@@ -331,13 +344,19 @@ class Conversation:
 
     def _sync(self, target: list[int], progress: Progress | None) -> None:
         """Make the memory hold exactly `target`: keep the common prefix, roll back past it if needed, feed the rest."""
-        tokens = self.engine.tokens
-        common = common_prefix_len(tokens, target)
-        if common < len(tokens):
-            self._rollback(common)
+        self._rewind(common_prefix_len(self.engine.tokens, target))
         todo = target[len(self.engine.tokens):]
-        if not todo:
-            return
+        if todo:
+            self.engine.feed(todo, progress=self._counting(len(todo), progress))
+
+    def _rewind(self, keep: int) -> None:
+        """Keep at most the first `keep` tokens of the memory (rolling back to a snapshot when it holds more)."""
+        if keep < len(self.engine.tokens):
+            self._rollback(keep)
+
+    def _counting(self, total: int, progress: Progress | None) -> Progress:
+        """A feed's progress callback that counts the tokens fed; shows the bar (0 of total) before the first
+        chunk, which may take seconds, when there is anything to read."""
         done = 0
 
         def counting(n: int, total: int) -> None:
@@ -347,8 +366,9 @@ class Conversation:
             if progress is not None:
                 progress(n, total)
 
-        counting(0, len(todo))  # shows the bar before the first chunk, which may take seconds
-        self.engine.feed(todo, progress=counting)
+        if total > 0:
+            counting(0, total)
+        return counting
 
     def _rollback(self, keep: int) -> None:
         """Return to the latest snapshot holding at most `keep` tokens of the current history (or to empty)."""

@@ -2,7 +2,9 @@
 
 `Engine.generate` is a generator of `GenerationStep`s (token, text delta, memory statistics, timings). The
 memory persists across calls: each call feeds only its new tokens, so a conversation is read once.
-Prefill goes in chunks with logits for the last position only (`logits_to_keep=1`).
+Prefill goes in chunks with logits for the last position only (`logits_to_keep=1`); a prompt's last token is fed
+alone, as each sampled token is. Sampling goes through transformers' logits processors (`sampling.py`); the text
+is decoded incrementally and cut at stop strings by one path (`IncrementalDecoder`, `StopStrings`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from inf_llm.hf import attach
 from inf_llm.host_memory import release_free_memory
 from inf_llm.memory import MemoryStats
 from inf_llm.placement import execution_device
-from inf_llm.sampling import SamplingParams, sample_next
+from inf_llm.sampling import SamplingParams, logits_processors, sample_next
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +61,14 @@ class Engine:
 
     # no_grad rather than inference_mode: memory tensors must stay writable by restore() outside it.
     @torch.no_grad()
-    def feed(self, token_ids: Sequence[int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    def feed(self, token_ids: Sequence[int], progress: Callable[[int, int], None] | None = None, *,
+             on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Add tokens to the memory; return the logits (V,) float32 after the last one.
 
-        progress(done, total) is called after each prefill chunk. If interrupted (e.g. KeyboardInterrupt), the
+        progress(done, total) is called after each prefill chunk. on_logits(start, logits), when given, receives
+        each chunk's logits at every position, (chunk length, V) in the model's dtype, `start` being the chunk's
+        offset in token_ids (scoring a text, as the lm-eval model does); otherwise only the last position's are
+        computed. If interrupted (e.g. KeyboardInterrupt), the
         memory is left mid-chunk: callers restore a snapshot taken before (the chat does).
         """
         if len(token_ids) == 0:
@@ -74,7 +80,10 @@ class Engine:
         logits = None
         for start in range(0, len(ids), self.prefill_chunk):
             chunk = ids[start : start + self.prefill_chunk][None]
-            out = self.model(input_ids=chunk, logits_to_keep=1, **self.memory.forward_kwargs(chunk.shape[1], self.device))
+            out = self.model(input_ids=chunk, logits_to_keep=0 if on_logits else 1,
+                             **self.memory.forward_kwargs(chunk.shape[1], self.device))
+            if on_logits is not None:
+                on_logits(start, out.logits[0])
             logits = out.logits[0, -1].float()
             self.tokens.extend(chunk[0].tolist())
             if progress is not None:
@@ -83,38 +92,60 @@ class Engine:
             release_free_memory()  # the read's temporaries, kept by the allocator otherwise (host_memory.py)
         return logits
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams()) -> Iterator[GenerationStep]:
-        """Feed prompt_ids, then sample until EOS, a stop string or max_new_tokens.
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(), *,
+                 progress: Callable[[int, int], None] | None = None,
+                 on_prefilled: Callable[[], None] | None = None) -> Iterator[GenerationStep]:
+        """Feed prompt_ids (all the new tokens of the turn), then sample until EOS, a stop string or max_new_tokens.
 
-        The last sampled token (e.g. the EOS) is returned but not fed: the caller feeds what its transcript
-        says comes next, which keeps the memory token-exact with the transcript.
+        The prompt is read in two parts: all but its last token as a prefill (chunked; progress(done, total) after
+        each chunk, as `feed`), then the last token alone, as each sampled token is fed, which gives the first
+        token's logits. on_prefilled() is called between the two: a snapshot taken there can regenerate the reply
+        by feeding the last prompt token again (the chat's !!regen). The last sampled token (e.g. the EOS) is
+        returned but not fed: the caller feeds what its transcript says comes next, which keeps the memory
+        token-exact with the transcript.
+
+        Each step's text is decoded incrementally (a few tokens per step, `IncrementalDecoder`); the texts of all
+        steps add up to `tokenizer.decode(reply ids, skip_special_tokens=True)`, cut before the first stop string.
         """
+        prompt_ids = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
+        if not prompt_ids:
+            raise ValueError("generate() needs at least one prompt token")
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        processors = logits_processors(params)
+        penalise = params.repetition_penalty != 1.0
         t0 = time.perf_counter()
-        logits = self.feed(prompt_ids)
-        prefill_rate = len(prompt_ids) / max(time.perf_counter() - t0, 1e-9)
+        if len(prompt_ids) > 1:
+            self.feed(prompt_ids[:-1], progress)
+        callback_s = 0.0
+        if on_prefilled is not None:
+            t1 = time.perf_counter()
+            on_prefilled()
+            callback_s = time.perf_counter() - t1
+        logits = self.feed(prompt_ids[-1:])
+        prefill_rate = len(prompt_ids) / max(time.perf_counter() - t0 - callback_s, 1e-9)
         generated: list[int] = []
-        emitted = ""
+        decoder = IncrementalDecoder(self.tokenizer)
+        stops = StopStrings(params.stop_strings)
         decode_time, decoded = 0.0, 0
         while True:
-            previous = torch.tensor(generated, dtype=torch.long)
-            token = sample_next(logits.cpu(), params, previous, generator)
+            previous = torch.tensor(generated, dtype=torch.long) if penalise else _NO_TOKENS
+            token = sample_next(logits.cpu(), params, previous, generator, processors)
             generated.append(token)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            finish = None
-            if token in self.eos_token_ids:
-                finish = "eos"
-            stop_at = _find_stop(text, params.stop_strings)
-            if stop_at is not None:
-                text, finish = text[:stop_at], "stop"
-            elif len(generated) >= params.max_new_tokens and finish is None:
+            text = decoder.push(token)
+            finish = "eos" if token in self.eos_token_ids else None
+            if finish is None and len(generated) >= params.max_new_tokens:
                 finish = "length"
-            safe = len(text) if finish else _safe_prefix_len(text, params.stop_strings)
-            delta, emitted = text[len(emitted) : safe], text[:safe] if safe > len(emitted) else emitted
+            if finish is not None:
+                text += decoder.finish()
+            text, stopped = stops.push(text)
+            if stopped:
+                finish = "stop"
+            elif finish is not None:
+                text += stops.flush()
             ms = 1000 * decode_time / decoded if decoded else None
-            yield GenerationStep(token, delta, finish, self.memory.stats(), prefill_rate, ms)
+            yield GenerationStep(token, text, finish, self.memory.stats(), prefill_rate, ms)
             if finish:
                 return
             t1 = time.perf_counter()
@@ -156,20 +187,82 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _find_stop(text: str, stops: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
+_NO_TOKENS = torch.empty(0, dtype=torch.long)
 
 
-def _safe_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Length of text that can be shown: hold back a tail that may be the start of a stop string, or half a character."""
-    hold = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                hold = max(hold, n)
-                break
-    safe = len(text) - hold
-    while safe > 0 and text[safe - 1] == "\ufffd":
-        safe -= 1
-    return safe
+class IncrementalDecoder:
+    """The text of a growing reply, decoding a bounded tail of it per token (not the whole reply at every step).
+
+    The text given out so far ends where `ids[prefix:read]` ends; a new token's text is
+    `decode(ids[prefix:]) - decode(ids[prefix:read])`, so a token decodes with the few before it (a byte-level
+    token that completes a multi-byte character, a SentencePiece word that loses its leading space only at the
+    start of a text). While the tail decodes to an incomplete character (U+FFFD) or does not extend what was given
+    out, it is held back and the next tokens are decoded with it. `finish()` gives what is still held back, checked
+    against one decoding of the whole reply: the texts given out add up to `tokenizer.decode(ids)`.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = self._read = 0
+        self._given: list[str] = []
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text it completes ("" while it is held back)."""
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd") or not after.startswith(before):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        self._given.append(after[len(before) :])
+        return self._given[-1]
+
+    def finish(self) -> str:
+        """The rest of the text (an incomplete character at the very end stays U+FFFD, as in tokenizer.decode)."""
+        given = "".join(self._given)
+        whole = self._decode(self.ids)
+        if whole.startswith(given):
+            rest = whole[len(given) :]
+        else:  # a tokenizer whose decoding of a tail disagrees with the whole's: give what the tail adds
+            logger.warning("incremental decoding diverged from the whole reply's decoding after %d characters",
+                           len(given))
+            before = self._decode(self.ids[self._prefix : self._read])
+            after = self._decode(self.ids[self._prefix :])
+            rest = after[len(before) :] if after.startswith(before) else ""
+        self._prefix = self._read = len(self.ids)
+        self._given = [given + rest]
+        return rest
+
+
+class StopStrings:
+    """Cuts streamed text before the first stop string. Text that may be the start of a stop string is held back
+    until the next piece shows whether it is one, so that no part of a stop string is ever given out."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stop for stop in stops if stop)
+        self._held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(the text that can be shown, whether a stop string was found). After a stop, nothing more is shown."""
+        text = self._held + text
+        hits = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return text[: min(hits)], True
+        hold = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(text)), hold, -1):
+                if text.endswith(stop[:n]):
+                    hold = n
+                    break
+        self._held = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold], False
+
+    def flush(self) -> str:
+        """What is held back, at the end of the reply (it was not a stop string)."""
+        held, self._held = self._held, ""
+        return held

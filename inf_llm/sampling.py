@@ -1,10 +1,30 @@
-"""Next-token sampling: greedy, temperature, top-k, top-p, repetition penalty (pure functions on logits)."""
+"""Next-token sampling through transformers' logits processors, and the defaults a model's generation config sets.
+
+`sample_next` applies, in the order `transformers`' `generate` does, `RepetitionPenaltyLogitsProcessor`,
+`TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper`, each only when its setting is not the
+neutral one, then samples from the softmax (or takes the argmax at temperature 0: the penalty still applies, as
+with transformers' `do_sample=False`). One difference, on purpose: the repetition penalty covers the tokens of the
+reply only (transformers' `prompt_ignore_length` set to the prompt's length), not the whole context as
+transformers' default does: a chat's context is the whole conversation, pasted documents included, and penalising
+every token read would penalise the very words an answer must quote (a pass key's digits, a name).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+# The sampling settings a model's generation config may set (transformers' names; ours are the same).
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 
 @dataclass(frozen=True)
@@ -12,54 +32,112 @@ class SamplingParams:
     temperature: float = 0.7  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = no limit
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # on the reply's own tokens (see the module's docstring)
     max_new_tokens: int = 512
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
+        if not self.temperature >= 0 or math.isinf(self.temperature):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
+        if not self.repetition_penalty > 0 or math.isinf(self.repetition_penalty):
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
-def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty on tokens already generated: positive logits divided, negative multiplied. logits: (V,)."""
-    if penalty == 1.0 or previous.numel() == 0:
-        return logits
-    logits = logits.clone()
-    seen = logits[previous]
-    logits[previous] = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits
+# The chat's defaults, where neither a flag nor the model's generation config sets a value: the embedded model's.
+# `python -m inf_llm.bench loops` (BENCHMARKS.md) found no looping reply to everyday prompts with a repetition
+# penalty of 1.2, but the same penalty breaks the answers the product exists for: a number quoted from a document
+# loses its repeated digits ("5937." for 5937913: 0 of 3 prose needles at 4K, greedy, against 3 of 3 without it). So no
+# penalty; temperature 0.7 (12% looping replies, where greedy decoding loops on half of them).
+CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) everything outside the top-k and the top-p nucleus. logits: (V,)."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -torch.inf)
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
-        logits = logits.clone()
-        logits[order[drop]] = -torch.inf
-    return logits
+def generation_config_defaults(generation_config) -> dict:
+    """The sampling settings a model's generation config sets (`GENERATION_CONFIG_FIELDS`), by our field names.
+
+    transformers 5 leaves every unset field None, so only what the checkpoint's generation_config.json says counts,
+    read as transformers' `generate` reads it: `do_sample: true` samples with transformers' defaults for the fields
+    it leaves unset (top-k 50, temperature 1, ...); `do_sample: false` is greedy decoding (temperature 0). Fields
+    set without do_sample are taken as given (transformers would decode greedily and warn that they are unused).
+    """
+    if generation_config is None:
+        return {}
+    found = {name: getattr(generation_config, name, None) for name in GENERATION_CONFIG_FIELDS}
+    found = {name: value for name, value in found.items() if value is not None}
+    do_sample = getattr(generation_config, "do_sample", None)
+    if do_sample is True:
+        defaults = type(generation_config)._get_default_generation_params()
+        found = {**{name: defaults[name] for name in GENERATION_CONFIG_FIELDS}, **found}
+    elif do_sample is False:
+        found["temperature"] = 0.0
+    if "top_k" in found:
+        found["top_k"] = int(found["top_k"])
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        if name in found:
+            found[name] = float(found[name])
+    return found
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token id from the last position's logits (V,)."""
-    logits = apply_repetition_penalty(logits.float(), previous, params.repetition_penalty)
+def resolve_params(generation_config=None, **given) -> tuple[SamplingParams, dict[str, str]]:
+    """SamplingParams from, in order of precedence: `given` (values not None: the command line's flags), the model's
+    generation config, `CHAT_DEFAULTS` (then SamplingParams' own, for the other fields). Also returns where each
+    of GENERATION_CONFIG_FIELDS came from: "flag", "model" (its generation config) or "default"."""
+    given = {name: value for name, value in given.items() if value is not None}
+    unknown = set(given) - {f.name for f in fields(SamplingParams)}
+    if unknown:
+        raise TypeError(f"unknown sampling settings: {', '.join(sorted(unknown))}")
+    model = generation_config_defaults(generation_config)
+    origin = {name: "flag" if name in given else "model" if name in model else "default"
+              for name in GENERATION_CONFIG_FIELDS}
+    return SamplingParams(**{**CHAT_DEFAULTS, **model, **given}), origin
+
+
+def logits_processors(params: SamplingParams) -> LogitsProcessorList:
+    """transformers' processors for params, in `generate`'s order; the warpers only when sampling (temperature > 0).
+
+    The repetition penalty is given the reply's tokens as its input ids (see the module's docstring)."""
+    processors = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(float(params.repetition_penalty)))
+    if params.temperature > 0:
+        if params.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(float(params.temperature)))
+        if params.top_k:
+            processors.append(TopKLogitsWarper(int(params.top_k)))
+        if params.top_p < 1.0:
+            processors.append(TopPLogitsWarper(float(params.top_p)))
+    return processors
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor,
+                   processors: LogitsProcessorList | None = None) -> torch.Tensor:
+    """The scores the next token is drawn from (V,) float32: logits (V,) through the processors, given the reply's
+    tokens so far (`previous`, 1-D ids). Masked tokens are -inf."""
+    processors = logits_processors(params) if processors is None else processors
+    scores = logits.float()
+    if not processors:
+        return scores
+    if previous.numel() == 0:
+        # Nothing to penalise yet: skip the penalty (transformers' scatter over no ids would return the same).
+        processors = [p for p in processors if not isinstance(p, RepetitionPenaltyLogitsProcessor)]
+    ids = previous.to(device=scores.device, dtype=torch.long)[None]
+    scores = scores[None]
+    for processor in processors:
+        scores = processor(ids, scores)
+    return scores[0]
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor, generator: torch.Generator | None,
+                processors: LogitsProcessorList | None = None) -> int:
+    """One token id from the last position's logits (V,); previous: the reply's tokens so far."""
+    scores = process_logits(logits, params, previous, processors)
     if params.temperature == 0:
-        return int(torch.argmax(logits))
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
+        return int(torch.argmax(scores))
+    probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

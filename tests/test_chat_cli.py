@@ -189,3 +189,17 @@ def test_help_names_every_flag():
                  "--top-p", "--top-k", "--repetition-penalty", "--max-new-tokens", "--style", "--multiline",
                  "--session", "--read-only", "--device", "--debug"):
         assert flag in out
+
+
+def test_help_shows_the_sampling_defaults_that_apply():
+    """Sampling flags default to None (the model's generation config, else ours); the defaults --help names, kept
+    without importing torch, are the ones the chat applies."""
+    from chat.cli import DEFAULTS, build_parser
+    from inf_llm.sampling import CHAT_DEFAULTS
+
+    assert DEFAULTS == CHAT_DEFAULTS
+    args = build_parser().parse_args([])
+    assert (args.temperature, args.top_p, args.top_k, args.repetition_penalty) == (None, None, None, None)
+    help_text = " ".join(build_parser().format_help().split())
+    assert f"default: the model's generation config's, else {DEFAULTS['temperature']})" in help_text
+    assert f"else {DEFAULTS['repetition_penalty']})" in help_text
