@@ -148,7 +148,12 @@ def _start(args, style: str, lock) -> int:
         if config is None:
             preset = default_preset_for(None if model_path is None else model.config.model_type)
             config = load_config(preset).config
-        engine = Engine(model, tokenizer, config)
+        try:
+            engine = Engine(model, tokenizer, config)
+        except (RuntimeError, MemoryError) as error:  # torch's allocation failures (OutOfMemoryError included)
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"cannot set up the InfLLM memory with these settings (device_cache_blocks="
+                             f"{config.device_cache_blocks}, block_size={config.block_size}): {first}") from error
         chat_format = ChatFormat.create(tokenizer, args.conv_template or config_template, args.conv_system_msg)
     except (ConfigError, ModelLoadError, ChatFormatError, SessionError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,6 +1,8 @@
-"""Shared fixtures: the embedded model, loaded once per test session, and the `slow` marker."""
+"""Shared fixtures: the embedded model, loaded once per test session, its tokenizer, one torch thread for a module
+of tiny models, and the `slow` marker."""
 
 import pytest
+import torch
 
 
 def pytest_configure(config):
@@ -18,3 +20,19 @@ def embedded_model():
     from inf_llm.loading import load_model  # here, not at the top: GPU machines run tests/test_cuda.py without it
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_model):
+    """The embedded model's tokenizer."""
+    return embedded_model[1]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models
+    run far faster on one (a busy machine makes a thread pool spin); the previous count is restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -33,18 +33,7 @@ SMALL = ["--set", "num_sink_tokens=8", "--set", "local_window=64", "--set", "chu
          "--set", "topk_blocks=2", "--set", "device_cache_blocks=4"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster on one thread (a busy machine makes a thread pool spin); restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(embedded_model):
-    return embedded_model[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

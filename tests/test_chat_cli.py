@@ -3,6 +3,7 @@ and start-up errors. A tiny random checkpoint (the embedded tokenizer, random we
 """
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -152,6 +153,13 @@ def test_start_up_errors_name_the_problem(checkpoint, tmp_path, monkeypatch, cap
     assert "does not exist" in capsys.readouterr().err
     assert main(["--inf-llm-config-path", "no-such-preset"]) == 2
     assert "no preset named 'no-such-preset'" in capsys.readouterr().err
+    # A count the config accepts but no machine can hold: the allocation fails, in one line, before any chat.
+    huge = tmp_path / "huge.yaml"
+    huge.write_text(re.sub(r"(?m)^device_cache_blocks: .*$", "device_cache_blocks: 1073741824", config.read_text()))
+    assert main(["--model-path", str(folder), "--inf-llm-config-path", str(huge), "--style", "simple"]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot set up the InfLLM memory with these settings (device_cache_blocks=1073741824" in err
+    assert "Traceback" not in err and err.count("\n") == 2  # "loading the model..." and the error
 
 
 def test_a_missing_no_deps_package_is_one_line_naming_its_install_command(checkpoint, tmp_path, monkeypatch, capsys):

@@ -28,11 +28,6 @@ def tiny_config(**overrides) -> InfLLMConfig:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(embedded_model):
-    return embedded_model[1]
-
-
-@pytest.fixture(scope="module")
 def model():
     return tiny_model("llama", vocab_size=VOCAB)
 

@@ -17,7 +17,7 @@ import torch
 
 from inf_llm import sessions
 # model and tokenizer: a tiny random Llama with the embedded tokenizer (the conversation tests' fixtures).
-from tests.test_chat_conversation import model, tokenizer  # noqa: F401
+from tests.test_chat_conversation import model  # noqa: F401
 from tests import fuzz_run
 from tests.fuzz_run import build_corpus, run_config_case, run_session_case
 

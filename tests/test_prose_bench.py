@@ -20,7 +20,7 @@ from inf_llm.bench.corpus import CORPUS_MEMBERS, CorpusMissing, clean_paragraphs
 from inf_llm.bench.prose_tasks import MAX_NEW_TOKENS, TASKS, build_prose_prompt, score
 from inf_llm.bench.results import read_records
 # The benchmark tests' tiny Llama with the embedded tokenizer, and their small windowed settings.
-from tests.test_bench import SMALL, tiny_checkpoint, tokenizer  # noqa: F401
+from tests.test_bench import SMALL, tiny_checkpoint  # noqa: F401
 
 _WORDS = ("the quiet river ran past old mills and small farms while people watched from low stone bridges "
           "and talked about weather harvests roads letters songs and the long winter ahead").split()

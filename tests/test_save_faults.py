@@ -19,7 +19,7 @@ import torch
 
 from inf_llm import sessions
 # model and tokenizer: a tiny random Llama with the embedded tokenizer (the conversation tests' fixtures).
-from tests.test_chat_conversation import MESSAGES, model, tokenizer  # noqa: F401
+from tests.test_chat_conversation import MESSAGES, model  # noqa: F401
 from tests.test_sessions import session_chat, conversation, probe_logits
 
 SYSCALLS = ("write", "pwrite", "fsync", "replace", "ftruncate")  # what a save writes with (os.*)

@@ -17,7 +17,7 @@ from inf_llm.disk_tier import DATA_FILE, DiskTierError
 from inf_llm.engine import Engine
 from inf_llm.sampling import SamplingParams
 # model and tokenizer are the conversation tests' fixtures (a tiny random Llama with the embedded tokenizer).
-from tests.test_chat_conversation import MESSAGES, VOCAB, model, tokenizer, tiny_config  # noqa: F401
+from tests.test_chat_conversation import MESSAGES, VOCAB, model, tiny_config  # noqa: F401
 from tests.tiny_models import tiny_model
 
 

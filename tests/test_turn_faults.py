@@ -20,7 +20,7 @@ from inf_llm import sessions
 from inf_llm.disk_tier import DiskTier
 from inf_llm.layer_memory import LayerMemory
 # model and tokenizer: a tiny random Llama with the embedded tokenizer (the conversation tests' fixtures).
-from tests.test_chat_conversation import MESSAGES, model, tiny_config, tokenizer  # noqa: F401
+from tests.test_chat_conversation import MESSAGES, model, tiny_config  # noqa: F401
 from tests.test_sessions import session_chat, _files, conversation, probe_logits
 
 DOCUMENT = "A long document about the sea, its tides and its ships. " * 40  # several blocks per layer
