@@ -109,6 +109,8 @@ class DiskTier:
     def __init__(self, path: str | os.PathLike[str], layout: BlockLayout | RowLayout | None = None, *,
                  durable: bool = True, entries: int | None = None):
         self.path, self.durable = Path(path), durable
+        # layout.json is written once; a durable tier fsyncs it when it creates it, any other at its first sync().
+        self._layout_synced = durable
         self.layout = self._open_layout(layout)
         self.record_bytes = self.layout.record_bytes
         # Opening an existing folder creates nothing in it: a folder that lacks a file is refused as it is.
@@ -263,7 +265,9 @@ class DiskTier:
         try:
             os.fsync(self._data_fd)
             os.fsync(self._index_fd)
-            _fsync_path(self.path / LAYOUT_FILE)  # written once, fsynced at creation only when durable
+            if not self._layout_synced:
+                _fsync_path(self.path / LAYOUT_FILE)
+                self._layout_synced = True
             _fsync_path(self.path)
         except OSError as error:
             raise DiskTierError(f"cannot sync the blocks in {str(self.path)!r}: {error}") from error

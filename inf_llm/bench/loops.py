@@ -2,8 +2,9 @@
 
 `python -m inf_llm.bench loops` asks each prompt as the first message of a fresh chat (the chat's own path:
 `chat.conversation.Conversation`, the tokenizer's chat template and its system message, the model's default
-preset), with a few seeds per candidate (one for greedy), and prints per candidate how many replies loop. It chose
-the embedded model's sampling defaults (`inf_llm.sampling.SamplingParams`; BENCHMARKS.md has the table).
+preset), with a few seeds per candidate (one for greedy), and prints per candidate how many replies loop. It is
+one of the two measurements behind the chat's defaults (`inf_llm.sampling.CHAT_DEFAULTS`); the other, quoting a
+number from a document, is why a repetition penalty is not among them (BENCHMARKS.md has both).
 
 A reply loops (`loops`) when the same run of `NGRAM` tokens comes back `NGRAM_REPEATS` or more times without
 overlapping ("Bonjour! (Bonjour!)" five times), or when the same sentence of at least `SENTENCE_WORDS` words comes
