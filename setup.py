@@ -14,7 +14,7 @@ torch is given as a range only: install the build you want first (`make setup` i
 
 The YAML presets stay in `config/` at the repository root and are installed as the package data folder
 `inf_llm/presets/` (`package_dir` maps the one to the other), so an installed copy finds them by name as a source
-tree does (`inf_llm.config.PRESET_DIR`).
+tree does (`inf_llm.config.presets.PRESET_DIR`).
 """
 
 from setuptools import find_packages, setup
@@ -36,7 +36,7 @@ setup(
         "pyyaml>=6",
         # Tensor.numpy() (session checksums, the disk tier's CRCs): torch does not require numpy itself.
         "numpy",
-        # The check of transformers' tested range (inf_llm/hf.py).
+        # The check of transformers' tested range (inf_llm/model/hf.py).
         "packaging",
         # The GPU kernels; on CPU, tests run them in triton's interpreter. `make setup` installs 3.7.1,
         # the release torch 2.13's CUDA build pins. No wheels exist outside Linux.
@@ -47,7 +47,7 @@ setup(
         "safetensors",
         "platformdirs",
         "psutil",
-        # One writer per session (inf_llm/session_lock.py): flock, which the kernel releases when its process
+        # One writer per session (inf_llm/sessions/lock.py): flock, which the kernel releases when its process
         # dies. transformers already depends on it; named here because we import it. 3.20.4 to 3.29.4 delete the
         # lock file on release, which lets two processes lock two files of one name.
         "filelock>=3.29.5",

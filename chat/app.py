@@ -7,7 +7,7 @@ fails (a model error, a disk error, a damaged block) is rolled back whole and no
 (a full disk, an I/O error) leaves the session at its previous save; either prints one line and the chat goes
 on, still bound, so the next save writes everything the failed one did not.
 
-One writer per session: the chat holds the lock of the session it saves to (`inf_llm.session_lock`) from the
+One writer per session: the chat holds the lock of the session it saves to (`inf_llm.sessions.lock`) from the
 moment it binds it until it binds another, `!!reset`s or ends, so a second chat on the same session is refused
 instead of overwriting its turns. A session opened read-only is resumed without the lock and never saved to.
 """
@@ -18,9 +18,12 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
-from inf_llm import sessions
-from inf_llm.engine import GenerationStep
-from inf_llm.session_lock import SessionBusyError, SessionLock
+from inf_llm.generation.engine import GenerationStep
+from inf_llm.sessions import store
+from inf_llm.sessions.identity import check_identity
+from inf_llm.sessions.lock import SessionBusyError, SessionLock
+from inf_llm.sessions.names import SessionError, list_sessions, session_path, sessions_dir
+from inf_llm.sessions.state_file import read_session
 
 from chat.commands import Command, CommandError, help_rows, is_command, parse_command
 from chat.conversation import Conversation, Reply, StopRequested, TurnCancelled, TurnFailed
@@ -63,11 +66,11 @@ class ChatApp:
         """Resume `name` if it exists (else start it); False, with a message, if it is refused or another process
         holds it. read_only: resume it without its lock and never save to it. lock: its lock, already taken."""
         try:
-            path = sessions.session_path(name)
+            path = session_path(name)
             if read_only:
                 if not path.exists():
-                    raise sessions.SessionError(f"no session named {name!r} to open read-only; saved sessions: "
-                                                + (", ".join(sessions.list_sessions()) or "none"))
+                    raise SessionError(f"no session named {name!r} to open read-only; saved sessions: "
+                                       + (", ".join(list_sessions()) or "none"))
                 self._resume(path, read_only=True)
                 self._unbind()  # saved to nowhere: not the session it was opened from, nor one bound before
                 self.read_only = name
@@ -79,7 +82,7 @@ class ChatApp:
         except SessionBusyError as error:
             self.ui.error(f"{error}. Close the other chat first, or open this one with --read-only")
             return False
-        except sessions.SessionError as error:
+        except SessionError as error:
             self.ui.error(str(error))
             return False
         try:
@@ -89,7 +92,7 @@ class ChatApp:
                              f"{len(self.conversation.engine.tokens):,} tokens in memory (nothing re-read)")
             else:
                 self.ui.info(f"new session {name!r} (saved after every turn to {path})")
-        except sessions.SessionError as error:
+        except SessionError as error:
             self._release_unless_bound(lock)
             self.ui.error(str(error))
             return False
@@ -106,7 +109,7 @@ class ChatApp:
         """The lock of session `name`, taken (SessionBusyError if another process holds it)."""
         if name == self.session and self._lock is not None:
             return self._lock
-        lock = SessionLock(sessions.session_path(name))
+        lock = SessionLock(session_path(name))
         lock.acquire()
         return lock
 
@@ -129,22 +132,22 @@ class ChatApp:
         # Check everything before touching the conversation: a refused file leaves the chat as it was.
         engine = self.conversation.engine
         try:
-            saved = sessions.read_session(path)
-            sessions.check_identity(saved, engine, self.chat_identity)
+            saved = read_session(path)
+            check_identity(saved, engine, self.chat_identity)
         except KeyboardInterrupt:
-            raise sessions.SessionError(f"interrupted while reading {path}; nothing changed") from None
+            raise SessionError(f"interrupted while reading {path}; nothing changed") from None
         self.conversation.reset()
         try:
-            sessions.load_into(saved, engine, read_only=read_only)
+            store.load_into(saved, engine, read_only=read_only)
         except KeyboardInterrupt:
             self.conversation.reset()
             self._unbind()
-            raise sessions.SessionError(f"interrupted while loading {path}: the conversation is now empty") from None
+            raise SessionError(f"interrupted while loading {path}: the conversation is now empty") from None
         except Exception as error:
             self.conversation.reset()
             self._unbind()
-            raise sessions.SessionError(f"{path}: its memory does not fit this engine ({error}); the file was left "
-                                        "as it is and the conversation is now empty") from error
+            raise SessionError(f"{path}: its memory does not fit this engine ({error}); the file was left "
+                               "as it is and the conversation is now empty") from error
         self.conversation.load(saved.messages)
         self.read_only = None  # the conversation is this session's now
 
@@ -153,8 +156,8 @@ class ChatApp:
         if name is None:
             return True
         try:
-            sessions.save_session(sessions.session_path(name), self.conversation.engine, self.conversation.messages,
-                                  self.chat_identity)
+            store.save_session(session_path(name), self.conversation.engine, self.conversation.messages,
+                               self.chat_identity)
         except Exception as error:  # a full disk, an I/O error, a bug: the chat must go on either way
             logger.debug("saving session %r failed", name, exc_info=error)
             lines = str(error).strip().splitlines()
@@ -274,7 +277,7 @@ class ChatApp:
         return True
 
     def _cmd_reset(self, command: Command) -> bool:
-        sessions.release(self.conversation.engine)  # the saved session's files receive nothing from now on
+        store.release(self.conversation.engine)  # the saved session's files receive nothing from now on
         self.conversation.reset()
         if self.session is None:
             self.ui.info("the conversation was reset")
@@ -316,7 +319,7 @@ class ChatApp:
             return True
         try:
             lock = self._lock_for(name)
-        except sessions.SessionError as error:  # an invalid name, or another process holds it
+        except SessionError as error:  # an invalid name, or another process holds it
             self.ui.error(f"{error}; nothing changed" if isinstance(error, SessionBusyError) else str(error))
             return True
         if not self.save(name):
@@ -329,23 +332,23 @@ class ChatApp:
 
     def _cmd_load(self, command: Command) -> bool:
         if not command.args:
-            names = sessions.list_sessions()
+            names = list_sessions()
             self.ui.info("saved sessions: " + (", ".join(names) if names else "none")
-                         + f" (in {sessions.sessions_dir()})")
+                         + f" (in {sessions_dir()})")
             return True
         name = command.args[0]
         try:
-            path = sessions.session_path(name)
+            path = session_path(name)
             if not path.exists():
-                raise sessions.SessionError(f"no session named {name!r}; saved sessions: "
-                                            + (", ".join(sessions.list_sessions()) or "none"))
+                raise SessionError(f"no session named {name!r}; saved sessions: "
+                                   + (", ".join(list_sessions()) or "none"))
             lock = self._lock_for(name)
-        except sessions.SessionError as error:  # also when another process holds it: the chat goes on as it was
+        except SessionError as error:  # also when another process holds it: the chat goes on as it was
             self.ui.error(f"{error}; nothing changed" if isinstance(error, SessionBusyError) else str(error))
             return True
         try:
             self._resume(path)
-        except sessions.SessionError as error:
+        except SessionError as error:
             self._release_unless_bound(lock)
             self.ui.error(str(error))
             return True

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-# inf_llm.sampling.CHAT_DEFAULTS, without importing torch (`python -m chat --help` needs none); a test keeps them equal.
+# inf_llm.generation.sampling.CHAT_DEFAULTS, without importing torch (`python -m chat --help` needs none); a test keeps them equal.
 DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 
 DESCRIPTION = """Chat with a model whose context memory is InfLLM: conversations and pasted documents of any
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fastchat conversation template name (default: the tokenizer's own chat template)")
     p.add_argument("--conv-system-msg", default=None, help="system message (default: the template's)")
     # Sampling: a flag wins; else the model's generation config, where it sets the value; else our default
-    # (`inf_llm.sampling.CHAT_DEFAULTS`, chosen for the embedded model, whose generation config sets none).
+    # (`inf_llm.generation.sampling.CHAT_DEFAULTS`, chosen for the embedded model, whose generation config sets none).
     p.add_argument("--temperature", type=float, default=None,
                    help=f"0 = greedy (default: the model's generation config's, else {DEFAULTS['temperature']})")
     p.add_argument("--top-p", type=float, default=None,
@@ -71,7 +71,8 @@ def _resolve_device(name: str) -> str:
 
 def _load_config(arg: str | None):
     """(InfLLMConfig | None, model_path | None, conv_template | None) from a file or a preset name."""
-    from inf_llm.config import load_config, preset_path
+    from inf_llm.config.files import load_config
+    from inf_llm.config.presets import preset_path
 
     if arg is None:
         return None, None, None
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     style = args.style or ("rich" if sys.stdin.isatty() and sys.stdout.isatty() else "simple")
     # Imported after argument parsing: `python -m chat --help` then needs no torch.
-    from inf_llm.sampling import SamplingParams
+    from inf_llm.generation.sampling import SamplingParams
 
     try:
         # Checked before the model loads; the model's generation config fills in the settings no flag gives.
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from inf_llm.session_lock import SessionBusyError, SessionLock
-    from inf_llm.sessions import SessionError, session_path
+    from inf_llm.sessions.lock import SessionBusyError, SessionLock
+    from inf_llm.sessions.names import SessionError, session_path
 
     lock = None
     try:
@@ -126,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _start(args, style: str, lock) -> int:
     """Load the model, then chat; `lock`: the session's, already held (None without --session, or read-only)."""
-    from inf_llm.config import ConfigError, default_preset_for, load_config
-    from inf_llm.engine import Engine
-    from inf_llm.loading import ModelLoadError, load_model
-    from inf_llm.sampling import resolve_params
-    from inf_llm.sessions import SessionError
+    from inf_llm.config.files import load_config
+    from inf_llm.config.presets import default_preset_for
+    from inf_llm.config.schema import ConfigError
+    from inf_llm.generation.engine import Engine
+    from inf_llm.generation.sampling import resolve_params
+    from inf_llm.model.loading import ModelLoadError, load_model
+    from inf_llm.sessions.names import SessionError
 
     from chat.app import ChatApp
     from chat.chat_format import ChatFormat, ChatFormatError

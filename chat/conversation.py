@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from inf_llm.engine import Engine, EngineSnapshot, GenerationStep
-from inf_llm.retrieval_trace import Source, sources
-from inf_llm.sampling import SamplingParams
+from inf_llm.generation.engine import Engine, EngineSnapshot, GenerationStep
+from inf_llm.generation.sampling import SamplingParams
+from inf_llm.memory.retrieval_trace import Source, sources
 
 from chat.chat_format import ChatFormat
 
@@ -165,7 +165,7 @@ class Conversation:
 
     def sources(self, limit: int = 5) -> list[tuple[Source, str]]:
         """The passages of the conversation that retrieval brought into the last reply's attention, most attended
-        first, with their text: (Source, text) pairs (see `inf_llm.retrieval_trace.sources`).
+        first, with their text: (Source, text) pairs (see `inf_llm.memory.retrieval_trace.sources`).
 
         The reply is replayed with a trace attached: the memory goes back to the snapshot taken after its prompt,
         the tokens that produced the reply are fed again one at a time (as generation fed them, so retrieval

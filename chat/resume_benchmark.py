@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from inf_llm import sessions
-from inf_llm.config import default_preset_for, load_config
-from inf_llm.engine import Engine
+from inf_llm.config.files import load_config
+from inf_llm.config.presets import default_preset_for
+from inf_llm.generation.engine import Engine
+from inf_llm.sessions.store import resume_session, save_session
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
         model, tokenizer = _random_smollm2(args.device)
         ids = torch.randint(0, 49152, (args.tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     else:
-        from inf_llm.loading import load_model
+        from inf_llm.model.loading import load_model
 
         model, tokenizer = load_model(None, device=args.device)
         text = FILLER * (args.tokens // 20 + 1)
@@ -81,18 +82,18 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "bench.session"
         t0 = time.perf_counter()
-        sessions.save_session(path, first, [], {"template": "bench"})
+        save_session(path, first, [], {"template": "bench"})
         results["save_s"] = time.perf_counter() - t0
         results["save_mb"] = _disk_bytes(path) / 1e6
         first.feed(turn)
         t0 = time.perf_counter()
-        sessions.save_session(path, first, [], {"template": "bench"})
+        save_session(path, first, [], {"template": "bench"})
         results["turn_save_s"] = time.perf_counter() - t0
         results["turn_save_mb"] = _disk_bytes(path) / 1e6 - results["save_mb"]
         second = Engine(model, tokenizer, config)
         _sync(args.device)
         t0 = time.perf_counter()
-        sessions.resume_session(path, second, {"template": "bench"})
+        resume_session(path, second, {"template": "bench"})
         _sync(args.device)
         results["resume_s"] = time.perf_counter() - t0
         a = first.feed(ids[-1:])

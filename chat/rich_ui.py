@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from inf_llm.engine import GenerationStep
+from inf_llm.generation.engine import GenerationStep
 
 from chat.conversation import Reply
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from inf_llm.engine import GenerationStep
+from inf_llm.generation.engine import GenerationStep
 
 from chat.conversation import Reply
 

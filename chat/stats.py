@@ -5,7 +5,7 @@ from __future__ import annotations
 import psutil
 import torch
 
-from inf_llm.memory import MemoryStats
+from inf_llm.memory.stats import MemoryStats
 
 from chat.conversation import Conversation
 

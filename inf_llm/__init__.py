@@ -4,10 +4,11 @@ Public API: `load_engine` (model + memory in one call), `Engine`, `InfLLMConfig`
 `SamplingParams`, `GenerationStep`, `MemoryStats`.
 """
 
-from inf_llm.config import ConfigError, InfLLMConfig, load_config
-from inf_llm.engine import Engine, EngineSnapshot, GenerationStep
-from inf_llm.memory import MemoryStats
-from inf_llm.sampling import SamplingParams
+from inf_llm.config.files import load_config
+from inf_llm.config.schema import ConfigError, InfLLMConfig
+from inf_llm.generation.engine import Engine, EngineSnapshot, GenerationStep
+from inf_llm.generation.sampling import SamplingParams
+from inf_llm.memory.stats import MemoryStats
 
 __all__ = [
     "ConfigError",
@@ -27,8 +28,8 @@ def load_engine(model_path=None, config=None, *, device="cpu", dtype=None, prefi
 
     config: an InfLLMConfig, a path to a YAML preset, or None for the model's default preset.
     """
-    from inf_llm.config import default_preset_for
-    from inf_llm.loading import load_model
+    from inf_llm.config.presets import default_preset_for
+    from inf_llm.model.loading import load_model
 
     model, tokenizer = load_model(model_path, device=device, dtype=dtype)
     if config is None:

@@ -17,7 +17,7 @@ def embedded_model():
     cached copy in seconds. Tests must not modify the weights. An Engine switches the model's attention to
     InfLLM's (and back on its next feed): a test that calls the plain model sets the stock attention itself.
     """
-    from inf_llm.loading import load_model  # here, not at the top: GPU machines run tests/test_cuda.py without it
+    from inf_llm.model.loading import load_model  # here, not at the top: GPU machines run tests/test_cuda.py without it
 
     return load_model()
 

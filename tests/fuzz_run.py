@@ -46,8 +46,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from inf_llm import sessions
-from inf_llm.disk_tier import DiskTierError
+from inf_llm.sessions.digest import content_sha256
+from inf_llm.sessions.names import DATA_DIR_ENV
+from inf_llm.sessions.state_file import FORMAT_NAME, STATE_FILE
+from inf_llm.sessions.store import release, resume_session, save_session
+from inf_llm.storage.disk_tier import DiskTierError
 
 CASE = "case"  # the name of the session each case opens
 PARTS = ("sessions", "config")
@@ -138,7 +141,7 @@ def build_corpus(root: Path, model, tokenizer) -> Corpus:
         _keep(corpus, name, conv, cfg[config])
     shutil.copytree(corpus.folder("A"), corpus.folder("A2"))
     conv = conversation(model, tokenizer, cfg["A"])
-    conv.load(sessions.resume_session(corpus.folder("A2"), conv.engine, conv.format.identity).messages)
+    conv.load(resume_session(corpus.folder("A2"), conv.engine, conv.format.identity).messages)
     conv.ask(MESSAGES[3])
     _keep(corpus, "A2", conv, cfg["A"])
     corpus.outside.mkdir()
@@ -147,8 +150,8 @@ def build_corpus(root: Path, model, tokenizer) -> Corpus:
 
 def _keep(corpus: Corpus, name: str, conv, config) -> None:
     folder = corpus.folder(name)
-    sessions.save_session(folder, conv.engine, conv.messages, conv.format.identity)
-    sessions.release(conv.engine)  # the corpus folder receives nothing more
+    save_session(folder, conv.engine, conv.messages, conv.format.identity)
+    release(conv.engine)  # the corpus folder receives nothing more
     sha = _state_sha(folder)
     corpus.configs[name], corpus.sha[name] = config, sha
     corpus.logits[sha] = probe_logits_of(corpus, folder, config)
@@ -156,7 +159,7 @@ def _keep(corpus: Corpus, name: str, conv, config) -> None:
 
 def _state_sha(folder: Path) -> str | None:
     try:
-        payload = torch.load(folder / sessions.STATE_FILE, map_location="cpu", weights_only=True)
+        payload = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         return payload.get("sha256") if isinstance(payload, dict) else None
     except Exception:
         return None
@@ -167,7 +170,7 @@ def probe_logits_of(corpus: Corpus, folder: Path, config) -> torch.Tensor:
     from tests.test_sessions import conversation, probe_logits
 
     conv = conversation(corpus.model, corpus.tokenizer, config)
-    conv.load(sessions.resume_session(folder, conv.engine, conv.format.identity, read_only=True).messages)
+    conv.load(resume_session(folder, conv.engine, conv.format.identity, read_only=True).messages)
     return probe_logits(conv)
 
 
@@ -193,7 +196,7 @@ def _rel(path: Path, folder: Path) -> str:
 
 def _pick_file(rng: random.Random, folder: Path) -> Path:
     files = _files(folder)
-    state = folder / sessions.STATE_FILE
+    state = folder / STATE_FILE
     # state.pt is one file of 13 in a windowed session; give it a quarter of the cases.
     if state in files and rng.random() < 0.25:
         return state
@@ -263,7 +266,7 @@ def from_another_session(rng, corpus, target):
         return f"{_rel(mine(layer), corpus.session)}/ from session {source}", corpus.sha[target]
     path = rng.choice(candidates)
     shutil.copyfile(path, mine(path))
-    expect = corpus.sha[source] if path.name == sessions.STATE_FILE else corpus.sha[target]
+    expect = corpus.sha[source] if path.name == STATE_FILE else corpus.sha[target]
     return f"{_rel(mine(path), corpus.session)} from session {source}", expect
 
 
@@ -271,12 +274,12 @@ class NotOurs:
     """An object of a class that is not in a session: torch.save pickles it, weights_only refuses it."""
 
     def __init__(self):
-        self.format = sessions.FORMAT_NAME
+        self.format = FORMAT_NAME
 
 
 def _foreign_payloads(corpus):
-    payload = torch.load(corpus.session / sessions.STATE_FILE, weights_only=True) \
-        if (corpus.session / sessions.STATE_FILE).is_file() else {}
+    payload = torch.load(corpus.session / STATE_FILE, weights_only=True) \
+        if (corpus.session / STATE_FILE).is_file() else {}
     model_state = OrderedDict(list(corpus.model.state_dict().items())[:3])
     no_sha = {k: v for k, v in payload.items() if k != "sha256"} if isinstance(payload, dict) else {}
     return {
@@ -297,8 +300,8 @@ def foreign_state(rng, corpus, target):
     kind, value = rng.choice(sorted(_foreign_payloads(corpus).items(), key=lambda kv: kv[0]))
     if kind in ("ours with version 3", "ours as version 1 (a file format)"):
         value = dict(value)
-        value["sha256"] = sessions.content_sha256(value)
-    torch.save(value, corpus.session / sessions.STATE_FILE)
+        value["sha256"] = content_sha256(value)
+    torch.save(value, corpus.session / STATE_FILE)
     return f"state.pt is {kind}", None
 
 
@@ -320,7 +323,7 @@ def _paths(value, prefix=()):
 def forged_state(rng, corpus, target):
     """Ours, with one value replaced by one of another type (or removed, or a generation elsewhere), and its
     checksum recomputed: the structure, not the checksum, must refuse it."""
-    state = corpus.session / sessions.STATE_FILE
+    state = corpus.session / STATE_FILE
     payload = torch.load(state, weights_only=True)
     gen = (payload.get("blocks") or {}).get("generation")
     roll = rng.random()
@@ -348,7 +351,7 @@ def forged_state(rng, corpus, target):
             parent[path[-1]] = value
             shown = f"tensor{tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
             what = f"{'.'.join(map(str, path))} = {shown}"
-    payload["sha256"] = sessions.content_sha256(payload)
+    payload["sha256"] = content_sha256(payload)
     torch.save(payload, state)
     return f"forged state.pt: {what}", corpus.sha[target]
 
@@ -368,7 +371,7 @@ def symlinks(rng, corpus, target):
         shutil.move(path, copy)
         if kind == "file to another file":
             other = [p for p in _files(corpus.folder("B")) if p.name == path.name]
-            shutil.copyfile(rng.choice(other) if other else corpus.folder("B") / sessions.STATE_FILE, copy)
+            shutil.copyfile(rng.choice(other) if other else corpus.folder("B") / STATE_FILE, copy)
     os.symlink(copy, path)
     return f"{_rel(path, folder)} is a symlink ({kind}) to {copy.relative_to(corpus.root)}", corpus.sha[target]
 
@@ -538,7 +541,7 @@ def run_session_case(corpus: Corpus, target: str, fault, rng: random.Random, rea
         return what, Outcome("recovered", message.splitlines()[0] if message else "")
     finally:
         app.close()
-        sessions.release(conv.engine)
+        release(conv.engine)
 
 
 # --- config mutations ----------------------------------------------------------------------------------------------
@@ -546,7 +549,7 @@ def run_session_case(corpus: Corpus, target: str, fault, rng: random.Random, rea
 
 def config_seeds() -> dict[str, str]:
     """Each preset in config/ and the reference InfLLM's shipped files (as reproduced in tests/test_config.py)."""
-    from inf_llm.config import PRESET_DIR
+    from inf_llm.config.presets import PRESET_DIR
     from tests import test_config
 
     seeds = {p.name: p.read_text(encoding="utf-8") for p in sorted(PRESET_DIR.glob("*.yaml"))}
@@ -640,7 +643,7 @@ def mutate_config(rng: random.Random, text: str) -> tuple[str, bytes | str]:
 def run_config_case(path: Path) -> Outcome:
     """Load `path` as `python -m chat --inf-llm-config-path PATH` does; a refusal also goes through the CLI."""
     from chat.cli import _load_config, main
-    from inf_llm.config import ConfigError, InfLLMConfig
+    from inf_llm.config.schema import ConfigError, InfLLMConfig
 
     try:
         config, model_path, template = _load_config(str(path))
@@ -702,11 +705,11 @@ class Tally:
 
 
 def session_part(root: Path, cases: int, seed: int) -> Tally:
-    from inf_llm.loading import load_model
+    from inf_llm.model.loading import load_model
     from tests.test_chat_conversation import VOCAB
     from tests.tiny_models import tiny_model
 
-    os.environ[sessions.DATA_DIR_ENV] = str(root / "data")
+    os.environ[DATA_DIR_ENV] = str(root / "data")
     model, tokenizer = tiny_model("llama", vocab_size=VOCAB), load_model()[1]
     corpus = build_corpus(root, model, tokenizer)
     rng = random.Random(f"sessions-{seed}")

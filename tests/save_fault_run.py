@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from inf_llm import sessions
-from inf_llm.loading import load_model
+from inf_llm.model.loading import load_model
+from inf_llm.sessions.names import DATA_DIR_ENV, SessionError
+from inf_llm.sessions.store import resume_session
 from tests.test_chat_conversation import MESSAGES, VOCAB
 from tests.test_save_faults import (KINDS, base_session, boundaries, commit_point, dry_run, killed_save,
                                     opened_logits, run_failing_save, run_killed_save, same, save)
@@ -91,7 +92,7 @@ def error_cases(model, tokenizer, root: Path, tally: Tally, every_call: bool) ->
 def resumed_and_saved(model, tokenizer, folder: Path) -> None:
     """A new process resumes what the crash left, chats and saves; the session opens at that save."""
     conv = conversation(model, tokenizer)
-    conv.load(sessions.resume_session(folder, conv.engine, conv.format.identity).messages)
+    conv.load(resume_session(folder, conv.engine, conv.format.identity).messages)
     conv.ask(MESSAGES[2])
     save(conv, folder)
     assert same(opened_logits(model, tokenizer, folder), probe_logits(conv))
@@ -105,7 +106,7 @@ def kill_cases(model, tokenizer, root: Path, tally: Tally, every_call: bool) -> 
 
             def case(at=at, folder=folder) -> str:
                 outcome = run_killed_save(model, tokenizer, kind, base, previous, folder, at=at, commit=commit)
-                if isinstance(outcome, sessions.SessionError):
+                if isinstance(outcome, SessionError):
                     return "refused"
                 resumed_and_saved(model, tokenizer, folder)
                 return "recovered"
@@ -138,13 +139,13 @@ def delay_cases(model, tokenizer, root: Path, tally: Tally, count: int, rng: ran
             else:
                 shutil.copytree(base, folder)
                 conv = conversation(model, tokenizer)
-                conv.load(sessions.resume_session(folder, conv.engine, conv.format.identity).messages)
+                conv.load(resume_session(folder, conv.engine, conv.format.identity).messages)
                 conv.ask(MESSAGES[3])
                 before = previous
             new = probe_logits(conv)
             killed_save(conv, folder, delay=rng.uniform(0, 1.2 * duration))
             got = opened_logits(model, tokenizer, folder)
-            if isinstance(got, sessions.SessionError) or (first and not folder.exists()):
+            if isinstance(got, SessionError) or (first and not folder.exists()):
                 assert first, got  # only a first save killed before its commit leaves no session
                 return "refused"
             assert same(got, new) or (before is not None and same(got, before)), "opened at neither save"
@@ -163,7 +164,7 @@ def main() -> None:
     parser.add_argument("--only", choices=("errors", "kills", "delays"), nargs="*", default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="inf-llm-save-faults-") as tmp:
-        os.environ[sessions.DATA_DIR_ENV] = tmp
+        os.environ[DATA_DIR_ENV] = tmp
         root = Path(tmp)
         model, tokenizer = tiny_model("llama", vocab_size=VOCAB), load_model()[1]
         torch.manual_seed(args.seed)

@@ -26,7 +26,7 @@ from inf_llm.bench.flops import attended_keys, decoder_params, kv_bytes_per_toke
 from inf_llm.bench.methods import method_runs, parse_overrides, variant_runs
 from inf_llm.bench.prompt import FILLER, build_passkey_prompt, is_correct, needle_line
 from inf_llm.bench.results import ResultLog, read_records
-from inf_llm.config import InfLLMConfig
+from inf_llm.config.schema import InfLLMConfig
 
 # Small windowed settings, so that a few hundred tokens exercise eviction, blocks and retrieval.
 SMALL = ["--set", "num_sink_tokens=8", "--set", "local_window=64", "--set", "chunk_size=32", "--set", "block_size=16",
@@ -188,8 +188,8 @@ def test_passkey_command_resumes_and_sweeps(tiny_checkpoint, tmp_path):
 def test_passkey_shared_prefixes_give_the_results_of_fresh_reads(tiny_checkpoint, method):
     """A case that restores an earlier case's snapshot ends in the same memory as one read from empty."""
     from inf_llm.bench.passkey import Checkpoints, PasskeyCase, PasskeyPlan, run_case
-    from inf_llm.engine import Engine
-    from inf_llm.loading import load_model
+    from inf_llm.generation.engine import Engine
+    from inf_llm.model.loading import load_model
 
     model, tok = load_model(str(tiny_checkpoint))
     config = InfLLMConfig(method=method, num_sink_tokens=8, local_window=64, chunk_size=32, block_size=16,
@@ -282,7 +282,7 @@ def _check_speed_record(r, model, decode_tokens):
 
 
 def test_speed_command_reports_every_field(tiny_checkpoint, tmp_path):
-    from inf_llm.loading import load_model
+    from inf_llm.model.loading import load_model
 
     model, _ = load_model(tiny_checkpoint)
     args = ["speed", "--model-path", str(tiny_checkpoint), "--lengths", "200,300", "--decode-tokens", "3",
@@ -323,7 +323,7 @@ def test_speed_command_reports_every_field(tiny_checkpoint, tmp_path):
 
 
 def test_speed_case_in_a_fresh_process(tiny_checkpoint, tmp_path):
-    from inf_llm.loading import load_model
+    from inf_llm.model.loading import load_model
 
     model, _ = load_model(tiny_checkpoint)
     args = ["speed", "--model-path", str(tiny_checkpoint), "--lengths", "200", "--decode-tokens", "2",
@@ -364,7 +364,7 @@ def test_inf_llm_retrieving_everything_attends_everything():
 
 
 def test_prefill_flops_count_the_linear_maps(tiny_checkpoint):
-    from inf_llm.loading import load_model
+    from inf_llm.model.loading import load_model
 
     model, _ = load_model(tiny_checkpoint)
     h, i, layers, kv_dim = 64, 128, 2, 2 * 16

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from inf_llm import sessions
-from inf_llm.session_lock import SessionLock, info_path
+from inf_llm.sessions.lock import SessionLock, info_path
+from inf_llm.sessions.names import DATA_DIR_ENV, SessionError, list_sessions
+from inf_llm.sessions.state_file import read_session
 from tests.test_chat_conversation import VOCAB, tiny_config
 from tests.tiny_models import tiny_model
 from tests.test_sessions import _files, _tree  # a session folder's files and bytes (and modification times)
@@ -47,8 +48,8 @@ def chat(checkpoint, data_dir, stdin, *extra, config=None):
 def saved_messages(folder):
     """The user messages of a session as last saved ([] before its first save)."""
     try:
-        return [m["content"] for m in sessions.read_session(folder).messages if m["role"] == "user"]
-    except sessions.SessionError:
+        return [m["content"] for m in read_session(folder).messages if m["role"] == "user"]
+    except SessionError:
         return []
 
 
@@ -124,8 +125,8 @@ def test_a_second_process_is_refused_or_reads_only(checkpoint, tmp_path, monkeyp
     assert not info_path(session).exists()  # released at exit
     with SessionLock(session):
         pass
-    monkeypatch.setenv(sessions.DATA_DIR_ENV, str(tmp_path))
-    assert sessions.list_sessions() == ["fork", "work"]
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    assert list_sessions() == ["fork", "work"]
 
 
 def test_read_only_needs_a_session(capsys):
@@ -203,7 +204,7 @@ def test_help_shows_the_sampling_defaults_that_apply():
     """Sampling flags default to None (the model's generation config, else ours); the defaults --help names, kept
     without importing torch, are the ones the chat applies."""
     from chat.cli import DEFAULTS, build_parser
-    from inf_llm.sampling import CHAT_DEFAULTS
+    from inf_llm.generation.sampling import CHAT_DEFAULTS
 
     assert DEFAULTS == CHAT_DEFAULTS
     args = build_parser().parse_args([])

@@ -13,10 +13,11 @@ from chat.commands import COMMANDS, CommandError, parse_command
 from chat.conversation import Conversation
 from chat.interrupts import StopGate
 from chat.simple_ui import SimpleUI
-from inf_llm import sessions
-from inf_llm.engine import Engine
-from inf_llm.sampling import SamplingParams
-from inf_llm.session_lock import SessionBusyError, SessionLock, read_holder
+from inf_llm.generation.engine import Engine
+from inf_llm.generation.sampling import SamplingParams
+from inf_llm.sessions.lock import SessionBusyError, SessionLock, read_holder
+from inf_llm.sessions.names import DATA_DIR_ENV, session_path
+from inf_llm.sessions.state_file import read_session
 from tests.test_chat_conversation import VOCAB, tiny_config
 from tests.test_session_lock import holding
 from tests.test_sessions import _files
@@ -25,7 +26,7 @@ from tests.tiny_models import tiny_model
 
 @pytest.fixture(autouse=True)
 def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(sessions.DATA_DIR_ENV, str(tmp_path / "data"))
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_save_load_and_autosave(model_and_tokenizer):
     assert chat.conv.engine.tokens == chat.conv.format.render(chat.conv.messages)
     assert "kept on disk" in chat.err
     chat = Chat(model_and_tokenizer, ["one", "!!save", "!!reset", "two"]).run()
-    assert sessions.read_session(sessions.session_path("default")).messages[0]["content"] == "one"
+    assert read_session(session_path("default")).messages[0]["content"] == "one"
     assert chat.app.session is None
 
 
@@ -154,7 +155,7 @@ def test_session_resumes_without_rereading(model_and_tokenizer):
 
 
 def test_refused_session_is_not_opened(model_and_tokenizer):
-    path = sessions.session_path("broken")
+    path = session_path("broken")
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a session")
     chat = Chat(model_and_tokenizer, [])
@@ -166,7 +167,7 @@ def test_refused_session_is_not_opened(model_and_tokenizer):
 def held(name):
     """Whether some chat holds session `name`'s lock (a second lock on it is refused, even in this process)."""
     try:
-        with SessionLock(sessions.session_path(name)):
+        with SessionLock(session_path(name)):
             return False
     except SessionBusyError:
         return True
@@ -174,7 +175,7 @@ def held(name):
 
 def test_a_session_another_process_holds_is_refused_and_nothing_changes(model_and_tokenizer):
     Chat(model_and_tokenizer, ["theirs"], session="theirs").run()
-    theirs = sessions.session_path("theirs")
+    theirs = session_path("theirs")
     chat = Chat(model_and_tokenizer, [], session="mine")
     assert chat.app.handle("hello")
     with holding(theirs) as holder:
@@ -191,7 +192,7 @@ def test_a_session_another_process_holds_is_refused_and_nothing_changes(model_an
         other = Chat(model_and_tokenizer, [])
         assert not other.app.open_session("theirs") and other.app.session is None
         assert f"(pid {holder.pid}, since " in other.err and "or open this one with --read-only" in other.err
-    assert [m["content"] for m in sessions.read_session(sessions.session_path("mine")).messages[::2]] == \
+    assert [m["content"] for m in read_session(session_path("mine")).messages[::2]] == \
         ["hello", "after"]
     assert held("mine")
     chat.run()  # the end of input ends the chat
@@ -219,7 +220,7 @@ def test_the_lock_follows_the_bound_session(model_and_tokenizer):
 
 def test_read_only_resumes_never_saves_and_forks(model_and_tokenizer):
     Chat(model_and_tokenizer, ["hello"], session="work").run()
-    work = sessions.session_path("work")
+    work = session_path("work")
     before = _files(work)
     chat = Chat(model_and_tokenizer, ["bye", "!!save", "!!save work", "!!stats", "!!save fork", "more"])
     assert not chat.app.open_session("nope", read_only=True)
@@ -232,21 +233,21 @@ def test_read_only_resumes_never_saves_and_forks(model_and_tokenizer):
     assert chat.err.count("session 'work' was opened read-only and is never saved to") == 2
     assert "- (opened from 'work' read-only: not saved; !!save NEW)" in chat.out  # !!stats
     assert _files(work) == before
-    fork = sessions.read_session(sessions.session_path("fork")).messages
+    fork = read_session(session_path("fork")).messages
     assert [m["content"] for m in fork[::2]] == ["hello", "bye", "more"] and chat.app.session == "fork"
     assert not held("fork")
 
 
 def test_the_session_of_a_killed_holder_opens(model_and_tokenizer):
     Chat(model_and_tokenizer, ["hello"], session="s").run()
-    with holding(sessions.session_path("s")) as holder:
+    with holding(session_path("s")) as holder:
         os.kill(holder.pid, signal.SIGKILL)
         assert holder.wait(timeout=60) == -signal.SIGKILL
     chat = Chat(model_and_tokenizer, ["again"], session="s")
     assert "resumed session 's': 2 messages" in chat.err
-    assert read_holder(sessions.session_path("s")).pid == os.getpid()
+    assert read_holder(session_path("s")).pid == os.getpid()
     chat.run()
-    assert [m["content"] for m in sessions.read_session(sessions.session_path("s")).messages[::2]] == \
+    assert [m["content"] for m in read_session(session_path("s")).messages[::2]] == \
         ["hello", "again"]
 
 

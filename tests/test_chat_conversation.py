@@ -11,9 +11,9 @@ import torch
 
 from chat.chat_format import ChatFormat, ChatFormatError
 from chat.conversation import Conversation, StopRequested, TurnCancelled
-from inf_llm.config import InfLLMConfig
-from inf_llm.engine import Engine
-from inf_llm.sampling import SamplingParams
+from inf_llm.config.schema import InfLLMConfig
+from inf_llm.generation.engine import Engine
+from inf_llm.generation.sampling import SamplingParams
 from tests.tiny_models import dense_logits, tiny_model
 
 ATOL = 2e-4
@@ -237,7 +237,7 @@ def test_sources_replay_the_last_reply_and_leave_the_memory_as_it_was(model, tok
     """!!sources: the passages and weights equal those a trace attached during the reply itself records, and the
     memory after the replay gives the same next-token logits, bit for bit. Key bounds of blocks of repeated text
     tie exactly (a block's bounds ignore order): the replay breaks those ties as the reply did."""
-    from inf_llm.retrieval_trace import sources
+    from inf_llm.memory.retrieval_trace import sources
 
     def conversation():
         return make(model, tokenizer, temperature=0.0, max_new_tokens=10, topk_blocks=2, device_cache_blocks=4,

@@ -1,4 +1,5 @@
-"""Tests of inf_llm/config.py: validation, strict YAML loading, the reference format, presets.
+"""Tests of inf_llm/config/: validation (schema.py), strict YAML loading (files.py), the reference format (reference.py),
+presets (presets.py).
 
 Every refusal asserts that its message names the offending field or key and its value, because the
 message is all a user sees. The reference configs below reproduce thunlp/InfLLM's shipped files.
@@ -11,19 +12,10 @@ import textwrap
 import pytest
 import yaml
 
-from inf_llm.config import (
-    EMBEDDED_MODEL_PRESET,
-    PRESET_DIR,
-    REFERENCE_CONV_TEMPLATES,
-    REFERENCE_KEYS,
-    ConfigError,
-    InfLLMConfig,
-    LoadedConfig,
-    available_presets,
-    default_preset_for,
-    load_config,
-    preset_path,
-)
+from inf_llm.config.files import load_config
+from inf_llm.config.presets import (EMBEDDED_MODEL_PRESET, PRESET_DIR, available_presets, default_preset_for, preset_path)
+from inf_llm.config.reference import REFERENCE_CONV_TEMPLATES, REFERENCE_KEYS
+from inf_llm.config.schema import ConfigError, InfLLMConfig, LoadedConfig
 
 FIELDS = [f.name for f in dataclasses.fields(InfLLMConfig)]
 

@@ -8,7 +8,7 @@ the compiled Triton kernels inside the whole model, and the full-attention basel
 import pytest
 import torch
 
-from inf_llm.hf import attach
+from inf_llm.memory.attach import attach
 from tests.test_equivalence import ATOL, SCHEDULES, _ids, _memory_config
 from tests.tiny_models import dense_logits, run_schedule, tiny_model
 

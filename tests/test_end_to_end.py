@@ -7,9 +7,10 @@ a fixed prompt keep this deterministic.
 
 import pytest
 
-from inf_llm.config import load_config, preset_path
-from inf_llm.engine import Engine
-from inf_llm.sampling import SamplingParams
+from inf_llm.config.files import load_config
+from inf_llm.config.presets import preset_path
+from inf_llm.generation.engine import Engine
+from inf_llm.generation.sampling import SamplingParams
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 KEY = 60494

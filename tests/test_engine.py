@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from inf_llm.config import InfLLMConfig
-from inf_llm.engine import Engine, IncrementalDecoder, StopStrings
-from inf_llm.sampling import CHAT_DEFAULTS, SamplingParams, generation_config_defaults, process_logits, resolve_params, sample_next
+from inf_llm.config.schema import InfLLMConfig
+from inf_llm.generation.decoding import IncrementalDecoder, StopStrings
+from inf_llm.generation.engine import Engine
+from inf_llm.generation.sampling import (CHAT_DEFAULTS, SamplingParams, generation_config_defaults, process_logits, resolve_params, sample_next)
 from tests.tiny_models import stock_logits, tiny_model
 
 
@@ -409,7 +410,7 @@ def test_seeded_sampling_is_reproducible():
 
 
 def test_feeding_a_prompt_releases_freed_heap_memory_and_decoding_does_not(monkeypatch):
-    import inf_llm.engine as engine_module
+    import inf_llm.generation.engine as engine_module
 
     calls = []
     monkeypatch.setattr(engine_module, "release_free_memory", lambda: calls.append(1) or True)

@@ -5,9 +5,9 @@ import functools
 import pytest
 import torch
 
-from inf_llm.config import InfLLMConfig
-from inf_llm.hf import attach
+from inf_llm.config.schema import InfLLMConfig
 from inf_llm.kernels import reference
+from inf_llm.memory.attach import attach
 from tests.tiny_models import FAMILIES, chunk_last_positions, dense_logits, run_schedule, stock_logits, tiny_model
 
 ATOL = 2e-4

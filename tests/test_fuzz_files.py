@@ -15,7 +15,9 @@ import shutil
 import pytest
 import torch
 
-from inf_llm import sessions
+from inf_llm.sessions.digest import content_sha256
+from inf_llm.sessions.names import DATA_DIR_ENV
+from inf_llm.sessions.state_file import STATE_FILE
 # model and tokenizer: a tiny random Llama with the embedded tokenizer (the conversation tests' fixtures).
 from tests.test_chat_conversation import model  # noqa: F401
 from tests import fuzz_run
@@ -26,13 +28,13 @@ from tests.fuzz_run import build_corpus, run_config_case, run_session_case
 def corpus(model, tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(sessions.DATA_DIR_ENV, str(root / "data"))
+        patch.setenv(DATA_DIR_ENV, str(root / "data"))
         yield build_corpus(root, model, tokenizer)
 
 
 @pytest.fixture(autouse=True)
 def data_dir(corpus, monkeypatch):
-    monkeypatch.setenv(sessions.DATA_DIR_ENV, str(corpus.data_dir))
+    monkeypatch.setenv(DATA_DIR_ENV, str(corpus.data_dir))
 
 
 def damage(action):
@@ -62,19 +64,19 @@ def swap(a, b):
 
 
 def forge(folder, change):
-    payload = torch.load(folder / sessions.STATE_FILE, weights_only=True)
+    payload = torch.load(folder / STATE_FILE, weights_only=True)
     change(payload)
-    payload["sha256"] = sessions.content_sha256(payload)
-    torch.save(payload, folder / sessions.STATE_FILE)
+    payload["sha256"] = content_sha256(payload)
+    torch.save(payload, folder / STATE_FILE)
 
 
 def state_truncated(folder, corpus):
-    state = folder / sessions.STATE_FILE
+    state = folder / STATE_FILE
     state.write_bytes(state.read_bytes()[:1000])
 
 
 def state_bit_flipped(folder, corpus):
-    flip(folder / sessions.STATE_FILE, 2000)
+    flip(folder / STATE_FILE, 2000)
 
 
 def block_record_flipped(folder, corpus):
@@ -111,22 +113,22 @@ def index_from_other_session(folder, corpus):
 
 
 def state_from_other_config(folder, corpus):
-    shutil.copyfile(corpus.folder("D") / sessions.STATE_FILE, folder / sessions.STATE_FILE)
+    shutil.copyfile(corpus.folder("D") / STATE_FILE, folder / STATE_FILE)
 
 
 def earlier_state_of_the_same_session(folder, corpus):
     # A2 is A resumed and saved again in the same generation: A's state.pt opens A2's folder at A's save.
-    shutil.copyfile(corpus.folder("A") / sessions.STATE_FILE, folder / sessions.STATE_FILE)
+    shutil.copyfile(corpus.folder("A") / STATE_FILE, folder / STATE_FILE)
     return corpus.sha["A"]
 
 
 def later_state_of_the_same_session(folder, corpus):
-    shutil.copyfile(corpus.folder("A2") / sessions.STATE_FILE, folder / sessions.STATE_FILE)
+    shutil.copyfile(corpus.folder("A2") / STATE_FILE, folder / STATE_FILE)
 
 
 def foreign(value):
     def state_is_foreign(folder, corpus):
-        torch.save(value, folder / sessions.STATE_FILE)
+        torch.save(value, folder / STATE_FILE)
     return state_is_foreign
 
 
@@ -171,7 +173,7 @@ def forged_generation_climbing(folder, corpus):
 
 def link_to_copy(rel):
     def symlinked_to_an_outside_copy(folder, corpus):
-        path = folder / rel if rel == sessions.STATE_FILE else gen(folder) / rel.removeprefix("g-/")
+        path = folder / rel if rel == STATE_FILE else gen(folder) / rel.removeprefix("g-/")
         copy = corpus.outside / path.name
         shutil.move(path, copy)
         os.symlink(copy, path)
@@ -258,7 +260,7 @@ def test_damaged_session(corpus, target, action, read_only, want):
 def test_refusals_name_the_file(corpus):
     """The refusal names the file at fault, not only the session."""
     _, outcome = run_session_case(corpus, "A", damage(state_bit_flipped), random.Random(0), False)
-    assert f"{corpus.session / sessions.STATE_FILE} is damaged" in outcome.detail
+    assert f"{corpus.session / STATE_FILE} is damaged" in outcome.detail
     _, outcome = run_session_case(corpus, "A", damage(layer_folders_swapped), random.Random(0), False)
     assert "blocks.index is not the index this session saved" in outcome.detail
     _, outcome = run_session_case(corpus, "A", damage(link_to_copy("g-/layer-000/blocks.data")), random.Random(0), False)
@@ -332,7 +334,8 @@ def test_a_fuzz_run_of_each_preset_loses_nothing(tmp_path):
 def test_a_session_tier_fsyncs_its_layout_when_synced(tmp_path, monkeypatch):
     """A session's tiers are written with durable=False and made durable by `sync` at each save: that must cover
     layout.json too, or power loss after the commit could leave a session whose layout is empty."""
-    from inf_llm.disk_tier import LAYOUT_FILE, DiskTier, RowLayout
+    from inf_llm.storage.disk_tier import LAYOUT_FILE, DiskTier
+    from inf_llm.storage.row_layout import RowLayout
 
     tier = DiskTier(tmp_path / "t", RowLayout(8, "float32"), durable=False)
     synced, real = [], os.fsync

@@ -5,9 +5,10 @@ import torch
 import transformers
 from transformers import AttentionInterface, GPT2Config, LlamaConfig
 
-from inf_llm import hf
-from inf_llm.config import InfLLMConfig
-from inf_llm.memory import FullAttentionMemory, cache_keyword
+from inf_llm.config.schema import InfLLMConfig
+from inf_llm.memory.attach import attach
+from inf_llm.memory.full_attention import FullAttentionMemory, cache_keyword
+from inf_llm.model import hf
 from tests.tiny_models import tiny_config, tiny_model
 
 
@@ -66,7 +67,7 @@ def test_yarn_scaling_stays_exact():
     model = tiny_model("qwen2", rope_parameters=params)
     ids = torch.randint(0, 128, (64,), generator=torch.Generator().manual_seed(0))
     expected = stock_logits(model, ids)
-    memory = hf.attach(model, InfLLMConfig(local_window=128, chunk_size=32, kernel_backend="torch", storage_dtype="float32"))
+    memory = attach(model, InfLLMConfig(local_window=128, chunk_size=32, kernel_backend="torch", storage_dtype="float32"))
     torch.testing.assert_close(run_schedule(model, memory, ids, [64]), expected, atol=2e-4, rtol=1e-4)
 
 

@@ -4,7 +4,7 @@ import psutil
 import pytest
 import torch
 
-from inf_llm import host_memory
+from inf_llm.generation import host_memory
 
 
 def _rss() -> int:

@@ -24,10 +24,11 @@ import pytest
 
 from chat.chat_format import FASTCHAT_INSTALL_HINT, ChatFormat
 from chat.conversation import Conversation
-from inf_llm.config import PRESET_DIR, load_config, preset_path
-from inf_llm.engine import Engine
-from inf_llm.loading import EMBEDDED_INSTALL_HINT
-from inf_llm.sampling import SamplingParams
+from inf_llm.config.files import load_config
+from inf_llm.config.presets import PRESET_DIR, preset_path
+from inf_llm.generation.engine import Engine
+from inf_llm.generation.sampling import SamplingParams
+from inf_llm.model.loading import EMBEDDED_INSTALL_HINT
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = ("setup.py", "README.md", "inf_llm", "chat", "config")
@@ -91,7 +92,7 @@ def test_the_wheel_ships_every_preset_and_the_console_script(installed):
 
 def test_the_installed_package_finds_every_preset_by_name(installed, tmp_path):
     _, bin_dir, elsewhere = installed
-    probe = ("import inf_llm, chat, inf_llm.config as c\n"
+    probe = ("import inf_llm, chat, inf_llm.config.presets as c\n"
              "print(inf_llm.__file__); print(chat.__file__); print(c.PRESET_DIR)\n"
              "for name in c.available_presets(): print(name, c.preset_path(name))\n")
     lines = _run([str(bin_dir / "python"), "-c", probe], cwd=elsewhere, env=_env(tmp_path)).stdout.splitlines()

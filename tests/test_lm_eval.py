@@ -32,7 +32,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from inf_llm.bench.prose import answer  # noqa: E402
 from inf_llm.bench.prose_tasks import MAX_NEW_TOKENS, build_prose_prompt, score  # noqa: E402
-from inf_llm.config import InfLLMConfig  # noqa: E402
+from inf_llm.config.schema import InfLLMConfig  # noqa: E402
 from inf_llm.eval.lm import InfLLMEvalLM  # noqa: E402
 from inf_llm.eval.prose_task import GROUP, export_prose_task, task_name  # noqa: E402
 from tests.test_prose_bench import paragraphs  # noqa: E402,F401
@@ -274,7 +274,7 @@ def test_exported_prose_task_gives_the_benchmarks_tokens_replies_and_scores(tiny
 def test_embedded_model_equals_stock_transformers_with_its_chat_template(tasks_dir):
     """No `pretrained`: the embedded SmolLM2 with its default preset, whose 128-token window covers these tasks;
     lm-eval's `hf` model reads the embedded model's converted checkpoint. Both with --apply_chat_template."""
-    from inf_llm.loading import embedded_cache_dir
+    from inf_llm.model.loading import embedded_cache_dir
 
     tasks = ["tiny_mc", "tiny_rolling"]
     ours = _evaluate("inf-llm", "device=cpu", tasks_dir, tasks, apply_chat_template=True)

@@ -1,4 +1,4 @@
-"""Tests of inf_llm.loading: clear errors, exact round trips, the embedded model's facts, an atomic cache."""
+"""Tests of inf_llm.model.loading (and write_dir_atomically, inf_llm.storage.files): clear errors, exact round trips, the embedded model's facts, an atomic cache."""
 
 import importlib.util
 import os
@@ -10,14 +10,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from inf_llm import loading
-from inf_llm.loading import (
-    ModelLoadError,
-    embedded_cache_dir,
-    embedded_gguf_path,
-    load_model,
-    write_dir_atomically,
-)
+from inf_llm.model import loading
+from inf_llm.model.loading import ModelLoadError, embedded_cache_dir, embedded_gguf_path, load_model
+from inf_llm.storage.files import write_dir_atomically
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["<unk>", "<s>", "</s>", "the", "cat", "sat", "on", "a", "mat", "dog"]

@@ -7,10 +7,11 @@ received: weights sum to 1, no token is attended twice, and which tokens were vi
 import pytest
 import torch
 
-from inf_llm.config import InfLLMConfig
+from inf_llm.config.schema import InfLLMConfig
 from inf_llm.kernels import resolve_ops
-from inf_llm.layer_memory import LayerMemory, LayerShape
-from inf_llm.rope import RotaryTable
+from inf_llm.memory.layer_memory import LayerMemory
+from inf_llm.memory.layer_state import LayerShape
+from inf_llm.model.rope import RotaryTable
 from tests.tiny_models import tiny_model
 
 HQ, HKV, T = 4, 2, 120
@@ -127,7 +128,7 @@ def test_chosen_blocks_equal_an_independent_recomputation_from_keys_and_attentio
 def test_trace_records_the_blocks_and_the_weights_the_layer_attended(per_head, pieces):
     """The trace's chosen blocks and per-token weights are those of the attention itself (one-hot values make
     the outputs the weights); with the sinks, remainder and window its weights sum to one per query and head."""
-    from inf_llm.retrieval_trace import RetrievalTrace, sources
+    from inf_llm.memory.retrieval_trace import RetrievalTrace, sources
 
     layer = _layer(topk_blocks=3, device_cache_blocks=16, per_head_ranking=per_head, repr_dtype="float32")
     trace = layer.trace = RetrievalTrace(layer.config.block_size, layer.config.num_sink_tokens)
@@ -254,7 +255,7 @@ def test_snapshot_restore_rolls_back_exactly():
 
 @pytest.mark.parametrize("per_head", [False, True])
 def test_block_scores_are_the_chunk_mean_query_against_each_representative(per_head):
-    from inf_llm.attention import block_scores, ranking_query
+    from inf_llm.memory.ranking import block_scores, ranking_query
 
     g = torch.Generator().manual_seed(5)
     reprs, queries = torch.randn(7, 6, 8, generator=g), torch.randn(6, 5, 8, generator=g)
@@ -268,7 +269,7 @@ def test_block_scores_are_the_chunk_mean_query_against_each_representative(per_h
 def test_bound_scores_bound_every_keys_logit_and_are_tight_for_one_key(per_head):
     """Key bounds score a block by sum over a group's heads of the channel-wise bound of q . k: never below the
     sum of the heads' largest logits over the block's keys, and equal to it when the block holds one key."""
-    from inf_llm.attention import block_scores, key_bounds, ranking_query
+    from inf_llm.memory.ranking import block_scores, key_bounds, ranking_query
 
     g = torch.Generator().manual_seed(7)
     n, hq, hkv, b, d = 9, 6, 2, 5, 8
@@ -289,7 +290,7 @@ def test_bound_scores_bound_every_keys_logit_and_are_tight_for_one_key(per_head)
 def test_float16_block_scores_rank_like_float64_and_never_overflow(per_head, magnitude):
     """16-bit scoring reads half the bytes; scores are rounded to 16 bits (a positive factor aside), so well
     separated blocks rank exactly as in float64, and keys of any magnitude give finite scores."""
-    from inf_llm.attention import block_scores, ranking_query, select_blocks
+    from inf_llm.memory.ranking import block_scores, ranking_query, select_blocks
 
     g = torch.Generator().manual_seed(6)
     n, hq, hkv, d = 300, 6, 2, 16
@@ -317,7 +318,7 @@ def test_float16_block_scores_rank_like_float64_and_never_overflow(per_head, mag
 def test_float16_ranking_query_scales_alike_from_host_floats_and_on_the_device(absmax):
     """The CPU computes the float16 query's power-of-two scale from host floats, a GPU with tensor ops (no stall):
     the two are the same function, at bounds right on a power of two and for an infinite bound."""
-    from inf_llm.attention import fp16_ranking_query
+    from inf_llm.memory.ranking import fp16_ranking_query
 
     g = torch.Generator().manual_seed(11)
     for query in (torch.randn(6, 16, generator=g), torch.full((6, 16), 1.0 / 96), torch.zeros(6, 16)):
@@ -386,7 +387,7 @@ def test_keys_beyond_float16_fail_with_a_clear_error_under_float16_representativ
 def test_block_selection_breaks_ties_toward_the_earlier_block(shape, k, levels):
     """Oracle: order by (score descending, index ascending), take k. Both the CPU path and the one without a
     host read-back (the CUDA path) must give it, on scores with many ties and with none."""
-    from inf_llm.attention import select_blocks, select_blocks_earliest_on_ties
+    from inf_llm.memory.ranking import select_blocks, select_blocks_earliest_on_ties
 
     g = torch.Generator().manual_seed(levels + k)
     scores = torch.randint(0, levels, shape, generator=g).float() / 7

@@ -14,14 +14,14 @@ import torch
 from accelerate import dispatch_model
 from transformers import AutoModelForCausalLM
 
-from inf_llm import loading
-from inf_llm import memory as memory_module
-from inf_llm.config import InfLLMConfig
-from inf_llm.engine import Engine
-from inf_llm.hf import attach
-from inf_llm.loading import load_model
-from inf_llm.placement import execution_device, layer_device
-from inf_llm.rope import RotaryTable
+from inf_llm.config.schema import InfLLMConfig
+from inf_llm.generation.engine import Engine
+from inf_llm.memory import model_memory as memory_module
+from inf_llm.memory.attach import attach
+from inf_llm.model import loading
+from inf_llm.model.loading import load_model
+from inf_llm.model.placement import execution_device, layer_device
+from inf_llm.model.rope import RotaryTable
 from tests.test_loading import _tiny_tokenizer
 from tests.tiny_models import tiny_model
 

@@ -10,13 +10,15 @@ import math
 import pytest
 import torch
 
-from inf_llm.block_layout import BlockLayout
-from inf_llm.block_store import BlockStore, TierSettings
-from inf_llm.config import InfLLMConfig
+from inf_llm.config.schema import InfLLMConfig
 from inf_llm.kernels import resolve_ops
-from inf_llm.layer_memory import LayerMemory, LayerShape
-from inf_llm.quantization import QMAX, dequantize_int8, quantize_int8
-from inf_llm.rope import RotaryTable
+from inf_llm.memory.layer_memory import LayerMemory
+from inf_llm.memory.layer_state import LayerShape
+from inf_llm.model.rope import RotaryTable
+from inf_llm.storage.block_layout import BlockLayout
+from inf_llm.storage.block_store import BlockStore
+from inf_llm.storage.quantization import QMAX, dequantize_int8, quantize_int8
+from inf_llm.storage.tier_settings import TierSettings
 from tests.tiny_models import tiny_model
 
 CPU = torch.device("cpu")
@@ -163,7 +165,7 @@ def test_layer_output_with_int8_blocks_stays_within_the_derived_bound():
 
 def test_an_int8_engine_resumes_from_its_state_exactly():
     """storage_dtype: int8 end to end: the scales travel with the saved state, so resuming changes nothing."""
-    from inf_llm.engine import Engine
+    from inf_llm.generation.engine import Engine
 
     model = tiny_model("llama")
     config = InfLLMConfig(num_sink_tokens=4, local_window=32, block_size=8, repr_tokens=2, topk_blocks=3,

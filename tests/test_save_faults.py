@@ -17,7 +17,10 @@ import time
 import pytest
 import torch
 
-from inf_llm import sessions
+from inf_llm.sessions import store
+from inf_llm.sessions.names import DATA_DIR_ENV, SessionError, session_path
+from inf_llm.sessions.state_file import read_session
+from inf_llm.sessions.store import resume_session, save_session
 # model and tokenizer: a tiny random Llama with the embedded tokenizer (the conversation tests' fixtures).
 from tests.test_chat_conversation import MESSAGES, model  # noqa: F401
 from tests.test_sessions import session_chat, conversation, probe_logits
@@ -27,7 +30,7 @@ SYSCALLS = ("write", "pwrite", "fsync", "replace", "ftruncate")  # what a save w
 
 @pytest.fixture(autouse=True)
 def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(sessions.DATA_DIR_ENV, str(tmp_path / "data"))
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
 
 
 class Syscalls:
@@ -73,7 +76,7 @@ def base_session(model, tokenizer, folder):
     conv = conversation(model, tokenizer)
     conv.ask(MESSAGES[0])
     conv.ask(MESSAGES[1])
-    sessions.save_session(folder, conv.engine, conv.messages, conv.format.identity)
+    save_session(folder, conv.engine, conv.messages, conv.format.identity)
     return probe_logits(conv)
 
 
@@ -81,7 +84,7 @@ def incremental(model, tokenizer, base, folder):
     """The chat bound to the session (a copy of `base`) after one more turn: the save adds the new blocks."""
     shutil.copytree(base, folder)
     conv = conversation(model, tokenizer)
-    conv.load(sessions.resume_session(folder, conv.engine, conv.format.identity).messages)
+    conv.load(resume_session(folder, conv.engine, conv.format.identity).messages)
     conv.ask(MESSAGES[3])
     return conv
 
@@ -118,15 +121,15 @@ KINDS = {"incremental": incremental, "after a rollback": after_rollback, "new ge
 
 
 def save(conv, folder):
-    sessions.save_session(folder, conv.engine, conv.messages, conv.format.identity)
+    save_session(folder, conv.engine, conv.messages, conv.format.identity)
 
 
 def opened_logits(model, tokenizer, folder):
     """The probe's logits of the session in `folder` (read-only: nothing written), or the SessionError."""
     conv = conversation(model, tokenizer)
     try:
-        conv.load(sessions.resume_session(folder, conv.engine, conv.format.identity, read_only=True).messages)
-    except sessions.SessionError as error:
+        conv.load(resume_session(folder, conv.engine, conv.format.identity, read_only=True).messages)
+    except SessionError as error:
         return error
     return probe_logits(conv)
 
@@ -264,7 +267,7 @@ def run_killed_save(model, tokenizer, kind, base, previous, folder, at=None, del
     new = probe_logits(conv)
     ended = killed_save(conv, folder, at=at, delay=delay)
     got = opened_logits(model, tokenizer, folder)
-    if isinstance(got, sessions.SessionError):
+    if isinstance(got, SessionError):
         # Only a first save killed before it committed: a folder without state.pt, refused as incomplete.
         assert previous is None and "not a complete session" in str(got), got
         outcome = got
@@ -275,7 +278,7 @@ def run_killed_save(model, tokenizer, kind, base, previous, folder, at=None, del
         if at > commit:
             assert outcome == "new"
         else:  # the previous save, or for a first save none: its folder is refused as incomplete
-            assert outcome == "previous" or (previous is None and isinstance(outcome, sessions.SessionError)), outcome
+            assert outcome == "previous" or (previous is None and isinstance(outcome, SessionError)), outcome
     assert outcome != "lost"
     return outcome
 
@@ -294,7 +297,7 @@ def test_a_save_killed_at_any_point_leaves_the_previous_or_the_new_save(model, t
         run_killed_save(model, tokenizer, kind, base, previous, folder, at=at, commit=commit)
         # The next process resumes what the crash left, chats and saves there: the session opens at that save.
         conv = conversation(model, tokenizer)
-        conv.load(sessions.resume_session(folder, conv.engine, conv.format.identity).messages)
+        conv.load(resume_session(folder, conv.engine, conv.format.identity).messages)
         conv.ask(MESSAGES[2])
         save(conv, folder)
         assert_opens(model, tokenizer, folder, probe_logits(conv))
@@ -316,7 +319,7 @@ def test_the_chat_reports_a_failed_save_stays_bound_and_the_next_save_retries(mo
     conv = conversation(model, tokenizer)
     app, stdout, stderr = session_chat(conv, [MESSAGES[0], MESSAGES[2], MESSAGES[3]])
     attempts = []
-    original = sessions.save_session
+    original = store.save_session
 
     def full_disk_on_the_second_save(*args):
         attempts.append(len(conv.messages))
@@ -325,7 +328,7 @@ def test_the_chat_reports_a_failed_save_stays_bound_and_the_next_save_retries(mo
                 return original(*args)
         return original(*args)
 
-    monkeypatch.setattr(sessions, "save_session", full_disk_on_the_second_save)
+    monkeypatch.setattr(store, "save_session", full_disk_on_the_second_save)
     assert app.run() == 0
     errors = [line for line in stderr.getvalue().splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: could not save session 's' (")
@@ -333,6 +336,6 @@ def test_the_chat_reports_a_failed_save_stays_bound_and_the_next_save_retries(mo
         "the session on disk is its previous save, and the next save tries again")
     assert attempts == [2, 4, 6] and app.session == "s"
     assert stdout.getvalue().count("ASSISTANT:") == 3
-    assert sessions.read_session(sessions.session_path("s")).messages == conv.messages
-    torch.testing.assert_close(opened_logits(model, tokenizer, sessions.session_path("s")), probe_logits(conv),
+    assert read_session(session_path("s")).messages == conv.messages
+    torch.testing.assert_close(opened_logits(model, tokenizer, session_path("s")), probe_logits(conv),
                                atol=0, rtol=0)

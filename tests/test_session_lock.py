@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from inf_llm import sessions
-from inf_llm.session_lock import SessionBusyError, SessionLock, info_path, lock_path, read_holder
+from inf_llm.sessions.lock import SessionBusyError, SessionLock, info_path, lock_path, read_holder
+from inf_llm.sessions.names import DATA_DIR_ENV, list_sessions, session_path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 _HOLDER = """
 import sys
 from pathlib import Path
-from inf_llm.session_lock import SessionLock
+from inf_llm.sessions.lock import SessionLock
 lock = SessionLock(Path(sys.argv[1]))
 lock.acquire()
 print("held", flush=True)
@@ -75,15 +75,15 @@ def test_a_killed_holder_leaves_nothing_that_blocks(tmp_path):
 
 
 def test_the_lock_lives_beside_the_session_and_is_not_a_session(tmp_path, monkeypatch):
-    monkeypatch.setenv(sessions.DATA_DIR_ENV, str(tmp_path))
-    folder = sessions.session_path("work")
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    folder = session_path("work")
     folder.mkdir(parents=True)
     with SessionLock(folder) as lock:
         assert lock.path == lock_path(folder) == tmp_path / "sessions" / ".work.session.lock"
         assert sorted(p.name for p in folder.parent.iterdir()) == [".work.session.lock", ".work.session.lock.info",
                                                                    "work.session"]
         assert list(folder.iterdir()) == []
-        assert sessions.list_sessions() == ["work"]
+        assert list_sessions() == ["work"]
         lock.acquire()  # held already: nothing happens, and one release frees it
     with SessionLock(folder) as again:
         assert again.held

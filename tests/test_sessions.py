@@ -12,10 +12,14 @@ import torch
 
 from chat.chat_format import ChatFormat
 from chat.conversation import Conversation
-from inf_llm import sessions
-from inf_llm.disk_tier import DATA_FILE, DiskTierError
-from inf_llm.engine import Engine
-from inf_llm.sampling import SamplingParams
+from inf_llm.generation.engine import Engine
+from inf_llm.generation.sampling import SamplingParams
+from inf_llm.sessions.digest import content_sha256
+from inf_llm.sessions.identity import _comparable, _differences, identity_of
+from inf_llm.sessions.names import DATA_DIR_ENV, SessionError, list_sessions, session_path, sessions_dir
+from inf_llm.sessions.state_file import FORMAT_NAME, STATE_FILE, read_session
+from inf_llm.sessions.store import release, resume_session, save_session
+from inf_llm.storage.disk_tier import DATA_FILE, DiskTierError
 # model and tokenizer are the conversation tests' fixtures (a tiny random Llama with the embedded tokenizer).
 from tests.test_chat_conversation import MESSAGES, VOCAB, model, tiny_config  # noqa: F401
 from tests.tiny_models import tiny_model
@@ -23,7 +27,7 @@ from tests.tiny_models import tiny_model
 
 @pytest.fixture(autouse=True)
 def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(sessions.DATA_DIR_ENV, str(tmp_path / "data"))
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
     return tmp_path / "data"
 
 
@@ -52,7 +56,7 @@ def saved(model, tokenizer, tmp_path_factory):
     conv.ask(MESSAGES[0])
     conv.ask(MESSAGES[1])
     path = tmp_path_factory.mktemp("saved") / "two-turns.session"
-    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    save_session(path, conv.engine, conv.messages, conv.format.identity)
     return path, conv
 
 
@@ -69,7 +73,7 @@ def test_resumed_session_gives_the_same_logits_and_reply(model, tokenizer, saved
     assert original.engine.stats().blocks > 4  # blocks in the host store and the device cache are part of it
     resumed = conversation(model, tokenizer)
     fed = resumed.counters.fed_tokens
-    session = sessions.resume_session(path, resumed.engine, resumed.format.identity)
+    session = resume_session(path, resumed.engine, resumed.format.identity)
     resumed.load(session.messages)
     assert resumed.counters.fed_tokens == fed  # nothing was re-read
     assert resumed.messages == original.messages
@@ -82,19 +86,19 @@ def test_resumed_session_gives_the_same_logits_and_reply(model, tokenizer, saved
 
 
 def test_session_names_and_folder(data_dir):
-    assert sessions.sessions_dir() == data_dir / "sessions"
-    assert sessions.session_path("my-chat_1.v2") == data_dir / "sessions" / "my-chat_1.v2.session"
+    assert sessions_dir() == data_dir / "sessions"
+    assert session_path("my-chat_1.v2") == data_dir / "sessions" / "my-chat_1.v2.session"
     for bad in ("", "../escape", "a/b", ".hidden", "x" * 101, "name.session"):
-        with pytest.raises(sessions.SessionError, match="invalid session name"):
-            sessions.session_path(bad)
-    assert sessions.list_sessions() == []
+        with pytest.raises(SessionError, match="invalid session name"):
+            session_path(bad)
+    assert list_sessions() == []
 
 
 def test_save_by_name_lists_it(model, tokenizer, saved):
     _, conv = saved
-    sessions.save_session(sessions.session_path("alpha"), conv.engine, conv.messages, conv.format.identity)
-    assert sessions.list_sessions() == ["alpha"]
-    assert sessions.read_session(sessions.session_path("alpha")).messages == conv.messages
+    save_session(session_path("alpha"), conv.engine, conv.messages, conv.format.identity)
+    assert list_sessions() == ["alpha"]
+    assert read_session(session_path("alpha")).messages == conv.messages
 
 
 def _tree(path):
@@ -114,8 +118,8 @@ def _files(path):
 def _refused(path, engine, chat, match):
     before = _tree(path)
     tokens = list(engine.tokens)
-    with pytest.raises(sessions.SessionError, match=match):
-        sessions.resume_session(path, engine, chat)
+    with pytest.raises(SessionError, match=match):
+        resume_session(path, engine, chat)
     assert _tree(path) == before  # left untouched
     assert engine.tokens == tokens or engine.tokens == []  # refused before loading, or the engine was reset
 
@@ -137,7 +141,7 @@ DAMAGES = {
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_damaged_state_is_refused_and_left_untouched(model, tokenizer, saved, tmp_path, damage):
     path = _copy(saved[0], tmp_path)
-    state = path / sessions.STATE_FILE
+    state = path / STATE_FILE
     state.write_bytes(DAMAGES[damage](state.read_bytes()))
     conv = conversation(model, tokenizer)
     conv.ask(MESSAGES[3])
@@ -146,9 +150,9 @@ def test_damaged_state_is_refused_and_left_untouched(model, tokenizer, saved, tm
 
 def test_checksum_catches_a_changed_tensor(model, tokenizer, saved, tmp_path):
     path = _copy(saved[0], tmp_path)
-    payload = torch.load(path / sessions.STATE_FILE, weights_only=True)
+    payload = torch.load(path / STATE_FILE, weights_only=True)
     payload["engine"]["memory"]["layers"][0]["win_k"][0, 0, 0] += 1.0
-    torch.save(payload, path / sessions.STATE_FILE)
+    torch.save(payload, path / STATE_FILE)
     _refused(path, conversation(model, tokenizer).engine, saved[1].format.identity, "checksum")
 
 
@@ -176,7 +180,7 @@ def test_damaged_blocks_are_refused_when_read(model, tokenizer, saved, tmp_path)
     data = _generation(path) / "layer-001" / DATA_FILE
     for offset in range(3, data.stat().st_size, record_bytes):
         _flip(data, offset)  # every record: whichever blocks retrieval picks are damaged
-    conv.load(sessions.resume_session(path, conv.engine, conv.format.identity).messages)
+    conv.load(resume_session(path, conv.engine, conv.format.identity).messages)
     with pytest.raises(DiskTierError, match=r"block \d+ .*layer-001.* is damaged"):
         probe_logits(conv)
 
@@ -191,10 +195,10 @@ def test_other_files_are_refused(model, tokenizer, tmp_path):
         def __reduce__(self):
             return (os.system, ("echo should-not-run",))
 
-    torch.save({"format": sessions.FORMAT_NAME, "evil": Evil()}, path)
+    torch.save({"format": FORMAT_NAME, "evil": Evil()}, path)
     _refused(path, engine, {}, "damaged or not a session")  # weights_only refuses to unpickle objects
-    with pytest.raises(sessions.SessionError, match="no session file"):
-        sessions.read_session(tmp_path / "missing.session")
+    with pytest.raises(SessionError, match="no session file"):
+        read_session(tmp_path / "missing.session")
     (tmp_path / "unfinished.session").mkdir()
     _refused(tmp_path / "unfinished.session", engine, {}, "not a complete session")
 
@@ -210,7 +214,7 @@ def test_session_of_another_config_model_or_format_is_refused(model, tokenizer, 
     # A speed-only setting may differ.
     other_backend = conversation(model, tokenizer, tiny_config(topk_blocks=2, device_cache_blocks=4,
                                                                kernel_backend="auto"))
-    sessions.resume_session(path, other_backend.engine, chat)
+    resume_session(path, other_backend.engine, chat)
 
 
 def _tier_entries(engine):
@@ -221,24 +225,24 @@ def test_saving_again_writes_only_new_blocks_and_resumes_exactly(model, tokenize
     conv = conversation(model, tokenizer)
     conv.ask(MESSAGES[0])
     path = tmp_path / "grow.session"
-    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    save_session(path, conv.engine, conv.messages, conv.format.identity)
     gen = _generation(path)
     first = _tier_entries(conv.engine)
     assert all(entries == blocks > 0 for entries, blocks in first)  # one PUT per block, into the session's tiers
-    binding = sessions._bindings[conv.engine]
+    binding = conv.engine.memory.saved
     tiers = binding.kv + binding.reprs
     assert len(tiers) == len(list(gen.rglob(DATA_FILE)))
     # The records written by the first save: slots 0..n-1 of each tier.
     data_before = {t.path / DATA_FILE: (t.path / DATA_FILE).read_bytes()[: len(t) * t.record_bytes] for t in tiers}
     conv.ask(MESSAGES[1])
-    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    save_session(path, conv.engine, conv.messages, conv.format.identity)
     assert _generation(path) == gen  # the same generation, extended
     second = _tier_entries(conv.engine)
     assert all(e2 - e1 == b2 - b1 > 0 for (e1, b1), (e2, b2) in zip(first, second))  # only the new blocks
     for file, before in data_before.items():
         assert file.read_bytes()[: len(before)] == before  # earlier records unchanged
     resumed = conversation(model, tokenizer)
-    session = sessions.resume_session(path, resumed.engine, resumed.format.identity)
+    session = resume_session(path, resumed.engine, resumed.format.identity)
     resumed.load(session.messages)
     assert all(layer.blocks.disk_reads == 0 for layer in resumed.engine.memory.layers)  # nothing read yet
     torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
@@ -251,7 +255,7 @@ def test_what_happens_after_a_save_is_not_part_of_the_session(model, tokenizer, 
     conv.ask(MESSAGES[0])
     conv.ask(MESSAGES[1])
     path = tmp_path / "crash.session"
-    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    save_session(path, conv.engine, conv.messages, conv.format.identity)
     expected = probe_logits(conv)
     conv.remove()  # roll back the last exchange: forgets blocks
     conv.ask(MESSAGES[3])  # new blocks with the forgotten ids
@@ -259,14 +263,14 @@ def test_what_happens_after_a_save_is_not_part_of_the_session(model, tokenizer, 
         layer.blocks.flush()  # as if they had left RAM under a budget: written into the session's tiers
     # The process dies here, without saving.
     resumed = conversation(model, tokenizer)
-    session = sessions.resume_session(path, resumed.engine, resumed.format.identity)
+    session = resume_session(path, resumed.engine, resumed.format.identity)
     resumed.load(session.messages)
     torch.testing.assert_close(probe_logits(resumed), expected, atol=0, rtol=0)
     # And the resumed chat saves and resumes again from there.
     resumed.ask(MESSAGES[2])
-    sessions.save_session(path, resumed.engine, resumed.messages, resumed.format.identity)
+    save_session(path, resumed.engine, resumed.messages, resumed.format.identity)
     again = conversation(model, tokenizer)
-    again.load(sessions.resume_session(path, again.engine, again.format.identity).messages)
+    again.load(resume_session(path, again.engine, again.format.identity).messages)
     torch.testing.assert_close(probe_logits(again), probe_logits(resumed), atol=0, rtol=0)
 
 
@@ -277,9 +281,9 @@ def test_blocks_beyond_the_ram_budget_are_saved_and_resumed(model, tokenizer, tm
     conv.ask(MESSAGES[1])
     assert sum(layer.blocks.disk_blocks() for layer in conv.engine.memory.layers) > 0  # some spilled to disk
     path = tmp_path / "budget.session"
-    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    save_session(path, conv.engine, conv.messages, conv.format.identity)
     resumed = conversation(model, tokenizer, config)
-    resumed.load(sessions.resume_session(path, resumed.engine, resumed.format.identity).messages)
+    resumed.load(resume_session(path, resumed.engine, resumed.format.identity).messages)
     torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
 
 
@@ -288,8 +292,8 @@ def test_interrupted_save_leaves_the_previous_session(model, tokenizer, saved, t
     expected = probe_logits(conv)
     other = tmp_path / "other.session"  # saved first, then no longer the engine's folder
     used = tmp_path / "used.session"  # the engine's folder: saving into it is incremental
-    sessions.save_session(other, conv.engine, conv.messages, conv.format.identity)
-    sessions.save_session(used, conv.engine, conv.messages, conv.format.identity)
+    save_session(other, conv.engine, conv.messages, conv.format.identity)
+    save_session(used, conv.engine, conv.messages, conv.format.identity)
     before = _tree(other)
     conv.ask(MESSAGES[3])
 
@@ -299,35 +303,35 @@ def test_interrupted_save_leaves_the_previous_session(model, tokenizer, saved, t
 
     for target in (other, used):
         with monkeypatch.context() as patch:
-            patch.setattr(sessions.torch, "save", failing_save)
+            patch.setattr(torch, "save", failing_save)
             with pytest.raises(KeyboardInterrupt):
-                sessions.save_session(target, conv.engine, conv.messages, conv.format.identity)
+                save_session(target, conv.engine, conv.messages, conv.format.identity)
         assert not [p.name for p in target.iterdir() if p.name.startswith(".")]  # no temporary file left
     assert _tree(other) == before  # a new generation was written there, then removed
     conv.remove()
     for target in (other, used):
         resumed = conversation(model, tokenizer)
-        resumed.load(sessions.resume_session(target, resumed.engine, resumed.format.identity).messages)
+        resumed.load(resume_session(target, resumed.engine, resumed.format.identity).messages)
         torch.testing.assert_close(probe_logits(resumed), expected, atol=0, rtol=0)
 
 
 def test_a_version_1_file_resumes_and_is_converted_when_saved(model, tokenizer, saved, tmp_path):
     _, conv = saved
     path = tmp_path / "old.session"
-    payload = {"format": sessions.FORMAT_NAME, "version": 1, "saved_at": 0.0,
-               "identity": sessions.identity_of(conv.engine, conv.format.identity), "messages": conv.messages,
+    payload = {"format": FORMAT_NAME, "version": 1, "saved_at": 0.0,
+               "identity": identity_of(conv.engine, conv.format.identity), "messages": conv.messages,
                "engine": conv.engine.state_dict()}
-    payload["sha256"] = sessions.content_sha256(payload)
+    payload["sha256"] = content_sha256(payload)
     torch.save(payload, path)
     resumed = conversation(model, tokenizer)
-    resumed.load(sessions.resume_session(path, resumed.engine, resumed.format.identity).messages)
+    resumed.load(resume_session(path, resumed.engine, resumed.format.identity).messages)
     torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
-    sessions.save_session(path, resumed.engine, resumed.messages, resumed.format.identity)
+    save_session(path, resumed.engine, resumed.messages, resumed.format.identity)
     assert path.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["old.session"]
     resumed.ask(MESSAGES[2])
-    sessions.save_session(path, resumed.engine, resumed.messages, resumed.format.identity)  # incremental, renamed
+    save_session(path, resumed.engine, resumed.messages, resumed.format.identity)  # incremental, renamed
     again = conversation(model, tokenizer)
-    again.load(sessions.resume_session(path, again.engine, again.format.identity).messages)
+    again.load(resume_session(path, again.engine, again.format.identity).messages)
     torch.testing.assert_close(probe_logits(again), probe_logits(resumed), atol=0, rtol=0)
 
 
@@ -350,9 +354,9 @@ def _save_then_resume(model, tokenizer, path, saved_config, config):
     """A conversation of one turn saved under `saved_config` at `path`, and one resumed from it under `config`."""
     conv = conversation(model, tokenizer, saved_config)
     conv.ask(MESSAGES[0])
-    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    save_session(path, conv.engine, conv.messages, conv.format.identity)
     resumed = conversation(model, tokenizer, config)
-    resumed.load(sessions.resume_session(path, resumed.engine, resumed.format.identity).messages)
+    resumed.load(resume_session(path, resumed.engine, resumed.format.identity).messages)
     return conv, resumed
 
 
@@ -381,9 +385,9 @@ def test_key_bound_sessions_resume_exactly(model, tokenizer, tmp_path, repr_dtyp
 def test_sessions_saved_before_a_setting_existed_count_it_at_its_old_behaviour():
     old = {"config": {"method": "inf-llm", "topk_blocks": 8}}
     now = {"config": {"method": "inf-llm", "topk_blocks": 8, "block_ranking": "representatives", "rank_rotated": False}}
-    assert sessions._differences(sessions._comparable(old), sessions._comparable(now)) == []
+    assert _differences(_comparable(old), _comparable(now)) == []
     bounds = {"config": {**now["config"], "block_ranking": "bounds"}}
-    assert sessions._differences(sessions._comparable(old), sessions._comparable(bounds)) == [
+    assert _differences(_comparable(old), _comparable(bounds)) == [
         "config.block_ranking: session has 'representatives', now 'bounds'"]
 
 
@@ -397,10 +401,10 @@ def test_a_session_resumes_under_another_representative_dtype_and_is_rewritten_i
     expected = probe_logits(resumed)
     old_generation = _generation(path)
     # The next save cannot append float16 rows to float32 files: it writes a new generation, in float16.
-    sessions.save_session(path, resumed.engine, resumed.messages, resumed.format.identity)
+    save_session(path, resumed.engine, resumed.messages, resumed.format.identity)
     assert _generation(path) != old_generation and not old_generation.exists()
     again = conversation(model, tokenizer, config)
-    again.load(sessions.resume_session(path, again.engine, again.format.identity).messages)
+    again.load(resume_session(path, again.engine, again.format.identity).messages)
     for a, b in zip(again.engine.memory.layers, resumed.engine.memory.layers):
         assert torch.equal(a.reprs, b.reprs)
     torch.testing.assert_close(probe_logits(again), expected, atol=0, rtol=0)
@@ -411,9 +415,9 @@ def test_a_reset_conversation_writes_nothing_into_the_session_it_left(model, tok
     conv = conversation(model, tokenizer, config)
     conv.ask(MESSAGES[0])
     path = tmp_path / "left.session"
-    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    save_session(path, conv.engine, conv.messages, conv.format.identity)
     before = _tree(path)
-    sessions.release(conv.engine)
+    release(conv.engine)
     conv.reset()
     conv.ask(MESSAGES[1])  # blocks beyond the budget go to a spill folder, not into the session
     assert sum(layer.blocks.disk_blocks() for layer in conv.engine.memory.layers) > 0
@@ -427,14 +431,14 @@ def test_a_read_only_resume_writes_nothing_into_the_session(model, tokenizer, tm
     writer.ask(MESSAGES[0])
     writer.ask(MESSAGES[1])
     path = tmp_path / "held.session"
-    sessions.save_session(path, writer.engine, writer.messages, writer.format.identity)
+    save_session(path, writer.engine, writer.messages, writer.format.identity)
     expected = probe_logits(writer)  # (the writer's probe rolls back in its own block logs: before the snapshot)
     before = _files(path)
     spill = tmp_path / "reader-spill"
     config = tiny_config(topk_blocks=2, device_cache_blocks=4, host_cache_bytes=4096, disk_dir=str(spill))
     reader = conversation(model, tokenizer, config)
     fed = reader.counters.fed_tokens
-    reader.load(sessions.resume_session(path, reader.engine, reader.format.identity, read_only=True).messages)
+    reader.load(resume_session(path, reader.engine, reader.format.identity, read_only=True).messages)
     assert reader.counters.fed_tokens == fed  # nothing re-read by the model
     torch.testing.assert_close(probe_logits(reader), expected, atol=0, rtol=0)
     reader.ask(MESSAGES[2])
@@ -448,10 +452,10 @@ def test_a_read_only_resume_writes_nothing_into_the_session(model, tokenizer, tm
     # Saving it elsewhere (the chat's !!save NEW) writes every block there and removes the private copy.
     fork = tmp_path / "fork.session"
     assert len(list(spill.iterdir())) == 1
-    sessions.save_session(fork, reader.engine, reader.messages, reader.format.identity)
+    save_session(fork, reader.engine, reader.messages, reader.format.identity)
     assert list(spill.iterdir()) == []
     again = conversation(model, tokenizer, config)
-    again.load(sessions.resume_session(fork, again.engine, again.format.identity).messages)
+    again.load(resume_session(fork, again.engine, again.format.identity).messages)
     torch.testing.assert_close(probe_logits(again), probe_logits(reader), atol=0, rtol=0)
     assert _files(path) == before
 
@@ -462,9 +466,9 @@ def test_baseline_sessions_resume_exactly(model, tokenizer, tmp_path, method):
     conv = conversation(model, tokenizer, config)
     conv.ask(MESSAGES[0])
     path = tmp_path / f"{method}.session"
-    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    save_session(path, conv.engine, conv.messages, conv.format.identity)
     conv.ask(MESSAGES[1])
-    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    save_session(path, conv.engine, conv.messages, conv.format.identity)
     resumed = conversation(model, tokenizer, config)
-    resumed.load(sessions.resume_session(path, resumed.engine, resumed.format.identity).messages)
+    resumed.load(resume_session(path, resumed.engine, resumed.format.identity).messages)
     torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)

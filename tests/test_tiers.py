@@ -13,12 +13,14 @@ import random
 import pytest
 import torch
 
-from inf_llm.block_layout import BlockLayout
-from inf_llm.block_store import BlockStore, TierSettings, tier_settings
-from inf_llm.cache_policy import EvictionPolicy
-from inf_llm.config import InfLLMConfig
-from inf_llm.disk_tier import DATA_FILE, ENTRY_BYTES, INDEX_FILE, SPILL_PREFIX, DiskTier, DiskTierError, SpillDirectory
-from inf_llm.engine import Engine
+from inf_llm.config.schema import InfLLMConfig
+from inf_llm.generation.engine import Engine
+from inf_llm.storage.block_layout import BlockLayout
+from inf_llm.storage.block_store import BlockStore
+from inf_llm.storage.cache_policy import EvictionPolicy
+from inf_llm.storage.disk_tier import DATA_FILE, ENTRY_BYTES, INDEX_FILE, DiskTier, DiskTierError
+from inf_llm.storage.spill import SPILL_PREFIX, SpillDirectory
+from inf_llm.storage.tier_settings import TierSettings, tier_settings
 from tests.tiny_models import tiny_model
 
 HKV, B, D = 2, 4, 8
@@ -442,7 +444,7 @@ def test_a_store_reopens_from_its_folder_without_reading_it(tmp_path):
     """What saved sessions build on: flush writes only what is missing; attach maps a folder, reads nothing."""
     layout = BlockLayout(HKV, B, D, torch.float32)
     first = _store(2)
-    first.attach_disk(DiskTier(tmp_path / "blocks", layout), 0)
+    first.set_disk(DiskTier(tmp_path / "blocks", layout), 0)
     k, v = _blocks(7, 11)
     first.append(k, v)
     spilled = first.disk_writes
@@ -450,12 +452,12 @@ def test_a_store_reopens_from_its_folder_without_reading_it(tmp_path):
     assert first.disk_writes == spilled + 2  # only the two blocks that were only in RAM
     assert first.disk.has_prefix(7)
     second = _store(2)
-    second.attach_disk(DiskTier.open(tmp_path / "blocks"), 6)  # reopened, rolled back to 6 blocks
+    second.set_disk(DiskTier.open(tmp_path / "blocks"), 6)  # reopened, rolled back to 6 blocks
     assert second.num_blocks == 6 and second.host_blocks() == 0 and second.disk_reads == 0
     assert torch.equal(second.gather(torch.tensor([0, 3, 5]))[0], _expected(k, [0, 3, 5]))
     assert second.disk_reads == 3
     with pytest.raises(ValueError, match="does not hold"):
-        _store(2).attach_disk(DiskTier.open(tmp_path / "blocks"), 9)
+        _store(2).set_disk(DiskTier.open(tmp_path / "blocks"), 9)
 
 
 # --- settings and the whole engine ---------------------------------------------------------------------------

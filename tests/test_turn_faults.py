@@ -16,9 +16,12 @@ import pytest
 import torch
 
 from chat.conversation import TurnFailed
-from inf_llm import sessions
-from inf_llm.disk_tier import DiskTier
-from inf_llm.layer_memory import LayerMemory
+from inf_llm.memory.layer_memory import LayerMemory
+from inf_llm.sessions import store
+from inf_llm.sessions.names import DATA_DIR_ENV, session_path
+from inf_llm.sessions.state_file import STATE_FILE, read_session
+from inf_llm.sessions.store import resume_session, save_session
+from inf_llm.storage.disk_tier import DiskTier
 # model and tokenizer: a tiny random Llama with the embedded tokenizer (the conversation tests' fixtures).
 from tests.test_chat_conversation import MESSAGES, model, tiny_config  # noqa: F401
 from tests.test_sessions import session_chat, _files, conversation, probe_logits
@@ -28,7 +31,7 @@ DOCUMENT = "A long document about the sea, its tides and its ships. " * 40  # se
 
 @pytest.fixture(autouse=True)
 def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(sessions.DATA_DIR_ENV, str(tmp_path / "data"))
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
 
 
 class Fault:
@@ -92,12 +95,12 @@ def saved_pair(model, tokenizer, path, config=None):
     first = conversation(model, tokenizer, config)
     first.ask(MESSAGES[0])
     first.ask(MESSAGES[1])
-    sessions.save_session(path, first.engine, first.messages, first.format.identity)
+    save_session(path, first.engine, first.messages, first.format.identity)
     copy = shutil.copytree(path, path.with_name(f"twin-{path.name}"))
     pair = []
     for folder in (path, copy):
         conv = conversation(model, tokenizer, config)
-        conv.load(sessions.resume_session(folder, conv.engine, conv.format.identity).messages)
+        conv.load(resume_session(folder, conv.engine, conv.format.identity).messages)
         pair.append(conv)
     return pair
 
@@ -169,21 +172,21 @@ def test_a_failed_disk_write_rolls_back_and_the_session_opens_at_its_last_save(m
     config = tiny_config(topk_blocks=2, device_cache_blocks=4, host_cache_bytes=4096, disk_dir=str(tmp_path / "spill"))
     path = tmp_path / "budget.session"
     conv, twin = saved_pair(model, tokenizer, path, config)
-    messages, expected, state = list(conv.messages), probe_logits(conv), (path / sessions.STATE_FILE).read_bytes()
+    messages, expected, state = list(conv.messages), probe_logits(conv), (path / STATE_FILE).read_bytes()
     full = _raise(OSError(errno.ENOSPC, "No space left on device"))
     with Fault(DiskTier, "write", 3, full, conv.engine) as injected, pytest.raises(TurnFailed, match="No space left"):
         ask_armed(conv, injected, "reading")
     assert injected.fired
-    assert (path / sessions.STATE_FILE).read_bytes() == state
+    assert (path / STATE_FILE).read_bytes() == state
     # Read-only: `conv` still writes into the folder (a second writer there would cut its block logs).
     reopened = conversation(model, tokenizer, config)
-    reopened.load(sessions.resume_session(path, reopened.engine, reopened.format.identity, read_only=True).messages)
+    reopened.load(resume_session(path, reopened.engine, reopened.format.identity, read_only=True).messages)
     torch.testing.assert_close(probe_logits(reopened), expected, atol=0, rtol=0)
     assert_as_twin(conv, twin, messages, expected)
     # The next save holds the new turn.
-    sessions.save_session(path, conv.engine, conv.messages, conv.format.identity)
+    save_session(path, conv.engine, conv.messages, conv.format.identity)
     again = conversation(model, tokenizer, config)
-    again.load(sessions.resume_session(path, again.engine, again.format.identity, read_only=True).messages)
+    again.load(resume_session(path, again.engine, again.format.identity, read_only=True).messages)
     torch.testing.assert_close(probe_logits(again), probe_logits(conv), atol=0, rtol=0)
 
 
@@ -215,7 +218,7 @@ def test_the_chat_reports_a_failed_turn_in_one_line_saves_nothing_and_goes_on(mo
     app, stdout, stderr = session_chat(conv, [MESSAGES[0], DOCUMENT, MESSAGES[2]])
     injected = Fault(LayerMemory, "forward", 2, _raise(RuntimeError("layer failed")), conv.engine)
     saves = []
-    original_save = sessions.save_session
+    original_save = store.save_session
 
     def counting_save(path, engine, messages, chat):
         saves.append([m["content"] for m in messages])
@@ -223,7 +226,7 @@ def test_the_chat_reports_a_failed_turn_in_one_line_saves_nothing_and_goes_on(mo
             injected.arm()  # the next turn, the document, fails
         return original_save(path, engine, messages, chat)
 
-    monkeypatch.setattr(sessions, "save_session", counting_save)
+    monkeypatch.setattr(store, "save_session", counting_save)
     with injected:
         assert app.run() == 0
     assert injected.fired
@@ -234,4 +237,4 @@ def test_the_chat_reports_a_failed_turn_in_one_line_saves_nothing_and_goes_on(mo
     users = [m["content"] for m in conv.messages if m["role"] == "user"]
     assert users == [MESSAGES[0], MESSAGES[2]]
     assert [s[::2] for s in saves] == [[MESSAGES[0]], users]  # saved after each turn that was answered, only
-    assert sessions.read_session(sessions.session_path("s")).messages == conv.messages
+    assert read_session(session_path("s")).messages == conv.messages

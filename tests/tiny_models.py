@@ -8,7 +8,7 @@ position j <= p it applies the position rule directly, over the whole sequence a
   for infinite-lm: the same, sinks (j < num_sink_tokens) only; for stream-llm: sinks only, at their true
   positions, the query at min(p, sinks + window - 1).
 
-It uses the model's rotary module directly, not `inf_llm.rope`, and one softmax over all visible keys.
+It uses the model's rotary module directly, not `inf_llm.model.rope`, and one softmax over all visible keys.
 """
 
 from __future__ import annotations

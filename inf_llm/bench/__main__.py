@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from inf_llm.loading import embedded_gguf_path, load_model
+    from inf_llm.model.loading import embedded_gguf_path, load_model
 
     if args.device_map is not None:
         model, tokenizer = load_model(args.model_path, device=None, device_map=args.device_map)
@@ -249,14 +249,15 @@ def _main_device(model, args) -> str:
     """--device, or with --device-map the device of the input embeddings (where the matmul peak is measured)."""
     if args.device_map is None:
         return args.device
-    from inf_llm.placement import execution_device
+    from inf_llm.model.placement import execution_device
 
     return str(execution_device(model.get_input_embeddings()))
 
 
 def _runs(args, model_type: str | None, default_config=None):
     from inf_llm.bench.methods import method_runs, parse_methods, parse_overrides, variant_runs
-    from inf_llm.config import default_preset_for, load_config
+    from inf_llm.config.files import load_config
+    from inf_llm.config.presets import default_preset_for
 
     if args.inf_llm_config_path:
         loaded = load_config(args.inf_llm_config_path)
@@ -343,8 +344,8 @@ def cmd_trace(args, console) -> None:
     from inf_llm.bench.display import to_rich
     from inf_llm.bench.prose_tasks import build_prose_prompt
     from inf_llm.bench.trace import steps_table, trace_case
-    from inf_llm.engine import Engine
-    from inf_llm.retrieval_trace import RetrievalTrace
+    from inf_llm.generation.engine import Engine
+    from inf_llm.memory.retrieval_trace import RetrievalTrace
 
     load_paragraphs()
     if not 0.0 <= args.depth <= 1.0:
@@ -389,9 +390,10 @@ def cmd_speed(args, console) -> None:
 def cmd_gpu(args) -> None:
     # Plain print: this runs where rich may be missing.
     from inf_llm.bench.gpu import DEFAULT_LENGTHS, TINY_INF_LLM, TINY_LENGTHS, GpuPlan, gpu_table, run_gpu
-    from inf_llm.bench.table_data import to_text
     from inf_llm.bench.results import ResultLog
-    from inf_llm.config import load_config, preset_path
+    from inf_llm.bench.table_data import to_text
+    from inf_llm.config.files import load_config
+    from inf_llm.config.presets import preset_path
 
     default = TINY_INF_LLM if args.tiny else load_config(preset_path("mistral-7b-instruct-inf-llm")).config
     runs = _runs(args, None, default_config=default)

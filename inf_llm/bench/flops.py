@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from inf_llm.config import InfLLMConfig
+from inf_llm.config.schema import InfLLMConfig
 
 
 def matmul_peak(m: int, k: int, n: int, *, seconds: float = 2.0, dtype: torch.dtype = torch.float32,

@@ -35,8 +35,8 @@ from inf_llm.bench.flops import kv_bytes_per_token
 from inf_llm.bench.methods import MethodRun
 from inf_llm.bench.results import ResultLog, machine_info
 from inf_llm.bench.table_data import TableData, format_length
-from inf_llm.config import InfLLMConfig
-from inf_llm.engine import Engine
+from inf_llm.config.schema import InfLLMConfig
+from inf_llm.generation.engine import Engine
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from inf_llm.bench.gpu import TINY_INF_LLM, build_model
-from inf_llm.config import load_config, preset_path
-from inf_llm.engine import Engine
+from inf_llm.config.files import load_config
+from inf_llm.config.presets import preset_path
+from inf_llm.generation.engine import Engine
 
 
 def _profiled(name: str, step, device: torch.device, rows: int) -> None:

@@ -3,7 +3,7 @@
 `python -m inf_llm.bench loops` asks each prompt as the first message of a fresh chat (the chat's own path:
 `chat.conversation.Conversation`, the tokenizer's chat template and its system message, the model's default
 preset), with a few seeds per candidate (one for greedy), and prints per candidate how many replies loop. It is
-one of the two measurements behind the chat's defaults (`inf_llm.sampling.CHAT_DEFAULTS`); the other, quoting a
+one of the two measurements behind the chat's defaults (`inf_llm.generation.sampling.CHAT_DEFAULTS`); the other, quoting a
 number from a document, is why a repetition penalty is not among them (BENCHMARKS.md has both).
 
 A reply loops (`loops`) when the same run of `NGRAM` tokens comes back `NGRAM_REPEATS` or more times without
@@ -84,10 +84,11 @@ def run(args) -> int:
     from chat.chat_format import ChatFormat
     from chat.conversation import Conversation
     from inf_llm.bench.results import ResultLog, machine_info
-    from inf_llm.config import default_preset_for, load_config
-    from inf_llm.engine import Engine
-    from inf_llm.loading import load_model
-    from inf_llm.sampling import SamplingParams
+    from inf_llm.config.files import load_config
+    from inf_llm.config.presets import default_preset_for
+    from inf_llm.generation.engine import Engine
+    from inf_llm.generation.sampling import SamplingParams
+    from inf_llm.model.loading import load_model
 
     import torch
 

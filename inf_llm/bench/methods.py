@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from inf_llm.config import ADDED_LATER, METHODS, InfLLMConfig
+from inf_llm.config.schema import ADDED_LATER, METHODS, InfLLMConfig
 
 # The settings each method's results depend on (speed included).
 _WINDOWED = ("num_sink_tokens", "local_window", "chunk_size", "kernel_backend")

@@ -23,9 +23,9 @@ import psutil
 
 from inf_llm.bench.prompt import FILLER, INTRO
 from inf_llm.bench.results import ResultLog, machine_info
-from inf_llm.config import InfLLMConfig
-from inf_llm.engine import Engine
-from inf_llm.sampling import SamplingParams
+from inf_llm.config.schema import InfLLMConfig
+from inf_llm.generation.engine import Engine
+from inf_llm.generation.sampling import SamplingParams
 
 KIND, PROGRESS_KIND = "long_read", "long_read_progress"
 _PLACEHOLDER = "\u0000DOCUMENT\u0000"

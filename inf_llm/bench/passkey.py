@@ -25,8 +25,8 @@ from typing import Any
 from inf_llm.bench.methods import MethodRun
 from inf_llm.bench.prompt import ANSWER_PREFIX, PROMPT_VERSION, build_passkey_prompt, is_correct
 from inf_llm.bench.results import ResultLog, machine_info
-from inf_llm.engine import Engine
-from inf_llm.sampling import SamplingParams
+from inf_llm.generation.engine import Engine
+from inf_llm.generation.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Any
 from inf_llm.bench.methods import MethodRun
 from inf_llm.bench.prose_tasks import MAX_NEW_TOKENS, PROMPT_VERSION, ProsePrompt, build_prose_prompt, score
 from inf_llm.bench.results import ResultLog, machine_info
-from inf_llm.engine import Engine
-from inf_llm.sampling import SamplingParams
+from inf_llm.generation.engine import Engine
+from inf_llm.generation.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from inf_llm.bench.flops import kv_bytes_per_token, matmul_peak, mlp_shape, pref
 from inf_llm.bench.methods import MethodRun
 from inf_llm.bench.prompt import build_passkey_prompt
 from inf_llm.bench.results import ResultLog, machine_info
-from inf_llm.config import InfLLMConfig
-from inf_llm.engine import Engine
+from inf_llm.config.schema import InfLLMConfig
+from inf_llm.generation.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def measure_speed(model, tokenizer, config: InfLLMConfig, ids: list[int], *, dec
 def _scoring_ms(engine: Engine, repeats: int) -> float | None:
     """What ranking the blocks costs a decoded token, all layers (the part of decode that reads every
     representative): block scoring alone, as a decode step calls it, timed on the memory as it is now."""
-    from inf_llm.attention import block_scores, ranking_query
+    from inf_llm.memory.ranking import block_scores, ranking_query
 
     layers = getattr(engine.memory, "layers", None)
     if not layers or engine.config.method != "inf-llm" or repeats < 1:
@@ -143,7 +143,7 @@ def _sync(device: torch.device) -> None:
 def _child_main(spec: dict[str, Any], messages) -> None:
     """Entry point of a case's process: load the model, measure, send ("result", dict) or ("error", text)."""
     try:
-        from inf_llm.loading import load_model
+        from inf_llm.model.loading import load_model
 
         torch.set_num_threads(spec["threads"])
         if spec.get("device_map") is not None:

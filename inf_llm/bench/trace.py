@@ -24,8 +24,8 @@ from typing import Any
 from inf_llm.bench.prose import answer
 from inf_llm.bench.prose_tasks import ProsePrompt
 from inf_llm.bench.table_data import TableData
-from inf_llm.engine import Engine
-from inf_llm.retrieval_trace import RetrievalTrace
+from inf_llm.generation.engine import Engine
+from inf_llm.memory.retrieval_trace import RetrievalTrace
 
 
 @dataclass(frozen=True)

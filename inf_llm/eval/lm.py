@@ -4,7 +4,7 @@ Importing this module registers the name `inf-llm` with lm-eval (`lm_eval.api.re
 `python -m inf_llm.eval` does that and then runs lm-eval's command line. Model arguments (`--model_args`):
 
     pretrained       checkpoint folder or .gguf file (default: the config file's `model_path`, else the embedded
-                     SmolLM2-135M-Instruct), loaded as the chat loads it (`inf_llm.loading.load_model`)
+                     SmolLM2-135M-Instruct), loaded as the chat loads it (`inf_llm.model.loading.load_model`)
     inf_llm_config   preset name (`smollm2-full`) or YAML file, ours or the reference's (default: the model's preset)
     device           cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)
     dtype            float32, bfloat16, float16 or auto (default: float32 on CPU, bfloat16 on CUDA)
@@ -48,15 +48,18 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
-from inf_llm.config import InfLLMConfig, default_preset_for, load_config, preset_path
-from inf_llm.engine import Engine
-from inf_llm.loading import embedded_gguf_path, load_model
-from inf_llm.sampling import SamplingParams
+from inf_llm.config.files import load_config
+from inf_llm.config.presets import default_preset_for, preset_path
+from inf_llm.config.schema import InfLLMConfig
+from inf_llm.generation.engine import Engine
+from inf_llm.generation.sampling import SamplingParams
+from inf_llm.model.loading import embedded_gguf_path, load_model
+from inf_llm.storage.dtypes import DTYPES
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "inf-llm"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MODEL_DTYPES = ("float32", "bfloat16", "float16")  # of the model's weights (`DTYPES` names them)
 _FIELDS = {field.name for field in dataclasses.fields(InfLLMConfig)}
 # Rows of logits turned into log-probabilities at once (a 2048-token piece of a 49K vocabulary is 400 MB in float32).
 _LOGPROB_ROWS = 256
@@ -65,7 +68,7 @@ _SAMPLING_KEYS = {"do_sample", "temperature", "top_p", "top_k", "repetition_pena
 
 
 def load_settings(spec: str | None):
-    """A preset name or a YAML path (ours or the reference's) -> `inf_llm.config.LoadedConfig`, or None."""
+    """A preset name or a YAML path (ours or the reference's) -> `inf_llm.config.schema.LoadedConfig`, or None."""
     if spec is None:
         return None
     text = str(spec)
@@ -102,11 +105,11 @@ class InfLLMEvalLM(TemplateLM):
                              f"prefix_token_id or an InfLLMConfig field ({', '.join(sorted(_FIELDS))})")
         if batch_size not in (None, 1, "1"):
             logger.warning("inf-llm reads one request at a time: batch_size=%r changes nothing", batch_size)
-        if dtype not in (None, "auto") and dtype not in _DTYPES:
+        if dtype not in (None, "auto") and dtype not in _MODEL_DTYPES:
             raise ValueError(f"dtype={dtype!r} is invalid: give float32, bfloat16, float16 or auto")
         loaded = load_settings(inf_llm_config)
         model_path = pretrained if pretrained is not None else (loaded.model_path if loaded else None)
-        model, tokenizer = load_model(model_path, device=_device(device), dtype=_DTYPES.get(dtype))
+        model, tokenizer = load_model(model_path, device=_device(device), dtype=DTYPES.get(dtype))
         if loaded is not None:
             config = loaded.config
             if loaded.conv_template is not None:

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from inf_llm.config import InfLLMConfig
+from inf_llm.config.schema import InfLLMConfig
 from inf_llm.kernels import reference, resolve_ops
 
 # Tolerances against the float32 reference. The kernels round the probabilities to the input dtype before the
@@ -202,8 +202,9 @@ def _layer_memory(ops, config: InfLLMConfig, hq: int, hkv: int, d: int, dtype: t
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from inf_llm.layer_memory import LayerMemory, LayerShape
-    from inf_llm.rope import RotaryTable
+    from inf_llm.memory.layer_memory import LayerMemory
+    from inf_llm.memory.layer_state import LayerShape
+    from inf_llm.model.rope import RotaryTable
 
     rotary_emb = LlamaRotaryEmbedding(LlamaConfig(hidden_size=hq * d, num_attention_heads=hq, head_dim=d)).to(device)
     positions = config.local_window + config.chunk_size + config.num_sink_tokens + 1

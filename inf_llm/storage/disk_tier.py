@@ -48,20 +48,18 @@ import json
 import logging
 import mmap
 import os
-import shutil
 import struct
-import tempfile
 import weakref
 import zlib
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 
-from inf_llm.block_layout import BlockLayout
+from inf_llm.storage.block_layout import BlockLayout
+from inf_llm.storage.files import fsync_path, replace_file, write_all, write_text
+from inf_llm.storage.row_layout import RowLayout, layout_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +72,6 @@ ENTRY_BYTES = _ENTRY.size + _CRC.size
 _MAGIC = b"IBLK"
 _PUT, _TRUNCATE = 1, 2
 _MIN_CAPACITY = 64  # records; the data file grows geometrically from here, so remapping is rare
-SPILL_PREFIX = "inf-llm-blocks-"
 
 
 class DiskTierError(OSError):
@@ -84,23 +81,6 @@ class DiskTierError(OSError):
 def _entry(kind: int, a: int, b: int, c: int = 0) -> bytes:
     body = _ENTRY.pack(_MAGIC, kind, a, b, c)
     return body + _CRC.pack(zlib.crc32(body))
-
-
-def write_all(fd: int, data: memoryview, offset: int | None) -> None:
-    """pwrite (or append, offset None) every byte: a single call may write fewer."""
-    done = 0
-    while done < len(data):
-        chunk = data[done:]
-        done += os.pwrite(fd, chunk, offset + done) if offset is not None else os.write(fd, chunk)
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder: the names in it) by its path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DiskTier:
@@ -173,15 +153,9 @@ class DiskTier:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             text = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "layout": layout.to_dict()}, indent=1)
-            fd, tmp = tempfile.mkstemp(prefix=f".{LAYOUT_FILE}.", dir=self.path)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                if self.durable:
-                    os.fsync(handle.fileno())
-            os.replace(tmp, meta)
+            replace_file(meta, lambda fd: write_text(fd, text), prefix=f".{LAYOUT_FILE}.", fsync=self.durable)
             if self.durable:
-                _fsync_path(self.path)
+                fsync_path(self.path)
         except OSError as error:
             raise DiskTierError(f"cannot create a block folder at {str(self.path)!r}: {error}") from error
         return layout
@@ -266,9 +240,9 @@ class DiskTier:
             os.fsync(self._data_fd)
             os.fsync(self._index_fd)
             if not self._layout_synced:
-                _fsync_path(self.path / LAYOUT_FILE)
+                fsync_path(self.path / LAYOUT_FILE)
                 self._layout_synced = True
-            _fsync_path(self.path)
+            fsync_path(self.path)
         except OSError as error:
             raise DiskTierError(f"cannot sync the blocks in {str(self.path)!r}: {error}") from error
 
@@ -398,89 +372,9 @@ class DiskTier:
         self._closer()
 
 
-@dataclass(frozen=True)
-class RowLayout:
-    """Records of `width` values each, float32 or float16: the representatives of one block (all query heads)."""
-
-    width: int
-    dtype: str = "float32"
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return {"float32": torch.float32, "float16": torch.float16}[self.dtype]
-
-    @property
-    def record_bytes(self) -> int:
-        return self.torch_dtype.itemsize * self.width
-
-    def to_dict(self) -> dict:
-        return {"kind": "rows", "width": self.width, "dtype": self.dtype, "record_bytes": self.record_bytes}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RowLayout:
-        if data.get("kind") != "rows" or data.get("dtype") not in ("float32", "float16") \
-                or not isinstance(data.get("width"), int):
-            raise ValueError(f"not a row layout: {data!r}")
-        return cls(data["width"], data["dtype"])
-
-    def rows(self, records: torch.Tensor) -> torch.Tensor:
-        """(n, record_bytes) uint8 -> (n, width), a view."""
-        return records.view(self.torch_dtype)
-
-    def records(self, rows: torch.Tensor) -> torch.Tensor:
-        """(n, width) -> (n, record_bytes) uint8 on the CPU."""
-        return rows.detach().to("cpu", self.torch_dtype).contiguous().view(torch.uint8)
-
-
-def layout_from_dict(data: dict) -> BlockLayout | RowLayout:
-    return RowLayout.from_dict(data) if data.get("kind") == "rows" else BlockLayout.from_dict(data)
-
-
 def _close_fds(*fds: int) -> None:
     for fd in fds:
         try:
             os.close(fd)
         except OSError:
             pass
-
-
-class SpillDirectory:
-    """A temporary folder for the blocks that overflow RAM: created on first use, removed with this object.
-
-    All layers of a model share one; each store gets a subfolder. `parent` None means the system's temporary
-    folder. Folders left by a process that died (its pid is in the name) are removed when a new one is made.
-    """
-
-    def __init__(self, parent: str | os.PathLike[str] | None = None):
-        self.parent = None if parent is None else Path(parent).expanduser()
-        self._root: Path | None = None
-        self._cleanup: weakref.finalize | None = None
-
-    @property
-    def root(self) -> Path | None:
-        return self._root
-
-    def folder(self, name: str) -> Path:
-        if self._root is None:
-            parent = Path(tempfile.gettempdir()) if self.parent is None else self.parent
-            try:
-                parent.mkdir(parents=True, exist_ok=True)
-                _remove_stale_spill_folders(parent)
-                self._root = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=parent))
-            except OSError as error:
-                raise DiskTierError(f"cannot create a folder for memory blocks in {str(parent)!r}: {error}") from error
-            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._root), True)
-            logger.info("memory blocks beyond the host budget go to %s", self._root)
-        return self._root / name
-
-    def remove(self) -> None:
-        if self._cleanup is not None:
-            self._cleanup()
-
-
-def _remove_stale_spill_folders(parent: Path) -> None:
-    for folder in parent.glob(f"{SPILL_PREFIX}*"):
-        pid = folder.name[len(SPILL_PREFIX) :].split("-", 1)[0]
-        if folder.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):
-            logger.info("removing %s, left by a process that ended", folder)
-            shutil.rmtree(folder, ignore_errors=True)

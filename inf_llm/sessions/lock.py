@@ -15,7 +15,7 @@ reader that opens it must see exactly what was saved):
   before it is released; only read to name the holder in a refusal. One left by a killed process blocks
   nothing, and a refusal ignores it when its pid is no longer running here.
 
-The names are hidden and do not end in `.session`, so `sessions.list_sessions` never lists them.
+The names are hidden and do not end in `.session`, so `list_sessions` (`inf_llm.sessions.names`) never lists them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,8 @@ from pathlib import Path
 import filelock
 import psutil
 
-from inf_llm.sessions import SUFFIX, SessionError
+from inf_llm.sessions.names import SUFFIX, SessionError
+from inf_llm.storage.files import replace_file, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -123,14 +123,8 @@ class SessionLock:
 
     def _write_info(self) -> None:
         text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
-        fd, tmp = tempfile.mkstemp(prefix=f"{self.info_path.name}.tmp-", dir=self.info_path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp, self.info_path)  # a reader sees the previous record or this one, never half of it
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # A reader sees the previous record or this one, never half of it.
+        replace_file(self.info_path, lambda fd: write_text(fd, text), prefix=f"{self.info_path.name}.tmp-", fsync=False)
 
     def release(self) -> None:
         if not self.held:

@@ -13,8 +13,8 @@ from collections.abc import Container, Iterable
 
 import torch
 
-from inf_llm.block_layout import BlockLayout
-from inf_llm.cache_policy import EvictionPolicy
+from inf_llm.storage.block_layout import BlockLayout
+from inf_llm.storage.cache_policy import EvictionPolicy
 
 _MIN_ROWS = 16
 

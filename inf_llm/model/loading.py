@@ -8,7 +8,7 @@ a new copy, and it is written atomically (temporary folder, then rename) so a cr
 copy that a later load would trust.
 
 Nothing here downloads: every `from_pretrained` call runs with `local_files_only=True`. The returned model is the
-plain transformers model (eval mode, no gradients); plugging InfLLM's attention in is `inf_llm.hf`'s job.
+plain transformers model (eval mode, no gradients); plugging InfLLM's attention in is `inf_llm.model.hf`'s job.
 """
 
 from __future__ import annotations
@@ -19,17 +19,16 @@ import importlib.util
 import io
 import logging
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import platformdirs
-import psutil
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from inf_llm.storage.files import write_dir_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +39,9 @@ CACHE_DIR_ENV = "INF_LLM_CACHE_DIR"
 
 # Bump when the conversion itself changes (dtype, files written), so old copies are not reused.
 _CACHE_FORMAT = 1
-# Temporary folders are named `.<target name>.tmp-<pid>-<random>`; the pid tells a crashed conversion's
-# leftover (its process is gone) from one still being written by another process.
-_TMP_INFIX = ".tmp-"
+# The converted copy is written by `write_dir_atomically` (inf_llm/storage/files.py): its temporary folders are named
+# `.<target name>.tmp-<pid>-<random>`; the pid tells a crashed conversion's leftover (its process is gone) from one
+# still being written by another process.
 
 
 class ModelLoadError(OSError):
@@ -205,41 +204,6 @@ def _ensure_embedded_cache() -> Path:
 
     write_dir_atomically(target, write)
     return target
-
-
-def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Create folder `target` by calling `write(tmp)` on a fresh temporary sibling, then renaming it into place.
-
-    Readers therefore see either no `target` or a complete one. If `write` raises, its temporary folder is
-    removed and the error propagates. Leftovers of crashed writers (whose process is gone) are removed. If
-    another process finished `target` first, its copy wins and ours is discarded.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp_dirs(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_INFIX}{os.getpid()}-", dir=target.parent))
-    try:
-        write(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # rename() onto a non-empty folder fails: a concurrent writer got there first.
-            if not target.is_dir():
-                raise
-            logger.info("%s was written concurrently by another process; using that copy", target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_stale_tmp_dirs(target: Path) -> None:
-    """Delete temporary folders for `target` left by writers that no longer run."""
-    prefix = f".{target.name}{_TMP_INFIX}"
-    for leftover in target.parent.glob(f"{prefix}*"):
-        pid_text = leftover.name[len(prefix) :].split("-", 1)[0]
-        if pid_text.isdigit() and psutil.pid_exists(int(pid_text)) and int(pid_text) != os.getpid():
-            continue  # another process may still be writing it
-        logger.info("removing %s, left by an interrupted conversion", leftover)
-        shutil.rmtree(leftover, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ default, or int8 with per-head scales). Where a block is:
 - **host memory** (`HostTier`): every block by default; with a budget (`host_cache_bytes`, split over the
   layers) at most that many bytes of them, the others on disk;
 - **disk** (`DiskTier`): created when the host budget is first exceeded, in a temporary folder
-  (`disk_dir` chooses its parent) or in a folder given by `attach_disk`.
+  (`disk_dir` chooses its parent) or in a folder given by `set_disk`.
 
 New blocks go to host memory. When it is full, the blocks its cache policy picks move to disk: written once,
 if they are not there already, then dropped from RAM. A block retrieval asks for is read from wherever it is
@@ -28,60 +28,16 @@ only where the gather reads them. Events order a slot's new block after the last
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
-from inf_llm.block_layout import BlockLayout
-from inf_llm.cache_policy import EvictionPolicy
-from inf_llm.disk_tier import DiskTier, SpillDirectory
-from inf_llm.host_tier import HostTier
-
-
-class BlockIds:
-    """Block ids chosen on the device, on their way to the host (which keeps the cache's books).
-
-    On CUDA the copy goes into pinned memory asynchronously and an event marks its end, so `tolist` waits for
-    this copy only, not for device work enqueued after it; elsewhere this wraps the tensor itself.
-    """
-
-    def __init__(self, ids: torch.Tensor):
-        self.dim = ids.dim()
-        self._ready = None
-        if ids.device.type == "cuda":
-            self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-            self._host.copy_(ids, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(ids.device))
-        else:
-            self._host = ids
-
-    def tolist(self) -> list:
-        return self.tensor().tolist()
-
-    def tensor(self) -> torch.Tensor:
-        """The ids on the host (waits for their copy on CUDA)."""
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._host
-
-
-@dataclass(frozen=True)
-class TierSettings:
-    """Where one store's blocks may live beyond the device cache."""
-
-    host_budget_bytes: int | None = None  # block records in RAM; None: all of them, no disk tier
-    spill: SpillDirectory | None = None  # where blocks over the budget go; None: a temporary folder of its own
-    name: str = "blocks"  # this store's subfolder of `spill`
-
-
-def tier_settings(host_cache_bytes: int | None, disk_dir: str | None, num_layers: int) -> list[TierSettings]:
-    """One `TierSettings` per layer: the budget split evenly, one spill folder shared by the layers."""
-    if host_cache_bytes is None:
-        return [TierSettings() for _ in range(num_layers)]
-    spill = SpillDirectory(disk_dir)
-    per_layer = host_cache_bytes // num_layers
-    return [TierSettings(per_layer, spill, f"layer-{i:03d}") for i in range(num_layers)]
+from inf_llm.storage.block_ids import BlockIds
+from inf_llm.storage.block_layout import BlockLayout
+from inf_llm.storage.cache_policy import EvictionPolicy
+from inf_llm.storage.disk_tier import DiskTier
+from inf_llm.storage.host_tier import HostTier
+from inf_llm.storage.spill import SpillDirectory
+from inf_llm.storage.tier_settings import TierSettings
 
 
 class BlockStore:
@@ -430,16 +386,26 @@ class BlockStore:
             ids = list(range(start, min(start + batch, self.num_blocks)))
             disk.write(ids, self._read_records(ids, promote=False))
 
-    def use_disk(self, disk: DiskTier) -> None:
-        """Make `disk`, which holds exactly this store's blocks (`copy_to`), its disk tier: blocks leaving RAM are
-        then already there, and rollbacks are recorded there. What is cached in RAM stays."""
-        if disk.layout != self.layout or not disk.has_prefix(self.num_blocks) or len(disk) != self.num_blocks:
-            raise ValueError(f"{str(disk.path)!r} does not hold exactly blocks 0..{self.num_blocks - 1}")
-        self.disk, self._spill = disk, None  # a spill folder is removed once no store holds it
+    def set_disk(self, disk: DiskTier | None, num_blocks: int | None = None) -> None:
+        """The one way to give this store its disk tier, or to take it away.
 
-    def attach_disk(self, disk: DiskTier, num_blocks: int) -> None:
-        """Make this store hold exactly blocks 0..num_blocks-1 of `disk` (e.g. a saved folder), without reading
-        them: they are read when retrieval asks. Later blocks in `disk` are dropped from it."""
+        - `set_disk(disk)`: `disk` holds exactly this store's blocks (`copy_to`, or a saved folder the store used
+          before); blocks leaving RAM are then already there, and rollbacks are recorded there. What is cached in
+          RAM stays; a spill folder is let go (it is removed once no store holds it).
+        - `set_disk(disk, num_blocks)`: this store holds exactly blocks 0..num_blocks-1 of `disk` (e.g. a saved
+          folder), without reading them: they are read when retrieval asks. The caches are emptied, and later
+          blocks in `disk` are dropped from it.
+        - `set_disk(None)`: forget the disk tier without writing to it (before the store is reset: blocks held
+          only there are no longer readable, and the reset must not record forgetting them in the tier).
+        """
+        if disk is None:
+            self.disk = None
+            return
+        if num_blocks is None:
+            if disk.layout != self.layout or not disk.has_prefix(self.num_blocks) or len(disk) != self.num_blocks:
+                raise ValueError(f"{str(disk.path)!r} does not hold exactly blocks 0..{self.num_blocks - 1}")
+            self.disk, self._spill = disk, None  # a spill folder is removed once no store holds it
+            return
         if disk.layout != self.layout:
             raise ValueError(f"blocks in {str(disk.path)!r} have layout {disk.layout.to_dict()}, this store needs "
                              f"{self.layout.to_dict()}")

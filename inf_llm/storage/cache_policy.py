@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Container, Hashable
 
-from inf_llm.config import CACHE_POLICIES
+from inf_llm.config.schema import CACHE_POLICIES
 
 # lru-s keeps scores multiplied by a growing unit instead of decaying every score at every request (O(1) instead
 # of O(entries) per request); they are renormalised before the unit could overflow a float.

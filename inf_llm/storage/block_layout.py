@@ -5,7 +5,7 @@ as one contiguous copy, and the disk tier's files are arrays of records. A recor
 
     k        (Hkv, block_size, head_dim)  storage dtype (16/32-bit float, or int8)
     v        (Hkv, block_size, head_dim)
-    k_scale  (Hkv,) float32               int8 only: per-(block, head) scales (`inf_llm.quantization`)
+    k_scale  (Hkv,) float32               int8 only: per-(block, head) scales (`inf_llm.storage.quantization`)
     v_scale  (Hkv,) float32
 
 Each field starts at a multiple of `ALIGN` bytes and the record is padded to one, so that a row of a record
@@ -19,11 +19,10 @@ from functools import cached_property
 
 import torch
 
-from inf_llm.quantization import dequantize_int8, quantize_int8
+from inf_llm.storage.dtypes import DTYPES, NAMES
+from inf_llm.storage.quantization import dequantize_int8, quantize_int8
 
 ALIGN = 16
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
-_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def _aligned(n: int) -> int:
@@ -48,7 +47,7 @@ class BlockLayout:
     dtype: torch.dtype  # the storage dtype; torch.int8 means quantised with scales
 
     def __post_init__(self) -> None:
-        if self.dtype not in _NAMES:
+        if self.dtype not in NAMES:
             raise ValueError(f"block storage dtype {self.dtype} is not supported: use one of {', '.join(DTYPES)}")
 
     # Derived sizes are cached: they are read for every block moved (cached_property works on a frozen
@@ -145,7 +144,7 @@ class BlockLayout:
         names = ("k", "v", "k_scale", "v_scale") if self.quantized else ("k", "v")
         missing = [name for name in names if name not in fields]
         if missing:
-            raise ValueError(f"stored blocks ({_NAMES[self.dtype]}) need fields {', '.join(missing)}")
+            raise ValueError(f"stored blocks ({NAMES[self.dtype]}) need fields {', '.join(missing)}")
         records = self._new_records(fields["k"].shape[0], fields["k"].device)
         out = self.unpack(records)
         for name in names:
@@ -175,7 +174,7 @@ class BlockLayout:
 
     def to_dict(self) -> dict:
         return {"num_kv_heads": self.num_kv_heads, "block_size": self.block_size, "head_dim": self.head_dim,
-                "dtype": _NAMES[self.dtype], "record_bytes": self.record_bytes}
+                "dtype": NAMES[self.dtype], "record_bytes": self.record_bytes}
 
     @classmethod
     def from_dict(cls, data: dict) -> BlockLayout:

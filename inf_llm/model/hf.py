@@ -1,8 +1,8 @@
 """The one place InfLLM meets transformers: its public attention registry (`AttentionInterface`).
 
 transformers 5 looks the attention function up by `config._attn_implementation` and passes extra keyword
-arguments of the model's forward through to it. We register ``"inf_llm"``, switch the model to it, and hand each
-call the model's `InfLLMMemory` as ``inf_llm_memory=``; with no mask function registered for that name,
+arguments of the model's forward through to it. We register ``"inf_llm"``, switch the model to it
+(`inf_llm.memory.attach`), and hand each call the model's `InfLLMMemory` as ``inf_llm_memory=``; with no mask function registered for that name,
 transformers builds no mask (our layers mask by position themselves). No `forward` is replaced.
 
 Tested with transformers 5.17-5.24 (`TRANSFORMERS_RANGE`); `tests/test_hf_surface.py` fails the day this
@@ -11,21 +11,21 @@ surface moves.
 
 from __future__ import annotations
 
-import logging
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
 from transformers import AttentionInterface
 
-from inf_llm.config import InfLLMConfig
-from inf_llm.memory import FullAttentionMemory, InfLLMMemory
-from inf_llm.rope import LENGTH_DEPENDENT_ROPE_TYPES, SUPPORTED_ROPE_TYPES
+from inf_llm.config.schema import InfLLMConfig
+from inf_llm.model.rope import LENGTH_DEPENDENT_ROPE_TYPES, SUPPORTED_ROPE_TYPES
+
+if TYPE_CHECKING:  # the memory builds on this module (inf_llm/memory/attach.py), not the other way
+    from inf_llm.memory.model_memory import InfLLMMemory
 
 ATTN_NAME = "inf_llm"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 TRANSFORMERS_RANGE = ("5.17", "6")
-
-logger = logging.getLogger(__name__)
 
 
 class UnsupportedModelError(ValueError):
@@ -95,19 +95,3 @@ def check_config_for_model(config: InfLLMConfig, model_config) -> None:
                 f"per_head_ranking retrieves up to topk_blocks x num_key_value_heads = {needed} blocks per chunk, "
                 f"more than device_cache_blocks={config.device_cache_blocks}; raise device_cache_blocks to at least {needed}"
             )
-
-
-def attach(model: torch.nn.Module, config: InfLLMConfig) -> InfLLMMemory | FullAttentionMemory:
-    """Switch the model to the configured method and build its (empty) memory."""
-    try:
-        check_transformers_version()
-    except RuntimeError as err:
-        # setup.py pins the range; someone who installed around it gets told, once per model, not stopped.
-        logger.warning("%s: InfLLM may not plug in correctly", err)
-    check_supported(model.config)
-    check_config_for_model(config, model.config)
-    if config.method == "full":
-        model.set_attn_implementation("sdpa")
-        return FullAttentionMemory(model, config)
-    model.set_attn_implementation(ATTN_NAME)
-    return InfLLMMemory(model, config)

@@ -1,0 +1,188 @@
+"""The context memory of one decoder layer and the attention of a chunk over it (docs/METHOD.md sections 1-3).
+
+Per layer InfLLM keeps, with keys unrotated:
+
+- the window: the most recent `local_window` tokens (plus the chunk being processed);
+- the sinks: the first `num_sink_tokens` tokens of the stream, once they have left the window;
+- the remainder: evicted tokens that do not yet fill a block;
+- the blocks: every `block_size` evicted tokens, in a `BlockStore`, each with representative vectors.
+
+A chunk of queries at positions P..P+c-1 is computed as two partial attentions merged exactly:
+
+- local: the window and the chunk, rotated at their distance, band mask ``0 <= rel < local_window``;
+- global: sinks + retrieved blocks + remainder, and the chunk-window keys that fall out of a query's band
+  (complement mask ``rel >= local_window``), all at the same distance `local_window` (the paper's l_L; the
+  reference code uses l_L - 1). The complement mask is exact per query, so no key is attended twice: this is
+  where the reference code's prefill bug lived.
+
+`stream-llm` and `infinite-lm` keep the sinks and the window only; stream-llm places the sinks at their true
+positions and the query just after the window, infinite-lm places them at distance `local_window`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from inf_llm.kernels.reference import finish_chunk_attention
+from inf_llm.memory.layer_state import LayerState
+from inf_llm.memory.ranking import block_scores, key_bounds, ranking_query, representatives, select_blocks, with_following
+from inf_llm.storage.block_ids import BlockIds
+
+
+class LayerMemory(LayerState):
+    """One layer's memory (`LayerState`) and the attention of a chunk of new tokens over it."""
+
+    # --- attention --------------------------------------------------------------------------------------------
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attend a run of new tokens and add them to the memory.
+
+        q: (Hq, T, D), k, v: (Hkv, T, D), unrotated. Returns (Hq, T, D) float32.
+        """
+        step = self.config.chunk_size
+        outs = [self._chunk(q[:, s : s + step], k[:, s : s + step], v[:, s : s + step], scale) for s in range(0, q.shape[1], step)]
+        self._check_absmax()  # once per call: on CUDA each check waits for the device
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        cfg, ops = self.config, self.ops
+        window = cfg.local_window
+        c = q.shape[1]
+        self._window_append(k, v)
+        loc_k = self.win_k[:, self.win_start : self.win_end]  # (Hkv, w + c, D): positions P-w .. P+c-1
+        loc_v = self.win_v[:, self.win_start : self.win_end]
+        w = loc_k.shape[1] - c
+        first_pos = self.num_seen - w  # absolute position of loc_k[:, 0]
+
+        # Local stage: exact relative positions inside the window. Rotations are computed in float32 and the
+        # attention reads them in the memory's dtype, as the stock model does: 16-bit on a GPU (where float32
+        # inputs would take the kernels' three-product TF32 path, several times slower), float32 on the CPU.
+        dtype = self.dtype
+        q_loc = self.rotary.rotate(q, w)[None].to(dtype)  # (1, Hq, c, D)
+        k_loc = self.rotary.rotate(loc_k, 0)[None].to(dtype)  # (1, Hkv, w + c, D)
+
+        # Global stage: memory keys, then the chunk-window keys that leave some query's band.
+        n_comp = max(0, w + c - window)
+        # The query rotated to the global distance: computed once, for ranking (rank_rotated) and the global stage.
+        q_at_window = self.rotary.rotate_at(q, window) if cfg.method == "inf-llm" and cfg.rank_rotated else None
+        if cfg.method == "inf-llm":
+            chosen = self._select(q if q_at_window is None else q_at_window)
+        else:
+            chosen = None
+        local = None
+        if self.overlap:
+            # Staged: the local partial is enqueued before the chosen blocks are waited for, so that on CUDA the
+            # device computes it while the host keeps the cache's books and the side stream copies blocks in.
+            local = ops.attend(q_loc, k_loc, loc_v[None], scale, mask="band", q_offset=w, window=window)
+        if cfg.method != "inf-llm":
+            n_comp = min(n_comp, max(0, cfg.num_sink_tokens - first_pos))  # only future sinks survive eviction
+        glob_k, glob_v, num_memory = self._global_keys(chosen, loc_k[:, :n_comp], loc_v[:, :n_comp])
+        q_glob = q_loc
+        if glob_k.shape[1] > 0:
+            if cfg.method == "stream-llm":
+                # Sinks at their true positions, the query right after its full window (StreamingLLM's cache).
+                q_pos = torch.clamp(torch.arange(self.num_seen, self.num_seen + c, device=q.device), max=cfg.num_sink_tokens + window - 1)
+                q_glob = self.rotary.rotate_positions(q, q_pos)[None].to(dtype)
+                glob_k = self.rotary.rotate(glob_k, 0).to(dtype)
+            elif cfg.memory_positions == "ordered":
+                # The global keys in text order at positions 0..G-1, the query at window+G-1: the last global key
+                # sits at distance `window`, as with shared positions, and the others follow their order.
+                g = glob_k.shape[1]
+                q_glob = self.rotary.rotate_at(q, window + g - 1)[None].to(dtype)
+                glob_k = self.rotary.rotate(glob_k, 0).to(dtype)
+            else:
+                q_glob = (self.rotary.rotate_at(q, window) if q_at_window is None else q_at_window)[None].to(dtype)
+
+        # Both stages in one exact softmax (the complement offset counts the memory keys placed before the window's).
+        # The keys' attention mass feeds representatives only; key bounds are read off the keys.
+        with_mass = cfg.method == "inf-llm" and cfg.block_ranking == "representatives"
+        offsets = dict(local_offset=w, global_offset=w + num_memory, window=window, with_mass=with_mass)
+        if local is None:
+            out, mass = ops.chunk_attention(q_loc, k_loc, loc_v[None], q_glob, glob_k[None], glob_v[None], scale, **offsets)
+        else:
+            out, mass = finish_chunk_attention(ops, local, q_loc, k_loc, q_glob, glob_k[None], glob_v[None], scale, **offsets)
+        if with_mass:
+            self.win_score[:, self.win_start : self.win_end] += mass[0]  # (Hq, w + c)
+        if self.trace is not None and cfg.method == "inf-llm":
+            parts = (self.sink_k.shape[1], num_memory - self.sink_k.shape[1] - self.rem_k.shape[1], self.rem_k.shape[1])
+            self.trace.record(self.index, self.num_seen, q_loc, k_loc, q_glob, glob_k[None], scale, local_offset=w, num_memory=num_memory, window=window,
+                              parts=parts, blocks=None if chosen is None else chosen.tensor(), scores=self._scores)
+        self.num_seen += c
+        self._evict()
+        return out[0]
+
+    def _select(self, q: torch.Tensor) -> BlockIds | None:
+        """The top-k blocks for this chunk's queries (None when there are no blocks), on their way to the host."""
+        if not self.blocks.num_blocks:
+            return None
+        cfg, hkv = self.config, self.shape.num_kv_heads
+        query = ranking_query(q, cfg.block_ranking, hkv)
+        scores = block_scores(self.reprs, query, hkv, cfg.per_head_ranking, self._repr_absmax)
+        self._scores = scores if self.trace is not None else None
+        # A decoding step (one query) retrieves topk_blocks, a chunk of a prompt prefill_topk_blocks when set.
+        chosen = select_blocks(scores, cfg.topk_blocks if q.shape[1] == 1 else cfg.chunk_topk_blocks)
+        return BlockIds(with_following(chosen, cfg.following_blocks, self.blocks.num_blocks))
+
+    def _global_keys(self, chosen: BlockIds | None, comp_k: torch.Tensor, comp_v: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The global stage's unrotated keys and values, (Hkv, M + C, D) each: sinks, the chosen blocks (inf-llm),
+        the remainder (inf-llm), then the C complement keys of the chunk-window; and M, the memory keys' count.
+
+        Written once into one buffer per K and V: the chosen blocks go from the block store's slots straight to
+        their place (`BlockStore.gather(out=...)`); each copy of ~1K retrieved keys per layer costs on every
+        decoded token.
+        """
+        inf_llm = self.config.method == "inf-llm"
+        n_blocks = 0 if chosen is None else chosen.tensor().shape[-1]
+        parts = [(self.sink_k, self.sink_v), None] + ([(self.rem_k, self.rem_v)] if inf_llm else []) + [(comp_k, comp_v)]
+        sizes = [self.sink_k.shape[1], n_blocks * self.config.block_size] + [k.shape[1] for k, _ in parts[2:]]
+        hkv, d = self.shape.num_kv_heads, self.shape.head_dim
+        glob_k = torch.empty((hkv, sum(sizes), d), dtype=self.dtype, device=self.device)
+        glob_v = torch.empty_like(glob_k)
+        start = 0
+        for part, size in zip(parts, sizes):
+            if part is None:
+                if size:
+                    self.blocks.gather(chosen, out=(glob_k[:, start : start + size], glob_v[:, start : start + size]))
+            elif size:
+                glob_k[:, start : start + size] = part[0]
+                glob_v[:, start : start + size] = part[1]
+            start += size
+        return glob_k, glob_v, start - sizes[-1]
+
+    # --- memory update ----------------------------------------------------------------------------------------
+
+    def _evict(self) -> None:
+        cfg = self.config
+        n_out = self.window_len - cfg.local_window
+        if n_out <= 0:
+            return
+        first_pos = self.num_seen - self.window_len
+        s, e = self.win_start, self.win_start + n_out
+        n_sink = min(max(cfg.num_sink_tokens - first_pos, 0), n_out)
+        if n_sink:
+            self.sink_k = torch.cat((self.sink_k, self.win_k[:, s : s + n_sink]), dim=1)
+            self.sink_v = torch.cat((self.sink_v, self.win_v[:, s : s + n_sink]), dim=1)
+        if cfg.method == "inf-llm" and n_out > n_sink:
+            self.rem_k = torch.cat((self.rem_k, self.win_k[:, s + n_sink : e]), dim=1)
+            self.rem_v = torch.cat((self.rem_v, self.win_v[:, s + n_sink : e]), dim=1)
+            self.rem_score = torch.cat((self.rem_score, self.win_score[:, s + n_sink : e]), dim=1)
+            self._form_blocks()
+        self.win_start = e
+
+    def _form_blocks(self) -> None:
+        size = self.config.block_size
+        n = self.rem_k.shape[1] // size
+        if n == 0:
+            return
+        hkv, hq, d = self.shape.num_kv_heads, self.shape.num_heads, self.shape.head_dim
+        k = self.rem_k[:, : n * size].reshape(hkv, n, size, d).transpose(0, 1)  # (n, Hkv, B, D)
+        v = self.rem_v[:, : n * size].reshape(hkv, n, size, d).transpose(0, 1)
+        score = self.rem_score[:, : n * size].reshape(hq, n, size).transpose(0, 1)  # (n, Hq, B)
+        if self.config.block_ranking == "bounds":
+            self._append_reprs(key_bounds(k))
+        else:
+            self._append_reprs(representatives(k, score, self.config.repr_tokens))
+        self.blocks.append(k, v)
+        self.rem_k, self.rem_v = self.rem_k[:, n * size :], self.rem_v[:, n * size :]
+        self.rem_score = self.rem_score[:, n * size :]

@@ -1,0 +1,248 @@
+"""The context memory of a whole model: one `LayerMemory` per decoder layer (the full-attention baseline is
+`inf_llm.memory.full_attention`).
+
+Both kinds share one small interface used by the engine: `forward_kwargs()` (what the model call needs),
+`snapshot()` / `restore()` (cheap rollback to a turn boundary), `state_dict()` / `load_state_dict()`
+(version-1 sessions, full attention's sessions), `stats()` (what the chat and the benchmarks show), and
+`num_tokens`.
+
+`InfLLMMemory` also has the persistence API a session store uses (`inf_llm.sessions.store`): which tiers its
+blocks and block summaries are saved in (`tier_layouts`), what to write (`write_all`, `write_unsaved`), what is
+already on disk (`saved`, `uses_disk`), where to map a saved copy (`map_layer`, `use_disk`, `drop_disk`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from inf_llm.config.schema import InfLLMConfig
+from inf_llm.kernels import resolve_ops
+from inf_llm.memory.layer_memory import LayerMemory
+from inf_llm.memory.layer_state import LayerShape
+from inf_llm.memory.retrieval_trace import RetrievalTrace
+from inf_llm.memory.stats import MemoryStats
+from inf_llm.model.placement import layer_device
+from inf_llm.model.rope import RotaryTable
+from inf_llm.storage.block_layout import BlockLayout
+from inf_llm.storage.disk_tier import DiskTier
+from inf_llm.storage.dtypes import DTYPES
+from inf_llm.storage.row_layout import RowLayout
+from inf_llm.storage.spill import SpillDirectory
+from inf_llm.storage.tier_settings import tier_settings
+
+
+def storage_dtype_for(config: InfLLMConfig, model_dtype: torch.dtype) -> torch.dtype:
+    if config.storage_dtype != "auto":
+        return DTYPES[config.storage_dtype]
+    return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return model.model.layers
+
+
+@dataclass
+class SavedBlocks:
+    """A saved copy of a memory's blocks that its block stores use as their disk tiers (since the save or resume
+    that made it): the session folder and its generation folder, and per layer the tier of the blocks and the tier
+    of their summaries. A store that finds it on the memory it saves writes only what is not on disk yet."""
+
+    folder: Path
+    generation: str
+    kv: list[DiskTier]
+    reprs: list[DiskTier]
+
+
+class InfLLMMemory:
+    """InfLLM (and its stream-llm / infinite-lm baselines) for every layer of a patched model."""
+
+    def __init__(self, model: torch.nn.Module, config: InfLLMConfig):
+        if config.method == "full":
+            raise ValueError("method 'full' uses FullAttentionMemory, not InfLLMMemory")
+        mc = model.config
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        shape = LayerShape(mc.num_attention_heads, mc.num_key_value_heads, head_dim)
+        self.config, self.shape = config, shape
+        # Positions used: local keys 0..window+chunk-1; stream-llm's query up to sinks+window-1; with ordered
+        # memory positions, the global keys 0..G-1 and the query at window+G-1, G = every global key a chunk
+        # attends (sinks, retrieved blocks, the remainder under one block, the chunk's complement keys).
+        max_position = config.local_window + config.chunk_size + config.num_sink_tokens + 1
+        if config.method == "inf-llm" and config.memory_positions == "ordered":
+            max_position += (config.retrieved_blocks + 1) * config.block_size  # + 1: the remainder
+        tables: dict[torch.device, RotaryTable] = {}
+        ops_for: dict[torch.device, object] = {}
+        self.layers: list[LayerMemory] = []
+        layers = decoder_layers(model)
+        tiers = tier_settings(config.host_cache_bytes, config.disk_dir, len(layers))
+        for index, layer in enumerate(layers):
+            # Each layer's memory lives with that layer's weights, so it shards with a device_map.
+            weight = layer.self_attn.q_proj.weight
+            device = layer_device(layer)  # not weight.device: an offloaded layer's weights sit on "meta"
+            if device not in tables:
+                tables[device] = RotaryTable(model.model.rotary_emb, head_dim, max_position, device)
+                ops_for[device] = resolve_ops(config.kernel_backend, device)
+            self.layers.append(
+                LayerMemory(
+                    config,
+                    shape,
+                    tables[device],
+                    ops_for[device],
+                    dtype=weight.dtype,
+                    storage_dtype=storage_dtype_for(config, weight.dtype),
+                    device=device,
+                    tiers=tiers[index],
+                )
+            )
+        for index, layer in enumerate(self.layers):
+            layer.index = index
+        # Persistence (set by a session store): the saved copy the block stores use, and the private copy of a
+        # read-only resumed session's blocks they map (removed by the store once they leave it).
+        self.saved: SavedBlocks | None = None
+        self.private_copy: SpillDirectory | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.layers[0].num_seen
+
+    def start_trace(self) -> RetrievalTrace:
+        """Record what retrieval does from now on (see retrieval_trace.py), until `stop_trace`."""
+        trace = RetrievalTrace(self.config.block_size, self.config.num_sink_tokens)
+        for layer in self.layers:
+            layer.trace = trace
+        return trace
+
+    def stop_trace(self) -> None:
+        for layer in self.layers:
+            layer.trace = None
+
+    def forward_kwargs(self, num_new: int, device: torch.device) -> dict:
+        # Position ids of 0 make the model's own RoPE the identity; the layers rotate q and k themselves.
+        return {
+            "position_ids": torch.zeros((1, num_new), dtype=torch.long, device=device),
+            "use_cache": False,
+            "inf_llm_memory": self,
+        }
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+    def snapshot(self) -> list[dict]:
+        return [layer.snapshot() for layer in self.layers]
+
+    def restore(self, snap: list[dict]) -> None:
+        for layer, s in zip(self.layers, snap):
+            layer.restore(s)
+
+    def state_dict(self) -> dict:
+        return {"layers": [layer.state_dict() for layer in self.layers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["layers"]) != len(self.layers):
+            raise ValueError(f"saved memory has {len(state['layers'])} layers, the model has {len(self.layers)}")
+        for layer, s in zip(self.layers, state["layers"]):
+            layer.load_state_dict(s)
+
+    def stats(self) -> MemoryStats:
+        counts = [layer.counts() for layer in self.layers]
+        first = counts[0]
+        return MemoryStats(
+            tokens=self.num_tokens,
+            window_tokens=first["window"],
+            sink_tokens=first["sinks"],
+            remainder_tokens=first["remainder"],
+            block_tokens=first["blocks"] * self.config.block_size,
+            blocks=first["blocks"],
+            device_blocks=sum(c["resident_blocks"] for c in counts),
+            host_blocks=sum(c["blocks"] for c in counts),
+            cache_hits=sum(c["hits"] for c in counts),
+            cache_misses=sum(c["misses"] for c in counts),
+            host_bytes=sum(c["host_bytes"] for c in counts),
+            device_bytes=sum(c["device_bytes"] for c in counts),
+        )
+
+    # --- persistence: the API of a session store (inf_llm/sessions/store.py) -----------------------------------
+
+    @property
+    def summary_dtype(self) -> torch.dtype:
+        """The dtype of the block summaries (representatives or key bounds), `repr_dtype`."""
+        return self.layers[0].repr_dtype
+
+    def block_counts(self) -> list[int]:
+        return [layer.blocks.num_blocks for layer in self.layers]
+
+    def tier_layouts(self) -> list[tuple[BlockLayout, RowLayout]]:
+        """Per layer, the layouts of the two tiers a saved copy has: the blocks' records, the summaries' rows."""
+        return [(layer.blocks.layout, RowLayout(layer.repr_rows * layer.shape.head_dim, layer.config.repr_dtype))
+                for layer in self.layers]
+
+    def write_all(self, kv: list[DiskTier], reprs: list[DiskTier]) -> None:
+        """Write every block and block summary into new, empty tiers (`tier_layouts`), one of each per layer."""
+        for layer, kv_tier, row_tier in zip(self.layers, kv, reprs):
+            layer.blocks.copy_to(kv_tier)
+            _write_rows(row_tier, layer.reprs, 0, layer.blocks.num_blocks)
+
+    def write_unsaved(self, kv: list[DiskTier], reprs: list[DiskTier]) -> None:
+        """Write what the tiers the block stores use (`uses_disk(kv)`) do not hold yet: the blocks only in RAM, and
+        the summaries of the blocks made since the last `mark_saved` (rows of blocks a rollback forgot are cut)."""
+        for layer, kv_tier, row_tier in zip(self.layers, kv, reprs):
+            layer.blocks.flush()  # blocks still only in RAM
+            valid = min(layer.mark_blocks(), len(row_tier))  # rows of blocks that no rollback forgot
+            row_tier.truncate(valid)
+            _write_rows(row_tier, layer.reprs, valid, layer.blocks.num_blocks)
+
+    def mark_saved(self) -> None:
+        """Blocks held now are saved: `write_unsaved` writes the summaries of later ones only."""
+        for layer in self.layers:
+            layer.mark_blocks()
+
+    def uses_disk(self, kv: list[DiskTier]) -> bool:
+        """Whether each layer's block store uses that layer's tier in `kv` as its disk tier."""
+        return all(layer.blocks.disk is tier for layer, tier in zip(self.layers, kv))
+
+    def use_disk(self, kv: list[DiskTier]) -> None:
+        """Make each layer's tier in `kv`, which holds exactly its blocks (`write_all`), its store's disk tier."""
+        for layer, tier in zip(self.layers, kv):
+            layer.blocks.set_disk(tier)
+
+    def drop_disk(self, which: Callable[[DiskTier], bool]) -> None:
+        """Let the block stores forget the disk tiers `which` names, without writing to them (before a reset)."""
+        for layer in self.layers:
+            if layer.blocks.disk is not None and which(layer.blocks.disk):
+                layer.blocks.set_disk(None)
+
+    def map_layer(self, index: int, kv: DiskTier, num_blocks: int, reprs: torch.Tensor, state: dict) -> None:
+        """Give layer `index` blocks 0..num_blocks-1 of the tier `kv` (read when retrieval asks), their summaries
+        `reprs` (num_blocks, width) and the rest of its state (a `snapshot` entry of a saved memory).
+        ValueError if the state is not one of this memory's."""
+        layer = self.layers[index]
+        _check_layer_state(layer, state)
+        r, d = layer.repr_rows, layer.shape.head_dim
+        layer.load_blocks(kv, num_blocks, reprs.reshape(num_blocks, r, d), state)
+
+
+def _write_rows(tier: DiskTier, reprs: torch.Tensor, start: int, end: int, batch: int = 4096) -> None:
+    layout = tier.layout
+    for a in range(start, end, batch):
+        b = min(end, a + batch)
+        tier.write(range(a, b), layout.records(reprs[a:b].reshape(b - a, layout.width)))
+
+
+def _check_layer_state(layer: LayerMemory, saved: dict) -> None:
+    """ValueError unless a layer's saved state has the entries of this engine's, each of its type, and tensors of
+    its dtype and shape but for the token dimension (1)."""
+    for key, mine in layer.snapshot().items():
+        if key == "repr_absmax" and key not in saved:
+            continue  # sessions saved before it was part of the state (recomputed)
+        value = saved.get(key)
+        if isinstance(mine, torch.Tensor):
+            fits = isinstance(value, torch.Tensor) and value.dtype == mine.dtype and value.dim() == mine.dim() \
+                and all(a == b for i, (a, b) in enumerate(zip(value.shape, mine.shape)) if i != 1)
+        else:
+            fits = type(value) is type(mine)
+        if not fits:
+            raise ValueError(f"the saved layer state's {key!r} is not of this engine's type or shape")
