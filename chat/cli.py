@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 # inf_llm.generation.sampling.CHAT_DEFAULTS, without importing torch (`python -m chat --help` needs none); a test keeps them equal.
-DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.2}
 
 DESCRIPTION = """Chat with a model whose context memory is InfLLM: conversations and pasted documents of any
 length, read once. Type !!help in the chat for the commands."""

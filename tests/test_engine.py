@@ -15,7 +15,7 @@ from transformers import GenerationConfig
 from inf_llm.config.schema import InfLLMConfig
 from inf_llm.generation.decoding import IncrementalDecoder, StopStrings
 from inf_llm.generation.engine import Engine
-from inf_llm.generation.sampling import (CHAT_DEFAULTS, SamplingParams, generation_config_defaults, process_logits, resolve_params, sample_next)
+from inf_llm.generation.sampling import (CHAT_DEFAULTS, RepeatCounter, SamplingParams, generation_config_defaults, process_logits, resolve_params, sample_next)
 from tests.tiny_models import stock_logits, tiny_model
 
 
@@ -97,6 +97,47 @@ def test_greedy_generation_follows_the_argmax_chain():
         seq.append(expected)
     assert steps[-1].finish_reason in ("length", "eos")
     assert all(s.finish_reason is None for s in steps[:-1])
+
+
+def test_repeat_counter_penalises_a_token_from_its_use_beyond_the_contexts_count():
+    counter = RepeatCounter([5, 5, 7, 200])
+    steps = []
+    for token in (5, 5, 9, 5, 7, 9, 7, 5):
+        counter.add(token)
+        steps.append(counter.penalised().tolist())
+    # 5: twice in the context, penalised from its third use; 9: never in it, from its first; 7: once, from its second.
+    assert steps == [[], [], [9], [9, 5], [9, 5], [9, 5], [9, 5, 7], [9, 5, 7]]
+    assert RepeatCounter([]).penalised().tolist() == []
+
+
+def test_repetition_penalty_spares_what_the_context_holds():
+    """Greedy decoding with the penalty == an independent oracle: re-feed the whole sequence from scratch each step,
+    penalise (with transformers' processor) the tokens the reply so far uses more often than the prompt, argmax."""
+    from collections import Counter
+
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    model = tiny_model("llama")
+    prompt = _ids(40, seed=3)
+    params = SamplingParams(temperature=0, max_new_tokens=24, repetition_penalty=3.0)
+    steps = list(Engine(model, ByteTokenizer(), _config()).generate(prompt, params))
+    penalty = RepetitionPenaltyLogitsProcessor(3.0)
+    seq, reply, spared, penalised_any = list(prompt), [], 0, False
+    context = Counter(prompt)
+    for step in steps:
+        counts = Counter(reply)
+        over = [t for t in counts if counts[t] > context[t]]
+        spared += sum(1 for t in counts if 0 < counts[t] <= context[t])
+        penalised_any |= bool(over)
+        logits = Engine(model, ByteTokenizer(), _config()).feed(seq)[None]
+        if over:
+            logits = penalty(torch.tensor([over]), logits)
+        expected = int(torch.argmax(logits[0]))
+        assert step.token_id == expected
+        seq.append(expected)
+        reply.append(expected)
+    # The case exercises both sides of the rule: tokens penalised, and reply tokens the prompt's count spared.
+    assert penalised_any and spared
 
 
 def test_generation_stops_on_eos_stop_string_and_length():

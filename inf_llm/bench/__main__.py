@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="depths of the target needle, fractions of the document (default: 0.1,0.5,0.9)")
     prose.add_argument("--seeds", type=_positive_int, default=5, help="cases per task, length and depth (default: 5)")
     prose.add_argument("--first-seed", type=int, default=0, help="seeds run from this one (default: 0)")
+    prose.add_argument("--repetition-penalty", type=float, default=1.0,
+                       help="the chat's penalty on what a reply repeats beyond its context (default: 1.0, none; "
+                            "the chat's default is 1.2)")
     prose.add_argument("--full-max-len", type=parse_length, default=parse_length("8K"),
                        help="longest prompt given to full attention (default: 8K)")
     prose.add_argument("--stream-max-len", type=parse_length, default=None,
@@ -333,7 +336,8 @@ def cmd_prose(args, console) -> None:
         return
     plan = ProsePlan(tasks=args.tasks, lengths=args.lengths, depths=args.depths, seeds=args.seeds,
                      full_max_len=args.full_max_len, stream_max_len=args.stream_max_len,
-                     prefill_chunk=args.prefill_chunk, first_seed=args.first_seed)
+                     prefill_chunk=args.prefill_chunk, first_seed=args.first_seed,
+                     repetition_penalty=args.repetition_penalty)
     _run_cases(args, console, KIND, prose_table, functools.partial(run_prose, plan=plan))
 
 

@@ -3,8 +3,9 @@
 `python -m inf_llm.bench loops` asks each prompt as the first message of a fresh chat (the chat's own path:
 `chat.conversation.Conversation`, the tokenizer's chat template and its system message, the model's default
 preset), with a few seeds per candidate (one for greedy), and prints per candidate how many replies loop. It is
-one of the two measurements behind the chat's defaults (`inf_llm.generation.sampling.CHAT_DEFAULTS`); the other, quoting a
-number from a document, is why a repetition penalty is not among them (BENCHMARKS.md has both).
+one of the two measurements behind the chat's defaults (`inf_llm.generation.sampling.CHAT_DEFAULTS`); the other is
+quoting a number from a document, which a penalty must not break (`python -m inf_llm.bench prose
+--repetition-penalty 1.2`; BENCHMARKS.md has both).
 
 A reply loops (`loops`) when the same run of `NGRAM` tokens comes back `NGRAM_REPEATS` or more times without
 overlapping ("Bonjour! (Bonjour!)" five times), or when the same sentence of at least `SENTENCE_WORDS` words comes
@@ -29,15 +30,16 @@ PROMPTS = (
 )
 
 # name -> SamplingParams fields. "generation config": the embedded model's generation config sets no sampling
-# field, which transformers' generate reads as greedy decoding.
+# field, which transformers' generate reads as greedy decoding. A penalty here is the engine's (`RepeatCounter`: on
+# what the reply repeats beyond the conversation's own count); before 2026-12-01 it covered every repeat of the
+# reply's own tokens, and result files keep those runs under the names without "beyond the context".
 CANDIDATES = {
     "T=0.7 (previous default)": dict(temperature=0.7),
     "greedy (its generation config)": dict(temperature=0.0),
-    "greedy, penalty 1.2": dict(temperature=0.0, repetition_penalty=1.2),
-    "T=0.7, penalty 1.1": dict(temperature=0.7, repetition_penalty=1.1),
-    "T=0.7, penalty 1.2": dict(temperature=0.7, repetition_penalty=1.2),
-    "T=0.3, penalty 1.1": dict(temperature=0.3, repetition_penalty=1.1),
-    "T=0.3, penalty 1.2": dict(temperature=0.3, repetition_penalty=1.2),
+    "greedy, penalty 1.2 beyond the context": dict(temperature=0.0, repetition_penalty=1.2),
+    "T=0.7, penalty 1.1 beyond the context": dict(temperature=0.7, repetition_penalty=1.1),
+    "T=0.7, penalty 1.2 beyond the context (the default)": dict(temperature=0.7, repetition_penalty=1.2),
+    "T=0.3, penalty 1.2 beyond the context": dict(temperature=0.3, repetition_penalty=1.2),
     "T=0.2, top-p 0.9 (model card)": dict(temperature=0.2, top_p=0.9),
 }
 

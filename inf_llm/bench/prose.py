@@ -35,6 +35,9 @@ class ProsePlan:
     stream_max_len: int | None = None  # StreamingLLM too, when given (it finds nothing beyond its window)
     prefill_chunk: int = 2048
     first_seed: int = 0
+    # The chat's penalty on what a reply repeats beyond its context (`RepeatCounter`); 1.0 = none, as greedy
+    # benchmark answers are (a case run with a penalty is its own case, and its label says so).
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,18 @@ class ProseCase:
     length: int
     depth: float
     seed: int
+    repetition_penalty: float = 1.0
 
     def key(self, model_id: str) -> dict[str, Any]:
+        prompt = {"version": PROMPT_VERSION, "max_new_tokens": MAX_NEW_TOKENS[self.task]}
+        if self.repetition_penalty != 1.0:
+            prompt["repetition_penalty"] = self.repetition_penalty
         return {"model": model_id, "settings": self.run.identity(), "task": self.task, "length": self.length,
-                "depth": self.depth, "seed": self.seed,
-                "prompt": {"version": PROMPT_VERSION, "max_new_tokens": MAX_NEW_TOKENS[self.task]}}
+                "depth": self.depth, "seed": self.seed, "prompt": prompt}
+
+    @property
+    def label(self) -> str:
+        return self.run.label + (f" penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1.0 else "")
 
 
 def plan_cases(runs: list[MethodRun], plan: ProsePlan) -> list[ProseCase]:
@@ -62,17 +72,18 @@ def plan_cases(runs: list[MethodRun], plan: ProsePlan) -> list[ProseCase]:
                     continue
                 for depth in plan.depths:
                     for seed in range(plan.first_seed, plan.first_seed + plan.seeds):
-                        cases.append(ProseCase(run, task, length, depth, seed))
+                        cases.append(ProseCase(run, task, length, depth, seed, plan.repetition_penalty))
     return cases
 
 
-def answer(engine: Engine, prompt: ProsePrompt, progress=None) -> dict[str, Any]:
+def answer(engine: Engine, prompt: ProsePrompt, progress=None, repetition_penalty: float = 1.0) -> dict[str, Any]:
     """Read the prompt into an empty memory and answer it greedily; the measured fields of a record."""
     engine.reset()
     start = time.perf_counter()
     engine.feed(prompt.ids[:-1], progress=progress)  # generate feeds the last prompt token itself
     prefill_s = time.perf_counter() - start
-    params = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS[prompt.task])
+    params = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS[prompt.task],
+                            repetition_penalty=repetition_penalty)
     reply, reply_ids, decode_ms = "", [], None
     for step in engine.generate(prompt.ids[-1:], params):
         reply += step.text
@@ -108,10 +119,11 @@ def run_prose(model, tokenizer, model_id: str, runs: list[MethodRun], plan: Pros
                 engines.clear()  # one engine at a time: the previous one's memory is freed first
                 engines[run] = Engine(model, tokenizer, run.config, prefill_chunk=plan.prefill_chunk)
             prompt = build_prose_prompt(tokenizer, case.task, case.length, case.depth, case.seed)
-            what = f"{run.label} {case.task} {case.length} tokens, depth {case.depth:.0%}, seed {case.seed}"
+            what = f"{case.label} {case.task} {case.length} tokens, depth {case.depth:.0%}, seed {case.seed}"
             progress.update(reading, description=what, completed=0, total=len(prompt.ids), visible=True)
-            result = answer(engines[run], prompt, lambda done, total: progress.update(reading, completed=done))
-            record = log.append(KIND, case.key(model_id), label=run.label, config=run.config.to_dict(),
+            result = answer(engines[run], prompt, lambda done, total: progress.update(reading, completed=done),
+                            case.repetition_penalty)
+            record = log.append(KIND, case.key(model_id), label=case.label, config=run.config.to_dict(),
                                 machine=machine, **result)
             new.append(record)
             colour = "green" if result["correct"] else "red" if result["score"] == 0 else "yellow"

@@ -18,7 +18,7 @@ import torch
 from inf_llm.config.schema import InfLLMConfig
 from inf_llm.generation.decoding import IncrementalDecoder, StopStrings
 from inf_llm.generation.host_memory import release_free_memory
-from inf_llm.generation.sampling import SamplingParams, logits_processors, sample_next
+from inf_llm.generation.sampling import RepeatCounter, SamplingParams, logits_processors, sample_next
 from inf_llm.memory.attach import attach
 from inf_llm.memory.stats import MemoryStats
 from inf_llm.model.placement import execution_device
@@ -122,15 +122,18 @@ class Engine:
             on_prefilled()
             callback_s = time.perf_counter() - t1
         logits = self.feed(prompt_ids[-1:])
+        repeats = RepeatCounter(self.tokens) if penalise else None
         prefill_rate = len(prompt_ids) / max(time.perf_counter() - t0 - callback_s, 1e-9)
         generated: list[int] = []
         decoder = IncrementalDecoder(self.tokenizer)
         stops = StopStrings(params.stop_strings)
         decode_time, decoded = 0.0, 0
         while True:
-            previous = torch.tensor(generated, dtype=torch.long) if penalise else _NO_TOKENS
+            previous = repeats.penalised() if repeats is not None else _NO_TOKENS
             token = sample_next(logits.cpu(), params, previous, generator, processors)
             generated.append(token)
+            if repeats is not None:
+                repeats.add(token)
             text = decoder.push(token)
             finish = "eos" if token in self.eos_token_ids else None
             if finish is None and len(generated) >= params.max_new_tokens:

@@ -3,10 +3,12 @@
 `sample_next` applies, in the order `transformers`' `generate` does, `RepetitionPenaltyLogitsProcessor`,
 `TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper`, each only when its setting is not the
 neutral one, then samples from the softmax (or takes the argmax at temperature 0: the penalty still applies, as
-with transformers' `do_sample=False`). One difference, on purpose: the repetition penalty covers the tokens of the
-reply only (transformers' `prompt_ignore_length` set to the prompt's length), not the whole context as
-transformers' default does: a chat's context is the whole conversation, pasted documents included, and penalising
-every token read would penalise the very words an answer must quote (a pass key's digits, a name).
+with transformers' `do_sample=False`). One difference, on purpose: the repetition penalty is given, as the ids it
+penalises, only the reply's tokens that the reply has used more often than the conversation before it contains
+them (`RepeatCounter`), not every token of the context as transformers' default does, nor every token of the reply
+(its `prompt_ignore_length`): a chat's context is the whole conversation, pasted documents included, and an answer
+must be free to quote it (a pass key's repeated digits, a name), while a reply that says its own new words again
+and again ("Bonjour! (Bonjour!)" five times) is what the penalty is for.
 """
 
 from __future__ import annotations
@@ -51,11 +53,11 @@ class SamplingParams:
 
 
 # The chat's defaults, where neither a flag nor the model's generation config sets a value: the embedded model's.
-# `python -m inf_llm.bench loops` (BENCHMARKS.md) found no looping reply to everyday prompts with a repetition
-# penalty of 1.2, but the same penalty breaks the answers the product exists for: a number quoted from a document
-# loses its repeated digits ("5937." for 5937913: 0 of 3 prose needles at 4K, greedy, against 3 of 3 without it). So no
-# penalty; temperature 0.7 (12% looping replies, where greedy decoding loops on half of them).
-CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+# `python -m inf_llm.bench loops` (BENCHMARKS.md): temperature 0.7 alone loops on 2 of 16 everyday first chats,
+# greedy decoding on 4 of 8; with a penalty of 1.2 on repeats beyond the context's own count (`RepeatCounter`),
+# none of 16 (none of 8 greedy). A penalty on every repeat of the reply's own tokens ended the loops too but broke
+# the answers the product exists for (0 of 3 prose needles at 4K: "5937." for 5937913); the counted one answers them.
+CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.2}
 
 
 def generation_config_defaults(generation_config) -> dict:
@@ -98,6 +100,32 @@ def resolve_params(generation_config=None, **given) -> tuple[SamplingParams, dic
     return SamplingParams(**{**CHAT_DEFAULTS, **model, **given}), origin
 
 
+class RepeatCounter:
+    """The reply's tokens the repetition penalty applies to: those the reply has used more often than the context.
+
+    context: every token id before the reply (the conversation in memory, this turn's prompt included). A token
+    the context holds n times may come n times in the reply unpenalised (a quoted number keeps its repeated
+    digits, a quoted name its words); the (n+1)-th use makes it penalised from then on, once, as transformers'
+    processor penalises each id it is given once however often it comes.
+    """
+
+    def __init__(self, context: list[int]):
+        self._context = torch.bincount(torch.tensor(context, dtype=torch.long)).tolist() if context else []
+        self._counts: dict[int, int] = {}
+        self._over: list[int] = []
+
+    def add(self, token_id: int) -> None:
+        count = self._counts.get(token_id, 0) + 1
+        self._counts[token_id] = count
+        allowed = self._context[token_id] if token_id < len(self._context) else 0
+        if count == allowed + 1:
+            self._over.append(token_id)
+
+    def penalised(self) -> torch.Tensor:
+        """1-D ids for `process_logits`' `previous`."""
+        return torch.tensor(self._over, dtype=torch.long)
+
+
 def logits_processors(params: SamplingParams) -> LogitsProcessorList:
     """transformers' processors for params, in `generate`'s order; the warpers only when sampling (temperature > 0).
 
@@ -117,8 +145,8 @@ def logits_processors(params: SamplingParams) -> LogitsProcessorList:
 
 def process_logits(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor,
                    processors: LogitsProcessorList | None = None) -> torch.Tensor:
-    """The scores the next token is drawn from (V,) float32: logits (V,) through the processors, given the reply's
-    tokens so far (`previous`, 1-D ids). Masked tokens are -inf."""
+    """The scores the next token is drawn from (V,) float32: logits (V,) through the processors; `previous` (1-D ids)
+    is what the repetition penalty penalises (the engine passes `RepeatCounter.penalised()`). Masked tokens are -inf."""
     processors = logits_processors(params) if processors is None else processors
     scores = logits.float()
     if not processors:
@@ -135,7 +163,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, previous: torch
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor, generator: torch.Generator | None,
                 processors: LogitsProcessorList | None = None) -> int:
-    """One token id from the last position's logits (V,); previous: the reply's tokens so far."""
+    """One token id from the last position's logits (V,); previous: the ids to penalise (see `process_logits`)."""
     scores = process_logits(logits, params, previous, processors)
     if params.temperature == 0:
         return int(torch.argmax(scores))
