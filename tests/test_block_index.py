@@ -1,0 +1,194 @@
+"""BlockIndex (inf_llm/block_index.py) selects exactly what brute-force ranking selects: random summaries in both
+dtypes and layouts, both ranking forms, per head or not, with ties, partial groups, appends and truncations; and the
+embedded model's real summaries and ranking queries (slow)."""
+
+import pytest
+import torch
+
+from inf_llm.memory.ranking import block_scores, key_bounds, ranking_query, select_blocks
+from inf_llm.memory.block_index import BlockIndex
+
+HKV, HQ, D = 3, 9, 64
+
+
+def _layout(x: torch.Tensor, dtype: torch.dtype, column_major: bool) -> torch.Tensor:
+    """x (N, R, D) in dtype, rows or LayerMemory's column-major view of an (R, D, N) buffer."""
+    if not column_major:
+        return x.to(dtype).contiguous()
+    n, r, d = x.shape
+    out = torch.empty((r, d, n), dtype=dtype).permute(2, 0, 1)
+    out.copy_(x)
+    return out
+
+
+def _summaries(n: int, ranking: str, gen: torch.Generator, duplicates: bool = True) -> torch.Tensor:
+    if ranking == "bounds":
+        keys = torch.randn(n, HKV, 4, D, generator=gen) * 2
+        x = key_bounds(keys)
+    else:
+        x = torch.randn(n, HQ, D, generator=gen)
+    if duplicates and n > 8:
+        # Repeated text: equal summaries, hence exact ties, across and inside groups.
+        src = torch.randint(0, n, (n // 3,), generator=gen)
+        dst = torch.randint(0, n, (n // 3,), generator=gen)
+        x[dst] = x[src]
+    return x
+
+
+def _query(ranking: str, gen: torch.Generator, tokens: int = 3) -> torch.Tensor:
+    q = torch.randn(HQ, tokens, D, generator=gen)
+    return ranking_query(q, ranking, HKV)
+
+
+def _check(index: BlockIndex, s: torch.Tensor, query: torch.Tensor, k: int, per_head: bool) -> None:
+    absmax = s.abs().amax().float() if s.dtype == torch.float16 else None
+    want = select_blocks(block_scores(s, query, HKV, per_head, absmax), k)
+    got = index.select(s, query, k, per_head=per_head, summary_absmax=absmax)
+    assert torch.equal(got, want), (got, want)
+
+
+CASES = [(dtype, col, ranking, per_head)
+         for dtype in (torch.float16, torch.float32) for col in (False, True)
+         for ranking in ("bounds", "representatives") for per_head in (False, True)]
+
+
+@pytest.mark.parametrize("dtype,column_major,ranking,per_head", CASES)
+def test_select_equals_brute_force(dtype, column_major, ranking, per_head):
+    gen = torch.Generator().manual_seed(hash((str(dtype), column_major, ranking, per_head)) % 2**31)
+    # k >= N, k < N, N not a multiple of G, G = 1, a lone partial group, k just below N.
+    for n, k, group in ((1, 4, 4), (37, 37, 8), (37, 50, 8), (203, 16, 16), (90, 5, 1), (300, 64, 32), (64, 63, 16),
+                        (99, 1, 3)):
+        s = _layout(_summaries(n, ranking, gen), dtype, column_major)
+        index = BlockIndex.build(s, HKV, block_ranking=ranking, group_size=group)
+        _check(index, s, _query(ranking, gen, 1 + n % 5), k, per_head)
+
+
+def test_all_equal_summaries_tie_to_the_earliest():
+    gen = torch.Generator().manual_seed(1)
+    s = key_bounds(torch.randn(1, HKV, 4, D, generator=gen)).expand(300, -1, -1).to(torch.float16).contiguous()
+    index = BlockIndex.build(s, HKV, group_size=16)
+    for per_head in (False, True):
+        _check(index, s, _query("bounds", gen), 20, per_head)
+
+
+def test_near_ties_of_float16_scores():
+    # Small perturbations that float16 scoring rounds to equal scores: ties that only the rounded values show.
+    gen = torch.Generator().manual_seed(2)
+    base = key_bounds(torch.randn(1, HKV, 4, D, generator=gen))
+    x = base + 1e-4 * torch.randn(400, 2 * HKV, D, generator=gen)
+    s = x.to(torch.float16)
+    index = BlockIndex.build(s, HKV, group_size=8)
+    for _ in range(5):
+        _check(index, s, _query("bounds", gen), 32, False)
+
+
+@pytest.mark.parametrize("dtype,column_major", [(torch.float16, False), (torch.float32, True), (torch.float32, False)])
+def test_append_and_truncate_match_a_fresh_build(dtype, column_major):
+    gen = torch.Generator().manual_seed(3)
+    full = _layout(_summaries(300, "bounds", gen), dtype, column_major)
+    index = BlockIndex(2 * HKV, D, HKV, group_size=16, dtype=dtype)
+    n = 0
+    for step in (1, 3, 15, 16, 17, 40, 1, 2, 60):  # crosses group boundaries in every way
+        index.append(full[n : n + step])
+        n += step
+        fresh = BlockIndex.build(full[:n], HKV, group_size=16)
+        assert torch.equal(index._bounds[: index.num_groups], fresh._bounds[: fresh.num_groups])
+        _check(index, full[:n], _query("bounds", gen, 1), 8, False)
+    for cut in (150, 149, 128, 5, 0):
+        index.truncate(cut, full)
+        fresh = BlockIndex.build(full[:cut], HKV, group_size=16)
+        assert index.num_blocks == cut and torch.equal(index._bounds[: index.num_groups], fresh._bounds[: fresh.num_groups])
+        if cut:
+            _check(index, full[:cut], _query("bounds", gen, 1), 8, True)
+    index.append(full[:70])  # after a rollback the blocks that follow are new ones
+    fresh = BlockIndex.build(full[:70], HKV, group_size=16)
+    assert torch.equal(index._bounds[: index.num_groups], fresh._bounds[: fresh.num_groups])
+
+
+@pytest.mark.parametrize("dtype,column_major", [(torch.float16, False), (torch.float16, True), (torch.float32, True),
+                                                (torch.float32, False)])
+def test_gathered_rows_score_as_in_the_full_product(dtype, column_major):
+    """The premise of exactness: `block_scores` of gathered rows (as the index gathers them) equals the full
+    product's values bit for bit, whatever the subset's size (MKL's float32 rows need `_ROW_BLOCK` care)."""
+    gen = torch.Generator().manual_seed(4)
+    for n in (6, 7, 97, 403):
+        s = _layout(_summaries(n, "bounds", gen, duplicates=False), dtype, column_major)
+        index = BlockIndex.build(s, HKV, group_size=4)
+        absmax = s.abs().amax().float() if dtype == torch.float16 else None
+        q = _query("bounds", gen)
+        for per_head in (False, True):
+            full = block_scores(s, q, HKV, per_head, absmax)
+            for size in (1, 2, 3, 5, n):
+                ids = torch.randperm(n, generator=gen)[:size].sort().values
+                sub, where = index._gather(s, ids, per_head)
+                heads = HKV if per_head else 1
+                got = block_scores(sub, q, HKV, per_head, absmax).view(heads, sub.shape[0])
+                assert torch.equal(got[:, where], full.view(heads, n)[:, ids])
+
+
+def test_bounds_are_upper_bounds_of_the_computed_scores():
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.float16, torch.float32):
+        for ranking in ("bounds", "representatives"):
+            s = _summaries(256, ranking, gen).to(dtype)
+            index = BlockIndex.build(s, HKV, block_ranking=ranking, group_size=8)
+            absmax = s.abs().amax().float() if dtype == torch.float16 else None
+            for per_head in (False, True):
+                q = _query(ranking, gen)
+                scores = block_scores(s, q, HKV, per_head, absmax).view(HKV if per_head else 1, 32, 8)
+                upper = index.group_bounds(q, per_head, absmax, s)
+                assert (upper >= scores.amax(dim=2).double()).all()
+
+
+def test_rejects_mismatches():
+    gen = torch.Generator().manual_seed(6)
+    s = _summaries(40, "bounds", gen).half()
+    index = BlockIndex.build(s, HKV)
+    with pytest.raises(ValueError):
+        index.select(s[:30], _query("bounds", gen), 4, summary_absmax=s.abs().amax().float())
+    wrong_signs = -_query("bounds", gen)
+    with pytest.raises(ValueError):
+        index.select(s, wrong_signs, 4, summary_absmax=s.abs().amax().float())
+    with pytest.raises(ValueError):
+        index.truncate(41, s)
+    assert index.nbytes() == 3 * (2 * HKV * D * 2 + 4)
+
+
+@pytest.mark.slow
+def test_real_model_summaries(embedded_model):
+    """The embedded model's memory of ~3K tokens of text (default preset): for every layer, the index selects what
+    brute force selects for the real ranking queries of the next chunk and of single decoded tokens."""
+    from inf_llm import load_engine
+
+    engine = load_engine()
+    cfg = engine.config
+    text = " ".join(f"Paragraph {i}: the keeper of the lighthouse wrote that the tide came in at {i % 7} past the hour, "
+                    f"and that the gulls, numbering {i * 13 % 97}, left before the fog." for i in range(120))
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"][:3200]
+    checked = []
+
+    def hook(layer):
+        select = layer._select
+
+        def checking_select(q):
+            if layer.blocks.num_blocks:
+                s, hkv = layer.reprs, layer.shape.num_kv_heads
+                query = ranking_query(q, cfg.block_ranking, hkv)
+                k = cfg.topk_blocks if q.shape[1] == 1 else cfg.chunk_topk_blocks
+                for group in (4, 16):
+                    index = BlockIndex.build(s, hkv, block_ranking=cfg.block_ranking, group_size=group)
+                    for per_head in (False, True):
+                        want = select_blocks(block_scores(s, query, hkv, per_head, layer._repr_absmax), k)
+                        got = index.select(s, query, k, per_head=per_head, summary_absmax=layer._repr_absmax)
+                        assert torch.equal(got, want)
+                checked.append(layer.index)
+            return select(q)
+
+        layer._select = checking_select
+
+    engine.feed(ids[:3000])  # builds ~170 blocks per layer
+    for layer in engine.memory.layers:
+        hook(layer)
+    engine.feed(ids[3000:3128])
+    engine.feed(ids[3128:3129])
+    assert len(set(checked)) == len(engine.memory.layers)
