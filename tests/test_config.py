@@ -61,6 +61,11 @@ REFUSED = [
     (dict(prefill_topk_blocks=16, topk_blocks=129, device_cache_blocks=128), ["topk_blocks=129", "device_cache_blocks=128"]),
     (dict(following_blocks=2), ["following_blocks=2", "192 blocks", "device_cache_blocks=128"]),
     (dict(following_blocks=1, per_head_ranking=True, device_cache_blocks=128), ["following_blocks=1", "per_head_ranking"]),
+    (dict(rerank_blocks=0), ["rerank_blocks", "0", ">= 1"]),
+    (dict(rerank_blocks=32), ["rerank_blocks=32", "64 blocks", "top-k"]),
+    (dict(rerank_blocks=48, topk_blocks=16, prefill_topk_blocks=64), ["rerank_blocks=48", "64 blocks"]),
+    (dict(rerank_blocks=256), ["rerank_blocks=256", "device_cache_blocks=128"]),
+    (dict(rerank_blocks=128, per_head_ranking=True), ["rerank_blocks=128", "per_head_ranking"]),
     (dict(topk_blocks=160), ["topk_blocks=160", "device_cache_blocks=128"]),
     (dict(topk_blocks=8, device_cache_blocks=4), ["topk_blocks=8", "device_cache_blocks=4"]),
     (dict(repr_tokens=33, block_size=32), ["repr_tokens=33", "block_size=32"]),
@@ -100,6 +105,8 @@ def test_boundary_values_are_accepted():
     # Each equality is the largest value its invariant allows.
     InfLLMConfig(topk_blocks=32, device_cache_blocks=32, repr_tokens=64, block_size=64, chunk_size=256, local_window=256)
     InfLLMConfig(num_sink_tokens=0)
+    InfLLMConfig(rerank_blocks=64)
+    InfLLMConfig(rerank_blocks=128)
     InfLLMConfig(cache_policy="lru-s", score_decay=0.1)
     InfLLMConfig(cache_policy="fifo")
     # The baselines retrieve nothing: zero blocks is meaningful, and the memory invariants do not bind.

@@ -73,12 +73,15 @@ def test_weights_sum_to_one_and_each_token_counts_once(pieces, per_head):
 
 @pytest.mark.parametrize("ranking", [dict(), dict(block_ranking="bounds"), dict(rank_rotated=True),
                                      dict(repr_tokens=1), dict(block_ranking="bounds", rank_rotated=True),
-                                     dict(following_blocks=1)])
+                                     dict(following_blocks=1),
+                                     dict(block_ranking="bounds", rank_rotated=True, rerank_blocks=6),
+                                     dict(rank_rotated=True, rerank_blocks=5, following_blocks=1)])
 def test_chosen_blocks_equal_an_independent_recomputation_from_keys_and_attention(ranking):
     """Fed token by token with top-k below the number of blocks, each query attends exactly the blocks that a
     recomputation outside the memory chooses: block summaries from the keys fed and the attention mass each key
     received while in the window (read off the outputs, which are the attention weights), ranked by the query.
-    This pins representatives (their layout through the buffer's growth), key bounds and the ranking."""
+    This pins representatives (their layout through the buffer's growth), key bounds and the ranking; with
+    rerank_blocks, the shortlist and its re-ranking by each head's largest exact logit in a block."""
     topk = 3
     layer = _layer(topk_blocks=topk, device_cache_blocks=8, repr_dtype="float32", **ranking)  # float16 rounds near-ties
     cfg, sinks, size, window = layer.config, layer.config.num_sink_tokens, layer.config.block_size, layer.config.local_window
@@ -106,15 +109,27 @@ def test_chosen_blocks_equal_an_independent_recomputation_from_keys_and_attentio
                        for g in range(HKV)).item()
         return sum(qp[h] @ s[h] for h in range(HQ)).item()
 
+    def exact(b: int, qp: torch.Tensor) -> float:
+        span = slice(sinks + b * size, sinks + (b + 1) * size)
+        return sum((k[h // group, span] @ qp[h]).max() for h in range(HQ)).item()
+
+    def clear_top(scored: list[tuple[float, int]], n: int) -> set[int] | None:
+        """The n best blocks, or None at a near-tie (rounding may pick either; the clear cases are pinned)."""
+        ranked = sorted(scored, reverse=True)
+        if len(ranked) > n and ranked[n - 1][0] - ranked[n][0] < 1e-4 * abs(ranked[0][0]):
+            return None
+        return {b for _, b in ranked[:n]}
+
     checked = 0
     for p in range(T):
         formed = [b for b in range(T) if sinks + (b + 1) * size <= p - window]  # evicted before query p
         if len(formed) <= topk:
             continue
-        scores = sorted(((score(b, query[:, p]), b) for b in formed), reverse=True)
-        if scores[topk - 1][0] - scores[topk][0] < 1e-4 * abs(scores[0][0]):
-            continue  # a near-tie: rounding may pick either; the clear cases are what this pins
-        chosen = {b for _, b in scores[:topk]}
+        chosen = clear_top([(score(b, query[:, p]), b) for b in formed], cfg.rerank_blocks or topk)
+        if chosen is not None and cfg.rerank_blocks:
+            chosen = clear_top([(exact(b, query[:, p]), b) for b in chosen], topk)
+        if chosen is None:
+            continue
         chosen |= {b + 1 for b in chosen if b + 1 in formed and cfg.following_blocks}  # and the next block
         for b in formed:
             seen = weights[:, p, sinks + b * size : sinks + (b + 1) * size]
@@ -204,6 +219,18 @@ def test_prefill_top_k_applies_to_chunks_of_a_prompt_and_top_k_to_decoding_steps
             assert torch.equal(both[:, c : c + size], want[:, c : c + size]), (c, size)
         s += n
     assert not torch.equal(prompt_like, step_like)  # the two budgets do choose differently here
+
+
+@pytest.mark.parametrize("pieces", [[T], [13, 40, 67], [1] * T])
+def test_a_shortlist_of_top_k_blocks_gives_the_one_stage_outputs(pieces):
+    """With rerank_blocks = topk_blocks the second stage keeps the whole shortlist: the outputs are those of the
+    summaries alone, bit for bit, although its keys were read through the cache first; a longer shortlist does
+    change the choice here (so the second stage runs)."""
+    q, k, v = _qkv(5)
+    same = dict(topk_blocks=3, device_cache_blocks=8, block_ranking="bounds", rank_rotated=True)
+    one_stage = _feed(_layer(**same), q, k, v, pieces)
+    assert torch.equal(_feed(_layer(rerank_blocks=3, **same), q, k, v, pieces), one_stage)
+    assert not torch.equal(_feed(_layer(rerank_blocks=8, **same), q, k, v, pieces), one_stage)
 
 
 def test_sinks_are_kept_and_blocks_form_every_block_size_evicted_tokens():

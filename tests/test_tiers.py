@@ -306,6 +306,8 @@ def test_budget_holds_and_every_gather_is_bit_exact(dtype, budget_blocks):
             gk, gv = store.gather(torch.tensor(ids))
             assert torch.equal(gk, _expected(k, ids, dtype)) and torch.equal(gv, _expected(v, ids, dtype))
             assert store.host_bytes() <= budget and store.host.allocated_bytes() <= budget
+        ids = sorted(rng.sample(range(appended), min(4, appended)))  # a second stage's candidates: keys only
+        assert torch.equal(store.keys(ids), _expected(k, ids, dtype).view(HKV, len(ids), -1, k.shape[-1]))
         per_head = torch.tensor([rng.sample(range(appended), min(2, appended)) for _ in range(HKV)])
         gk, _ = store.gather(per_head)
         for h in range(HKV):

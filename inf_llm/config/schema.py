@@ -31,7 +31,8 @@ MEMORY_POSITIONS = ("shared", "ordered")
 # Settings added after sessions and benchmark results were recorded, at the value that reproduces what those
 # recorded: a saved identity without the key is read as having this value.
 ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "rank_rotated": False,
-               "following_blocks": 0, "memory_positions": "shared", "prefill_topk_blocks": None}
+               "following_blocks": 0, "memory_positions": "shared", "prefill_topk_blocks": None,
+               "rerank_blocks": None}
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,11 @@ class InfLLMConfig:
     rank_rotated         (none)                           rank with the query rotated as the global stage
                                                           attends (distance local_window; the reference's
                                                           choice) instead of unrotated (distance 0)
+    rerank_blocks        (none)                           two-stage retrieval: the summaries shortlist this
+                                                          many blocks, and the exact logits of the ranking
+                                                          query over their keys choose the top-k among them
+                                                          (each head's largest logit in a block, summed over
+                                                          heads); null = the summaries choose alone
     following_blocks     (none)                           also retrieve the next N blocks after each chosen
                                                           one (a passage cut by a block boundary)
     memory_positions     (none)                           where the global stage places what it attends: shared
@@ -118,6 +124,7 @@ class InfLLMConfig:
     per_head_ranking: bool = False
     block_ranking: str = "bounds"
     rank_rotated: bool = True
+    rerank_blocks: int | None = None
     following_blocks: int = 0
     memory_positions: str = "shared"
     storage_dtype: str = "auto"
@@ -160,6 +167,7 @@ class InfLLMConfig:
             raise ValueError(
                 f"{what} exceeds device_cache_blocks={self.device_cache_blocks}: the "
                 "retrieved blocks must all fit in the device cache; raise device_cache_blocks or lower topk_blocks")
+        self._check_rerank()
         if self.per_head_ranking and self.following_blocks:
             raise ValueError(f"following_blocks={self.following_blocks} is not supported with per_head_ranking: "
                              "set following_blocks: 0 or per_head_ranking: false")
@@ -178,6 +186,22 @@ class InfLLMConfig:
         """The most blocks one chunk retrieves: the larger top-k and, with following_blocks, the blocks after
         each."""
         return max(self.topk_blocks, self.chunk_topk_blocks) * (1 + self.following_blocks)
+
+    def _check_rerank(self) -> None:
+        n = self.rerank_blocks
+        if n is None:
+            return
+        most = max(self.topk_blocks, self.chunk_topk_blocks)
+        _check_int("rerank_blocks", n, 1)
+        if n < most:
+            raise ValueError(f"rerank_blocks={n} is below the {most} blocks a chunk retrieves: the shortlist must "
+                             "hold at least the top-k; raise rerank_blocks or set it to null")
+        if self.method == "inf-llm" and n > self.device_cache_blocks:
+            raise ValueError(f"rerank_blocks={n} exceeds device_cache_blocks={self.device_cache_blocks}: the "
+                             "shortlist's keys are read from the device cache; raise device_cache_blocks")
+        if self.per_head_ranking:
+            raise ValueError(f"rerank_blocks={n} is not supported with per_head_ranking: set rerank_blocks: null "
+                             "or per_head_ranking: false")
 
     def _check_score_decay(self) -> None:
         decay = self.score_decay

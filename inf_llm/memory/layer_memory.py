@@ -25,7 +25,8 @@ import torch
 
 from inf_llm.kernels.reference import finish_chunk_attention
 from inf_llm.memory.layer_state import LayerState
-from inf_llm.memory.ranking import block_scores, key_bounds, ranking_query, representatives, select_blocks, with_following
+from inf_llm.memory.ranking import (block_scores, exact_block_scores, key_bounds, ranking_query, representatives, select_blocks,
+                                    with_following)
 from inf_llm.storage.block_ids import BlockIds
 
 
@@ -120,7 +121,15 @@ class LayerMemory(LayerState):
         scores = block_scores(self.reprs, query, hkv, cfg.per_head_ranking, self._repr_absmax)
         self._scores = scores if self.trace is not None else None
         # A decoding step (one query) retrieves topk_blocks, a chunk of a prompt prefill_topk_blocks when set.
-        chosen = select_blocks(scores, cfg.topk_blocks if q.shape[1] == 1 else cfg.chunk_topk_blocks)
+        topk = cfg.topk_blocks if q.shape[1] == 1 else cfg.chunk_topk_blocks
+        if cfg.rerank_blocks is not None and self.blocks.num_blocks > topk:
+            # Two stages: the summaries shortlist candidates, the exact logits over their keys choose among them.
+            # The shortlist's ids are needed on the host to load its keys (on CUDA, a wait for the device).
+            shortlist = select_blocks(scores, cfg.rerank_blocks)
+            exact = exact_block_scores(q, self.blocks.keys(shortlist.tolist()))
+            chosen = shortlist[select_blocks(exact, topk)]
+        else:
+            chosen = select_blocks(scores, topk)
         return BlockIds(with_following(chosen, cfg.following_blocks, self.blocks.num_blocks))
 
     def _global_keys(self, chosen: BlockIds | None, comp_k: torch.Tensor, comp_v: torch.Tensor

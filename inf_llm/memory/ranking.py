@@ -68,6 +68,21 @@ def block_scores(summaries: torch.Tensor, query: torch.Tensor, num_kv_heads: int
     return torch.einsum("nkg,kg->kn", per_kv, query.reshape(num_kv_heads, (rows // num_kv_heads) * d)).float()
 
 
+def exact_block_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The second stage's score of candidate blocks: the exact logits of a chunk's mean query over their keys.
+
+    queries: (Hq, Tq, D), as the chunk is ranked (rotated or not); keys: (Hkv, n, B, D) of the n candidates, as
+    the global stage attends them. For each query head, the largest logit over a block's keys, summed over the
+    heads: (n,) float32. A block is worth retrieving when some key of it stands out for some head, which is what
+    the summaries of the first stage bound (key bounds are an upper bound of each head's largest logit).
+    """
+    hq, _, d = queries.shape
+    hkv, n, b, _ = keys.shape
+    query = queries.float().mean(dim=1).view(hkv, hq // hkv, d)  # (Hkv, G, D)
+    logits = torch.bmm(keys.reshape(hkv, n * b, d).float(), query.transpose(1, 2))  # (Hkv, n * B, G)
+    return logits.view(hkv, n, b, -1).amax(dim=2).sum(dim=(0, 2))
+
+
 def fp16_ranking_query(query: torch.Tensor, summary_absmax: torch.Tensor, *, on_host: bool) -> torch.Tensor:
     """`query` (float32) scaled by a power of two so that sum|q| * max|summary| stays under 2**14, as float16.
 

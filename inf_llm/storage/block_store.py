@@ -323,12 +323,7 @@ class BlockStore:
             block_ids = BlockIds(block_ids)
         ids = block_ids.tolist()
         per_head = block_ids.dim == 2
-        if not per_head and all(a < b for a, b in zip(ids, ids[1:])):
-            slot_list = self.fetch_slots(ids)  # distinct and ascending already, as retrieval chooses them
-        else:
-            flat = sorted(set(b for row in ids for b in row)) if per_head else sorted(set(ids))
-            slot_of = dict(zip(flat, self.fetch_slots(flat)))
-            slot_list = [[slot_of[b] for b in row] for row in ids] if per_head else [slot_of[b] for b in ids]
+        slot_list = self._slots_of(ids, per_head)
         n = len(ids[0]) if per_head else len(ids)
         hkv, size, d = self.num_kv_heads, self.block_size, self.head_dim
         if out is None:
@@ -343,10 +338,34 @@ class BlockStore:
             # index_select, not fancy indexing: several times faster on CPU for the same copy.
             torch.index_select(self.dev_k[h], 0, index, out=out_k[h].view(n, size, d))
             torch.index_select(self.dev_v[h], 0, index, out=out_v[h].view(n, size, d))
+        self._record_slots_read()
+        return out_k, out_v
+
+    def keys(self, block_ids: list[int]) -> torch.Tensor:
+        """The keys of the given distinct blocks, (Hkv, n, block_size, D) in the compute dtype on the device.
+
+        For a second stage of retrieval, which scores candidate blocks by the exact logits over their keys: the
+        blocks become resident (they count as used by the cache policy), so the ones then chosen are gathered
+        from their slots without another load.
+        """
+        slots = self._index(self._slots_of(block_ids, per_head=False))
+        out = self.dev_k.index_select(1, slots)
+        self._record_slots_read()
+        return out
+
+    def _slots_of(self, ids: list, per_head: bool) -> list:
+        """Device slots of block ids (n,) or per KV head (Hkv, n), loading the missing blocks."""
+        if not per_head and all(a < b for a, b in zip(ids, ids[1:])):
+            return self.fetch_slots(ids)  # distinct and ascending already, as retrieval chooses them
+        flat = sorted(set(b for row in ids for b in row)) if per_head else sorted(set(ids))
+        slot_of = dict(zip(flat, self.fetch_slots(flat)))
+        return [[slot_of[b] for b in row] for row in ids] if per_head else [slot_of[b] for b in ids]
+
+    def _record_slots_read(self) -> None:
+        # A slot's next block is copied in on the side stream only after these reads (see `_load`).
         if self._copy_stream is not None:
             self._slots_read = torch.cuda.Event()
             self._slots_read.record(torch.cuda.current_stream(self.device))
-        return out_k, out_v
 
     # --- persistence ------------------------------------------------------------------------------------------
 
