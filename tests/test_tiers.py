@@ -6,6 +6,7 @@ its folder after a write was interrupted. An engine with a small host budget mus
 one without.
 """
 
+import copy
 import gc
 import os
 import random
@@ -108,6 +109,28 @@ def test_eviction_policy_matches_the_eager_definition(name, decay):
             policy.use(b), eager.use(b)
     assert len(policy) == len(cached) and all(b in policy for b in cached)
     assert policy.victim(cached) is None
+
+
+@pytest.mark.parametrize("name,decay", [("lru", None), ("lru-s", 0.5), ("fifo", None)])
+def test_a_requests_victims_are_the_ones_chosen_one_at_a_time(name, decay):
+    # `victims` chooses a request's evictions in one pass; the definition is one `victim` at a time, each
+    # discarded before the next is chosen.
+    rng = random.Random(2)
+    policy = EvictionPolicy(name, decay)
+    for b in range(30):
+        policy.start_request()
+        policy.admit(b)
+        for used in rng.sample(range(b + 1), min(b + 1, 4)):
+            policy.use(used)
+    for _ in range(50):
+        protected = set(rng.sample(range(30), rng.randrange(0, 31)))
+        count = rng.randrange(0, 32)
+        one_at_a_time, sequential = copy.deepcopy(policy), []
+        while len(sequential) < count and (victim := one_at_a_time.victim(protected)) is not None:
+            sequential.append(victim)
+            one_at_a_time.discard(victim)
+        assert policy.victims(count, protected) == sequential
+        assert len(sequential) == min(count, 30 - len(protected))
 
 
 def test_eviction_policy_refuses_bad_settings():
@@ -306,8 +329,11 @@ def test_budget_holds_and_every_gather_is_bit_exact(dtype, budget_blocks):
             gk, gv = store.gather(torch.tensor(ids))
             assert torch.equal(gk, _expected(k, ids, dtype)) and torch.equal(gv, _expected(v, ids, dtype))
             assert store.host_bytes() <= budget and store.host.allocated_bytes() <= budget
-        ids = sorted(rng.sample(range(appended), min(4, appended)))  # a second stage's candidates: keys only
-        assert torch.equal(store.keys(ids), _expected(k, ids, dtype).view(HKV, len(ids), -1, k.shape[-1]))
+        # A second stage scores candidates on their keys in place: a "score" that is the keys themselves
+        # shows that each candidate's value is computed from exactly its own keys.
+        ids = rng.sample(range(appended), min(4, appended))
+        scored = store.score_blocks(ids, lambda keys: keys.transpose(0, 1))  # (n, Hkv, B, D)
+        assert torch.equal(scored.transpose(0, 1), _expected(k, ids, dtype).view(HKV, len(ids), -1, k.shape[-1]))
         per_head = torch.tensor([rng.sample(range(appended), min(2, appended)) for _ in range(HKV)])
         gk, _ = store.gather(per_head)
         for h in range(HKV):
@@ -315,6 +341,40 @@ def test_budget_holds_and_every_gather_is_bit_exact(dtype, budget_blocks):
     assert store.disk_reads > 0 and store.disk_writes > 0
     for b in range(appended):  # host_block reads from either tier too
         assert torch.equal(store.host_block(b)[0], k[b].to(dtype))
+
+
+@pytest.mark.parametrize("policy,decay", [("lru", None), ("lru-s", 0.5), ("fifo", None)])
+def test_the_device_cache_holds_what_one_block_at_a_time_would(policy, decay):
+    # The definition of a request: its blocks in order, each missing one taking a free slot (lowest first) or the
+    # slot of the policy's victim among the blocks not requested, then used. `fetch_slots` does the evictions of
+    # a request in one pass; requests as large as the cache (a second stage's shortlist) included.
+    cache = 6
+    store = _store(None, cache_blocks=cache, policy=policy, decay=decay)
+    k, v = _blocks(20, 3)
+    store.append(k, v)
+    books, slot_of, free = EvictionPolicy(policy, decay), {}, list(range(cache))
+    hits = misses = 0
+    rng = random.Random(4)
+    for _ in range(300):
+        ids = rng.sample(range(20), rng.choice([1, 2, 3, cache - 1, cache]))
+        books.start_request()
+        for b in ids:
+            if b in slot_of:
+                hits += 1
+            else:
+                misses += 1
+                if free:
+                    slot = free.pop(0)
+                else:
+                    victim = books.victim(set(ids))
+                    books.discard(victim)
+                    slot = slot_of.pop(victim)
+                slot_of[b] = slot
+                books.admit(b)
+            books.use(b)
+        assert store.fetch_slots(ids) == [slot_of[b] for b in ids]
+        assert store.block_slot == slot_of and (store.hits, store.misses) == (hits, misses)
+    assert torch.equal(store.gather(torch.tensor(ids))[0], _expected(k, ids))
 
 
 def test_unbounded_store_never_touches_disk():

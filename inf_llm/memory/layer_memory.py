@@ -126,7 +126,7 @@ class LayerMemory(LayerState):
             # Two stages: the summaries shortlist candidates, the exact logits over their keys choose among them.
             # The shortlist's ids are needed on the host to load its keys (on CUDA, a wait for the device).
             shortlist = select_blocks(scores, cfg.rerank_blocks)
-            exact = exact_block_scores(q, self.blocks.keys(shortlist.tolist()))
+            exact = self.blocks.score_blocks(shortlist.tolist(), lambda keys: exact_block_scores(q, keys))
             chosen = shortlist[select_blocks(exact, topk)]
         else:
             chosen = select_blocks(scores, topk)

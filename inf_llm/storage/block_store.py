@@ -28,6 +28,7 @@ only where the gather reads them. Events order a slot's new block after the last
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -149,13 +150,15 @@ class BlockStore:
         promote: cache the blocks read from disk in host memory (by the host policy), as retrieval does.
         """
         out = self.layout.empty(len(block_ids), pin_memory=self.pin)
-        from_disk = []
-        for i, block_id in enumerate(block_ids):
-            if block_id in self.host:
-                out[i].copy_(self.host.record(block_id))
-            else:
-                self.disk.read_into(block_id, out[i])
-                from_disk.append(i)
+        from_disk = [i for i, block_id in enumerate(block_ids) if block_id not in self.host]
+        if not from_disk:
+            self.host.records(block_ids, out=out)  # one gather: a shortlist's misses are tens of blocks a step
+        else:
+            for i, block_id in enumerate(block_ids):
+                if block_id in self.host:
+                    out[i].copy_(self.host.record(block_id))
+                else:
+                    self.disk.read_into(block_id, out[i])
         self.disk_reads += len(from_disk)
         if promote and from_disk and self.host.max_blocks != 0:
             fits = self._make_room(len(from_disk))
@@ -218,15 +221,6 @@ class BlockStore:
 
     # --- device cache -----------------------------------------------------------------------------------------
 
-    def _take_slot(self, protected: set[int]) -> int:
-        free = next((s for s, b in enumerate(self.slot_block) if b == -1), None)
-        if free is not None:
-            return free
-        victim = self.cache.victim(protected)
-        assert victim is not None, "fetch_slots checks that the request fits in the cache"
-        self.cache.discard(victim)
-        return self.block_slot.pop(victim)
-
     def fetch_slots(self, block_ids: list[int]) -> list[int]:
         """Make the given (distinct) blocks resident on the device and return their slots (same order)."""
         block_slot = self.block_slot
@@ -244,20 +238,22 @@ class BlockStore:
             # Refused before any slot changes hands: a half-done request would leave slots naming unloaded blocks.
             raise RuntimeError(f"{len(wanted)} blocks requested at once but the device cache holds {self.cache_blocks}")
         self.cache.start_request()
-        slots, loads = [], []
-        for block_id in block_ids:
-            slot = self.block_slot.get(block_id)
-            if slot is None:
-                self.misses += 1
-                slot = self._take_slot(wanted)
-                self.slot_block[slot] = block_id
-                self.block_slot[block_id] = slot
-                self.cache.admit(block_id)
-                loads.append(block_id)
-            else:
-                self.hits += 1
-            self.cache.use(block_id)
-            slots.append(slot)
+        # The missing blocks take free slots (lowest first), then the policy's victims. Admitting them all, then
+        # using the request's blocks in order, leaves the policy's books as admitting and using them one by one.
+        loads = list(dict.fromkeys(b for b, slot in zip(block_ids, slots) if slot == -1))
+        spare = [s for s, b in enumerate(self.slot_block) if b == -1][: len(loads)]
+        for victim in self.cache.victims(len(loads) - len(spare), wanted):
+            self.cache.discard(victim)
+            spare.append(self.block_slot.pop(victim))
+        assert len(spare) == len(loads), "the request fits in the cache (checked above)"
+        for block_id, slot in zip(loads, spare):
+            self.slot_block[slot] = block_id
+            self.block_slot[block_id] = slot
+            self.cache.admit(block_id)
+        self.cache.use_all(block_ids)
+        self.misses += len(loads)
+        self.hits += len(block_ids) - len(loads)
+        slots = [block_slot[b] for b in block_ids]
         if loads:
             try:
                 self._load(loads, [self.block_slot[b] for b in loads])
@@ -341,17 +337,22 @@ class BlockStore:
         self._record_slots_read()
         return out_k, out_v
 
-    def keys(self, block_ids: list[int]) -> torch.Tensor:
-        """The keys of the given distinct blocks, (Hkv, n, block_size, D) in the compute dtype on the device.
+    def score_blocks(self, block_ids: list[int], score: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Scores of the given distinct blocks computed on their keys where they lie, (n, ...).
+
+        score: keys (Hkv, S, block_size, D) in the compute dtype -> (S, ...), one score per block. It is applied once
+        to the device cache's S slots (no copy of the blocks' keys: on a CPU decode step that copy cost more than
+        the scoring), and the given blocks' values are read from their slots; the other slots' values are
+        discarded.
 
         For a second stage of retrieval, which scores candidate blocks by the exact logits over their keys: the
         blocks become resident (they count as used by the cache policy), so the ones then chosen are gathered
         from their slots without another load.
         """
         slots = self._index(self._slots_of(block_ids, per_head=False))
-        out = self.dev_k.index_select(1, slots)
+        per_slot = score(self.dev_k)
         self._record_slots_read()
-        return out
+        return per_slot.index_select(0, slots)
 
     def _slots_of(self, ids: list, per_head: bool) -> list:
         """Device slots of block ids (n,) or per KV head (Hkv, n), loading the missing blocks."""

@@ -8,11 +8,13 @@ One `EvictionPolicy` orders the blocks held by one cache tier (the device cache,
 - ``fifo``: evict the block admitted longest ago.
 
 A policy only orders keys; the tier that owns it moves the data. Costs: O(1) per use for every policy; choosing
-a victim is O(1) amortised for lru and fifo and O(entries) for lru-s (a scan, as the reference does).
+the victims of a request is one scan of the keys, stopped early for lru and fifo (the reference scans for lru-s).
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import OrderedDict
 from collections.abc import Container, Hashable
 
@@ -78,8 +80,21 @@ class EvictionPolicy:
 
     def victim(self, protected: Container[Hashable] = ()) -> Hashable | None:
         """The key to evict next, never one in `protected`; None if every key is protected."""
+        chosen = self.victims(1, protected)
+        return chosen[0] if chosen else None
+
+    def victims(self, count: int, protected: Container[Hashable] = ()) -> list[Hashable]:
+        """The next `count` keys to evict (fewer if too few are unprotected), in eviction order, none in
+        `protected`; nothing is removed.
+
+        One pass over the keys for all of them: a request that brings in many blocks (a second stage's shortlist
+        fills the whole device cache) would otherwise rescan the protected keys once per miss. Evicting them one
+        at a time while the request uses and admits protected keys chooses the same ones: uses and admissions
+        move only protected keys, and removals keep the others' order.
+        """
+        if count <= 0:
+            return []
         if self.name == "lru-s":
             candidates = ((score, i, key) for i, (key, score) in enumerate(self._order.items()) if key not in protected)
-            best = min(candidates, default=None)
-            return None if best is None else best[2]
-        return next((key for key in self._order if key not in protected), None)
+            return [key for _, _, key in heapq.nsmallest(count, candidates)]
+        return list(itertools.islice((key for key in self._order if key not in protected), count))

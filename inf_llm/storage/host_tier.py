@@ -50,10 +50,10 @@ class HostTier:
         """The block's record (record_bytes,) uint8, a view of the slab (valid until the block leaves)."""
         return self.slab[self.row_of[block_id]]
 
-    def records(self, block_ids: Iterable[int]) -> torch.Tensor:
-        """Copies of records, (n, record_bytes) uint8."""
+    def records(self, block_ids: Iterable[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Copies of records, (n, record_bytes) uint8 (into `out` when given: one gather, however many)."""
         rows = torch.tensor([self.row_of[b] for b in block_ids], dtype=torch.long)
-        return self.slab.index_select(0, rows)
+        return self.slab.index_select(0, rows) if out is None else torch.index_select(self.slab, 0, rows, out=out)
 
     def excess(self, incoming: int) -> int:
         """How many blocks must leave before `incoming` more fit in the budget."""
@@ -61,14 +61,7 @@ class HostTier:
 
     def victims(self, count: int, protected: Container[int] = ()) -> list[int]:
         """Up to `count` blocks to evict, in eviction order, none in `protected` (nothing is removed yet)."""
-        chosen: list[int] = []
-        skip = _Union(protected, chosen)
-        while len(chosen) < count:
-            victim = self.policy.victim(skip)
-            if victim is None:
-                break
-            chosen.append(victim)
-        return chosen
+        return self.policy.victims(count, protected)
 
     def put(self, block_ids: list[int], records: torch.Tensor) -> None:
         """Hold new blocks: records (n, record_bytes) uint8 on the CPU; the caller has made room."""
@@ -122,13 +115,3 @@ class HostTier:
     def allocated_bytes(self) -> int:
         """Bytes of the slab, used rows or not (never more than the budget)."""
         return self.slab.numel()
-
-
-class _Union:
-    """`x in _Union(a, b)`: membership in either container, without copying them."""
-
-    def __init__(self, *parts: Container[int]):
-        self.parts = parts
-
-    def __contains__(self, item: object) -> bool:
-        return any(item in part for part in self.parts)
