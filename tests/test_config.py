@@ -66,6 +66,8 @@ REFUSED = [
     (dict(rerank_blocks=48, topk_blocks=16, prefill_topk_blocks=64), ["rerank_blocks=48", "64 blocks"]),
     (dict(rerank_blocks=256), ["rerank_blocks=256", "device_cache_blocks=128"]),
     (dict(rerank_blocks=128, per_head_ranking=True), ["rerank_blocks=128", "per_head_ranking"]),
+    (dict(rerank_chunks=False), ["rerank_chunks=false", "rerank_blocks"]),
+    (dict(rerank_blocks=128, device_cache_blocks=128, rerank_chunks="no"), ["rerank_chunks='no'", "true or false"]),
     (dict(topk_blocks=160), ["topk_blocks=160", "device_cache_blocks=128"]),
     (dict(topk_blocks=8, device_cache_blocks=4), ["topk_blocks=8", "device_cache_blocks=4"]),
     (dict(repr_tokens=33, block_size=32), ["repr_tokens=33", "block_size=32"]),
@@ -107,6 +109,7 @@ def test_boundary_values_are_accepted():
     InfLLMConfig(num_sink_tokens=0)
     InfLLMConfig(rerank_blocks=64)
     InfLLMConfig(rerank_blocks=128)
+    InfLLMConfig(rerank_blocks=128, rerank_chunks=False)
     InfLLMConfig(cache_policy="lru-s", score_decay=0.1)
     InfLLMConfig(cache_policy="fifo")
     # The baselines retrieve nothing: zero blocks is meaningful, and the memory invariants do not bind.

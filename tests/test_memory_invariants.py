@@ -233,6 +233,25 @@ def test_a_shortlist_of_top_k_blocks_gives_the_one_stage_outputs(pieces):
     assert not torch.equal(_feed(_layer(rerank_blocks=8, **same), q, k, v, pieces), one_stage)
 
 
+def test_rerank_chunks_false_re_ranks_decoding_steps_only():
+    """With rerank_chunks: false, a prompt's chunks (more than one query) choose as the summaries alone do and
+    each decoding step (one query) as the two stages do: the outputs are theirs, bit for bit, query by query.
+    Key bounds depend only on the keys, so the two reference layers hold the same summaries."""
+    q, k, v = _qkv(6)
+    pieces = [40, 24, 16] + [1] * 40  # 80 prompt queries read in chunks, then 40 decoding steps
+    same = dict(topk_blocks=3, device_cache_blocks=8, block_ranking="bounds", rank_rotated=True)
+    one_stage = _feed(_layer(**same), q, k, v, pieces)
+    two_stages = _feed(_layer(rerank_blocks=8, **same), q, k, v, pieces)
+    decoding_only = _feed(_layer(rerank_blocks=8, rerank_chunks=False, **same), q, k, v, pieces)
+    prompt = slice(0, 80)
+    steps = slice(80, T)
+    assert torch.equal(decoding_only[:, prompt], one_stage[:, prompt])
+    assert torch.equal(decoding_only[:, steps], two_stages[:, steps])
+    # Both parts differ between the references, so each equality above says which stage chose.
+    assert not torch.equal(one_stage[:, prompt], two_stages[:, prompt])
+    assert not torch.equal(one_stage[:, steps], two_stages[:, steps])
+
+
 def test_sinks_are_kept_and_blocks_form_every_block_size_evicted_tokens():
     layer = _layer()
     q, k, v = _qkv(2)

@@ -32,7 +32,7 @@ MEMORY_POSITIONS = ("shared", "ordered")
 # recorded: a saved identity without the key is read as having this value.
 ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "rank_rotated": False,
                "following_blocks": 0, "memory_positions": "shared", "prefill_topk_blocks": None,
-               "rerank_blocks": None}
+               "rerank_blocks": None, "rerank_chunks": True}
 
 
 class ConfigError(ValueError):
@@ -87,6 +87,9 @@ class InfLLMConfig:
                                                           query over their keys choose the top-k among them
                                                           (each head's largest logit in a block, summed over
                                                           heads); null = the summaries choose alone
+    rerank_chunks        (none)                           with rerank_blocks: also re-rank for chunks of more
+                                                          than one query (a prompt being read), whose ranking
+                                                          query is their mean; false = decoding steps only
     following_blocks     (none)                           also retrieve the next N blocks after each chosen
                                                           one (a passage cut by a block boundary)
     memory_positions     (none)                           where the global stage places what it attends: shared
@@ -125,6 +128,7 @@ class InfLLMConfig:
     block_ranking: str = "bounds"
     rank_rotated: bool = True
     rerank_blocks: int | None = None
+    rerank_chunks: bool = True
     following_blocks: int = 0
     memory_positions: str = "shared"
     storage_dtype: str = "auto"
@@ -149,7 +153,7 @@ class InfLLMConfig:
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _check_choice("block_ranking", self.block_ranking, BLOCK_RANKINGS)
         _check_choice("memory_positions", self.memory_positions, MEMORY_POSITIONS)
-        for name in ("per_head_ranking", "rank_rotated"):
+        for name in ("per_head_ranking", "rank_rotated", "rerank_chunks"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be true or false")
         self._check_score_decay()
@@ -190,6 +194,9 @@ class InfLLMConfig:
     def _check_rerank(self) -> None:
         n = self.rerank_blocks
         if n is None:
+            if not self.rerank_chunks:
+                raise ValueError("rerank_chunks=false limits the second stage to decoding steps, but there is none: "
+                                 "set rerank_blocks, or rerank_chunks: true")
             return
         most = max(self.topk_blocks, self.chunk_topk_blocks)
         _check_int("rerank_blocks", n, 1)

@@ -122,7 +122,8 @@ class LayerMemory(LayerState):
         self._scores = scores if self.trace is not None else None
         # A decoding step (one query) retrieves topk_blocks, a chunk of a prompt prefill_topk_blocks when set.
         topk = cfg.topk_blocks if q.shape[1] == 1 else cfg.chunk_topk_blocks
-        if cfg.rerank_blocks is not None and self.blocks.num_blocks > topk:
+        rerank = cfg.rerank_blocks is not None and (cfg.rerank_chunks or q.shape[1] == 1)
+        if rerank and self.blocks.num_blocks > topk:
             # Two stages: the summaries shortlist candidates, the exact logits over their keys choose among them.
             # The shortlist's ids are needed on the host to load its keys (on CUDA, a wait for the device).
             shortlist = select_blocks(scores, cfg.rerank_blocks)
