@@ -67,6 +67,9 @@ REFUSED = [
     (dict(rerank_blocks=256), ["rerank_blocks=256", "device_cache_blocks=128"]),
     (dict(rerank_blocks=128, per_head_ranking=True), ["rerank_blocks=128", "per_head_ranking"]),
     (dict(rerank_chunks=False), ["rerank_chunks=false", "rerank_blocks"]),
+    (dict(rerank_keep_blocks=8), ["rerank_keep_blocks=8", "rerank_blocks"]),
+    (dict(rerank_blocks=128, rerank_keep_blocks=65), ["rerank_keep_blocks=65", "topk_blocks=64"]),
+    (dict(rerank_blocks=128, rerank_keep_blocks=-1), ["rerank_keep_blocks=-1", ">= 0"]),
     (dict(rerank_blocks=128, device_cache_blocks=128, rerank_chunks="no"), ["rerank_chunks='no'", "true or false"]),
     (dict(topk_blocks=160), ["topk_blocks=160", "device_cache_blocks=128"]),
     (dict(topk_blocks=8, device_cache_blocks=4), ["topk_blocks=8", "device_cache_blocks=4"]),
@@ -110,6 +113,7 @@ def test_boundary_values_are_accepted():
     InfLLMConfig(rerank_blocks=64)
     InfLLMConfig(rerank_blocks=128)
     InfLLMConfig(rerank_blocks=128, rerank_chunks=False)
+    InfLLMConfig(rerank_blocks=128, rerank_keep_blocks=64)
     InfLLMConfig(cache_policy="lru-s", score_decay=0.1)
     InfLLMConfig(cache_policy="fifo")
     # The baselines retrieve nothing: zero blocks is meaningful, and the memory invariants do not bind.

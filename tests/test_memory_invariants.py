@@ -75,13 +75,16 @@ def test_weights_sum_to_one_and_each_token_counts_once(pieces, per_head):
                                      dict(repr_tokens=1), dict(block_ranking="bounds", rank_rotated=True),
                                      dict(following_blocks=1),
                                      dict(block_ranking="bounds", rank_rotated=True, rerank_blocks=6),
-                                     dict(rank_rotated=True, rerank_blocks=5, following_blocks=1)])
+                                     dict(rank_rotated=True, rerank_blocks=5, following_blocks=1),
+                                     dict(block_ranking="bounds", rank_rotated=True, rerank_blocks=6,
+                                          rerank_keep_blocks=1)])
 def test_chosen_blocks_equal_an_independent_recomputation_from_keys_and_attention(ranking):
     """Fed token by token with top-k below the number of blocks, each query attends exactly the blocks that a
     recomputation outside the memory chooses: block summaries from the keys fed and the attention mass each key
     received while in the window (read off the outputs, which are the attention weights), ranked by the query.
     This pins representatives (their layout through the buffer's growth), key bounds and the ranking; with
-    rerank_blocks, the shortlist and its re-ranking by each head's largest exact logit in a block."""
+    rerank_blocks, the shortlist and its re-ranking by each head's largest exact logit in a block (with
+    rerank_keep_blocks, after the summaries' best)."""
     topk = 3
     layer = _layer(topk_blocks=topk, device_cache_blocks=8, repr_dtype="float32", **ranking)  # float16 rounds near-ties
     cfg, sinks, size, window = layer.config, layer.config.num_sink_tokens, layer.config.block_size, layer.config.local_window
@@ -127,7 +130,10 @@ def test_chosen_blocks_equal_an_independent_recomputation_from_keys_and_attentio
             continue
         chosen = clear_top([(score(b, query[:, p]), b) for b in formed], cfg.rerank_blocks or topk)
         if chosen is not None and cfg.rerank_blocks:
-            chosen = clear_top([(exact(b, query[:, p]), b) for b in chosen], topk)
+            # The summaries' best rerank_keep_blocks stay, the exact logits choose the rest of the shortlist.
+            kept = clear_top([(score(b, query[:, p]), b) for b in formed], cfg.rerank_keep_blocks) or set()
+            others = clear_top([(exact(b, query[:, p]), b) for b in chosen - kept], topk - len(kept))
+            chosen = None if others is None or (cfg.rerank_keep_blocks and not kept) else kept | others
         if chosen is None:
             continue
         chosen |= {b + 1 for b in chosen if b + 1 in formed and cfg.following_blocks}  # and the next block
@@ -231,6 +237,8 @@ def test_a_shortlist_of_top_k_blocks_gives_the_one_stage_outputs(pieces):
     one_stage = _feed(_layer(**same), q, k, v, pieces)
     assert torch.equal(_feed(_layer(rerank_blocks=3, **same), q, k, v, pieces), one_stage)
     assert not torch.equal(_feed(_layer(rerank_blocks=8, **same), q, k, v, pieces), one_stage)
+    # Keeping the summaries' whole top-k leaves the exact logits nothing to choose: the one-stage outputs again.
+    assert torch.equal(_feed(_layer(rerank_blocks=8, rerank_keep_blocks=3, **same), q, k, v, pieces), one_stage)
 
 
 def test_rerank_chunks_false_re_ranks_decoding_steps_only():

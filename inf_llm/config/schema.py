@@ -32,7 +32,7 @@ MEMORY_POSITIONS = ("shared", "ordered")
 # recorded: a saved identity without the key is read as having this value.
 ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "rank_rotated": False,
                "following_blocks": 0, "memory_positions": "shared", "prefill_topk_blocks": None,
-               "rerank_blocks": None, "rerank_chunks": True}
+               "rerank_blocks": None, "rerank_chunks": True, "rerank_keep_blocks": 0}
 
 
 class ConfigError(ValueError):
@@ -90,6 +90,9 @@ class InfLLMConfig:
     rerank_chunks        (none)                           with rerank_blocks: also re-rank for chunks of more
                                                           than one query (a prompt being read), whose ranking
                                                           query is their mean; false = decoding steps only
+    rerank_keep_blocks   (none)                           with rerank_blocks: this many of the top-k are the
+                                                          summaries' best, kept; the exact logits choose the
+                                                          rest from the other candidates (0 = all of them)
     following_blocks     (none)                           also retrieve the next N blocks after each chosen
                                                           one (a passage cut by a block boundary)
     memory_positions     (none)                           where the global stage places what it attends: shared
@@ -129,6 +132,7 @@ class InfLLMConfig:
     rank_rotated: bool = True
     rerank_blocks: int | None = None
     rerank_chunks: bool = True
+    rerank_keep_blocks: int = 0
     following_blocks: int = 0
     memory_positions: str = "shared"
     storage_dtype: str = "auto"
@@ -193,11 +197,18 @@ class InfLLMConfig:
 
     def _check_rerank(self) -> None:
         n = self.rerank_blocks
+        _check_int("rerank_keep_blocks", self.rerank_keep_blocks, 0)
         if n is None:
             if not self.rerank_chunks:
                 raise ValueError("rerank_chunks=false limits the second stage to decoding steps, but there is none: "
                                  "set rerank_blocks, or rerank_chunks: true")
+            if self.rerank_keep_blocks:
+                raise ValueError(f"rerank_keep_blocks={self.rerank_keep_blocks} keeps blocks from a second stage, "
+                                 "but there is none: set rerank_blocks, or rerank_keep_blocks: 0")
             return
+        if self.rerank_keep_blocks > self.topk_blocks:
+            raise ValueError(f"rerank_keep_blocks={self.rerank_keep_blocks} exceeds topk_blocks={self.topk_blocks}: "
+                             "it is the part of the top-k that the summaries choose")
         most = max(self.topk_blocks, self.chunk_topk_blocks)
         _check_int("rerank_blocks", n, 1)
         if n < most:

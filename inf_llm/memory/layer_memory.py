@@ -128,7 +128,16 @@ class LayerMemory(LayerState):
             # The shortlist's ids are needed on the host to load its keys (on CUDA, a wait for the device).
             shortlist = select_blocks(scores, cfg.rerank_blocks)
             exact = self.blocks.score_blocks(shortlist.tolist(), lambda keys: exact_block_scores(q, keys))
-            chosen = shortlist[select_blocks(exact, topk)]
+            keep = min(cfg.rerank_keep_blocks, topk)
+            if keep:
+                # The summaries' best `keep` (a subset of the shortlist: the same order, cut shorter) stay; the
+                # exact logits choose the rest among the other candidates.
+                kept = select_blocks(scores, keep)
+                exact = exact.masked_fill(torch.isin(shortlist, kept), -torch.inf)
+                others = shortlist[select_blocks(exact, topk - keep)] if keep < topk else kept[:0]
+                chosen = torch.cat((kept, others)).sort().values
+            else:
+                chosen = shortlist[select_blocks(exact, topk)]
         else:
             chosen = select_blocks(scores, topk)
         return BlockIds(with_following(chosen, cfg.following_blocks, self.blocks.num_blocks))
