@@ -256,7 +256,7 @@ class BlockStore:
         slots = [block_slot[b] for b in block_ids]
         if loads:
             try:
-                self._load(loads, [self.block_slot[b] for b in loads])
+                self._load(loads, spare)  # the slots just given to them, in the same order
             except BaseException:
                 # Slots must never name blocks whose data did not arrive (a disk error, an interrupt).
                 for block_id in loads:
