@@ -183,6 +183,29 @@ def test_generate_reads_all_but_the_last_prompt_token_as_a_prefill():
         next(engine.generate([], params))
 
 
+def test_forced_blocks_are_in_every_layers_choice_at_every_step():
+    """InfLLMMemory.force_blocks (the benchmark's needle oracle): once a forced block exists, every traced chunk
+    of every layer retrieved it, besides its own top-k; settings that cannot hold them are refused."""
+    model = tiny_model("llama")
+    engine = Engine(model, ByteTokenizer(), _config(device_cache_blocks=8))
+    engine.memory.force_blocks([2, 5, 5, 400])
+    trace = engine.memory.start_trace()
+    engine.feed(_ids(200, seed=6), progress=None)
+    for token in (1, 2, 3):
+        engine.feed([token])
+    checked = 0
+    for chunk in trace.chunks:
+        formed = 0 if chunk.scores is None else chunk.scores.shape[-1]  # blocks that existed for this chunk
+        ids = set(chunk.blocks.tolist())
+        assert ids >= {b for b in (2, 5) if b < formed} and 400 not in ids
+        checked += len(ids) > 3  # the top-3 and forced blocks besides
+    assert checked > 0
+    with pytest.raises(ValueError, match="device_cache_blocks=8"):
+        engine.memory.force_blocks(list(range(6)))  # 3 + 6 slots
+    with pytest.raises(ValueError, match="per KV head"):
+        Engine(model, ByteTokenizer(), _config(per_head_ranking=True, device_cache_blocks=8)).memory.force_blocks([1])
+
+
 def test_greedy_ids_equal_the_stock_models_generate():
     model = tiny_model("qwen2")
     prompt = _ids(30, seed=5)

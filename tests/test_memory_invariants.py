@@ -260,6 +260,24 @@ def test_rerank_chunks_false_re_ranks_decoding_steps_only():
     assert not torch.equal(one_stage[:, steps], two_stages[:, steps])
 
 
+@pytest.mark.parametrize("pieces", [[T], [13, 40, 67], [1] * T])
+def test_forcing_every_block_is_retrieving_every_block(pieces):
+    """The benchmark's oracle adds blocks to each choice: forcing ids that cover every block (most of them not
+    formed yet, which are skipped) gives a top-2 layer the outputs of a layer whose top-k takes every block, bit for
+    bit; forcing nothing (None) leaves the top-2 outputs."""
+    q, k, v = _qkv(7)
+    same = dict(device_cache_blocks=64, block_ranking="bounds", rank_rotated=True)
+    every = _feed(_layer(topk_blocks=64, **same), q, k, v, pieces)
+    top2 = _feed(_layer(topk_blocks=2, **same), q, k, v, pieces)
+    forced = _layer(topk_blocks=2, **same)
+    forced.forced_blocks = torch.arange(1000)
+    assert torch.equal(_feed(forced, q, k, v, pieces), every)
+    forced.reset()
+    forced.forced_blocks = None
+    assert torch.equal(_feed(forced, q, k, v, pieces), top2)
+    assert not torch.equal(top2, every)
+
+
 def test_sinks_are_kept_and_blocks_form_every_block_size_evicted_tokens():
     layer = _layer()
     q, k, v = _qkv(2)

@@ -166,6 +166,34 @@ def test_prose_command_answers_every_case_resumes_and_draws(tiny_checkpoint, tok
     assert main(base) == 2  # a clear error, before the model loads
 
 
+def test_needle_oracle_cases_are_their_own_and_force_the_answers_blocks(tiny_checkpoint, tokenizer, tmp_path,
+                                                                       paragraphs, monkeypatch):
+    """--needle-oracle: inf-llm's cases carry the oracle in their key and label (a resumed run keeps them apart
+    from plain ones); the forced blocks are exactly those holding a token of the needle with the answer."""
+    from inf_llm.bench.prose import answer_blocks
+    from inf_llm.config.schema import InfLLMConfig
+
+    corpus = tmp_path / "corpus.tar.gz"
+    _archive(corpus, [_wrapped(paragraphs[:150]), _wrapped(paragraphs[150:])])
+    monkeypatch.setenv("INF_LLM_CORPUS", str(corpus))
+    torch.set_num_threads(1)
+    base = ["prose", "--model-path", str(tiny_checkpoint), "--tasks", "multikey", "--lengths", "700", "--depths",
+            "0.5", "--seeds", "1", "--methods", "inf-llm,stream-llm", "--out", str(tmp_path),
+            *[arg.replace("device_cache_blocks=4", "device_cache_blocks=8") for arg in SMALL]]
+    assert main(base) == 0 and main([*base, "--needle-oracle"]) == 0
+    records = read_records(tmp_path / "prose.jsonl")
+    assert sorted(("oracle" in r["case"], "needle oracle" in r["label"], r["label"].split()[0]) for r in records) == [
+        (False, False, "inf-llm"), (False, False, "stream-llm"), (True, True, "inf-llm")]
+    prompt = build_prose_prompt(tokenizer, "multikey", 4096, 0.5, 0, paragraphs)
+    config = InfLLMConfig(num_sink_tokens=8, block_size=16)
+    (target,) = prompt.answer_needles
+    start, end = prompt.needles[target]
+    blocks = answer_blocks(prompt, config)
+    assert blocks == list(range((start - 8) // 16, (end - 1 - 8) // 16 + 1))
+    others = {(p - 8) // 16 for i, (a, e) in enumerate(prompt.needles) if i != target for p in range(a, e)}
+    assert len(prompt.needles) == 4 and not others & set(blocks)  # the distractors are not forced
+
+
 # --- the retrieval trace --------------------------------------------------------------------------------------------
 
 

@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     prose.add_argument("--repetition-penalty", type=float, default=1.0,
                        help="the chat's penalty on what a reply repeats beyond its context (default: 1.0, none; "
                             "the chat's default is 1.2)")
+    prose.add_argument("--needle-oracle", action="store_true",
+                       help="analysis: inf-llm retrieves the blocks of the needles that hold the answer in every layer "
+                            "at every step, besides its own choice (is the needle enough once retrieved?)")
     prose.add_argument("--full-max-len", type=parse_length, default=parse_length("8K"),
                        help="longest prompt given to full attention (default: 8K)")
     prose.add_argument("--stream-max-len", type=parse_length, default=None,
@@ -337,7 +340,7 @@ def cmd_prose(args, console) -> None:
     plan = ProsePlan(tasks=args.tasks, lengths=args.lengths, depths=args.depths, seeds=args.seeds,
                      full_max_len=args.full_max_len, stream_max_len=args.stream_max_len,
                      prefill_chunk=args.prefill_chunk, first_seed=args.first_seed,
-                     repetition_penalty=args.repetition_penalty)
+                     repetition_penalty=args.repetition_penalty, needle_oracle=args.needle_oracle)
     _run_cases(args, console, KIND, prose_table, functools.partial(run_prose, plan=plan))
 
 

@@ -19,6 +19,7 @@ from inf_llm.bench.prose_tasks import MAX_NEW_TOKENS, PROMPT_VERSION, ProsePromp
 from inf_llm.bench.results import ResultLog, machine_info
 from inf_llm.generation.engine import Engine
 from inf_llm.generation.sampling import SamplingParams
+from inf_llm.memory.retrieval_trace import RetrievalTrace
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ class ProsePlan:
     # The chat's penalty on what a reply repeats beyond its context (`RepeatCounter`); 1.0 = none, as greedy
     # benchmark answers are (a case run with a penalty is its own case, and its label says so).
     repetition_penalty: float = 1.0
+    # An oracle for analysis: inf-llm runs add the blocks of the needles that hold the answer to every layer's
+    # choice at every step (`InfLLMMemory.force_blocks`). What is then still wrong is not the ranking's doing.
+    needle_oracle: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,17 +52,20 @@ class ProseCase:
     depth: float
     seed: int
     repetition_penalty: float = 1.0
+    needle_oracle: bool = False
 
     def key(self, model_id: str) -> dict[str, Any]:
         prompt = {"version": PROMPT_VERSION, "max_new_tokens": MAX_NEW_TOKENS[self.task]}
         if self.repetition_penalty != 1.0:
             prompt["repetition_penalty"] = self.repetition_penalty
-        return {"model": model_id, "settings": self.run.identity(), "task": self.task, "length": self.length,
-                "depth": self.depth, "seed": self.seed, "prompt": prompt}
+        key = {"model": model_id, "settings": self.run.identity(), "task": self.task, "length": self.length,
+               "depth": self.depth, "seed": self.seed, "prompt": prompt}
+        return {**key, "oracle": "needles"} if self.needle_oracle else key
 
     @property
     def label(self) -> str:
-        return self.run.label + (f" penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1.0 else "")
+        return (self.run.label + (f" penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1.0 else "")
+                + (" needle oracle" if self.needle_oracle else ""))
 
 
 def plan_cases(runs: list[MethodRun], plan: ProsePlan) -> list[ProseCase]:
@@ -72,7 +79,8 @@ def plan_cases(runs: list[MethodRun], plan: ProsePlan) -> list[ProseCase]:
                     continue
                 for depth in plan.depths:
                     for seed in range(plan.first_seed, plan.first_seed + plan.seeds):
-                        cases.append(ProseCase(run, task, length, depth, seed, plan.repetition_penalty))
+                        cases.append(ProseCase(run, task, length, depth, seed, plan.repetition_penalty,
+                                               plan.needle_oracle and run.method == "inf-llm"))
     return cases
 
 
@@ -95,6 +103,13 @@ def answer(engine: Engine, prompt: ProsePrompt, progress=None, repetition_penalt
             "score": value, "correct": value == 1.0, "needles": [list(span) for span in prompt.needles],
             "prefill_s": prefill_s, "prefill_tokens_per_s": (len(prompt.ids) - 1) / prefill_s if prefill_s else None,
             "decode_ms_per_token": decode_ms}
+
+
+def answer_blocks(prompt: ProsePrompt, config) -> list[int]:
+    """The memory blocks that hold the needles with the prompt's answer (blocks are cut from the tokens after the
+    sinks, `block_size` at a time)."""
+    layout = RetrievalTrace(config.block_size, config.num_sink_tokens)
+    return sorted({b for i in prompt.answer_needles for b in layout.blocks_of(*prompt.needles[i])})
 
 
 def run_prose(model, tokenizer, model_id: str, runs: list[MethodRun], plan: ProsePlan, log: ResultLog,
@@ -121,8 +136,14 @@ def run_prose(model, tokenizer, model_id: str, runs: list[MethodRun], plan: Pros
             prompt = build_prose_prompt(tokenizer, case.task, case.length, case.depth, case.seed)
             what = f"{case.label} {case.task} {case.length} tokens, depth {case.depth:.0%}, seed {case.seed}"
             progress.update(reading, description=what, completed=0, total=len(prompt.ids), visible=True)
-            result = answer(engines[run], prompt, lambda done, total: progress.update(reading, completed=done),
-                            case.repetition_penalty)
+            if case.needle_oracle:
+                engines[run].memory.force_blocks(answer_blocks(prompt, run.config))
+            try:
+                result = answer(engines[run], prompt, lambda done, total: progress.update(reading, completed=done),
+                                case.repetition_penalty)
+            finally:
+                if case.needle_oracle:
+                    engines[run].memory.force_blocks(None)
             record = log.append(KIND, case.key(model_id), label=case.label, config=run.config.to_dict(),
                                 machine=machine, **result)
             new.append(record)

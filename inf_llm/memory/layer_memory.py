@@ -140,6 +140,9 @@ class LayerMemory(LayerState):
                 chosen = shortlist[select_blocks(exact, topk)]
         else:
             chosen = select_blocks(scores, topk)
+        if self.forced_blocks is not None:  # (per-layer ranking only: `InfLLMMemory.force_blocks` checks)
+            forced = self.forced_blocks[self.forced_blocks < self.blocks.num_blocks].to(chosen.device)
+            chosen = torch.cat((chosen, forced)).unique(sorted=True)
         return BlockIds(with_following(chosen, cfg.following_blocks, self.blocks.num_blocks))
 
     def _global_keys(self, chosen: BlockIds | None, comp_k: torch.Tensor, comp_v: torch.Tensor

@@ -53,6 +53,9 @@ class LayerState:
         self.index = 0  # the decoder layer this memory belongs to (set by InfLLMMemory; names it in traces)
         self.trace = None  # a RetrievalTrace while one is attached (retrieval_trace.py); None costs nothing
         self._scores = None  # the last chunk's block scores, kept for the trace only
+        # Block ids added to every choice while set (`InfLLMMemory.force_blocks`: an oracle for the benchmark's
+        # analysis, never set by the chat); None costs nothing.
+        self.forced_blocks: torch.Tensor | None = None
         # Staged chunks (see `_chunk`) with block copies on a side stream: the default on CUDA, where they let
         # retrieval overlap the local stage. Without: one stream, everything in program order.
         self.overlap = device.type == "cuda" if overlap is None else overlap
