@@ -171,7 +171,6 @@ def test_needle_oracle_cases_are_their_own_and_force_the_answers_blocks(tiny_che
     """--needle-oracle: inf-llm's cases carry the oracle in their key and label (a resumed run keeps them apart
     from plain ones); the forced blocks are exactly those holding a token of the needle with the answer."""
     from inf_llm.bench.prose import answer_blocks
-    from inf_llm.config.schema import InfLLMConfig
 
     corpus = tmp_path / "corpus.tar.gz"
     _archive(corpus, [_wrapped(paragraphs[:150]), _wrapped(paragraphs[150:])])
@@ -185,10 +184,9 @@ def test_needle_oracle_cases_are_their_own_and_force_the_answers_blocks(tiny_che
     assert sorted(("oracle" in r["case"], "needle oracle" in r["label"], r["label"].split()[0]) for r in records) == [
         (False, False, "inf-llm"), (False, False, "stream-llm"), (True, True, "inf-llm")]
     prompt = build_prose_prompt(tokenizer, "multikey", 4096, 0.5, 0, paragraphs)
-    config = InfLLMConfig(num_sink_tokens=8, block_size=16)
     (target,) = prompt.answer_needles
     start, end = prompt.needles[target]
-    blocks = answer_blocks(prompt, config)
+    blocks = answer_blocks(prompt, 16, 8)
     assert blocks == list(range((start - 8) // 16, (end - 1 - 8) // 16 + 1))
     others = {(p - 8) // 16 for i, (a, e) in enumerate(prompt.needles) if i != target for p in range(a, e)}
     assert len(prompt.needles) == 4 and not others & set(blocks)  # the distractors are not forced

@@ -105,10 +105,10 @@ def answer(engine: Engine, prompt: ProsePrompt, progress=None, repetition_penalt
             "decode_ms_per_token": decode_ms}
 
 
-def answer_blocks(prompt: ProsePrompt, config) -> list[int]:
+def answer_blocks(prompt: ProsePrompt, block_size: int, num_sink_tokens: int) -> list[int]:
     """The memory blocks that hold the needles with the prompt's answer (blocks are cut from the tokens after the
-    sinks, `block_size` at a time)."""
-    layout = RetrievalTrace(config.block_size, config.num_sink_tokens)
+    sinks, `block_size` at a time): what the needle oracle forces and the trace follows."""
+    layout = RetrievalTrace(block_size, num_sink_tokens)
     return sorted({b for i in prompt.answer_needles for b in layout.blocks_of(*prompt.needles[i])})
 
 
@@ -137,7 +137,7 @@ def run_prose(model, tokenizer, model_id: str, runs: list[MethodRun], plan: Pros
             what = f"{case.label} {case.task} {case.length} tokens, depth {case.depth:.0%}, seed {case.seed}"
             progress.update(reading, description=what, completed=0, total=len(prompt.ids), visible=True)
             if case.needle_oracle:
-                engines[run].memory.force_blocks(answer_blocks(prompt, run.config))
+                engines[run].memory.force_blocks(answer_blocks(prompt, run.config.block_size, run.config.num_sink_tokens))
             try:
                 result = answer(engines[run], prompt, lambda done, total: progress.update(reading, completed=done),
                                 case.repetition_penalty)

@@ -123,15 +123,15 @@ class InfLLMMemory:
         """Add these blocks to every layer's choice at every step from now on (those that exist yet), or stop
         (None). An oracle for analysis (the benchmark's `--needle-oracle`: is a needle enough once it is
         retrieved whole in every layer?), not a retrieval setting; the device cache must hold the top-k and them."""
-        if block_ids is not None:
-            if self.config.per_head_ranking:
-                raise ValueError("forced blocks need one choice per layer: per_head_ranking chooses per KV head")
-            cfg = self.config
-            most = (max(cfg.topk_blocks, cfg.chunk_topk_blocks) + len(set(block_ids))) * (1 + cfg.following_blocks)
-            if most > cfg.device_cache_blocks:
-                raise ValueError(f"{len(set(block_ids))} forced blocks and the top-k need up to {most} device-cache "
-                                 f"slots, more than device_cache_blocks={cfg.device_cache_blocks}")
         forced = None if block_ids is None else torch.tensor(sorted(set(block_ids)), dtype=torch.long)
+        if forced is not None:
+            cfg = self.config
+            if cfg.per_head_ranking:
+                raise ValueError("forced blocks need one choice per layer: per_head_ranking chooses per KV head")
+            most = (max(cfg.topk_blocks, cfg.chunk_topk_blocks) + len(forced)) * (1 + cfg.following_blocks)
+            if most > cfg.device_cache_blocks:
+                raise ValueError(f"{len(forced)} forced blocks and the top-k need up to {most} device-cache "
+                                 f"slots, more than device_cache_blocks={cfg.device_cache_blocks}")
         for layer in self.layers:
             layer.forced_blocks = forced
 
