@@ -71,6 +71,8 @@ REFUSED = [
     (dict(rerank_blocks=128, rerank_keep_blocks=65), ["rerank_keep_blocks=65", "topk_blocks=64"]),
     (dict(rerank_blocks=128, rerank_keep_blocks=-1), ["rerank_keep_blocks=-1", ">= 0"]),
     (dict(rerank_blocks=128, device_cache_blocks=128, rerank_chunks="no"), ["rerank_chunks='no'", "true or false"]),
+    (dict(decode_rank_every=0), ["decode_rank_every=0", ">= 1"]),
+    (dict(decode_rank_every=True), ["decode_rank_every=True", "integer"]),
     (dict(topk_blocks=160), ["topk_blocks=160", "device_cache_blocks=128"]),
     (dict(topk_blocks=8, device_cache_blocks=4), ["topk_blocks=8", "device_cache_blocks=4"]),
     (dict(repr_tokens=33, block_size=32), ["repr_tokens=33", "block_size=32"]),

@@ -467,3 +467,62 @@ def test_block_selection_breaks_ties_toward_the_earlier_block(shape, k, levels):
     expected = torch.tensor([sorted(sorted(range(len(r)), key=lambda i: (-r[i], i))[:k]) for r in rows]).view(*shape[:-1], k)
     assert torch.equal(select_blocks(scores, k), expected)
     assert torch.equal(select_blocks_earliest_on_ties(scores, k), expected)
+
+
+@pytest.mark.parametrize("stages", [dict(), dict(rerank_blocks=8, rerank_chunks=False)])
+def test_decode_rank_every_reuses_the_last_ranked_steps_blocks(stages):
+    """With decode_rank_every = 3, a prompt's chunks and every third decoding step (the first after a prompt,
+    then each third) choose as a layer that ranks every step does, bit for bit; the two steps after each attend
+    exactly the memory blocks that step chose. Key bounds depend only on the keys, so both layers hold the same
+    memory whatever they attended."""
+    q, k, v = _qkv(6)
+    pieces = [40, 24, 16] + [1] * 20 + [8] + [1] * 12  # a prompt, 20 steps, a second prompt, 12 steps
+    same = dict(topk_blocks=3, device_cache_blocks=8, block_ranking="bounds", rank_rotated=True, **stages)
+    every = _feed(_layer(**same), q, k, v, pieces)
+    reused = _feed(_layer(decode_rank_every=3, **same), q, k, v, pieces)
+    cfg = _layer(**same).config
+    sinks, size, window = cfg.num_sink_tokens, cfg.block_size, cfg.local_window
+
+    def attended_blocks(p: int) -> set[int]:
+        formed = [b for b in range(T) if sinks + (b + 1) * size <= p - window]
+        return {b for b in formed if (reused[:, p, sinks + b * size : sinks + (b + 1) * size] > 0).all()}
+
+    ranked_at, differs = None, 0
+    for p, prompt in [(p, False) for p in range(80, 100)] + [(p, True) for p in range(100, 108)] \
+            + [(p, False) for p in range(108, T)]:
+        if prompt:
+            ranked_at = None
+            assert torch.equal(reused[:, p], every[:, p]), p
+            continue
+        first = 80 if p < 100 else 108
+        if (p - first) % 3 == 0:
+            ranked_at = p
+            assert torch.equal(reused[:, p], every[:, p]), p
+        else:
+            assert attended_blocks(p) == attended_blocks(ranked_at), (p, ranked_at)
+            differs += not torch.equal(reused[:, p], every[:, p])
+    assert torch.equal(reused[:, :80], every[:, :80])
+    assert differs >= 5  # the reused choice is not what ranking at those steps would have chosen
+
+
+def test_decode_rank_every_rolls_back_and_resumes_mid_reuse():
+    """A snapshot taken between two ranked decoding steps holds the choice being reused: restored (or loaded
+    into a new layer from the state dict), the layer attends what it attended the first time."""
+    q, k, v = _qkv(7)
+    cfg = dict(topk_blocks=3, device_cache_blocks=8, block_ranking="bounds", decode_rank_every=4)
+    layer = _layer(**cfg)
+    _feed(layer, q[:, :70], k[:, :70], v[:, :70], [64] + [1] * 6)  # ranked at steps 1 and 5, so two steps still reuse
+    assert layer._reuse_left == 2
+    snap, state = layer.snapshot(), layer.state_dict()
+    rest = [1] * 20 + [10] + [1] * 20
+    first = _feed(layer, q[:, 70:], k[:, 70:], v[:, 70:], rest)
+    layer.restore(snap)
+    torch.testing.assert_close(_feed(layer, q[:, 70:], k[:, 70:], v[:, 70:], rest), first, atol=0, rtol=0)
+    resumed = _layer(**cfg)
+    resumed.load_state_dict(state)
+    torch.testing.assert_close(_feed(resumed, q[:, 70:], k[:, 70:], v[:, 70:], rest), first, atol=0, rtol=0)
+    # Without the saved reuse (a session saved before the setting existed), the next step ranks afresh.
+    legacy = _layer(**cfg)
+    legacy.load_state_dict({key: value for key, value in state.items() if not key.startswith("reuse_")})
+    assert legacy._reused is None and legacy._reuse_left == 0
+    assert not torch.equal(_feed(legacy, q[:, 70:], k[:, 70:], v[:, 70:], rest), first)  # so the saved reuse mattered

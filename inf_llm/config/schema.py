@@ -32,7 +32,8 @@ MEMORY_POSITIONS = ("shared", "ordered")
 # recorded: a saved identity without the key is read as having this value.
 ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "rank_rotated": False,
                "following_blocks": 0, "memory_positions": "shared", "prefill_topk_blocks": None,
-               "rerank_blocks": None, "rerank_chunks": True, "rerank_keep_blocks": 0}
+               "rerank_blocks": None, "rerank_chunks": True, "rerank_keep_blocks": 0,
+               "decode_rank_every": 1}
 
 
 class ConfigError(ValueError):
@@ -93,6 +94,11 @@ class InfLLMConfig:
     rerank_keep_blocks   (none)                           with rerank_blocks: this many of the top-k are the
                                                           summaries' best, kept; the exact logits choose the
                                                           rest from the other candidates (0 = all of them)
+    decode_rank_every    (none)                           decoding ranks (both stages) at the first step after
+                                                          a prompt and every N-th step after it; the steps
+                                                          between attend the blocks that ranking chose, as the
+                                                          queries of one prompt chunk share a choice (1 = every
+                                                          step ranks, the paper)
     following_blocks     (none)                           also retrieve the next N blocks after each chosen
                                                           one (a passage cut by a block boundary)
     memory_positions     (none)                           where the global stage places what it attends: shared
@@ -133,6 +139,7 @@ class InfLLMConfig:
     rerank_blocks: int | None = None
     rerank_chunks: bool = True
     rerank_keep_blocks: int = 0
+    decode_rank_every: int = 1
     following_blocks: int = 0
     memory_positions: str = "shared"
     storage_dtype: str = "auto"
@@ -145,7 +152,7 @@ class InfLLMConfig:
         _check_choice("method", self.method, METHODS)
         _check_int("num_sink_tokens", self.num_sink_tokens, 0)
         _check_int("following_blocks", self.following_blocks, 0)
-        for name in ("local_window", "block_size", "repr_tokens", "chunk_size", "device_cache_blocks"):
+        for name in ("local_window", "block_size", "repr_tokens", "chunk_size", "device_cache_blocks", "decode_rank_every"):
             _check_int(name, getattr(self, name), 1)
         # The baselines retrieve nothing, so zero blocks is meaningful for them only.
         _check_int("topk_blocks", self.topk_blocks, 1 if self.method == "inf-llm" else 0)

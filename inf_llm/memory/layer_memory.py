@@ -117,6 +117,22 @@ class LayerMemory(LayerState):
         if not self.blocks.num_blocks:
             return None
         cfg, hkv = self.config, self.shape.num_kv_heads
+        decoding = q.shape[1] == 1
+        if decoding and self._reuse_left:
+            # decode_rank_every: this step attends the last ranked step's blocks (ids stay valid: blocks only
+            # append). A prompt's chunk ends the reuse, so the first step after a prompt always ranks.
+            self._reuse_left -= 1
+            return self._reused
+        chosen = self._rank(q)
+        if decoding and cfg.decode_rank_every > 1:
+            self._reused, self._reuse_left = chosen, cfg.decode_rank_every - 1
+        else:
+            self._reused, self._reuse_left = None, 0
+        return chosen
+
+    def _rank(self, q: torch.Tensor) -> BlockIds:
+        """The blocks this chunk's queries choose by ranking: one stage or two, forced blocks, following blocks."""
+        cfg, hkv = self.config, self.shape.num_kv_heads
         query = ranking_query(q, cfg.block_ranking, hkv)
         scores = block_scores(self.reprs, query, hkv, cfg.per_head_ranking, self._repr_absmax)
         self._scores = scores if self.trace is not None else None

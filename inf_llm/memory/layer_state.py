@@ -16,6 +16,7 @@ import torch
 from inf_llm.config.schema import InfLLMConfig
 from inf_llm.kernels import AttentionOps
 from inf_llm.model.rope import RotaryTable
+from inf_llm.storage.block_ids import BlockIds
 from inf_llm.storage.block_store import BlockStore
 from inf_llm.storage.dtypes import DTYPES
 from inf_llm.storage.tier_settings import TierSettings
@@ -97,6 +98,9 @@ class LayerState:
         self._repr_absmax = torch.zeros((), dtype=torch.float32, device=self.device)
         self.blocks.truncate(0)
         self.blocks.hits = self.blocks.misses = 0
+        # decode_rank_every > 1: the last ranked decoding step's choice and how many more steps attend it.
+        self._reused: BlockIds | None = None
+        self._reuse_left = 0
         self._fewest_blocks = 0  # fewest blocks held since `mark_blocks` (rollbacks forget blocks)
 
     @property
@@ -195,6 +199,10 @@ class LayerState:
             "num_blocks": self.blocks.num_blocks,
             # float16 ranking scales the query by this bound: restoring it makes a replay rank exactly as before.
             "repr_absmax": self._repr_absmax,
+            # decode_rank_every: the choice the next decoding steps reuse (plain ints: it is short, and the host
+            # keeps the cache's books by them anyway), so that a replay chooses as the first run did.
+            "reuse_blocks": [] if self._reused is None else self._reused.tolist(),
+            "reuse_left": self._reuse_left,
         }
 
     def restore(self, snap: dict) -> None:
@@ -216,6 +224,10 @@ class LayerState:
         if "repr_absmax" in snap:  # sessions saved before it was part of the state recompute it (set_reprs)
             self._repr_absmax = snap["repr_absmax"].to(self.device)
         self._fewest_blocks = min(self._fewest_blocks, snap["num_blocks"])
+        # Sessions saved before decode_rank_every had no reuse (every step ranked).
+        self._reuse_left = snap.get("reuse_left", 0)
+        reused = snap.get("reuse_blocks", [])
+        self._reused = BlockIds(torch.tensor(reused, dtype=torch.long, device=self.device)) if self._reuse_left else None
 
     def mark_blocks(self) -> int:
         """The fewest blocks this memory held since the last call (or its reset): blocks below that count are

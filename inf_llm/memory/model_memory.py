@@ -252,8 +252,8 @@ def _check_layer_state(layer: LayerMemory, saved: dict) -> None:
     """ValueError unless a layer's saved state has the entries of this engine's, each of its type, and tensors of
     its dtype and shape but for the token dimension (1)."""
     for key, mine in layer.snapshot().items():
-        if key == "repr_absmax" and key not in saved:
-            continue  # sessions saved before it was part of the state (recomputed)
+        if key in ("repr_absmax", "reuse_blocks", "reuse_left") and key not in saved:
+            continue  # sessions saved before it was part of the state (recomputed, or no reuse)
         value = saved.get(key)
         if isinstance(mine, torch.Tensor):
             fits = isinstance(value, torch.Tensor) and value.dtype == mine.dtype and value.dim() == mine.dim() \
