@@ -357,6 +357,25 @@ def test_bound_scores_bound_every_keys_logit_and_are_tight_for_one_key(per_head)
     torch.testing.assert_close(got1, best1.T if per_head else best1.sum(-1))
 
 
+def test_exact_block_scores_are_each_heads_largest_logit_summed_and_under_the_key_bounds():
+    """The second stage's score, against a loop over blocks and heads in float64: for each query head the largest
+    logit of the chunk's mean query over the block's keys (its KV head's), summed over heads; the key bounds'
+    score is never below it."""
+    from inf_llm.memory.ranking import block_scores, exact_block_scores, key_bounds, ranking_query
+
+    g = torch.Generator().manual_seed(8)
+    n, hq, hkv, b, d = 11, 6, 2, 5, 8
+    keys, queries = torch.randn(hkv, n, b, d, generator=g), torch.randn(hq, 3, d, generator=g)
+    mean = queries.double().mean(1)
+    expected = torch.tensor([sum(float((keys[h // 3, i].double() @ mean[h]).max()) for h in range(hq))
+                             for i in range(n)], dtype=torch.float64)
+    got = exact_block_scores(queries, keys)
+    assert got.shape == (n,) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    bounds = block_scores(key_bounds(keys.transpose(0, 1)), ranking_query(queries, "bounds", hkv), hkv, False)
+    assert (bounds >= got - 1e-5).all()
+
+
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("magnitude", [1.0, 3000.0])
 def test_float16_block_scores_rank_like_float64_and_never_overflow(per_head, magnitude):
