@@ -98,7 +98,7 @@ def test_invalid_settings_are_refused_naming_field_and_value(changes, words):
     assert_names(str(error.value), *words)
 
 
-def test_defaults_are_the_embedded_model_settings():
+def test_defaults_are_the_embedded_model_settings_but_its_second_stage():
     config = InfLLMConfig()
     assert (config.method, config.num_sink_tokens, config.local_window, config.block_size) == (
         "inf-llm", 32, 128, 16)
@@ -251,7 +251,9 @@ def test_every_preset_loads_and_is_a_complete_serialised_instance(name):
 
 
 def test_embedded_presets():
-    assert load_config(preset_path("smollm2-inf-llm")).config == InfLLMConfig()
+    # The dataclass defaults are its first stage; the preset adds the second (BENCHMARKS.md, prose).
+    assert load_config(preset_path("smollm2-inf-llm")).config == InfLLMConfig(
+        rerank_blocks=512, device_cache_blocks=512, rerank_chunks=False, rerank_keep_blocks=56)
     for name in ("smollm2-stream-llm", "smollm2-full"):
         loaded = load_config(preset_path(name))
         assert loaded.config.num_sink_tokens == 32 and loaded.config.local_window == 128

@@ -48,7 +48,7 @@ _PRESET_FOR_MODEL_TYPE = {"mistral": "mistral-7b-instruct-inf-llm", "llama": "ll
 def default_preset_for(model_type: str | None) -> Path:
     """The preset to use when none is given: None means the embedded model.
 
-    A family without a preset gets the embedded model's (the dataclass defaults), and that is logged.
+    A family without a preset gets the embedded model's, and that is logged.
     """
     if model_type is None:
         return preset_path(EMBEDDED_MODEL_PRESET)
