@@ -545,3 +545,7 @@ def test_decode_rank_every_rolls_back_and_resumes_mid_reuse():
     legacy.load_state_dict({key: value for key, value in state.items() if not key.startswith("reuse_")})
     assert legacy._reused is None and legacy._reuse_left == 0
     assert not torch.equal(_feed(legacy, q[:, 70:], k[:, 70:], v[:, 70:], rest), first)  # so the saved reuse mattered
+    # Resumed under a smaller setting (every step ranks), nothing saved is reused.
+    ranking = _layer(**{**cfg, "decode_rank_every": 1})
+    ranking.load_state_dict(state)
+    assert ranking._reused is None and ranking._reuse_left == 0

@@ -215,6 +215,15 @@ def test_session_of_another_config_model_or_format_is_refused(model, tokenizer, 
     other_backend = conversation(model, tokenizer, tiny_config(topk_blocks=2, device_cache_blocks=4,
                                                                kernel_backend="auto"))
     resume_session(path, other_backend.engine, chat)
+    # So may the second stage's settings: they choose among the stored blocks (a chat saved under the one-stage
+    # preset resumes under the two-stage one), and the resumed memory answers as the second stage chooses.
+    two_stage = tiny_config(topk_blocks=2, device_cache_blocks=4, rerank_blocks=4, rerank_chunks=False,
+                            rerank_keep_blocks=1, decode_rank_every=3)
+    resumed = conversation(model, tokenizer, two_stage)
+    resumed.load(resume_session(path, resumed.engine, chat).messages)
+    assert resumed.engine.config.rerank_blocks == 4
+    _refused(path, conversation(model, tokenizer, tiny_config(topk_blocks=3, device_cache_blocks=4)).engine, chat,
+             r"config\.topk_blocks: session has 2, now 3")  # the first stage's top-k is still the session's
 
 
 def _tier_entries(engine):

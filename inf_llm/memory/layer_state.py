@@ -224,8 +224,9 @@ class LayerState:
         if "repr_absmax" in snap:  # sessions saved before it was part of the state recompute it (set_reprs)
             self._repr_absmax = snap["repr_absmax"].to(self.device)
         self._fewest_blocks = min(self._fewest_blocks, snap["num_blocks"])
-        # Sessions saved before decode_rank_every had no reuse (every step ranked).
-        self._reuse_left = snap.get("reuse_left", 0)
+        # Sessions saved before decode_rank_every had no reuse (every step ranked); one saved under a larger
+        # setting reuses at most as long as this one's.
+        self._reuse_left = min(snap.get("reuse_left", 0), self.config.decode_rank_every - 1)
         reused = snap.get("reuse_blocks", [])
         self._reused = BlockIds(torch.tensor(reused, dtype=torch.long, device=self.device)) if self._reuse_left else None
 

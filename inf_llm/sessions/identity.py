@@ -17,6 +17,10 @@ _SPEED_ONLY_SETTINGS = ("kernel_backend", "device_cache_blocks", "cache_policy",
 # engine's dtype, and its next save writes a new generation in that dtype). Sessions saved before the default
 # became float16 keep working.
 _CONVERTIBLE_SETTINGS = ("repr_dtype",)
+# Settings of the second stage of retrieval: they choose among the stored blocks and store nothing of their own
+# (a saved `decode_rank_every` reuse is cut to the engine's setting), so a session resumes under other values: a
+# chat saved under the one-stage preset resumes under the two-stage one, which then chooses its next blocks.
+_SECOND_STAGE_SETTINGS = ("rerank_blocks", "rerank_chunks", "rerank_keep_blocks", "decode_rank_every")
 
 
 def model_identity(model: torch.nn.Module, tokenizer) -> dict:
@@ -63,10 +67,11 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
 
 
 def _comparable(identity: dict) -> dict:
-    """An identity without the settings a resume converts (`_CONVERTIBLE_SETTINGS`); a setting added after the
-    session was saved counts as the value that reproduces its behaviour (`ADDED_LATER`)."""
+    """An identity without the settings a resume converts (`_CONVERTIBLE_SETTINGS`) or that only choose among the
+    stored blocks (`_SECOND_STAGE_SETTINGS`); a setting added after the session was saved counts as the value that
+    reproduces its behaviour (`ADDED_LATER`)."""
     config = {**ADDED_LATER, **identity.get("config", {})}
-    config = {k: v for k, v in config.items() if k not in _CONVERTIBLE_SETTINGS}
+    config = {k: v for k, v in config.items() if k not in _CONVERTIBLE_SETTINGS + _SECOND_STAGE_SETTINGS}
     return {**identity, "config": config}
 
 
