@@ -116,7 +116,7 @@ class LayerMemory(LayerState):
         """The top-k blocks for this chunk's queries (None when there are no blocks), on their way to the host."""
         if not self.blocks.num_blocks:
             return None
-        cfg, hkv = self.config, self.shape.num_kv_heads
+        cfg = self.config
         decoding = q.shape[1] == 1
         if decoding and self._reuse_left:
             # decode_rank_every: this step attends the last ranked step's blocks (ids stay valid: blocks only

@@ -29,6 +29,10 @@ class LayerShape:
     head_dim: int
 
 
+# Snapshot entries added after sessions were saved: a saved state without one restores as before it existed.
+STATE_ADDED_LATER = ("repr_absmax", "reuse_blocks", "reuse_left")
+
+
 def _empty(heads: int, dim: int, like_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty((heads, 0, dim), dtype=like_dtype, device=device)
 

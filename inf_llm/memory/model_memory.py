@@ -22,7 +22,7 @@ import torch
 from inf_llm.config.schema import InfLLMConfig
 from inf_llm.kernels import resolve_ops
 from inf_llm.memory.layer_memory import LayerMemory
-from inf_llm.memory.layer_state import LayerShape
+from inf_llm.memory.layer_state import STATE_ADDED_LATER, LayerShape
 from inf_llm.memory.retrieval_trace import RetrievalTrace
 from inf_llm.memory.stats import MemoryStats
 from inf_llm.model.placement import layer_device
@@ -252,7 +252,7 @@ def _check_layer_state(layer: LayerMemory, saved: dict) -> None:
     """ValueError unless a layer's saved state has the entries of this engine's, each of its type, and tensors of
     its dtype and shape but for the token dimension (1)."""
     for key, mine in layer.snapshot().items():
-        if key in ("repr_absmax", "reuse_blocks", "reuse_left") and key not in saved:
+        if key in STATE_ADDED_LATER and key not in saved:
             continue  # sessions saved before it was part of the state (recomputed, or no reuse)
         value = saved.get(key)
         if isinstance(mine, torch.Tensor):
