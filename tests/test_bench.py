@@ -219,38 +219,96 @@ def test_passkey_shared_prefixes_give_the_results_of_fresh_reads(tiny_checkpoint
     assert reused[0] == reused[1] == 0 and 0 < reused[3] < reused[5]
 
 
-def test_long_read_command_holds_the_ram_budget_and_asks_every_key(tiny_checkpoint, tmp_path, tokenizer):
-    from inf_llm.bench.million import build_document, question_ids
+def test_long_read_document_is_the_chat_message_with_needles_at_their_depths(tokenizer):
+    from inf_llm.bench.million import build_document, needle_sentence, question_ids, question_text
+    from inf_llm.bench.prose_tasks import INTRO, render
 
-    doc = build_document(tokenizer, 3000, (0.2, 0.8))
-    assert abs(len(doc.ids) - 3000) <= 30 and len(set(doc.keys)) == 2
-    for depth, token in zip(doc.depths, doc.needle_tokens):
-        assert abs(token / len(doc.ids) - depth) < 0.03
-        assert doc.keys[doc.depths.index(depth)] in tokenizer.decode(doc.ids[token : token + 30])
-    assert tokenizer.decode(question_ids(tokenizer, "tiger")).endswith("The pass key of the tiger is")
+    doc = build_document(tokenizer, 3000, (0.2, 0.8), seed=1)
+    assert len(doc.ids) == 3000
+    assert [n.depth for n in doc.needles] == [0.2, 0.8] and len({n.word for n in doc.needles}) == 2
+    for needle in doc.needles:
+        assert tokenizer.decode(doc.ids[needle.start : needle.end]) == f"\n\n{needle_sentence(needle.word, needle.value)}"
+        assert abs(needle.start / len(doc.ids) - needle.depth) < 0.1
+    text = tokenizer.decode(doc.ids + question_ids(tokenizer, doc.needles[0].word))
+    # The pieces join into exactly the chat rendering of one user message: instruction, prose, question.
+    content = text[text.index(INTRO):text.rindex(question_text(doc.needles[0].word)) + len(question_text(doc.needles[0].word))]
+    assert text == render(tokenizer, content)
+    assert content.count("One of the special magic numbers for") == 2
+    # Deterministic, and the seed changes the words, numbers and prose.
+    assert build_document(tokenizer, 3000, (0.2, 0.8), seed=1) == doc
+    assert build_document(tokenizer, 3000, (0.2, 0.8), seed=2).ids != doc.ids
+    with pytest.raises(ValueError, match="too short"):
+        build_document(tokenizer, 40, (0.5,))
 
+
+def test_long_read_command_holds_the_ram_budget_asks_every_needle_and_resumes_the_same(tiny_checkpoint, tmp_path):
     budget = 8192  # bytes of blocks in RAM, all layers: 2 tiny blocks per layer
     args = ["long-read", "--model-path", str(tiny_checkpoint), "--device-map", "cpu", "--lengths", "300,900",
             "--depths", "0.2,0.8", "--host-cache-bytes", str(budget), "--every", "256", "--prefill-chunk", "128",
-            "--out", str(tmp_path),
-            *SMALL]
+            "--max-new-tokens", "6", "--out", str(tmp_path), *SMALL]
     assert main(args) == 0
     records = read_records(tmp_path / "long-read.jsonl")
     final = [r for r in records if r["kind"] == "long_read"]
     progress = [r for r in records if r["kind"] == "long_read_progress"]
     assert [r["case"]["length"] for r in final] == [300, 900]
-    assert [p["tokens"] for p in progress if p["case"]["length"] == 900] == [256, 512, 768]
+    assert [p["tokens"] for p in progress if p["case"]["length"] == 900] == [256, 512, 768, 900]
     for r in final:
-        assert abs(r["tokens"] - r["case"]["length"]) <= 0.05 * r["case"]["length"]
-        assert r["asked"] == 2 and [a["label"] for a in r["answers"]] == ["tiger", "violin"]
+        assert r["tokens"] == r["case"]["length"]
+        assert r["asked"] == 2 and [a["depth"] for a in r["answers"]] == [0.2, 0.8]
         for a in r["answers"]:
-            assert a["correct"] == (a["key"] in a["answer"])
+            assert a["correct"] == bool(re.search(rf"(?<!\d){a['value']}(?!\d)", a["reply"]))
         assert r["correct"] == sum(a["correct"] for a in r["answers"])
+        # The session saved at the end, resumed into a new engine, answers exactly as the engine that read it.
+        assert r["same_after_resume"] and r["resumed_replies"] == [a["reply"] for a in r["answers"]]
+        assert r["resumed_from"] is None and len(r["save_s"]) == -(-r["tokens"] // 256)
     long = final[1]
     assert long["host_block_bytes"] <= budget and long["disk_blocks"] > 0  # the rest went to disk
     assert all(p["host_block_bytes"] <= budget for p in progress)
     assert long["case"]["settings"]["host_cache_bytes"] == budget
+    assert not any((tmp_path / "long-read-sessions").iterdir())  # each session removed after its record
     assert _png_size(tmp_path / "long-read.png") == (800, 500)
+    # Run again: every case is done, nothing is read.
+    assert main(args) == 0
+    assert len(read_records(tmp_path / "long-read.jsonl")) == len(records)
+
+
+def test_a_stopped_long_read_resumes_from_its_checkpoint_and_answers_as_an_unstopped_one(tiny_checkpoint, tmp_path,
+                                                                                         tokenizer):
+    from inf_llm.bench.million import build_document, read_and_ask
+    from inf_llm.model.loading import load_model
+
+    model, tok = load_model(str(tiny_checkpoint))
+    config = InfLLMConfig(num_sink_tokens=8, local_window=64, chunk_size=32, block_size=16, topk_blocks=2,
+                          device_cache_blocks=4, host_cache_bytes=8192)
+    doc = build_document(tok, 1000, (0.3,), seed=4)
+    whole = read_and_ask(model, tok, config, doc, tmp_path / "whole", prefill_chunk=128, max_new_tokens=6, every=256)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(fields):
+        if fields["tokens"] == 512:
+            raise Stop
+
+    with pytest.raises(Stop):
+        read_and_ask(model, tok, config, doc, tmp_path / "stopped", prefill_chunk=128, max_new_tokens=6, every=256,
+                     on_progress=stop_after_two)
+    resumed = read_and_ask(model, tok, config, doc, tmp_path / "stopped", prefill_chunk=128, max_new_tokens=6,
+                           every=256)
+    assert resumed["resumed_from"]["tokens"] == 512 and len(resumed["save_s"]) == 2
+    assert [a["reply"] for a in resumed["answers"]] == [a["reply"] for a in whole["answers"]]
+    assert resumed["prefill_s"] > 0
+    # Another document's checkpoint is refused, and left as it was.
+    from inf_llm.sessions.names import SessionError
+
+    with pytest.raises(Stop):
+        read_and_ask(model, tok, config, doc, tmp_path / "other", prefill_chunk=128, max_new_tokens=6, every=256,
+                     on_progress=stop_after_two)
+    before = sorted((p.name, p.stat().st_size) for p in (tmp_path / "other").rglob("*"))
+    with pytest.raises(SessionError, match="long_read"):
+        read_and_ask(model, tok, config, build_document(tok, 1000, (0.3,), seed=5), tmp_path / "other",
+                     prefill_chunk=128, max_new_tokens=6, every=256)
+    assert sorted((p.name, p.stat().st_size) for p in (tmp_path / "other").rglob("*")) == before
 
 
 # --- speed --------------------------------------------------------------------------------------------------

@@ -206,21 +206,27 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--decode-tokens", type=_positive_int, default=8, help="decode tokens per length")
     gpu.add_argument("--prefill-chunk", type=_positive_int, default=4096, help="tokens per model call while reading")
 
-    long_read = commands.add_parser("long-read", help="one document up to 1M tokens under a RAM budget, keys at "
-                                    "several depths (inf-llm only)")
+    long_read = commands.add_parser("long-read", help="a prose document up to 1M tokens under a RAM budget, needles "
+                                    "at several depths, each asked for alone (inf-llm only)")
     _add_model(long_read)
     _add_inf_llm_settings(long_read, "storage_dtype=int8")
     _add_output(long_read, "long-read")
     long_read.add_argument("--lengths", type=parse_lengths, default=parse_lengths("4K,1M"),
                            help="document lengths, the shortest being the control (default: 4K,1M)")
-    long_read.add_argument("--depths", type=parse_depths, default=(0.1, 0.3, 0.5, 0.7, 0.9),
-                           help="one key at each depth (default: 0.1,0.3,0.5,0.7,0.9)")
+    long_read.add_argument("--depths", type=parse_depths, default=(0.1, 0.5, 0.9),
+                           help="one needle at each depth (default: 0.1,0.5,0.9)")
+    long_read.add_argument("--one-needle", action="store_true",
+                           help="a document of its own for each depth (single-needle prompts: one read per depth)")
+    long_read.add_argument("--seed", type=int, default=0, help="draws the words, numbers and prose start (default: 0)")
     long_read.add_argument("--host-cache-bytes", type=parse_bytes, default=parse_bytes("2G"),
                            help="RAM for memory blocks, all layers (default: 2G); the rest goes to disk")
     long_read.add_argument("--disk-dir", help="parent folder of the disk tier (default: the system's temporary one)")
     long_read.add_argument("--every", type=parse_length, default=parse_length("64K"),
-                           help="tokens between memory records while reading (default: 64K)")
-    long_read.add_argument("--max-new-tokens", type=_positive_int, default=8, help="answer length (default: %(default)s)")
+                           help="tokens between checkpoints (the session saved, a memory record) while reading "
+                                "(default: 64K)")
+    long_read.add_argument("--max-new-tokens", type=_positive_int, default=32, help="answer length (default: %(default)s)")
+    long_read.add_argument("--keep-sessions", action="store_true",
+                           help="keep each document's saved session (beside the results) after its record")
 
     table = commands.add_parser("table", help="print the tables of a result file (--markdown for BENCHMARKS.md)")
     table.add_argument("file", type=Path, help="a .jsonl result file")
@@ -436,9 +442,10 @@ def cmd_long_read(args, console) -> None:
         def advance(done: int, total: int) -> None:
             progress.update(reading, completed=done, total=total)
 
-        run_long_read(model, tokenizer, model_id, config, args.lengths, args.depths, log,
-                      prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens, every=args.every,
-                      say=progress.console.print, on_tokens=advance)
+        run_long_read(model, tokenizer, model_id, config, args.lengths, args.depths, log, one_needle=args.one_needle,
+                      seed=args.seed, prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens,
+                      every=args.every, keep_sessions=args.keep_sessions, say=progress.console.print,
+                      on_tokens=advance)
     from inf_llm.bench.plot import plot_records
 
     for path in plot_records(log.records_of(PROGRESS_KIND), log.path.with_suffix(".png")):

@@ -1,68 +1,85 @@
-"""The long read: one document of up to a million tokens, read once under a RAM budget, keys at several depths.
+"""The long read: a document of natural prose of up to a million tokens, read under a RAM budget, then asked about.
 
-The document is the passkey benchmark's filler (`prompt.py`) with one numbered key per depth ("The pass key
-number 3 is 12345. ..."), read with `Engine.feed` by an inf-llm engine whose block store keeps at most
-`host_cache_bytes` of blocks in RAM and the rest on disk. Then each key is asked for in turn, from a snapshot of
-the memory taken after the document (the question is rolled back before the next one), and answered greedily.
+The document is what a chat user pastes: one user message in the chat template holding the prose benchmark's
+instruction and natural prose (`corpus.py`: its paragraphs read circularly from a start drawn from the seed; the
+corpus holds about 140K tokens, so a million-token document reads it about seven times over) with a "special magic
+number" needle sentence (`prose_tasks.py`) between paragraphs at each depth, each for its own word. It is read by
+`Engine.feed` with an inf-llm engine whose block store keeps at most `host_cache_bytes` of blocks in RAM and the
+rest on disk. Then each needle's question ends the user message ("What is the special magic number for WORD
+mentioned in the provided text?"), and the reply is generated freely and greedily (no answer prefix) from a
+snapshot of the memory after the document, and scored by exact match of the number, as the prose benchmark does.
+With `one_needle=True` each depth gets a document of its own (a single-needle prompt: retrieval alone is measured,
+at the cost of one read per depth); otherwise one document holds every needle (one read; the other needles are
+then distractors).
 
 The same is done first at a short length (4K by default) with the same settings: its accuracy is the control
-(what the model manages with this multi-key task when nothing is far away) and its decode time the baseline of
-the ratio. While reading, a record every `--every` tokens keeps the trajectory of process memory (RSS), RAM held
-by blocks, representatives and disk bytes, so a stopped run still shows whether the budget held.
+and its decode time the baseline of the ratio. While reading, the memory is saved as a chat session (the session
+store of the chat, `inf_llm.sessions`) every `every` tokens, with a record of process memory (RSS), RAM held by
+blocks and representatives, disk bytes and the time of the save: a read that is stopped resumes from its last
+save when the command is run again. After the questions the engine is dropped, the session is resumed into a new
+engine (timed) and asked again: the answers must be the same.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import random
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import psutil
 
-from inf_llm.bench.prompt import FILLER, INTRO
-from inf_llm.bench.results import ResultLog, machine_info
+from inf_llm.bench.corpus import load_paragraphs
+from inf_llm.bench.prose_tasks import INTRO, MAX_NEW_TOKENS, WORDS, score
+from inf_llm.bench.results import ResultLog, case_id, machine_info
 from inf_llm.config.schema import InfLLMConfig
 from inf_llm.generation.engine import Engine
 from inf_llm.generation.sampling import SamplingParams
 
 KIND, PROGRESS_KIND = "long_read", "long_read_progress"
+# Bump when the document's layout, wording or corpus use changes (version 1 was the passkey filler).
+DOCUMENT_VERSION = 2
 _PLACEHOLDER = "\u0000DOCUMENT\u0000"
+_BOOKKEEPING = "long-read bookkeeping "
+
+
+@dataclass(frozen=True)
+class Needle:
+    word: str
+    value: str
+    depth: float
+    start: int  # token index where its sentence (after the paragraph break) starts in the document's ids
+    end: int
 
 
 @dataclass(frozen=True)
 class Document:
-    ids: list[int]  # the user message up to the end of the filler (no question)
-    keys: list[str]  # key i+1 is at depths[i]
-    needle_tokens: list[int]  # token index where each key's line starts
-    depths: tuple[float, ...]
+    ids: list[int]  # the user message up to the end of the prose (no question)
+    needles: tuple[Needle, ...]  # sorted by depth
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(b"".join(i.to_bytes(4, "little") for i in self.ids))
+        return digest.hexdigest()[:16]
 
 
-# Keys are told apart by a word rather than a number: a small model copies "the pass key of the tiger is" from
-# its memory far more reliably than "pass key number 3 is" (digits differ in one token).
-LABELS = ("tiger", "violin", "castle", "river", "apple", "rocket", "garden", "pencil", "island", "candle")
+def needle_sentence(word: str, value: str) -> str:
+    return f"One of the special magic numbers for {word} is: {value}."
 
 
-def label_of(index: int) -> str:
-    if not 0 <= index < len(LABELS):
-        raise ValueError(f"at most {len(LABELS)} keys per document")
-    return LABELS[index]
-
-
-def needle_line(label: str, key: str) -> str:
-    return f"The pass key of the {label} is {key}. Remember it. {key} is the pass key of the {label}."
-
-
-def question_text(label: str) -> str:
-    return f"What is the pass key of the {label}?"
-
-
-def answer_prefix(label: str) -> str:
-    return f"The pass key of the {label} is"
+def question_text(word: str) -> str:
+    return f"What is the special magic number for {word} mentioned in the provided text?"
 
 
 def _template_parts(tokenizer) -> tuple[str, str]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the long read asks as a chat user does: the tokenizer needs a chat template")
     text = tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], tokenize=False,
                                          add_generation_prompt=True)
     head, _, tail = text.partition(_PLACEHOLDER)
@@ -73,41 +90,59 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _filler(start: int, count: int) -> str:
-    return " ".join(FILLER[i % len(FILLER)] for i in range(start, start + count))
+def build_document(tokenizer, length: int, depths: tuple[float, ...], seed: int = 0,
+                   paragraphs: tuple[str, ...] | None = None) -> Document:
+    """`length` tokens: template head, instruction, then paragraphs with one needle per depth between them.
 
-
-def build_document(tokenizer, length: int, depths: tuple[float, ...], seed: int = 0) -> Document:
-    """About `length` tokens (within a few sentences): template head, intro, filler with one key per depth.
-
-    Pieces are tokenized separately and joined at line breaks, so that a million-token text never goes
-    through the tokenizer at once; the needle token positions are therefore exact.
+    Each paragraph is tokenized once, with the paragraph break before it, and the pieces are joined, so that a
+    million-token text never goes through the tokenizer at once and needle positions are exact; the last
+    paragraph is cut to make the length exact (a needle at depth 1.0 follows whole paragraphs, which can pass it).
     """
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths={depths!r}: give at least one, each in [0, 1] (a fraction of the document)")
+    paragraphs = load_paragraphs() if paragraphs is None else paragraphs
     head, _ = _template_parts(tokenizer)
-    rng = random.Random(f"long-read:{seed}:{length}")
-    keys = [str(rng.randint(10000, 99999)) for _ in depths]
-    start = _encode(tokenizer, f"{head}{INTRO}\n\n")
-    needles = [_encode(tokenizer, f"\n{needle_line(label_of(i), key)}\n") for i, key in enumerate(keys)]
-    probe = 100 * len(FILLER)
-    per_sentence = len(_encode(tokenizer, _filler(0, probe))) / probe
-    budget = length - len(start) - sum(len(n) for n in needles)
+    rng = random.Random(f"long-read:{DOCUMENT_VERSION}:{seed}:{length}:{sorted(depths)}")
+    words = rng.sample(WORDS, len(depths))
+    values: list[str] = []
+    while len(values) < len(depths):
+        value = str(rng.randint(1_000_000, 9_999_999))
+        if value not in values:
+            values.append(value)
+    start = _encode(tokenizer, f"{head}{INTRO}")
+    pieces = [_encode(tokenizer, f"\n\n{needle_sentence(w, v)}") for w, v in zip(words, values)]
+    budget = length - len(start) - sum(len(p) for p in pieces)
     if budget <= 0:
-        raise ValueError(f"length={length} is too short for {len(depths)} keys")
-    total = round(budget / per_sentence)
-    ids, needle_tokens, done = list(start), [], 0
-    for depth, needle in zip(sorted(depths), needles):
-        upto = round(depth * total)
-        ids += _encode(tokenizer, _filler(done, upto - done)) if upto > done else []
-        needle_tokens.append(len(ids))
-        ids += needle
-        done = upto
-    ids += _encode(tokenizer, _filler(done, total - done)) if total > done else []
-    return Document(ids, keys, needle_tokens, tuple(sorted(depths)))
+        raise ValueError(f"length={length} is too short for the instruction and {len(depths)} needles")
+    encoded: dict[int, list[int]] = {}
+    ids, needles, index = list(start), [], rng.randrange(len(paragraphs))
+    order = sorted(range(len(depths)), key=lambda i: depths[i])
+    prose = 0
+    for i in order:
+        while prose < round(depths[i] * budget):
+            k = index % len(paragraphs)
+            if k not in encoded:
+                encoded[k] = _encode(tokenizer, f"\n\n{paragraphs[k]}")
+            ids += encoded[k]
+            prose += len(encoded[k])
+            index += 1
+        needles.append(Needle(words[i], values[i], depths[i], len(ids), len(ids) + len(pieces[i])))
+        ids += pieces[i]
+    while prose < budget:
+        k = index % len(paragraphs)
+        if k not in encoded:
+            encoded[k] = _encode(tokenizer, f"\n\n{paragraphs[k]}")
+        piece = encoded[k][: budget - prose]
+        ids += piece
+        prose += len(piece)
+        index += 1
+    return Document(ids, tuple(needles))
 
 
-def question_ids(tokenizer, label: str) -> list[int]:
+def question_ids(tokenizer, word: str) -> list[int]:
+    """The end of the user message (the question) and the assistant's turn, with no start of the answer."""
     _, tail = _template_parts(tokenizer)
-    return _encode(tokenizer, f"\n\n{question_text(label)}{tail}{answer_prefix(label)}")
+    return _encode(tokenizer, f"\n\n{question_text(word)}{tail}")
 
 
 def _rss() -> int:
@@ -127,100 +162,160 @@ def tier_bytes(engine: Engine) -> dict[str, int]:
 
 
 def ask_all(engine: Engine, doc: Document, max_new_tokens: int) -> list[dict[str, Any]]:
-    """Ask for every key from the memory after the document; the memory is left as it was."""
+    """Ask for every needle's number from the memory after the document; the memory is left as it was."""
     snap = engine.snapshot()
     answers = []
     try:
-        for index, key in enumerate(doc.keys):
-            label = label_of(index)
-            q = question_ids(engine.tokenizer, label)
-            engine.feed(q[:-1])
+        for needle in doc.needles:
             text, ms = "", None
-            for step in engine.generate(q[-1:], SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)):
+            params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+            for step in engine.generate(question_ids(engine.tokenizer, needle.word), params):
                 text += step.text
                 ms = step.decode_ms_per_token
-            # Which key was given, when not the right one: another key of the document still shows that
-            # retrieval reached it, and the model mixed up the labels.
-            given = [label_of(i) for i, other in enumerate(doc.keys) if other in text]
-            answers.append({"label": label, "depth": doc.depths[index], "key": key, "answer": text,
-                            "correct": key in text, "keys_given": given, "decode_ms_per_token": ms})
+            # Another needle's number in the reply still shows that retrieval reached that needle.
+            given = [other.word for other in doc.needles if other is not needle and score((other.value,), text)]
+            answers.append({"word": needle.word, "depth": needle.depth, "value": needle.value, "reply": text,
+                            "correct": score((needle.value,), text) == 1.0, "values_given": given,
+                            "decode_ms_per_token": ms})
             engine.restore(snap)
     finally:
         engine.restore(snap)
     return answers
 
 
-def read_and_ask(model, tokenizer, config: InfLLMConfig, length: int, depths: tuple[float, ...], *,
-                 prefill_chunk: int, max_new_tokens: int, every: int,
-                 on_progress: Callable[[dict[str, Any]], None] | None = None,
-                 on_tokens: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """One measured read of a `length`-token document, then every key asked for; the result's fields."""
-    doc = build_document(tokenizer, length, depths)
+def _bookkeeping(session) -> dict[str, Any]:
+    for message in session.messages:
+        if message["content"].startswith(_BOOKKEEPING):
+            return json.loads(message["content"][len(_BOOKKEEPING):])
+    raise ValueError(f"{session.path} is not a long-read checkpoint (no bookkeeping message)")
+
+
+def read_and_ask(model, tokenizer, config: InfLLMConfig, doc: Document, session_dir: Path, *, prefill_chunk: int,
+                 max_new_tokens: int, every: int, on_progress: Callable[[dict[str, Any]], None] | None = None,
+                 on_tokens: Callable[[int, int], None] | None = None, keep_session: bool = False) -> dict[str, Any]:
+    """One measured read of `doc` (resumed from the checkpoint in `session_dir` if there is one), every needle
+    asked for, then the session resumed into a new engine and asked again; the result's fields."""
+    from inf_llm.sessions.state_file import STATE_FILE
+    from inf_llm.sessions.store import release, resume_session, save_session
+
+    chat = {"long_read": doc.fingerprint}
     engine = Engine(model, tokenizer, config, prefill_chunk=prefill_chunk)
     gc.collect()
     rss_start = rss_peak = _rss()
-    start = time.perf_counter()
-    next_mark = every
+    done, prefill_s, saves, resumed_from = 0, 0.0, [], None
+    if (session_dir / STATE_FILE).exists():
+        start = time.perf_counter()
+        session = resume_session(session_dir, engine, chat)
+        done = len(engine.tokens)
+        if engine.tokens != doc.ids[:done]:
+            raise ValueError(f"{session_dir} holds {done} tokens that are not this document's first ones")
+        prefill_s = _bookkeeping(session)["prefill_s"]
+        resumed_from = {"tokens": done, "resume_s": time.perf_counter() - start}
+    reading = time.perf_counter()
 
-    def progress(done: int, total: int) -> None:
-        nonlocal rss_peak, next_mark
-        rss = _rss()
-        rss_peak = max(rss_peak, rss)
+    def progress(chunk_done: int, chunk_total: int) -> None:
+        nonlocal rss_peak
+        rss_peak = max(rss_peak, _rss())
         if on_tokens is not None:
-            on_tokens(done, total)
-        if on_progress is not None and done >= next_mark:
-            next_mark += every
-            on_progress({"tokens": done, "seconds": time.perf_counter() - start, "rss_bytes": rss,
-                         **tier_bytes(engine)})
+            on_tokens(done + chunk_done, len(doc.ids))
 
-    engine.feed(doc.ids, progress=progress)
-    prefill_s = time.perf_counter() - start
-    rss_peak = max(rss_peak, _rss())
+    while done < len(doc.ids):
+        upto = min(len(doc.ids), (done // every + 1) * every)
+        start = time.perf_counter()
+        engine.feed(doc.ids[done:upto], progress=progress)
+        prefill_s += time.perf_counter() - start
+        done = upto
+        start = time.perf_counter()
+        save_session(session_dir, engine, [{"role": "user", "content": _BOOKKEEPING + json.dumps(
+            {"prefill_s": prefill_s})}], chat)
+        saves.append(time.perf_counter() - start)
+        rss_peak = max(rss_peak, _rss())
+        if on_progress is not None:
+            on_progress({"tokens": done, "seconds": prefill_s, "save_s": saves[-1], "rss_bytes": _rss(),
+                         "wall_s": time.perf_counter() - reading, **tier_bytes(engine)})
     tiers = tier_bytes(engine)
     answers = ask_all(engine, doc, max_new_tokens)
     rss_peak = max(rss_peak, _rss())
+    release(engine)  # the session's files stay as saved
+    del engine
+    gc.collect()
+
+    # The saved session, resumed as the chat resumes one, must give the same answers.
+    engine = Engine(model, tokenizer, config, prefill_chunk=prefill_chunk)
+    start = time.perf_counter()
+    resume_session(session_dir, engine, chat)
+    resume_s = time.perf_counter() - start
+    again = ask_all(engine, doc, max_new_tokens)
+    rss_peak = max(rss_peak, _rss())
+    release(engine)
+    del engine
+    gc.collect()
+    session_bytes = sum(f.stat().st_size for f in session_dir.rglob("*") if f.is_file())
+    if not keep_session:
+        shutil.rmtree(session_dir, ignore_errors=True)
     decode = [a["decode_ms_per_token"] for a in answers if a["decode_ms_per_token"] is not None]
-    result = {
+    return {
         "tokens": len(doc.ids),
-        "needle_tokens": doc.needle_tokens,
+        "needles": [[n.start, n.end] for n in doc.needles],
         "prefill_s": prefill_s,
-        "prefill_tokens_per_s": len(doc.ids) / prefill_s,
+        "prefill_tokens_per_s": len(doc.ids) / prefill_s if prefill_s else None,
         "decode_ms_per_token": sum(decode) / len(decode) if decode else None,
         "answers": answers,
         "correct": sum(a["correct"] for a in answers),
         "asked": len(answers),
+        "resumed_from": resumed_from,
+        "save_s": saves,  # one per checkpoint of this process; the first one writes every block so far
+        "last_save_s": saves[-1] if saves else None,
+        "session_bytes": session_bytes,
+        "resume_s": resume_s,
+        "resumed_replies": [a["reply"] for a in again],
+        "same_after_resume": [a["reply"] for a in again] == [a["reply"] for a in answers],
+        "resumed_decode_ms_per_token": sum(a["decode_ms_per_token"] or 0 for a in again) / max(len(again), 1),
         "rss_start_bytes": rss_start,
         "rss_peak_bytes": rss_peak,
         "rss_end_bytes": _rss(),
         **tiers,
     }
-    del engine
-    gc.collect()
-    return result
 
 
 def run_long_read(model, tokenizer, model_id: str, config: InfLLMConfig, lengths: tuple[int, ...],
-                  depths: tuple[float, ...], log: ResultLog, *, prefill_chunk: int = 2048, max_new_tokens: int = 8,
-                  every: int = 65536, say: Callable[[str], None] = print,
+                  depths: tuple[float, ...], log: ResultLog, *, one_needle: bool = False, seed: int = 0,
+                  prefill_chunk: int = 2048, max_new_tokens: int = MAX_NEW_TOKENS["single"], every: int = 65536,
+                  keep_sessions: bool = False, say: Callable[[str], None] = print,
                   on_tokens: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
-    """Each length in turn (shortest first: the control), one record each; progress records while reading."""
+    """Each length in turn (shortest first: the control), each document of it (one per depth with one_needle),
+    one record each; a case already in `log` is skipped, and a stopped read resumes from its checkpoint (kept in
+    a folder beside the log)."""
     machine = machine_info()
     records = []
+    documents = [(d,) for d in depths] if one_needle else [tuple(depths)]
     for length in sorted(lengths):
-        case = {"model": model_id, "settings": config.to_dict(), "length": length, "depths": list(depths)}
+        for doc_depths in documents:
+            case = {"model": model_id, "settings": config.to_dict(), "length": length, "depths": list(doc_depths),
+                    "seed": seed, "version": DOCUMENT_VERSION, "max_new_tokens": max_new_tokens}
+            if log.done(KIND, case):
+                continue
+            doc = build_document(tokenizer, length, doc_depths, seed)
+            name = hashlib.sha256(case_id(case).encode()).hexdigest()[:16]
+            session_dir = log.path.with_name(f"{log.path.stem}-sessions") / name
+            session_dir.parent.mkdir(parents=True, exist_ok=True)
 
-        def note(fields: dict[str, Any], case=case) -> None:
-            log.append(PROGRESS_KIND, case, **fields)
-            say(f"{fields['tokens']:>9,} tokens  {fields['seconds']:7.0f} s  RSS {fields['rss_bytes'] / 2**30:5.2f} GiB"
-                f"  blocks in RAM {fields['host_block_bytes'] / 2**30:5.2f} GiB"
-                f"  representatives {fields['repr_bytes'] / 2**30:5.2f} GiB  disk {fields['disk_bytes'] / 2**30:6.2f} GiB")
+            def note(fields: dict[str, Any], case=case) -> None:
+                log.append(PROGRESS_KIND, case, **fields)
+                say(f"{fields['tokens']:>9,} tokens  {fields['seconds']:7.0f} s  save {fields['save_s']:5.1f} s"
+                    f"  RSS {fields['rss_bytes'] / 2**30:5.2f} GiB"
+                    f"  blocks in RAM {fields['host_block_bytes'] / 2**30:5.2f} GiB"
+                    f"  representatives {fields['repr_bytes'] / 2**30:5.2f} GiB"
+                    f"  disk {fields['disk_bytes'] / 2**30:6.2f} GiB")
 
-        result = read_and_ask(model, tokenizer, config, length, depths, prefill_chunk=prefill_chunk,
-                              max_new_tokens=max_new_tokens, every=every, on_progress=note, on_tokens=on_tokens)
-        records.append(log.append(KIND, case, machine=machine, **result))
-        answers = ", ".join(f"{a['label']} ({a['depth']:.0%}) {'ok' if a['correct'] else 'missed'} {a['answer']!r}"
-                            for a in result["answers"])
-        say(f"{result['tokens']:,} tokens: {result['correct']}/{result['asked']} keys; "
-            f"{result['prefill_tokens_per_s']:.0f} tokens/s; decode {result['decode_ms_per_token']:.1f} ms/token; "
-            f"peak RSS {result['rss_peak_bytes'] / 2**30:.2f} GiB; {answers}")
+            result = read_and_ask(model, tokenizer, config, doc, session_dir, prefill_chunk=prefill_chunk,
+                                  max_new_tokens=max_new_tokens, every=every, on_progress=note, on_tokens=on_tokens,
+                                  keep_session=keep_sessions)
+            records.append(log.append(KIND, case, machine=machine, **result))
+            answers = ", ".join(f"{a['word']} ({a['depth']:.0%}) {'ok' if a['correct'] else 'missed'} {a['reply']!r}"
+                                for a in result["answers"])
+            say(f"{result['tokens']:,} tokens: {result['correct']}/{result['asked']} found; "
+                f"{result['prefill_tokens_per_s']:.0f} tokens/s; decode {result['decode_ms_per_token']:.1f} ms/token; "
+                f"resume {result['resume_s']:.1f} s ({'same' if result['same_after_resume'] else 'DIFFERENT'} "
+                f"answers); peak RSS {result['rss_peak_bytes'] / 2**30:.2f} GiB; {answers}")
     return records

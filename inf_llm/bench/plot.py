@@ -154,10 +154,11 @@ def plot_gpu(records: list[dict[str, Any]], path: str | Path) -> Path:
 
 
 def plot_long_read(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Memory while reading the longest document: process RSS and its parts (blocks in RAM, representatives)
-    and bytes on disk, vs tokens read, with the RAM budget for blocks as a line."""
+    """Memory while reading the longest document (the first of that length): process RSS and its parts (blocks in
+    RAM, representatives) and bytes on disk, vs tokens read, with the RAM budget for blocks as a line."""
     longest = max(r["case"]["length"] for r in records)
-    points = sorted((r for r in records if r["case"]["length"] == longest), key=lambda r: r["tokens"])
+    first = next(r["case"] for r in records if r["case"]["length"] == longest)
+    points = sorted((r for r in records if r["case"] == first), key=lambda r: r["tokens"])
     fig, ax = _figure(1)
     tokens = [r["tokens"] for r in points]
     for index, (label, field) in enumerate([("process RSS", "rss_bytes"), ("blocks in RAM", "host_block_bytes"),
