@@ -306,6 +306,30 @@ def test_a_damaged_record_is_refused_when_read(tmp_path):
         reopened.read(1)
     with pytest.raises(DiskTierError, match="block 1 .* is damaged"):
         reopened.read_into(1, layout.empty(1)[0])
+    with pytest.raises(DiskTierError, match="block 1 .* is damaged"):
+        reopened.read_prefix(2)
+    assert torch.equal(reopened.read_prefix(1), records[:1])
+
+
+def test_read_prefix_equals_one_read_per_block_in_and_out_of_slot_order(tmp_path):
+    layout = BlockLayout(HKV, B, D, torch.float32)
+    old, new = _records(layout, 6, 1), _records(layout, 3, 2)
+    tier = DiskTier(tmp_path / "s", layout, durable=False)
+    tier.write(range(6), old)
+    assert torch.equal(tier.read_prefix(6), old) and tier.read_prefix(0).shape == (0, layout.record_bytes)
+    tier.write([7], new[:1])  # block 6 missing: no prefix of 8
+    with pytest.raises(KeyError, match="not all on disk"):
+        tier.read_prefix(8)
+    tier.truncate(2)
+    tier.sync()
+    tier.protect()
+    tier.write([4, 2, 3], new)  # slots out of block order (the forgotten ones are kept: protected)
+    assert list(tier._slots[:5]) != list(range(5))
+    expected = torch.stack([tier.read(b) for b in range(5)])
+    got = tier.read_prefix(5)
+    assert torch.equal(got, expected) and torch.equal(got, torch.cat([old[:2], new[1:], new[:1]]))
+    got[0] += 1  # a copy, not a view of the mapping
+    assert torch.equal(tier.read(0), old[0])
 
 
 # --- the store across tiers ----------------------------------------------------------------------------------

@@ -192,8 +192,7 @@ def load_into(session: SessionFile, engine, *, read_only: bool = False) -> None:
             if len(kv_tier) != n or len(row_tier) != n:  # a save names every block its tiers hold at that state
                 raise DiskTierError(f"{gen} holds more than the {n} blocks of layer {i} its state names")
             layout = row_tier.layout
-            rows = torch.stack([layout.rows(row_tier.read(b)[None])[0] for b in range(n)]) if n else \
-                torch.empty((0, layout.width), dtype=layout.torch_dtype)
+            rows = layout.rows(row_tier.read_prefix(n))
             if copy is not None:
                 kv_tier = _private_tier(kv_tier, n, copy.folder(f"layer-{i:03d}"))
             kv.append(kv_tier)

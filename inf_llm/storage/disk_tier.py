@@ -291,6 +291,28 @@ class DiskTier:
         self._check(block_id, record)
         return record
 
+    def read_prefix(self, n: int) -> torch.Tensor:
+        """A copy of the records of blocks 0..n-1, (n, record_bytes) uint8, each checked against its CRC32.
+
+        One gather from the mapping instead of n reads: resuming a million-token session reads 65,536 summary
+        rows per layer, which one `read` each takes seconds over 30 layers.
+        """
+        if not self.has_prefix(n):
+            raise KeyError(f"blocks 0..{n - 1} are not all on disk in {str(self.path)!r}")
+        if n == 0:
+            return torch.empty((0, self.record_bytes), dtype=torch.uint8)
+        slots = self._slots[:n]
+        if slots[0] == 0 and slots[n - 1] == n - 1 and all(s == b for b, s in enumerate(slots)):
+            records = self._map_tensor[:n].clone()  # written in order, as a session's first save writes them
+        else:
+            records = self._map_tensor.index_select(0, torch.frombuffer(slots, dtype=torch.int64))
+        view = memoryview(records.numpy()).cast("B")
+        size, crcs = self.record_bytes, self._crcs
+        for b in range(n):
+            if zlib.crc32(view[b * size : (b + 1) * size]) != crcs[b]:
+                raise DiskTierError(f"block {b} in {str(self.path)!r} is damaged (its checksum does not match)")
+        return records
+
     def read_into(self, block_id: int, out: torch.Tensor) -> None:
         """Copy a block's record into `out` (record_bytes,) uint8, then release its pages from this process."""
         slot = self._slot(block_id)
