@@ -241,7 +241,8 @@ def test_long_read_document_is_the_chat_message_with_needles_at_their_depths(tok
         build_document(tokenizer, 40, (0.5,))
 
 
-def test_long_read_command_holds_the_ram_budget_asks_every_needle_and_resumes_the_same(tiny_checkpoint, tmp_path):
+def test_long_read_command_holds_the_ram_budget_asks_every_needle_and_resumes_the_same(tiny_checkpoint, tmp_path,
+                                                                                       capsys):
     budget = 8192  # bytes of blocks in RAM, all layers: 2 tiny blocks per layer
     args = ["long-read", "--model-path", str(tiny_checkpoint), "--device-map", "cpu", "--lengths", "300,900",
             "--depths", "0.2,0.8", "--host-cache-bytes", str(budget), "--every", "256", "--prefill-chunk", "128",
@@ -267,6 +268,10 @@ def test_long_read_command_holds_the_ram_budget_asks_every_needle_and_resumes_th
     assert long["case"]["settings"]["host_cache_bytes"] == budget
     assert not any((tmp_path / "long-read-sessions").iterdir())  # each session removed after its record
     assert _png_size(tmp_path / "long-read.png") == (800, 500)
+    capsys.readouterr()
+    assert main(["table", str(tmp_path / "long-read.jsonl"), "--markdown"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 300") or line.startswith("| 900")]
+    assert [row.split(" | ")[2] for row in rows] == [f"{r['correct']}/2" for r in final]
     # Run again: every case is done, nothing is read.
     assert main(args) == 0
     assert len(read_records(tmp_path / "long-read.jsonl")) == len(records)

@@ -453,7 +453,7 @@ def cmd_long_read(args, console) -> None:
 
 
 def cmd_table(args, console) -> None:
-    from inf_llm.bench.display import passkey_table, peak_table, prose_table, speed_table, to_rich
+    from inf_llm.bench.display import long_read_table, passkey_table, peak_table, prose_table, speed_table, to_rich
     from inf_llm.bench.gpu import gpu_table
     from inf_llm.bench.results import read_records
     from inf_llm.bench.table_data import to_markdown
@@ -461,11 +461,12 @@ def cmd_table(args, console) -> None:
     if not args.file.is_file():
         raise FileNotFoundError(f"no result file {args.file}")
     records = read_records(args.file)
-    builders = {"passkey": passkey_table, "prose": prose_table, "speed": speed_table, "matmul_peak": peak_table, "gpu": gpu_table}
+    builders = {"passkey": passkey_table, "prose": prose_table, "speed": speed_table, "matmul_peak": peak_table, "gpu": gpu_table,
+                "long_read": long_read_table}
     tables = [build([r for r in records if r.get("kind") == kind]) for kind, build in builders.items()
               if any(r.get("kind") == kind for r in records)]
     if not tables:
-        raise ValueError(f"{args.file} holds no passkey, prose, speed or gpu records")
+        raise ValueError(f"{args.file} holds no passkey, prose, speed, gpu or long-read records")
     for table in tables:
         if args.markdown:
             print(to_markdown(table) + "\n")

@@ -18,6 +18,7 @@ from inf_llm.bench.results import series_key, series_names
 from inf_llm.bench.table_data import TableData, format_length
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 
 
 def to_rich(data: TableData) -> Table:
@@ -186,3 +187,22 @@ def peak_table(records: list[dict[str, Any]]) -> TableData:
                   f"{r['gflops']:.1f}") for r in records)
     return TableData("matmul peak of this machine (the efficiency's denominator)",
                      ("when", "shape (m x k x n)", "dtype", "GFLOP/s"), rows, left_columns=3)
+
+
+def long_read_table(records: list[dict[str, Any]]) -> TableData:
+    """One row per document read: its needles found, speeds, memory and the saved session's save and resume."""
+    columns = ("tokens", "depths", "found", "prefill tok/s", "decode ms", "/ shortest", "peak RSS GiB",
+               "blocks in RAM GiB", "summaries GiB", "disk GiB", "last save s", "resume s", "same after resume")
+    shortest = min(r["case"]["length"] for r in records) if records else None
+    base = [r["decode_ms_per_token"] for r in records if r["case"]["length"] == shortest]
+    base_ms = sum(base) / len(base) if base else None
+    rows = tuple((
+        f"{r['tokens']:,}", " ".join(f"{d:.0%}" for d in r["case"]["depths"]), f"{r['correct']}/{r['asked']}",
+        _fmt(r["prefill_tokens_per_s"], ".0f"), _fmt(r["decode_ms_per_token"], ".1f"),
+        _fmt(_ratio(r["decode_ms_per_token"], base_ms), ".2f"), _fmt(r["rss_peak_bytes"] / GIB, ".2f"),
+        _fmt(r["host_block_bytes"] / GIB, ".2f"), _fmt(r["repr_bytes"] / GIB, ".2f"), _fmt(r["disk_bytes"] / GIB, ".2f"),
+        _fmt(r["last_save_s"], ".1f"), _fmt(r["resume_s"], ".1f"), "yes" if r["same_after_resume"] else "NO",
+    ) for r in records)
+    return TableData("long read: needles found (each asked alone, free answer), decode / shortest = against the mean "
+                     "of the shortest documents; last save = the checkpoint after the last tokens (new blocks only); "
+                     "resume = the saved session into a new engine", columns, rows, left_columns=3)
