@@ -192,3 +192,42 @@ def test_real_model_summaries(embedded_model):
     engine.feed(ids[3000:3128])
     engine.feed(ids[3128:3129])
     assert len(set(checked)) == len(engine.memory.layers)
+
+
+# --- the approximate first stage's recall study (inf_llm.bench.ranking_recall) ---------------------------------
+
+
+def test_projection_codes_with_every_candidate_select_as_brute_force():
+    from inf_llm.bench.ranking_recall import approximate_select, codes, projection, recall
+
+    gen = torch.Generator().manual_seed(5)
+    summaries = _summaries(300, "bounds", gen, duplicates=False).half()
+    absmax = summaries.abs().max().float()
+    mean, directions = projection(summaries, 200, 8)
+    assert directions.shape == (8, 2 * HKV * D)
+    torch.testing.assert_close(directions @ directions.T, torch.eye(8), atol=1e-5, rtol=0)  # orthonormal
+    block_codes = codes(summaries, mean, directions)
+    for _ in range(4):
+        query = _query("bounds", gen)
+        want = select_blocks(block_scores(summaries, query, HKV, False, absmax), 20)
+        # Every block a candidate: the estimate chooses nothing, the exact scores choose all.
+        got = approximate_select(summaries, query, HKV, absmax, block_codes, directions, 300, 20)
+        assert torch.equal(got, want)
+    rows = recall(summaries, [_query("bounds", gen) for _ in range(3)], HKV, [4], [300], ks=(5, 20), calibration=200)
+    assert len(rows) == 3 and all(r["recall_5"] == r["recall_20"] == 1.0 for r in rows)
+
+
+def test_projection_codes_rank_summaries_of_a_low_rank_memory_as_brute_force():
+    """Summaries that vary along 4 directions only: 4-dim codes carry their scores up to float16 rounding, so the
+    best 60 candidates by the codes hold brute force's top 20."""
+    from inf_llm.bench.ranking_recall import recall
+
+    gen = torch.Generator().manual_seed(6)
+    basis = torch.linalg.qr(torch.randn(2 * HKV * D, 4, generator=gen)).Q.T  # (4, R*D) orthonormal
+    summaries = (torch.randn(400, 4, generator=gen) * 3 @ basis + torch.randn(2 * HKV * D, generator=gen))
+    summaries = summaries.view(400, 2 * HKV, D).half()
+    rows = recall(summaries, [_query("bounds", gen) for _ in range(5)], HKV, [4], [60], ks=(20,), calibration=400)
+    assert all(r["recall_20"] == 1.0 for r in rows)
+    # One direction too few loses some of them: the recall measures something.
+    rows = recall(summaries, [_query("bounds", gen) for _ in range(5)], HKV, [1], [60], ks=(20,), calibration=400)
+    assert min(r["recall_20"] for r in rows) < 1.0

@@ -1,0 +1,130 @@
+"""Recall of an approximate first stage against brute-force ranking, on a long read's real block summaries.
+
+    python -m inf_llm.bench.ranking_recall --summaries FOLDER [--ranks 16,32,64] [--candidates 1024,2048,4096]
+
+Issue 15's exact group index does not prune on this model (BENCHMARKS.md), so a first stage whose cost does not
+grow with every byte of every summary has to be approximate, and its recall measured on real summaries. The
+candidate measured here is a low-rank projection of the summaries. A block's bound score is linear in its summary
+s (flattened, R x D values): score = q . s. Per layer, the principal directions V (r of R x D) of the first
+`--calibration` blocks' summaries and their mean m give each block a code z = V (s - m) of r 16-bit values, and
+q . s ~ q . m + (V q) . z, which reads r values per block instead of R x D (r = 32 of the embedded model's
+384: a twelfth). The best `C` blocks by that estimate are then scored exactly (`block_scores`) and the top k
+chosen among them; recall is the share of brute force's top k found, for the preset's k = 56 (the blocks the
+bounds keep) and k = 512 (the second stage's shortlist).
+
+FOLDER holds a saved session's summary tiers (`layer-NNN-reprs`, as `inf_llm.sessions` writes them; the long
+read's session is removed after its record, so keep one with `long-read --keep-sessions` or hard links). The
+queries are real ones: the decoding steps' ranking queries of the embedded model reading 4K tokens of the prose
+corpus (`ranking_index.capture`), which rank the long read's summaries as a later question would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+
+from inf_llm.memory.ranking import block_scores, select_blocks
+
+
+def projection(summaries: torch.Tensor, calibration: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (R*D,), directions (rank, R*D)) of the first `calibration` summaries (N, R, D), float32."""
+    flat = summaries[:calibration].reshape(min(calibration, summaries.shape[0]), -1).float()
+    mean = flat.mean(dim=0)
+    _, _, vt = torch.linalg.svd(flat - mean, full_matrices=False)
+    return mean, vt[:rank]
+
+
+def codes(summaries: torch.Tensor, mean: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Each block's code (N, rank), float16: its summary's coordinates along the directions."""
+    return ((summaries.reshape(summaries.shape[0], -1).float() - mean) @ directions.T).half()
+
+
+def approximate_select(summaries: torch.Tensor, query: torch.Tensor, num_kv_heads: int, summary_absmax: torch.Tensor,
+                       block_codes: torch.Tensor, directions: torch.Tensor, candidates: int, k: int) -> torch.Tensor:
+    """The top k blocks (ascending ids) among the `candidates` best by the codes' estimate, scored exactly."""
+    estimate = block_codes.float() @ (directions @ query.reshape(-1).float())
+    chosen = select_blocks(estimate, candidates)
+    exact = block_scores(summaries[chosen], query, num_kv_heads, False, summary_absmax)
+    return chosen[select_blocks(exact, k)].sort().values
+
+
+def recall(summaries: torch.Tensor, queries: list[torch.Tensor], num_kv_heads: int, ranks: list[int],
+           candidates: list[int], ks: tuple[int, ...] = (56, 512), calibration: int = 2048) -> list[dict]:
+    """For one layer: per rank and candidate count, the recall of brute force's top k for each k, per query."""
+    absmax = summaries.abs().max().float()
+    rows = []
+    for rank in ranks:
+        mean, directions = projection(summaries, calibration, rank)
+        block_codes = codes(summaries, mean, directions)
+        for count in candidates:
+            for query in queries:
+                brute = block_scores(summaries, query, num_kv_heads, False, absmax)
+                row = {"rank": rank, "candidates": count}
+                for k in ks:
+                    want = set(select_blocks(brute, k).tolist())
+                    got = approximate_select(summaries, query, num_kv_heads, absmax, block_codes, directions,
+                                             max(count, k), k)
+                    row[f"recall_{k}"] = len(want & set(got.tolist())) / min(k, summaries.shape[0])
+                rows.append(row)
+    return rows
+
+
+def read_summaries(folder: Path, layer: int) -> torch.Tensor:
+    """A layer's summaries (N, R, D) from a session's tier, as saved."""
+    from inf_llm.storage.disk_tier import DiskTier
+
+    tier = DiskTier.open(folder / f"layer-{layer:03d}-reprs", durable=False)
+    try:
+        n = len(tier)
+        rows = tier.layout.rows(tier.read_prefix(n))
+    finally:
+        tier.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--summaries", type=Path, required=True, help="a folder of layer-NNN-reprs tiers")
+    parser.add_argument("--ranks", default="16,32,64")
+    parser.add_argument("--candidates", default="1024,2048,4096")
+    parser.add_argument("--calibration", type=int, default=2048, help="blocks whose summaries give the directions")
+    parser.add_argument("--queries", type=Path, default=None, help="cache of the captured queries (ranking_index)")
+    args = parser.parse_args(argv)
+    from inf_llm.bench.ranking_index import capture
+
+    torch.set_num_threads(1)
+    if args.queries is not None and args.queries.is_file():
+        checkpoint = torch.load(args.queries, weights_only=False)[0]
+    else:
+        checkpoint = capture([4096], args.queries, log=lambda m: print(m, flush=True))[0]
+    hkv = checkpoint["num_kv_heads"]
+    ranks = [int(x) for x in args.ranks.split(",")]
+    counts = [int(x) for x in args.candidates.split(",")]
+    layers = sorted(int(p.name[6:9]) for p in args.summaries.glob("layer-*-reprs"))
+    rows, blocks = [], 0
+    for layer in layers:
+        flat = read_summaries(args.summaries, layer)
+        summaries = flat.view(flat.shape[0], 2 * hkv, -1)
+        blocks = summaries.shape[0]
+        queries = [c["query"] for c in checkpoint["queries"] if c["layer"] == layer and c["tokens"] == 1]
+        rows += [{**row, "layer": layer} for row in recall(summaries, queries, hkv, ranks, counts,
+                                                              calibration=args.calibration)]
+    row_bytes = summaries.shape[1] * summaries.shape[2]
+    print(f"{len(layers)} layers, {blocks} blocks each, {len(rows) // (len(ranks) * len(counts))} decoding queries; "
+          f"recall of brute force's top k; read = (codes + candidates' summaries) / all summaries")
+    print("| rank | candidates | recall top 56 (min) | recall top 512 (min) | read |")
+    print("|---:|---:|---|---|---:|")
+    for rank in ranks:
+        for count in counts:
+            sel = [r for r in rows if r["rank"] == rank and r["candidates"] == count]
+            r56, r512 = [r["recall_56"] for r in sel], [r["recall_512"] for r in sel]
+            read = (rank + min(count, blocks) * row_bytes / blocks) / row_bytes
+            print(f"| {rank} | {count} | {statistics.mean(r56):.3f} ({min(r56):.2f}) | "
+                  f"{statistics.mean(r512):.3f} ({min(r512):.2f}) | {read:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
