@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     ranks = [int(x) for x in args.ranks.split(",")]
     counts = [int(x) for x in args.candidates.split(",")]
     layers = sorted(int(p.name[6:9]) for p in args.summaries.glob("layer-*-reprs"))
+    if not layers:
+        raise SystemExit(f"{args.summaries} holds no layer-NNN-reprs tiers (a saved session's generation folder does)")
     rows, blocks = [], 0
     for layer in layers:
         flat = read_summaries(args.summaries, layer)
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         queries = [c["query"] for c in checkpoint["queries"] if c["layer"] == layer and c["tokens"] == 1]
         rows += [{**row, "layer": layer} for row in recall(summaries, queries, hkv, ranks, counts,
                                                               calibration=args.calibration)]
-    row_bytes = summaries.shape[1] * summaries.shape[2]
+    row_values = summaries.shape[1] * summaries.shape[2]
     print(f"{len(layers)} layers, {blocks} blocks each, {len(rows) // (len(ranks) * len(counts))} decoding queries; "
           f"recall of brute force's top k; read = (codes + candidates' summaries) / all summaries")
     print("| rank | candidates | recall top 56 (min) | recall top 512 (min) | read |")
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         for count in counts:
             sel = [r for r in rows if r["rank"] == rank and r["candidates"] == count]
             r56, r512 = [r["recall_56"] for r in sel], [r["recall_512"] for r in sel]
-            read = (rank + min(count, blocks) * row_bytes / blocks) / row_bytes
+            read = (rank + min(count, blocks) * row_values / blocks) / row_values  # both 16-bit
             print(f"| {rank} | {count} | {statistics.mean(r56):.3f} ({min(r56):.2f}) | "
                   f"{statistics.mean(r512):.3f} ({min(r512):.2f}) | {read:.3f} |")
 
