@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import itertools
 import json
 import random
 import shutil
@@ -35,7 +36,7 @@ from typing import Any, Callable
 import psutil
 
 from inf_llm.bench.corpus import load_paragraphs
-from inf_llm.bench.prose_tasks import INTRO, MAX_NEW_TOKENS, WORDS, score
+from inf_llm.bench.prose_tasks import INTRO, MAX_NEW_TOKENS, WORDS, render, score
 from inf_llm.bench.results import ResultLog, case_id, machine_info
 from inf_llm.config.schema import InfLLMConfig
 from inf_llm.generation.engine import Engine
@@ -78,11 +79,8 @@ def question_text(word: str) -> str:
 
 
 def _template_parts(tokenizer) -> tuple[str, str]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the long read asks as a chat user does: the tokenizer needs a chat template")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], tokenize=False,
-                                         add_generation_prompt=True)
-    head, _, tail = text.partition(_PLACEHOLDER)
+    """The chat rendering of one user message, split around its content: (head, tail)."""
+    head, _, tail = render(tokenizer, _PLACEHOLDER).partition(_PLACEHOLDER)
     return head, tail
 
 
@@ -115,27 +113,29 @@ def build_document(tokenizer, length: int, depths: tuple[float, ...], seed: int 
     if budget <= 0:
         raise ValueError(f"length={length} is too short for the instruction and {len(depths)} needles")
     encoded: dict[int, list[int]] = {}
-    ids, needles, index = list(start), [], rng.randrange(len(paragraphs))
-    order = sorted(range(len(depths)), key=lambda i: depths[i])
-    prose = 0
-    for i in order:
-        while prose < round(depths[i] * budget):
+    first = rng.randrange(len(paragraphs))
+
+    def prose_pieces():
+        """The paragraphs' tokens from the seed's start on, circularly, each tokenized once."""
+        for index in itertools.count(first):
             k = index % len(paragraphs)
             if k not in encoded:
                 encoded[k] = _encode(tokenizer, f"\n\n{paragraphs[k]}")
-            ids += encoded[k]
-            prose += len(encoded[k])
-            index += 1
+            yield encoded[k]
+
+    ids, needles, prose, stream = list(start), [], 0, prose_pieces()
+    # A needle goes in after the paragraph that reaches its depth; the last piece is cut at the budget.
+    for i in sorted(range(len(depths)), key=lambda i: depths[i]):
+        while prose < round(depths[i] * budget):
+            piece = next(stream)
+            ids += piece
+            prose += len(piece)
         needles.append(Needle(words[i], values[i], depths[i], len(ids), len(ids) + len(pieces[i])))
         ids += pieces[i]
     while prose < budget:
-        k = index % len(paragraphs)
-        if k not in encoded:
-            encoded[k] = _encode(tokenizer, f"\n\n{paragraphs[k]}")
-        piece = encoded[k][: budget - prose]
+        piece = next(stream)[: budget - prose]
         ids += piece
         prose += len(piece)
-        index += 1
     return Document(ids, tuple(needles))
 
 

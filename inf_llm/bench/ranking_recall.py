@@ -55,19 +55,20 @@ def recall(summaries: torch.Tensor, queries: list[torch.Tensor], num_kv_heads: i
            candidates: list[int], ks: tuple[int, ...] = (56, 512), calibration: int = 2048) -> list[dict]:
     """For one layer: per rank and candidate count, the recall of brute force's top k for each k, per query."""
     absmax = summaries.abs().max().float()
+    # Brute force's choices, once per query and k.
+    wanted = [{k: set(select_blocks(block_scores(summaries, query, num_kv_heads, False, absmax), k).tolist())
+               for k in ks} for query in queries]
     rows = []
     for rank in ranks:
         mean, directions = projection(summaries, calibration, rank)
         block_codes = codes(summaries, mean, directions)
         for count in candidates:
-            for query in queries:
-                brute = block_scores(summaries, query, num_kv_heads, False, absmax)
+            for query, want in zip(queries, wanted):
                 row = {"rank": rank, "candidates": count}
                 for k in ks:
-                    want = set(select_blocks(brute, k).tolist())
                     got = approximate_select(summaries, query, num_kv_heads, absmax, block_codes, directions,
                                              max(count, k), k)
-                    row[f"recall_{k}"] = len(want & set(got.tolist())) / min(k, summaries.shape[0])
+                    row[f"recall_{k}"] = len(want[k] & set(got.tolist())) / min(k, summaries.shape[0])
                 rows.append(row)
     return rows
 

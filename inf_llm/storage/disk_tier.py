@@ -301,11 +301,7 @@ class DiskTier:
             raise KeyError(f"blocks 0..{n - 1} are not all on disk in {str(self.path)!r}")
         if n == 0:
             return torch.empty((0, self.record_bytes), dtype=torch.uint8)
-        slots = self._slots[:n]
-        if slots[0] == 0 and slots[n - 1] == n - 1 and all(s == b for b, s in enumerate(slots)):
-            records = self._map_tensor[:n].clone()  # written in order, as a session's first save writes them
-        else:
-            records = self._map_tensor.index_select(0, torch.frombuffer(slots, dtype=torch.int64))
+        records = self._map_tensor.index_select(0, torch.frombuffer(self._slots[:n], dtype=torch.int64))
         view = memoryview(records.numpy()).cast("B")
         size, crcs = self.record_bytes, self._crcs
         for b in range(n):
