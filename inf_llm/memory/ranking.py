@@ -117,9 +117,25 @@ def select_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
         # Where the k-th best is strictly ahead of the next, the set is unambiguous: topk's own answer. The check
         # reads a value back to the host, free on the CPU and a stall on a GPU, which takes the general path.
         top = torch.topk(scores, k + 1, dim=-1)
-        if all(kth > next_ for kth, next_ in top.values.view(-1, k + 1)[:, k - 1 :].tolist()):
+        bounds = top.values.view(-1, k + 1)[:, k - 1 :].tolist()
+        if all(kth > next_ for kth, next_ in bounds):
             return top.indices[..., :k].sort(dim=-1).values
+        if all(kth == kth for kth, _ in bounds):  # (a NaN k-th score: the stable sort orders it)
+            return _select_with_ties(scores, k, [kth for kth, _ in bounds])
     return select_blocks_earliest_on_ties(scores, k)
+
+
+def _select_with_ties(scores: torch.Tensor, k: int, kth: list[float]) -> torch.Tensor:
+    """`select_blocks` on the CPU when the k-th best score is tied: every block strictly above it, then the
+    earliest blocks equal to it. Two passes over the scores, where a stable sort of 65,536 scores (a layer's
+    blocks at 1M tokens) cost ~3 ms, twice per layer and decoding step."""
+    rows = scores.view(-1, scores.shape[-1])
+    chosen = []
+    for row, value in zip(rows, kth):
+        above = torch.nonzero(row > value).view(-1)
+        equal = torch.nonzero(row == value).view(-1)[: k - above.shape[0]]
+        chosen.append(torch.cat((above, equal)).sort().values)
+    return torch.stack(chosen).view(*scores.shape[:-1], k)
 
 
 def select_blocks_earliest_on_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
