@@ -70,6 +70,8 @@ REFUSED = [
     (dict(rerank_keep_blocks=8), ["rerank_keep_blocks=8", "rerank_blocks"]),
     (dict(rerank_blocks=128, rerank_keep_blocks=65), ["rerank_keep_blocks=65", "topk_blocks=64"]),
     (dict(rerank_blocks=128, rerank_keep_blocks=-1), ["rerank_keep_blocks=-1", ">= 0"]),
+    (dict(rerank_reads_disk=False), ["rerank_reads_disk=false", "rerank_blocks"]),
+    (dict(rerank_blocks=128, rerank_reads_disk=0), ["rerank_reads_disk=0", "true or false"]),
     (dict(rerank_blocks=128, device_cache_blocks=128, rerank_chunks="no"), ["rerank_chunks='no'", "true or false"]),
     (dict(decode_rank_every=0), ["decode_rank_every=0", ">= 1"]),
     (dict(decode_rank_every=True), ["decode_rank_every=True", "integer"]),

@@ -12,13 +12,14 @@ from inf_llm.kernels import resolve_ops
 from inf_llm.memory.layer_memory import LayerMemory
 from inf_llm.memory.layer_state import LayerShape
 from inf_llm.model.rope import RotaryTable
+from inf_llm.storage.tier_settings import TierSettings
 from tests.tiny_models import tiny_model
 
 HQ, HKV, T = 4, 2, 120
 SHAPE = LayerShape(HQ, HKV, T)  # head_dim = T so that a one-hot value can name every position
 
 
-def _layer(overlap: bool | None = None, **overrides) -> LayerMemory:
+def _layer(overlap: bool | None = None, tiers: TierSettings | None = None, **overrides) -> LayerMemory:
     cfg = dict(
         num_sink_tokens=4, local_window=16, block_size=8, repr_tokens=2, topk_blocks=64, chunk_size=8,
         device_cache_blocks=64, storage_dtype="float32", kernel_backend="torch",
@@ -28,7 +29,8 @@ def _layer(overlap: bool | None = None, **overrides) -> LayerMemory:
     model = tiny_model("llama", head_dim=T)
     rotary = RotaryTable(model.model.rotary_emb, T, config.local_window + config.chunk_size + config.num_sink_tokens + 1, torch.device("cpu"))
     return LayerMemory(config, SHAPE, rotary, resolve_ops("torch", torch.device("cpu")),
-                       dtype=torch.float32, storage_dtype=torch.float32, device=torch.device("cpu"), overlap=overlap)
+                       dtype=torch.float32, storage_dtype=torch.float32, device=torch.device("cpu"), overlap=overlap,
+                       tiers=tiers)
 
 
 def _qkv(seed: int = 0):
@@ -258,6 +260,76 @@ def test_rerank_chunks_false_re_ranks_decoding_steps_only():
     # Both parts differ between the references, so each equality above says which stage chose.
     assert not torch.equal(one_stage[:, prompt], two_stages[:, prompt])
     assert not torch.equal(one_stage[:, steps], two_stages[:, steps])
+
+
+_TWO_STAGES = dict(topk_blocks=3, device_cache_blocks=8, block_ranking="bounds", rank_rotated=True, rerank_blocks=8,
+                   rerank_chunks=False, rerank_keep_blocks=1)
+
+
+def test_a_second_stage_that_reads_no_disk_is_the_same_while_every_block_is_in_ram():
+    """rerank_reads_disk: false scores only the candidates held in RAM: with every block in RAM (no host budget)
+    that is every candidate, and the outputs are those of the second stage that reads every candidate, bit for
+    bit; they differ from the first stage alone, so the second stage did choose."""
+    q, k, v = _qkv(6)
+    pieces = [40, 24, 16] + [1] * 40
+    reads_all = _feed(_layer(**_TWO_STAGES), q, k, v, pieces)
+    ram_only = _feed(_layer(rerank_reads_disk=False, **_TWO_STAGES), q, k, v, pieces)
+    assert torch.equal(ram_only, reads_all)
+    one_stage = {**_TWO_STAGES, "rerank_blocks": None, "rerank_chunks": True, "rerank_keep_blocks": 0}
+    assert not torch.equal(_feed(_layer(**one_stage), q, k, v, pieces)[:, 80:], reads_all[:, 80:])
+
+
+@pytest.mark.parametrize("reads_disk", [False, True])
+def test_a_second_stage_that_reads_no_disk_reads_only_the_chosen_blocks_from_disk(reads_disk):
+    """With room in RAM for two blocks' records (the rest on disk), each decoding step of rerank_reads_disk: false
+    reads from disk exactly the blocks it attends that were only on disk when the step began (values are one-hot,
+    so the output row names the attended tokens); reading every candidate reads more."""
+    q, k, v = _qkv(8)
+    record = 2 * HKV * 8 * T * 4  # K and V of one block of 8 tokens, float32
+    small = {**_TWO_STAGES, "rerank_blocks": 5, "device_cache_blocks": 5}  # RAM: 5 slots + 2 records, of 7-12 blocks
+    layer = _layer(tiers=TierSettings(host_budget_bytes=2 * record), rerank_reads_disk=reads_disk, **small)
+    _feed(layer, q, k, v, [40, 24, 16])
+    cfg, extra, only_on_disk = layer.config, [], []
+    for t in range(80, T):
+        n = layer.blocks.num_blocks
+        in_ram = layer.blocks.in_ram(list(range(n)))
+        only_on_disk.append(in_ram.count(False))
+        before = layer.blocks.disk_reads
+        out = layer.forward(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], 0.125)
+        start = lambda b: cfg.num_sink_tokens + b * cfg.block_size  # noqa: E731
+        attended = [b for b in range(n) if (out[:, 0, start(b) : start(b) + cfg.block_size] > 0).any()]
+        assert len(attended) == cfg.topk_blocks
+        from_disk = sum(not in_ram[b] for b in attended)
+        extra.append(layer.blocks.disk_reads - before - from_disk)
+    assert min(only_on_disk) > 0  # at every step some blocks were only on disk
+    if reads_disk:
+        assert min(extra) >= 0 and sum(extra) > 0
+    else:
+        assert extra == [0] * len(extra)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_second_stage_choice_follows_its_rule(seed):
+    """Oracle, by sorting: the m best not-excluded scored candidates by exact score, or, when fewer are scored, all
+    of them and then the best of the others by first-stage score; ties to the earlier candidate."""
+    from inf_llm.memory.ranking import second_stage_choice
+
+    g = torch.Generator().manual_seed(seed)
+    n = 24
+    exact = torch.randint(0, 5, (n,), generator=g).float()
+    first = torch.randint(0, 5, (n,), generator=g).float()
+    excluded = torch.rand(n, generator=g) < 0.2
+    in_ram = torch.rand(n, generator=g) < (0.15 if seed % 2 else 0.8)
+    for m in (0, 1, 4, 10):
+        scored = [i for i in range(n) if in_ram[i] and not excluded[i]]
+        others = [i for i in range(n) if not in_ram[i] and not excluded[i]]
+        by_exact = sorted(scored, key=lambda i: (-exact[i].item(), i))
+        by_first = sorted(others, key=lambda i: (-first[i].item(), i))
+        want = sorted(by_exact[:m] if len(scored) >= m else scored + by_first[: m - len(scored)])
+        got = second_stage_choice(exact.masked_fill(~in_ram, -torch.inf), excluded, in_ram, first, m)
+        assert got.tolist() == want
+        every = sorted(sorted((i for i in range(n) if not excluded[i]), key=lambda i: (-exact[i].item(), i))[:m])
+        assert second_stage_choice(exact, excluded, None, first, m).tolist() == every
 
 
 @pytest.mark.parametrize("pieces", [[T], [13, 40, 67], [1] * T])

@@ -33,7 +33,7 @@ MEMORY_POSITIONS = ("shared", "ordered")
 ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "rank_rotated": False,
                "following_blocks": 0, "memory_positions": "shared", "prefill_topk_blocks": None,
                "rerank_blocks": None, "rerank_chunks": True, "rerank_keep_blocks": 0,
-               "decode_rank_every": 1}
+               "decode_rank_every": 1, "rerank_reads_disk": True}
 
 
 class ConfigError(ValueError):
@@ -94,6 +94,13 @@ class InfLLMConfig:
     rerank_keep_blocks   (none)                           with rerank_blocks: this many of the top-k are the
                                                           summaries' best, kept; the exact logits choose the
                                                           rest from the other candidates (0 = all of them)
+    rerank_reads_disk    (none)                           with rerank_blocks: true = every candidate's keys are
+                                                          read, from disk if need be; false = only candidates
+                                                          whose keys are in RAM (device cache or host tier) are
+                                                          scored exactly, and those only on disk follow them
+                                                          in the summaries' order. Identical while every block
+                                                          fits in host_cache_bytes; beyond it, a step's disk
+                                                          reads are the chosen blocks' only
     decode_rank_every    (none)                           decoding ranks (both stages) at the first step after
                                                           a prompt and every N-th step after it; the steps
                                                           between attend the blocks that ranking chose, as the
@@ -139,6 +146,7 @@ class InfLLMConfig:
     rerank_blocks: int | None = None
     rerank_chunks: bool = True
     rerank_keep_blocks: int = 0
+    rerank_reads_disk: bool = True
     decode_rank_every: int = 1
     following_blocks: int = 0
     memory_positions: str = "shared"
@@ -164,7 +172,7 @@ class InfLLMConfig:
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _check_choice("block_ranking", self.block_ranking, BLOCK_RANKINGS)
         _check_choice("memory_positions", self.memory_positions, MEMORY_POSITIONS)
-        for name in ("per_head_ranking", "rank_rotated", "rerank_chunks"):
+        for name in ("per_head_ranking", "rank_rotated", "rerank_chunks", "rerank_reads_disk"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be true or false")
         self._check_score_decay()
@@ -212,6 +220,9 @@ class InfLLMConfig:
             if self.rerank_keep_blocks:
                 raise ValueError(f"rerank_keep_blocks={self.rerank_keep_blocks} keeps blocks from a second stage, "
                                  "but there is none: set rerank_blocks, or rerank_keep_blocks: 0")
+            if not self.rerank_reads_disk:
+                raise ValueError("rerank_reads_disk=false limits the second stage's reads, but there is none: "
+                                 "set rerank_blocks, or rerank_reads_disk: true")
             return
         if self.rerank_keep_blocks > self.topk_blocks:
             raise ValueError(f"rerank_keep_blocks={self.rerank_keep_blocks} exceeds topk_blocks={self.topk_blocks}: "

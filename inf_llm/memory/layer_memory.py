@@ -25,8 +25,8 @@ import torch
 
 from inf_llm.kernels.reference import finish_chunk_attention
 from inf_llm.memory.layer_state import LayerState
-from inf_llm.memory.ranking import (block_scores, exact_block_scores, key_bounds, ranking_query, representatives, select_blocks,
-                                    with_following)
+from inf_llm.memory.ranking import (block_scores, exact_block_scores, key_bounds, ranking_query, representatives, second_stage_choice,
+                                    select_blocks, with_following)
 from inf_llm.storage.block_ids import BlockIds
 
 
@@ -141,20 +141,29 @@ class LayerMemory(LayerState):
         rerank = cfg.rerank_blocks is not None and (cfg.rerank_chunks or q.shape[1] == 1)
         if rerank and self.blocks.num_blocks > topk:
             # Two stages: the summaries shortlist candidates, the exact logits over their keys choose among them.
-            # The shortlist's ids are needed on the host to load its keys (on CUDA, a wait for the device).
+            # The summaries' best `keep` (a subset of the shortlist: the same order, cut shorter) stay; the exact
+            # logits choose the rest among the other candidates. The shortlist's ids are needed on the host to
+            # load its keys (on CUDA, a wait for the device).
             shortlist = select_blocks(scores, cfg.rerank_blocks)
-            exact = self.blocks.score_blocks(shortlist.tolist(), lambda keys: exact_block_scores(q, keys))
             keep = min(cfg.rerank_keep_blocks, topk)
-            if keep:
-                # The summaries' best `keep` (a subset of the shortlist: the same order, cut shorter) stay; the
-                # exact logits choose the rest among the other candidates.
-                kept = select_blocks(scores, keep)
-                # Both ascending, kept within the shortlist: its places by binary search (isin cost more).
-                exact = exact.index_fill(0, torch.searchsorted(shortlist, kept), -torch.inf)
-                others = shortlist[select_blocks(exact, topk - keep)] if keep < topk else kept[:0]
-                chosen = torch.cat((kept, others)).sort().values
+            kept = select_blocks(scores, keep) if keep else shortlist[:0]
+            # Both ascending, kept within the shortlist: its places by binary search (isin cost more).
+            excluded = torch.zeros(shortlist.shape, dtype=torch.bool, device=shortlist.device)
+            excluded[torch.searchsorted(shortlist, kept)] = True
+            ids = shortlist.tolist()
+            in_ram = None if cfg.rerank_reads_disk else self.blocks.in_ram(ids)
+            if in_ram is None or all(in_ram):
+                exact, in_ram = self.blocks.score_blocks(ids, lambda keys: exact_block_scores(q, keys)), None
             else:
-                chosen = shortlist[select_blocks(exact, topk)]
+                # rerank_reads_disk: false: only the candidates in RAM are scored (none is read from disk).
+                places = [i for i, held in enumerate(in_ram) if held]
+                exact = torch.full(shortlist.shape, -torch.inf, device=shortlist.device)
+                if places:
+                    exact[torch.tensor(places, device=shortlist.device)] = self.blocks.score_blocks(
+                        [ids[i] for i in places], lambda keys: exact_block_scores(q, keys))
+                in_ram = torch.tensor(in_ram, device=shortlist.device)
+            others = shortlist[second_stage_choice(exact, excluded, in_ram, scores[shortlist], topk - keep)]
+            chosen = torch.cat((kept, others)).sort().values
         else:
             chosen = select_blocks(scores, topk)
         if self.forced_blocks is not None:  # (per-layer ranking only: `InfLLMMemory.force_blocks` checks)

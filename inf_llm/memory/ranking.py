@@ -145,6 +145,28 @@ def select_blocks_earliest_on_ties(scores: torch.Tensor, k: int) -> torch.Tensor
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values
 
 
+def second_stage_choice(exact: torch.Tensor, excluded: torch.Tensor, in_ram: torch.Tensor | None, first: torch.Tensor,
+                        m: int) -> torch.Tensor:
+    """Places (ascending) of the m shortlist candidates the second stage adds to the kept ones.
+
+    exact: (n,) the candidates' exact scores (-inf where not computed); excluded: (n,) bool, the kept ones;
+    in_ram: (n,) bool, the candidates that were scored exactly (None: all of them); first: (n,) their first-stage
+    scores. The best m by exact score among the scored, not excluded candidates; when there are fewer, all of them
+    and then the others (not scored, not excluded) in the first stage's order. Equal scores go to the earlier
+    candidate. Needs at least m candidates that are not excluded.
+    """
+    if m == 0:
+        return torch.zeros(0, dtype=torch.long, device=exact.device)
+    if in_ram is None:
+        return select_blocks(exact.masked_fill(excluded, -torch.inf), m)
+    eligible = in_ram & ~excluded
+    scored = int(eligible.sum())
+    if scored >= m:
+        return select_blocks(exact.masked_fill(~eligible, -torch.inf), m)
+    rest = select_blocks(first.float().masked_fill(eligible | excluded, -torch.inf), m - scored)
+    return torch.cat((torch.nonzero(eligible).view(-1), rest)).sort().values
+
+
 def with_following(ids: torch.Tensor, following: int, num_blocks: int) -> torch.Tensor:
     """Chosen block ids (n,) and the `following` blocks after each that exist: sorted, each once.
 

@@ -20,7 +20,8 @@ _CONVERTIBLE_SETTINGS = ("repr_dtype",)
 # Settings of the second stage of retrieval: they choose among the stored blocks and store nothing of their own
 # (a saved `decode_rank_every` reuse is cut to the engine's setting), so a session resumes under other values: a
 # chat saved under the one-stage preset resumes under the two-stage one, which then chooses its next blocks.
-_SECOND_STAGE_SETTINGS = ("rerank_blocks", "rerank_chunks", "rerank_keep_blocks", "decode_rank_every")
+_SECOND_STAGE_SETTINGS = ("rerank_blocks", "rerank_chunks", "rerank_keep_blocks", "rerank_reads_disk",
+                          "decode_rank_every")
 
 
 def model_identity(model: torch.nn.Module, tokenizer) -> dict:

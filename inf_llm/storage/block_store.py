@@ -354,6 +354,11 @@ class BlockStore:
         self._record_slots_read()
         return per_slot.index_select(0, slots)
 
+    def in_ram(self, block_ids: list[int]) -> list[bool]:
+        """Whether each block's K/V is in memory, in the device cache or the host tier (not only on disk)."""
+        slots, host = self.block_slot, self.host
+        return [b in slots or b in host for b in block_ids]
+
     def _slots_of(self, ids: list, per_head: bool) -> list:
         """Device slots of block ids (n,) or per KV head (Hkv, n), loading the missing blocks."""
         if not per_head and all(a < b for a, b in zip(ids, ids[1:])):
