@@ -481,3 +481,23 @@ def test_baseline_sessions_resume_exactly(model, tokenizer, tmp_path, method):
     resumed = conversation(model, tokenizer, config)
     resumed.load(resume_session(path, resumed.engine, resumed.format.identity).messages)
     torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("items", [[], [5, -2, 0, 10**20], [True, 1, 2], [1, 2.5], [[1, 2], 3]])
+def test_the_state_digest_of_a_list_is_its_canonical_encoding(items):
+    """Oracle: the encoding written out item by item ("L<n>" then each item's own encoding). Lists of plain ints
+    (token ids) are encoded at once; a bool (an int subclass, encoded as a bool) or any other item takes the loop.
+    Sessions saved before the fast path must keep their checksums."""
+    import hashlib
+    import struct
+
+    def encoding(value) -> bytes:
+        if isinstance(value, list):
+            return f"L{len(value)}".encode() + b"".join(encoding(v) for v in value)
+        if isinstance(value, float):
+            return b"F" + struct.pack("<d", value)
+        return f"{type(value).__name__}:{value!r}".encode()
+
+    payload = {"tokens": items}
+    expected = hashlib.sha256(b"D1" + encoding("tokens") + encoding(items)).hexdigest()
+    assert content_sha256(payload) == expected

@@ -291,6 +291,55 @@ def test_reopening_at_a_saved_entry_count_gives_that_state_even_after_rollback_a
     assert torch.equal(DiskTier.open(tmp_path / "s").read(1), old[1])
 
 
+def _tier_state(tier: DiskTier) -> tuple:
+    return (list(tier._slots), list(tier._crcs), len(tier), tier.entries, tier._next_slot, tier._kept_slots,
+            tier._cut_at)
+
+
+@pytest.mark.parametrize("history", ["puts", "puts out of order", "rollback", "rewritten block id", "torn tail"])
+def test_reopening_with_the_saved_digest_gives_the_state_the_entry_by_entry_replay_gives(tmp_path, history,
+                                                                                          monkeypatch):
+    """Oracle: the same folder reopened at the same entry count without the digest (every entry replayed and
+    checked one by one). With the digest, a log of distinct PUTs is replayed in array operations, any other log
+    one by one; both must give the same state, reads and later writes. A digest that differs is refused."""
+    layout = BlockLayout(HKV, B, D, torch.float32)
+    records = _records(layout, 8, 3)
+    tier = DiskTier(tmp_path / "s", layout, durable=False)
+    if history == "puts out of order":
+        tier.write([3, 0, 2], records[:3])
+        tier.write([1, 4], records[3:5])
+    else:
+        tier.write(range(5), records[:5])
+    if history == "rollback":
+        tier.truncate(2)
+        tier.write([2, 3], records[5:7])
+    if history == "rewritten block id":  # no TRUNCATE entry in between: the same block id put twice
+        tier._set(1, -1, 0)
+        tier._count -= 1
+        tier.write([1], records[7:8])
+    tier.sync()
+    tier.protect()
+    saved, digest = tier.entries, tier.index_sha256()
+    if history == "torn tail":
+        tier.write([5], records[5:6])
+        with open(tmp_path / "s" / INDEX_FILE, "r+b") as index:
+            index.truncate(os.path.getsize(tmp_path / "s" / INDEX_FILE) - 3)
+    del tier
+    gc.collect()
+    one_by_one = DiskTier.open(tmp_path / "s", entries=saved)
+    in_arrays, replay = [], DiskTier._replay_distinct_puts
+    monkeypatch.setattr(DiskTier, "_replay_distinct_puts", lambda self, *a: in_arrays.append(replay(self, *a)) or in_arrays[-1])
+    fast = DiskTier.open(tmp_path / "s", entries=saved, index_sha256=digest)
+    assert in_arrays == [history in ("puts", "puts out of order", "torn tail")]
+    assert _tier_state(fast) == _tier_state(one_by_one)
+    assert all(torch.equal(fast.read(b), one_by_one.read(b)) for b in fast.block_ids())
+    fast.write([9], records[:1])
+    one_by_one.write([9], records[:1])
+    assert _tier_state(fast)[:5] == _tier_state(one_by_one)[:5]
+    with pytest.raises(DiskTierError, match="is not the index this session saved"):
+        DiskTier.open(tmp_path / "s", entries=saved, index_sha256="0" * 64)
+
+
 def test_a_damaged_record_is_refused_when_read(tmp_path):
     layout = BlockLayout(HKV, B, D, torch.float32)
     records = _records(layout, 2, 4)

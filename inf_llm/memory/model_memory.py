@@ -233,7 +233,7 @@ class InfLLMMemory:
 
     def map_layer(self, index: int, kv: DiskTier, num_blocks: int, reprs: torch.Tensor, state: dict) -> None:
         """Give layer `index` blocks 0..num_blocks-1 of the tier `kv` (read when retrieval asks), their summaries
-        `reprs` (num_blocks, width) and the rest of its state (a `snapshot` entry of a saved memory).
+        `reprs` (num_blocks, width; a fresh copy, which the layer may keep as its buffer) and the rest of its state (a `snapshot` entry of a saved memory).
         ValueError if the state is not one of this memory's."""
         layer = self.layers[index]
         _check_layer_state(layer, state)

@@ -227,11 +227,9 @@ def _open_tier(gen: Path, name: str, entries: int, index_sha256: str | None) -> 
         if path.is_symlink():
             raise DiskTierError(f"{path} is a symbolic link (to {os.readlink(path)}); a session's files must be in "
                                 "its folder")
-    tier = DiskTier.open(folder, durable=False, entries=entries)
-    if index_sha256 is not None and tier.index_sha256() != index_sha256:
-        tier.close()
-        raise DiskTierError(f"{folder / INDEX_FILE} is not the index this session saved (another layer's or "
-                            "session's blocks)")
+    # A digest that differs is refused as the folder is opened: another layer's or session's blocks (sessions saved
+    # before the digest was recorded are not checked).
+    tier = DiskTier.open(folder, durable=False, entries=entries, index_sha256=index_sha256)
     return tier
 
 

@@ -55,6 +55,7 @@ from array import array
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from inf_llm.storage.block_layout import BlockLayout
@@ -71,6 +72,10 @@ _CRC = struct.Struct("<I")
 ENTRY_BYTES = _ENTRY.size + _CRC.size
 _MAGIC = b"IBLK"
 _PUT, _TRUNCATE = 1, 2
+# The same entry as a numpy record (packed, little-endian): PUT's block, slot and record CRC32, then its own CRC32.
+_ENTRY_DTYPE = np.dtype([("magic", "S4"), ("kind", "<u4"), ("block", "<i8"), ("slot", "<i8"), ("crc", "<u4"),
+                         ("entry_crc", "<u4")])
+assert _ENTRY_DTYPE.itemsize == ENTRY_BYTES
 _MIN_CAPACITY = 64  # records; the data file grows geometrically from here, so remapping is rare
 
 
@@ -87,7 +92,7 @@ class DiskTier:
     """The blocks of one store in `path`; created there when `layout` is given and the folder holds none."""
 
     def __init__(self, path: str | os.PathLike[str], layout: BlockLayout | RowLayout | None = None, *,
-                 durable: bool = True, entries: int | None = None):
+                 durable: bool = True, entries: int | None = None, index_sha256: str | None = None):
         self.path, self.durable = Path(path), durable
         # layout.json is written once; a durable tier fsyncs it when it creates it, any other at its first sync().
         self._layout_synced = durable
@@ -112,7 +117,7 @@ class DiskTier:
         self._kept_slots = 0  # slots below this are never written again (`protect`)
         self._entries = 0  # index entries that make the current state
         self._cut_at: int | None = None  # index bytes to keep at the next write (state reopened at a saved point)
-        self._replay(entries)
+        self._replay(entries, index_sha256)
         if entries is not None:
             # Reopened at a saved state: its slots stay readable until the next save commits, whatever this
             # process forgets (a rollback) and writes in the meantime.
@@ -123,13 +128,18 @@ class DiskTier:
         self._remap(os.fstat(self._data_fd).st_size // self.record_bytes)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, durable: bool = True, entries: int | None = None) -> DiskTier:
+    def open(cls, path: str | os.PathLike[str], *, durable: bool = True, entries: int | None = None,
+             index_sha256: str | None = None) -> DiskTier:
         """Open an existing block folder (its layout is read from it).
 
         entries: the state after that many index entries (a saved state); DiskTierError if the index holds
         fewer. Later entries are ignored, and removed from the index only at the next write.
+        index_sha256: with entries, the digest those entries must have (`index_sha256` at the save);
+        DiskTierError if they differ. Entries that match it are the ones written, so their own checksums need no
+        check, and a log of distinct PUT entries (a read that was never rolled back) is replayed in a few array
+        operations: a million-token session's 2M entries took seconds one by one.
         """
-        return cls(path, None, durable=durable, entries=entries)
+        return cls(path, None, durable=durable, entries=entries, index_sha256=index_sha256)
 
     # --- opening ----------------------------------------------------------------------------------------------
 
@@ -160,12 +170,25 @@ class DiskTier:
             raise DiskTierError(f"cannot create a block folder at {str(self.path)!r}: {error}") from error
         return layout
 
-    def _replay(self, entries: int | None) -> None:
+    def _replay(self, entries: int | None, index_sha256: str | None = None) -> None:
         """Rebuild block -> slot from the index, up to its first incomplete or corrupt entry (cut there), or
-        up to `entries` entries."""
+        up to `entries` entries (whose digest must be `index_sha256` when given)."""
         size = os.fstat(self._index_fd).st_size
         log = os.pread(self._index_fd, size, 0) if size else b""
         data_records = os.fstat(self._data_fd).st_size // self.record_bytes
+        if index_sha256 is not None and entries is None:
+            raise ValueError("index_sha256 names the digest of a saved state: give its entries too")
+        if index_sha256 is not None and len(log) >= entries * ENTRY_BYTES:  # (fewer: refused by the loop below)
+            saved = log[: entries * ENTRY_BYTES]
+            if hashlib.sha256(saved).hexdigest() != index_sha256:
+                raise DiskTierError(f"{self.path / INDEX_FILE} is not the index this session saved (another layer's "
+                                    "or session's blocks)")
+            if self._replay_distinct_puts(saved, data_records):
+                self._entries = entries
+                if len(saved) < len(log):
+                    self._cut_at = len(saved)
+                self._reclaim()
+                return
         valid = 0
         for start in range(0, len(log) - ENTRY_BYTES + 1, ENTRY_BYTES):
             if entries is not None and start // ENTRY_BYTES == entries:
@@ -192,6 +215,24 @@ class DiskTier:
                                self.path / INDEX_FILE, len(log) - valid)
             self._cut_at = valid  # cut when this store first writes: opening changes nothing on disk
         self._reclaim()
+
+    def _replay_distinct_puts(self, log: bytes, data_records: int) -> bool:
+        """Replay a verified log in array operations when it is only PUT entries of distinct blocks whose slots
+        exist (otherwise the order of entries matters, and False leaves the state untouched for the loop)."""
+        entries = np.frombuffer(log, dtype=_ENTRY_DTYPE)
+        blocks, slots = entries["block"], entries["slot"]
+        if len(entries) and (np.any(entries["magic"] != _MAGIC) or np.any(entries["kind"] != _PUT)
+                             or blocks.min() < 0 or slots.min() < 0 or slots.max() >= data_records
+                             or len(np.unique(blocks)) != len(blocks)):
+            return False
+        n = int(blocks.max()) + 1 if len(entries) else 0
+        block_slot = np.full(n, -1, dtype=np.int64)
+        block_slot[blocks] = slots
+        crcs = np.zeros(n, dtype=np.uint64 if self._crcs.itemsize == 8 else np.uint32)
+        crcs[blocks] = entries["crc"]
+        self._slots, self._crcs = array("q", block_slot.tobytes()), array("L", crcs.tobytes())
+        self._count = len(entries)
+        return True
 
     def _set(self, block_id: int, slot: int, crc: int) -> None:
         if block_id >= len(self._slots):
@@ -268,7 +309,7 @@ class DiskTier:
 
     def has_prefix(self, n: int) -> bool:
         """Whether blocks 0..n-1 are all on disk."""
-        return n <= len(self._slots) and all(slot >= 0 for slot in self._slots[:n])
+        return n <= len(self._slots) and (n == 0 or int(np.frombuffer(self._slots, dtype=np.int64, count=n).min()) >= 0)
 
     def nbytes(self) -> int:
         """Bytes of the blocks on disk (records that no entry names are not counted)."""
