@@ -381,6 +381,26 @@ def test_read_prefix_equals_one_read_per_block_in_and_out_of_slot_order(tmp_path
     assert torch.equal(tier.read(0), old[0])
 
 
+def test_read_many_into_equals_one_read_per_block_and_checks_each(tmp_path):
+    layout = BlockLayout(HKV, B, D, torch.float32)
+    records = _records(layout, 6, 5)
+    tier = DiskTier(tmp_path / "s", layout, durable=False)
+    tier.write(range(6), records)
+    ids = [4, 0, 5, 2]
+    outs = list(layout.empty(len(ids)))
+    tier.read_many_into(ids, outs)
+    assert all(torch.equal(out, records[b]) for b, out in zip(ids, outs))
+    with pytest.raises(KeyError, match="block 7 is not on disk"):
+        tier.read_many_into([1, 7], list(layout.empty(2)))
+    with open(tmp_path / "s" / DATA_FILE, "r+b") as data:  # damage block 5's record
+        data.seek(5 * layout.record_bytes + 9)
+        byte = data.read(1)
+        data.seek(5 * layout.record_bytes + 9)
+        data.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(DiskTierError, match="block 5 .* is damaged"):
+        tier.read_many_into(ids, list(layout.empty(len(ids))))
+
+
 # --- the store across tiers ----------------------------------------------------------------------------------
 
 
@@ -461,9 +481,10 @@ def test_unbounded_store_never_touches_disk():
 
 def test_blocks_are_written_once_and_retrieval_reads_only_selected_blocks(monkeypatch):
     written, read = [], []
-    write, read_into = DiskTier.write, DiskTier.read_into
+    write, read_many_into = DiskTier.write, DiskTier.read_many_into
     monkeypatch.setattr(DiskTier, "write", lambda self, ids, rec: (written.extend(ids), write(self, ids, rec))[1])
-    monkeypatch.setattr(DiskTier, "read_into", lambda self, b, out: (read.append(b), read_into(self, b, out))[1])
+    monkeypatch.setattr(DiskTier, "read_many_into",
+                        lambda self, ids, outs: (read.extend(ids), read_many_into(self, ids, outs))[1])
     store = _store(2, cache_blocks=3)
     k, v = _blocks(16, 6)
     for i in range(16):
@@ -550,15 +571,15 @@ def test_a_failed_read_leaves_no_device_slot_naming_a_block_it_did_not_load(monk
     k, v = _blocks(6, 13)
     store.append(k, v)
     store.gather(torch.tensor([0, 1, 2]))
-    read_into = DiskTier.read_into
+    read_many_into = DiskTier.read_many_into
 
-    def fail(self, block_id, out):
+    def fail(self, block_ids, outs):
         raise OSError("simulated read error")
 
-    monkeypatch.setattr(DiskTier, "read_into", fail)
+    monkeypatch.setattr(DiskTier, "read_many_into", fail)
     with pytest.raises(OSError):
         store.gather(torch.tensor([3, 4]))
-    monkeypatch.setattr(DiskTier, "read_into", read_into)
+    monkeypatch.setattr(DiskTier, "read_many_into", read_many_into)
     for ids in ([3, 4], [0, 3, 4], [1, 2, 5]):
         assert torch.equal(store.gather(torch.tensor(ids))[0], _expected(k, ids))
 

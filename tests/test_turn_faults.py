@@ -136,7 +136,7 @@ FAULTS = {
                                             conv.engine),
     # The bound is checked after the layer stored its blocks; the second layer's check fails.
     "float16 bound": lambda conv: Fault(LayerMemory, "_note_absmax", 2, _infinite_bound, conv.engine),
-    "disk read (EIO)": lambda conv: Fault(DiskTier, "read_into", 2,
+    "disk read (EIO)": lambda conv: Fault(DiskTier, "read_many_into", 2,
                                               _raise(OSError(errno.EIO, "Input/output error")), conv.engine),
     "damaged block (CRC)": lambda conv: Fault(DiskTier, "_check", 2, _damaged, conv.engine),
 }

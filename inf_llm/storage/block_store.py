@@ -157,8 +157,7 @@ class BlockStore:
             for i, block_id in enumerate(block_ids):
                 if block_id in self.host:
                     out[i].copy_(self.host.record(block_id))
-                else:
-                    self.disk.read_into(block_id, out[i])
+            self.disk.read_many_into([block_ids[i] for i in from_disk], [out[i] for i in from_disk])
         self.disk_reads += len(from_disk)
         if promote and from_disk and self.host.max_blocks != 0:
             fits = self._make_room(len(from_disk))
