@@ -198,20 +198,23 @@ def test_real_model_summaries(embedded_model):
 
 
 def test_projection_codes_with_every_candidate_select_as_brute_force():
-    from inf_llm.bench.ranking_recall import approximate_select, codes, projection, recall
+    from inf_llm.bench.ranking_recall import approximate_select, recall
+    from inf_llm.memory.ranking import code_basis, summary_codes
 
     gen = torch.Generator().manual_seed(5)
     summaries = _summaries(300, "bounds", gen, duplicates=False).half()
     absmax = summaries.abs().max().float()
-    mean, directions = projection(summaries, 200, 8)
-    assert directions.shape == (8, 2 * HKV * D)
+    basis = code_basis(summaries[:200], 8)
+    directions = basis[:, 1:].T
+    assert basis.shape == (2 * HKV * D, 9)
+    torch.testing.assert_close(basis[:, 0], summaries[:200].reshape(200, -1).float().mean(0), atol=1e-5, rtol=0)
     torch.testing.assert_close(directions @ directions.T, torch.eye(8), atol=1e-5, rtol=0)  # orthonormal
-    block_codes = codes(summaries, mean, directions)
+    block_codes = summary_codes(summaries, basis)
     for _ in range(4):
         query = _query("bounds", gen)
         want = select_blocks(block_scores(summaries, query, HKV, False, absmax), 20)
         # Every block a candidate: the estimate chooses nothing, the exact scores choose all.
-        got = approximate_select(summaries, query, HKV, absmax, block_codes, directions, 300, 20)
+        got = approximate_select(summaries, query, HKV, absmax, block_codes, basis, 300, 20)
         assert torch.equal(got, want)
     rows = recall(summaries, [_query("bounds", gen) for _ in range(3)], HKV, [4], [300], ks=(5, 20), calibration=200)
     assert len(rows) == 3 and all(r["recall_5"] == r["recall_20"] == 1.0 for r in rows)

@@ -79,6 +79,10 @@ def test_weights_sum_to_one_and_each_token_counts_once(pieces, per_head):
                                      dict(block_ranking="bounds", rank_rotated=True, rerank_blocks=6),
                                      dict(rank_rotated=True, rerank_blocks=5, following_blocks=1),
                                      dict(block_ranking="bounds", rank_rotated=True, rerank_blocks=6,
+                                          rerank_keep_blocks=1),
+                                     dict(block_ranking="bounds", rank_rotated=True, ranking_code_rank=2,
+                                          ranking_code_blocks=5),
+                                     dict(ranking_code_rank=3, ranking_code_blocks=6, rerank_blocks=6,
                                           rerank_keep_blocks=1)])
 def test_chosen_blocks_equal_an_independent_recomputation_from_keys_and_attention(ranking):
     """Fed token by token with top-k below the number of blocks, each query attends exactly the blocks that a
@@ -86,7 +90,9 @@ def test_chosen_blocks_equal_an_independent_recomputation_from_keys_and_attentio
     received while in the window (read off the outputs, which are the attention weights), ranked by the query.
     This pins representatives (their layout through the buffer's growth), key bounds and the ranking; with
     rerank_blocks, the shortlist and its re-ranking by each head's largest exact logit in a block (with
-    rerank_keep_blocks, after the summaries' best)."""
+    rerank_keep_blocks, after the summaries' best); with ranking_code_rank, beyond ranking_code_blocks blocks,
+    the summaries rank only the blocks best by their projection on the principal subspace of the first
+    ranking_code_blocks summaries (computed here by an eigendecomposition of their covariance)."""
     topk = 3
     layer = _layer(topk_blocks=topk, device_cache_blocks=8, repr_dtype="float32", **ranking)  # float16 rounds near-ties
     cfg, sinks, size, window = layer.config, layer.config.num_sink_tokens, layer.config.block_size, layer.config.local_window
@@ -118,22 +124,52 @@ def test_chosen_blocks_equal_an_independent_recomputation_from_keys_and_attentio
         span = slice(sinks + b * size, sinks + (b + 1) * size)
         return sum((k[h // group, span] @ qp[h]).max() for h in range(HQ)).item()
 
-    def clear_top(scored: list[tuple[float, int]], n: int) -> set[int] | None:
+    def clear_top(scored: list[tuple[float, int]], n: int, tolerance: float = 1e-4) -> set[int] | None:
         """The n best blocks, or None at a near-tie (rounding may pick either; the clear cases are pinned)."""
         ranked = sorted(scored, reverse=True)
-        if len(ranked) > n and ranked[n - 1][0] - ranked[n][0] < 1e-4 * abs(ranked[0][0]):
+        if len(ranked) > n and ranked[n - 1][0] - ranked[n][0] < tolerance * abs(ranked[0][0]):
             return None
         return {b for _, b in ranked[:n]}
 
-    checked = 0
+    def flat_query(qp: torch.Tensor) -> torch.Tensor:
+        """The query in the layout of a flattened summary (its dot with one is the block's score)."""
+        if cfg.block_ranking == "bounds":
+            grouped = qp.view(HKV, group, -1)
+            return torch.stack([torch.stack((grouped[g].clamp(min=0).sum(0), grouped[g].clamp(max=0).sum(0)))
+                                for g in range(HKV)]).flatten()
+        return qp.flatten()
+
+    calibration, projector, mean = cfg.ranking_code_blocks, None, None
+    if cfg.ranking_code_rank:
+        first = torch.stack([summary(b).flatten() for b in range(calibration)]).double()
+        mean = first.mean(0)
+        _, vectors = torch.linalg.eigh((first - mean).T @ (first - mean))  # ascending eigenvalues
+        directions = vectors[:, -cfg.ranking_code_rank :]
+        projector = directions @ directions.T
+
+    def pool(formed: list[int], qp: torch.Tensor) -> list[int] | None:
+        """The blocks the summaries rank: every formed one, or the codes' clear best (None at a near-tie)."""
+        if projector is None or len(formed) <= calibration:
+            return formed
+        estimate = [(((summary(b).flatten().double() - mean) @ projector @ flat_query(qp).double()).item(), b)
+                    for b in formed]
+        best = clear_top(estimate, calibration, tolerance=1e-2)  # codes are rounded to float16
+        return None if best is None else sorted(best)
+
+    checked, coded = 0, 0
     for p in range(T):
         formed = [b for b in range(T) if sinks + (b + 1) * size <= p - window]  # evicted before query p
         if len(formed) <= topk:
             continue
-        chosen = clear_top([(score(b, query[:, p]), b) for b in formed], cfg.rerank_blocks or topk)
+        ranked = pool(formed, query[:, p])
+        if ranked is None:
+            continue
+        coded += ranked != formed and clear_top([(score(b, query[:, p]), b) for b in formed], topk) != \
+            clear_top([(score(b, query[:, p]), b) for b in ranked], topk)
+        chosen = clear_top([(score(b, query[:, p]), b) for b in ranked], cfg.rerank_blocks or topk)
         if chosen is not None and cfg.rerank_blocks:
             # The summaries' best rerank_keep_blocks stay, the exact logits choose the rest of the shortlist.
-            kept = clear_top([(score(b, query[:, p]), b) for b in formed], cfg.rerank_keep_blocks) or set()
+            kept = clear_top([(score(b, query[:, p]), b) for b in ranked], cfg.rerank_keep_blocks) or set()
             others = clear_top([(exact(b, query[:, p]), b) for b in chosen - kept], topk - len(kept))
             chosen = None if others is None or (cfg.rerank_keep_blocks and not kept) else kept | others
         if chosen is None:
@@ -144,6 +180,9 @@ def test_chosen_blocks_equal_an_independent_recomputation_from_keys_and_attentio
             assert (seen > 0).all() if b in chosen else (seen == 0).all(), (p, b, sorted(chosen))
         checked += 1
     assert checked >= 40
+    if projector is not None:
+        assert layer.codes is not None
+        assert coded > 0  # the codes' shortlist changed what the summaries alone would choose
 
 
 @pytest.mark.parametrize("per_head", [False, True])
@@ -621,3 +660,32 @@ def test_decode_rank_every_rolls_back_and_resumes_mid_reuse():
     ranking = _layer(**{**cfg, "decode_rank_every": 1})
     ranking.load_state_dict(state)
     assert ranking._reused is None and ranking._reuse_left == 0
+
+
+def test_ranking_codes_roll_back_with_the_memory():
+    """The codes' basis comes from the first ranking_code_blocks summaries: a rollback to before it existed and a
+    different continuation give the codes, basis and outputs of a fresh layer fed that continuation; a rollback
+    after it keeps them, and replaying gives the first run's outputs again."""
+    same = dict(topk_blocks=2, device_cache_blocks=8, ranking_code_rank=2, ranking_code_blocks=4)
+    q, k, v = _qkv(9)
+    q2, k2, v2 = _qkv(10)
+    other = [torch.cat((a[:, :40], b[:, 40:]), dim=1) for a, b in ((q, q2), (k, k2), (v, v2))]
+    layer = _layer(**same)
+    _feed(layer, q[:, :40], k[:, :40], v[:, :40], [8] * 5)
+    early = layer.snapshot()
+    assert layer.codes is None and layer.blocks.num_blocks < 4
+    first = torch.cat([layer.forward(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], 0.125) for t in range(40, 90)], 1)
+    late = layer.snapshot()
+    assert layer.codes is not None and layer.blocks.num_blocks > 4
+    rest = torch.cat([layer.forward(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], 0.125) for t in range(90, T)], 1)
+    layer.restore(late)
+    again = torch.cat([layer.forward(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], 0.125) for t in range(90, T)], 1)
+    assert torch.equal(again, rest)
+    layer.restore(early)
+    assert layer.codes is None
+    changed = torch.cat([layer.forward(*(x[:, t : t + 1] for x in other), 0.125) for t in range(40, T)], 1)
+    fresh = _layer(**same)
+    _feed(fresh, *(x[:, :40] for x in other), [8] * 5)
+    expected = torch.cat([fresh.forward(*(x[:, t : t + 1] for x in other), 0.125) for t in range(40, T)], 1)
+    assert torch.equal(changed, expected) and not torch.equal(changed[:, :50], first)
+    assert torch.equal(layer._code_basis, fresh._code_basis) and torch.equal(layer.codes, fresh.codes)

@@ -391,6 +391,32 @@ def test_key_bound_sessions_resume_exactly(model, tokenizer, tmp_path, repr_dtyp
              r"config\.block_ranking: session has 'bounds', now 'representatives'")
 
 
+@pytest.mark.parametrize("saved_with_codes", [True, False])
+def test_ranking_codes_are_saved_and_resumed_or_computed(model, tokenizer, tmp_path, saved_with_codes):
+    """A session saved with ranking codes keeps them (float16 values) with their basis: the resumed memory has the
+    same codes, bit for bit, and gives the same logits. One saved without them resumes under the setting with the
+    codes its summaries give (basis from the first ranking_code_blocks, as a memory built under it computes)."""
+    from inf_llm.memory.ranking import code_basis, summary_codes
+
+    small = dict(topk_blocks=2, device_cache_blocks=4, local_window=16, block_size=4)  # blocks enough for codes
+    codes = tiny_config(**small, ranking_code_rank=2, ranking_code_blocks=3)
+    plain = tiny_config(**small)
+    path = tmp_path / "codes.session"
+    conv, resumed = _save_then_resume(model, tokenizer, path, codes if saved_with_codes else plain, codes)
+    layers = read_session(path).engine_state["memory"]["layers"]
+    for saved, a, b in zip(layers, resumed.engine.memory.layers, conv.engine.memory.layers):
+        assert a.blocks.num_blocks > 3 and a.codes is not None and a.codes.shape == (a.blocks.num_blocks, 2)
+        if saved_with_codes:
+            assert saved["codes"].dtype == torch.float16 and torch.equal(saved["codes"].float(), b.codes)
+            assert torch.equal(a.codes, b.codes) and torch.equal(a._code_basis, b._code_basis)
+        else:
+            assert "codes" not in saved and b.codes is None
+            basis = code_basis(a.reprs[:3], 2)
+            assert torch.equal(a._code_basis, basis) and torch.equal(a.codes, summary_codes(a.reprs, basis))
+    if saved_with_codes:
+        torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
+
+
 def test_sessions_saved_before_a_setting_existed_count_it_at_its_old_behaviour():
     old = {"config": {"method": "inf-llm", "topk_blocks": 8}}
     now = {"config": {"method": "inf-llm", "topk_blocks": 8, "block_ranking": "representatives", "rank_rotated": False}}

@@ -9,7 +9,8 @@ s (flattened, R x D values): score = q . s. Per layer, the principal directions 
 `--calibration` blocks' summaries and their mean m give each block a code z = V (s - m) of r 16-bit values, and
 q . s ~ q . m + (V q) . z, which reads r values per block instead of R x D (r = 32 of the embedded model's
 384: a twelfth). The best `C` blocks by that estimate are then scored exactly (`block_scores`) and the top k
-chosen among them; recall is the share of brute force's top k found, for the preset's k = 56 (the blocks the
+chosen among them (the functions `LayerMemory` ranks with under `ranking_code_rank`, its codes stored as
+float16 values); recall is the share of brute force's top k found, for the preset's k = 56 (the blocks the
 bounds keep) and k = 512 (the second stage's shortlist).
 
 FOLDER holds a saved session's summary tiers (`layer-NNN-reprs`, as `inf_llm.sessions` writes them; the long
@@ -26,27 +27,14 @@ from pathlib import Path
 
 import torch
 
-from inf_llm.memory.ranking import block_scores, select_blocks
-
-
-def projection(summaries: torch.Tensor, calibration: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean (R*D,), directions (rank, R*D)) of the first `calibration` summaries (N, R, D), float32."""
-    flat = summaries[:calibration].reshape(min(calibration, summaries.shape[0]), -1).float()
-    mean = flat.mean(dim=0)
-    _, _, vt = torch.linalg.svd(flat - mean, full_matrices=False)
-    return mean, vt[:rank]
-
-
-def codes(summaries: torch.Tensor, mean: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """Each block's code (N, rank), float16: its summary's coordinates along the directions."""
-    return ((summaries.reshape(summaries.shape[0], -1).float() - mean) @ directions.T).half()
+from inf_llm.memory.ranking import block_scores, code_basis, code_shortlist, select_blocks, summary_codes
 
 
 def approximate_select(summaries: torch.Tensor, query: torch.Tensor, num_kv_heads: int, summary_absmax: torch.Tensor,
-                       block_codes: torch.Tensor, directions: torch.Tensor, candidates: int, k: int) -> torch.Tensor:
-    """The top k blocks (ascending ids) among the `candidates` best by the codes' estimate, scored exactly."""
-    estimate = block_codes.float() @ (directions @ query.reshape(-1).float())
-    chosen = select_blocks(estimate, candidates)
+                       block_codes: torch.Tensor, basis: torch.Tensor, candidates: int, k: int) -> torch.Tensor:
+    """The top k blocks (ascending ids) among the `candidates` best by the codes' estimate, scored exactly: what
+    `LayerMemory` chooses with ranking_code_rank (the same functions)."""
+    chosen = code_shortlist(block_codes, basis, query, candidates)
     exact = block_scores(summaries[chosen], query, num_kv_heads, False, summary_absmax)
     return chosen[select_blocks(exact, k)].sort().values
 
@@ -60,13 +48,13 @@ def recall(summaries: torch.Tensor, queries: list[torch.Tensor], num_kv_heads: i
                for k in ks} for query in queries]
     rows = []
     for rank in ranks:
-        mean, directions = projection(summaries, calibration, rank)
-        block_codes = codes(summaries, mean, directions)
+        basis = code_basis(summaries[:calibration], rank)
+        block_codes = summary_codes(summaries, basis)
         for count in candidates:
             for query, want in zip(queries, wanted):
                 row = {"rank": rank, "candidates": count}
                 for k in ks:
-                    got = approximate_select(summaries, query, num_kv_heads, absmax, block_codes, directions,
+                    got = approximate_select(summaries, query, num_kv_heads, absmax, block_codes, basis,
                                              max(count, k), k)
                     row[f"recall_{k}"] = len(want[k] & set(got.tolist())) / min(k, summaries.shape[0])
                 rows.append(row)
@@ -124,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         for count in counts:
             sel = [r for r in rows if r["rank"] == rank and r["candidates"] == count]
             r56, r512 = [r["recall_56"] for r in sel], [r["recall_512"] for r in sel]
-            read = (rank + min(count, blocks) * row_values / blocks) / row_values  # both 16-bit
+            read = (2 * rank + min(count, blocks) * row_values / blocks) / row_values  # codes float32, rows 16-bit
             print(f"| {rank} | {count} | {statistics.mean(r56):.3f} ({min(r56):.2f}) | "
                   f"{statistics.mean(r512):.3f} ({min(r512):.2f}) | {read:.3f} |")
 

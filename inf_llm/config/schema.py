@@ -33,7 +33,8 @@ MEMORY_POSITIONS = ("shared", "ordered")
 ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "rank_rotated": False,
                "following_blocks": 0, "memory_positions": "shared", "prefill_topk_blocks": None,
                "rerank_blocks": None, "rerank_chunks": True, "rerank_keep_blocks": 0,
-               "decode_rank_every": 1, "rerank_reads_disk": True}
+               "decode_rank_every": 1, "rerank_reads_disk": True, "ranking_code_rank": None,
+               "ranking_code_blocks": 4096}
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,16 @@ class InfLLMConfig:
                                                           in the summaries' order. Identical while every block
                                                           fits in host_cache_bytes; beyond it, a step's disk
                                                           reads are the chosen blocks' only
+    ranking_code_rank    (none)                           an approximate first stage: each block's summary is
+                                                          also kept as a code of this many numbers (its
+                                                          coordinates along the principal directions of the
+                                                          first ranking_code_blocks summaries), and once a
+                                                          layer holds more blocks than that, the codes'
+                                                          estimate shortlists ranking_code_blocks blocks whose
+                                                          summaries are then scored exactly; null = every
+                                                          summary is scored (exact)
+    ranking_code_blocks  (none)                           with ranking_code_rank: the blocks the directions are
+                                                          computed from, and the codes' shortlist
     decode_rank_every    (none)                           decoding ranks (both stages) at the first step after
                                                           a prompt and every N-th step after it; the steps
                                                           between attend the blocks that ranking chose, as the
@@ -147,6 +158,8 @@ class InfLLMConfig:
     rerank_chunks: bool = True
     rerank_keep_blocks: int = 0
     rerank_reads_disk: bool = True
+    ranking_code_rank: int | None = None
+    ranking_code_blocks: int = 4096
     decode_rank_every: int = 1
     following_blocks: int = 0
     memory_positions: str = "shared"
@@ -191,6 +204,7 @@ class InfLLMConfig:
                 f"{what} exceeds device_cache_blocks={self.device_cache_blocks}: the "
                 "retrieved blocks must all fit in the device cache; raise device_cache_blocks or lower topk_blocks")
         self._check_rerank()
+        self._check_codes()
         if self.per_head_ranking and self.following_blocks:
             raise ValueError(f"following_blocks={self.following_blocks} is not supported with per_head_ranking: "
                              "set following_blocks: 0 or per_head_ranking: false")
@@ -238,6 +252,20 @@ class InfLLMConfig:
         if self.per_head_ranking:
             raise ValueError(f"rerank_blocks={n} is not supported with per_head_ranking: set rerank_blocks: null "
                              "or per_head_ranking: false")
+
+    def _check_codes(self) -> None:
+        _check_int("ranking_code_blocks", self.ranking_code_blocks, 1)
+        rank = self.ranking_code_rank
+        if rank is None:
+            return
+        _check_int("ranking_code_rank", rank, 1)
+        most = max(self.topk_blocks, self.chunk_topk_blocks, self.rerank_blocks or 0)
+        if self.ranking_code_blocks < most:
+            raise ValueError(f"ranking_code_blocks={self.ranking_code_blocks} is below the {most} blocks the summaries "
+                             "choose: the codes' shortlist must hold them; raise ranking_code_blocks")
+        if self.per_head_ranking:
+            raise ValueError(f"ranking_code_rank={rank} is not supported with per_head_ranking: set "
+                             "ranking_code_rank: null or per_head_ranking: false")
 
     def _check_score_decay(self) -> None:
         decay = self.score_decay

@@ -25,7 +25,7 @@ import torch
 
 from inf_llm.kernels.reference import finish_chunk_attention
 from inf_llm.memory.layer_state import LayerState
-from inf_llm.memory.ranking import (block_scores, exact_block_scores, key_bounds, ranking_query, representatives, second_stage_choice,
+from inf_llm.memory.ranking import (block_scores, code_shortlist, exact_block_scores, key_bounds, ranking_query, representatives, second_stage_choice,
                                     select_blocks, with_following)
 from inf_llm.storage.block_ids import BlockIds
 
@@ -134,8 +134,18 @@ class LayerMemory(LayerState):
         """The blocks this chunk's queries choose by ranking: one stage or two, forced blocks, following blocks."""
         cfg, hkv = self.config, self.shape.num_kv_heads
         query = ranking_query(q, cfg.block_ranking, hkv)
-        scores = block_scores(self.reprs, query, hkv, cfg.per_head_ranking, self._repr_absmax)
-        self._scores = scores if self.trace is not None else None
+        # ranking_code_rank, beyond ranking_code_blocks blocks: the codes shortlist candidates (ascending ids) and
+        # only their summaries are scored; scores and the places chosen among them are then the candidates'.
+        candidates = None
+        if self._code_basis is not None and self.blocks.num_blocks > cfg.ranking_code_blocks:
+            candidates = code_shortlist(self.codes, self._code_basis, query, cfg.ranking_code_blocks)
+        summaries = self.reprs if candidates is None else self.reprs[candidates]
+        scores = block_scores(summaries, query, hkv, cfg.per_head_ranking, self._repr_absmax)
+        if self.trace is not None:
+            self._scores = scores if candidates is None else torch.full(
+                (self.blocks.num_blocks,), -torch.inf, device=scores.device).index_put_((candidates,), scores)
+        else:
+            self._scores = None
         # A decoding step (one query) retrieves topk_blocks, a chunk of a prompt prefill_topk_blocks when set.
         topk = cfg.topk_blocks if q.shape[1] == 1 else cfg.chunk_topk_blocks
         rerank = cfg.rerank_blocks is not None and (cfg.rerank_chunks or q.shape[1] == 1)
@@ -144,11 +154,12 @@ class LayerMemory(LayerState):
             # The summaries' best `keep` (a subset of the shortlist: the same order, cut shorter) stay; the exact
             # logits choose the rest among the other candidates. The shortlist's ids are needed on the host to
             # load its keys (on CUDA, a wait for the device).
-            shortlist = select_blocks(scores, cfg.rerank_blocks)
+            listed = select_blocks(scores, cfg.rerank_blocks)
+            shortlist = listed if candidates is None else candidates[listed]
             keep = min(cfg.rerank_keep_blocks, topk)
             # The summaries' best `keep` are the first `keep` of the shortlist in the same order (score, then block
             # id): chosen among the shortlist's scores, not all of them again (at 1M tokens, 65,536 per layer).
-            first = scores[shortlist]
+            first = scores[listed]
             places = select_blocks(first, keep) if keep else shortlist[:0]
             kept = shortlist[places]
             excluded = torch.zeros(shortlist.shape, dtype=torch.bool, device=shortlist.device)
@@ -159,16 +170,18 @@ class LayerMemory(LayerState):
                 exact, in_ram = self.blocks.score_blocks(ids, lambda keys: exact_block_scores(q, keys)), None
             else:
                 # rerank_reads_disk: false: only the candidates in RAM are scored (none is read from disk).
-                places = [i for i, held in enumerate(in_ram) if held]
+                held = [i for i, yes in enumerate(in_ram) if yes]
                 exact = torch.full(shortlist.shape, -torch.inf, device=shortlist.device)
-                if places:
-                    exact[torch.tensor(places, device=shortlist.device)] = self.blocks.score_blocks(
-                        [ids[i] for i in places], lambda keys: exact_block_scores(q, keys))
+                if held:
+                    exact[torch.tensor(held, device=shortlist.device)] = self.blocks.score_blocks(
+                        [ids[i] for i in held], lambda keys: exact_block_scores(q, keys))
                 in_ram = torch.tensor(in_ram, device=shortlist.device)
             others = shortlist[second_stage_choice(exact, excluded, in_ram, first, topk - keep)]
             chosen = torch.cat((kept, others)).sort().values
         else:
             chosen = select_blocks(scores, topk)
+            if candidates is not None:
+                chosen = candidates[chosen]
         if self.forced_blocks is not None:  # (per-layer ranking only: `InfLLMMemory.force_blocks` checks)
             forced = self.forced_blocks[self.forced_blocks < self.blocks.num_blocks].to(chosen.device)
             chosen = torch.cat((chosen, forced)).unique(sorted=True)

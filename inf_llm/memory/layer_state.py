@@ -15,6 +15,7 @@ import torch
 
 from inf_llm.config.schema import InfLLMConfig
 from inf_llm.kernels import AttentionOps
+from inf_llm.memory.ranking import code_basis, summary_codes
 from inf_llm.model.rope import RotaryTable
 from inf_llm.storage.block_ids import BlockIds
 from inf_llm.storage.block_store import BlockStore
@@ -30,7 +31,7 @@ class LayerShape:
 
 
 # Snapshot entries added after sessions were saved: a saved state without one restores as before it existed.
-STATE_ADDED_LATER = ("repr_absmax", "reuse_blocks", "reuse_left")
+STATE_ADDED_LATER = ("repr_absmax", "reuse_blocks", "reuse_left", "code_basis", "code_blocks")
 
 
 def _empty(heads: int, dim: int, like_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -100,6 +101,10 @@ class LayerState:
         self._reprs = self._new_reprs(0)
         # float16 scoring bounds its sums with the largest |representative| (never lowered: a bound, not a max).
         self._repr_absmax = torch.zeros((), dtype=torch.float32, device=self.device)
+        # ranking_code_rank: each block's code (rows of a buffer that doubles when full) and the basis they are
+        # coordinates in, computed from the first ranking_code_blocks summaries (None before that many exist).
+        self._codes = torch.empty((0, self.config.ranking_code_rank or 0), dtype=torch.float32, device=self.device)
+        self._code_basis: torch.Tensor | None = None
         self.blocks.truncate(0)
         self.blocks.hits = self.blocks.misses = 0
         # decode_rank_every > 1: the last ranked decoding step's choice and how many more steps attend it.
@@ -145,6 +150,29 @@ class LayerState:
             self._reprs = grown
         self._reprs[n:end] = new
         self._note_absmax(self._reprs[n:end])
+        self._extend_codes(n, end)
+
+    @property
+    def codes(self) -> torch.Tensor | None:
+        """(num_blocks, ranking_code_rank) float32, each block's code; None until the basis exists."""
+        return None if self._code_basis is None else self._codes[: self.blocks.num_blocks]
+
+    def _extend_codes(self, start: int, end: int) -> None:
+        """Codes for summaries start..end-1 (rows below `start` already have theirs); the basis is computed when
+        the layer first holds ranking_code_blocks summaries, and then every code so far."""
+        rank, calibration = self.config.ranking_code_rank, self.config.ranking_code_blocks
+        if rank is None or end <= start and self._code_basis is not None:
+            return
+        if self._code_basis is None:
+            if end < calibration:
+                return
+            self._code_basis = code_basis(self._reprs[:calibration], rank).to(self.device)
+            start = 0
+        if end > self._codes.shape[0]:
+            grown = torch.empty((max(end, 2 * self._codes.shape[0]), rank), dtype=torch.float32, device=self.device)
+            grown[:start] = self._codes[:start]
+            self._codes = grown
+        self._codes[start:end] = summary_codes(self._reprs[start:end], self._code_basis)
 
     def _note_absmax(self, reprs: torch.Tensor) -> None:
         # Only 16-bit scoring needs the bound; float32 representatives skip the reduction (and its check).
@@ -163,6 +191,7 @@ class LayerState:
         owned: `reprs` is the caller's fresh copy, nothing else refers to it: in the layout ranking reads
         (float16 rows on this device) it becomes the buffer itself, without a copy (1.4 GiB at 1M tokens).
         """
+        self._code_basis = None  # (codes follow from the restored state: `restore`)
         if owned and reprs.dtype == self.repr_dtype == torch.float16 and reprs.device == self.device \
                 and reprs.is_contiguous():
             self._reprs = reprs
@@ -219,7 +248,19 @@ class LayerState:
             # keeps the cache's books by them anyway), so that a replay chooses as the first run did.
             "reuse_blocks": [] if self._reused is None else self._reused.tolist(),
             "reuse_left": self._reuse_left,
+            # ranking_code_rank: the basis (never changed in place; kept by reference) and the blocks it was computed
+            # from; the codes themselves are kept by count, as the blocks are (see `saved_snapshot` for sessions).
+            "code_basis": self._code_basis if self._code_basis is not None else torch.empty(
+                (self.repr_rows * self.shape.head_dim, 0), dtype=torch.float32, device=self.device),
+            "code_blocks": self.config.ranking_code_blocks if self._code_basis is not None else 0,
         }
+
+    def saved_snapshot(self) -> dict:
+        """`snapshot` with the blocks' codes (float16: they are float16 values), for a saved session."""
+        snap = self.snapshot()
+        if self._code_basis is not None:
+            snap["codes"] = self.codes.half()
+        return snap
 
     def restore(self, snap: dict) -> None:
         if snap["num_blocks"] > self.blocks.num_blocks:
@@ -245,6 +286,28 @@ class LayerState:
         self._reuse_left = min(snap.get("reuse_left", 0), self.config.decode_rank_every - 1)
         reused = snap.get("reuse_blocks", [])
         self._reused = BlockIds(torch.tensor(reused, dtype=torch.long, device=self.device)) if self._reuse_left else None
+        self._restore_codes(snap)
+
+    def _restore_codes(self, snap: dict) -> None:
+        """The codes after `restore`: kept (rows below the count are unchanged) when the snapshot's basis is the
+        current one; taken from a saved session's; otherwise computed again from the summaries."""
+        n, rank = snap["num_blocks"], self.config.ranking_code_rank
+        basis = snap.get("code_basis")
+        usable = (rank is not None and basis is not None and basis.shape[1] == rank + 1
+                  and snap.get("code_blocks") == self.config.ranking_code_blocks and n >= self.config.ranking_code_blocks)
+        if usable and basis is self._code_basis:
+            return
+        if not usable:
+            self._code_basis = None
+            self._extend_codes(0, n)
+            return
+        self._code_basis = basis.to(device=self.device, dtype=torch.float32)
+        saved = snap.get("codes")
+        if saved is None or tuple(saved.shape) != (n, rank):
+            self._codes = self._codes[:0]
+            self._extend_codes(0, n)
+            return
+        self._codes = saved.to(device=self.device, dtype=torch.float32)
 
     def mark_blocks(self) -> int:
         """The fewest blocks this memory held since the last call (or its reset): blocks below that count are
@@ -295,7 +358,8 @@ class LayerState:
             "resident_blocks": self.blocks.resident_blocks(),
             "hits": self.blocks.hits,
             "misses": self.blocks.misses,
-            "host_bytes": self.blocks.host_bytes() + self.reprs.numel() * self.reprs.element_size(),
+            "host_bytes": self.blocks.host_bytes() + self.reprs.numel() * self.reprs.element_size()
+            + (0 if self.codes is None else self.codes.numel() * 4),
             "device_bytes": self.blocks.device_bytes()
             + sum(t.numel() * t.element_size() for t in (self.win_k, self.win_v, self.win_score, self.sink_k, self.sink_v, self.rem_k, self.rem_v)),
         }

@@ -150,6 +150,11 @@ class InfLLMMemory:
     def snapshot(self) -> list[dict]:
         return [layer.snapshot() for layer in self.layers]
 
+    def saved_snapshot(self) -> list[dict]:
+        """`snapshot` as a saved session keeps it: with each layer's block codes (ranking_code_rank), which a
+        rollback keeps by count but a resumed memory reads back rather than computes again."""
+        return [layer.saved_snapshot() for layer in self.layers]
+
     def restore(self, snap: list[dict]) -> None:
         for layer, s in zip(self.layers, snap):
             layer.restore(s)

@@ -86,6 +86,36 @@ def exact_block_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tenso
     return logits.view(hkv, -1, n, b).amax(dim=3).sum(dim=(0, 1))
 
 
+def code_basis(summaries: torch.Tensor, rank: int) -> torch.Tensor:
+    """The basis of the approximate first stage, from summaries (n, R, D): (R*D, rank + 1) float32, column 0
+    their mean, then their `rank` principal directions (computed in float64: once per layer, and the codes of a
+    resumed session are the saved ones, so it is never computed twice for one memory)."""
+    flat = summaries.reshape(summaries.shape[0], -1).double()
+    mean = flat.mean(dim=0)
+    _, _, vt = torch.linalg.svd(flat - mean, full_matrices=False)
+    if vt.shape[0] < rank:
+        raise ValueError(f"ranking_code_rank={rank} exceeds the {vt.shape[0]} directions of summaries of "
+                         f"{flat.shape[1]} numbers from {flat.shape[0]} blocks; lower ranking_code_rank")
+    return torch.cat((mean[:, None], vt[:rank].T), dim=1).float()
+
+
+def summary_codes(summaries: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Each summary's code (n, rank) float32: its coordinates along the basis's directions, rounded to float16
+    (saturated at its largest finite value), so that saving them as 16-bit numbers loses nothing."""
+    flat = summaries.reshape(summaries.shape[0], -1).float()
+    codes = (flat - basis[:, 0]) @ basis[:, 1:]
+    return codes.clamp(-65504.0, 65504.0).half().float()
+
+
+def code_shortlist(codes: torch.Tensor, basis: torch.Tensor, query: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` blocks (ascending ids) whose codes estimate the best scores against `query` (R, D) float32.
+
+    A block's score is linear in its summary s: q . s = q . mean + (V q) . code + (what the directions miss), so
+    the codes rank blocks by (V q) . code, r numbers read per block instead of R * D.
+    """
+    return select_blocks(torch.mv(codes, basis[:, 1:].T @ query.reshape(-1).float()), count)
+
+
 def fp16_ranking_query(query: torch.Tensor, summary_absmax: torch.Tensor, *, on_host: bool) -> torch.Tensor:
     """`query` (float32) scaled by a power of two so that sum|q| * max|summary| stays under 2**14, as float16.
 

@@ -17,11 +17,12 @@ _SPEED_ONLY_SETTINGS = ("kernel_backend", "device_cache_blocks", "cache_policy",
 # engine's dtype, and its next save writes a new generation in that dtype). Sessions saved before the default
 # became float16 keep working.
 _CONVERTIBLE_SETTINGS = ("repr_dtype",)
-# Settings of the second stage of retrieval: they choose among the stored blocks and store nothing of their own
-# (a saved `decode_rank_every` reuse is cut to the engine's setting), so a session resumes under other values: a
-# chat saved under the one-stage preset resumes under the two-stage one, which then chooses its next blocks.
+# Settings of the second stage of retrieval, and of the first stage's codes: they choose among the stored blocks and
+# store nothing the blocks depend on (a saved `decode_rank_every` reuse is cut to the engine's setting; codes saved
+# under other settings are computed again), so a session resumes under other values: a chat saved under the
+# one-stage preset resumes under the two-stage one, which then chooses its next blocks.
 _SECOND_STAGE_SETTINGS = ("rerank_blocks", "rerank_chunks", "rerank_keep_blocks", "rerank_reads_disk",
-                          "decode_rank_every")
+                          "decode_rank_every", "ranking_code_rank", "ranking_code_blocks")
 
 
 def model_identity(model: torch.nn.Module, tokenizer) -> dict:

@@ -82,7 +82,7 @@ def _save_into(path: Path, engine, messages: list[dict], payload: dict) -> Path:
     else:
         saved = _new_generation(path.resolve(), memory)
         memory.mark_saved()
-    payload["engine"] = {"tokens": list(engine.tokens), "memory": {"layers": memory.snapshot()}}
+    payload["engine"] = {"tokens": list(engine.tokens), "memory": {"layers": memory.saved_snapshot()}}
     payload["blocks"] = {"generation": saved.generation,
                          "layers": [{"num_blocks": num_blocks, "kv_entries": kv.entries,
                                      "repr_entries": rows.entries, "kv_index": kv.index_sha256(),
