@@ -25,8 +25,8 @@ import torch
 
 from inf_llm.kernels.reference import finish_chunk_attention
 from inf_llm.memory.layer_state import LayerState
-from inf_llm.memory.ranking import (block_scores, code_shortlist, exact_block_scores, key_bounds, ranking_query, representatives, second_stage_choice,
-                                    select_blocks, with_following)
+from inf_llm.memory.ranking import (block_scores, code_shortlist, exact_block_scores, key_bounds, ranking_query,
+                                    representatives, second_stage_choice, select_blocks, with_following)
 from inf_llm.storage.block_ids import BlockIds
 
 
@@ -150,34 +150,7 @@ class LayerMemory(LayerState):
         topk = cfg.topk_blocks if q.shape[1] == 1 else cfg.chunk_topk_blocks
         rerank = cfg.rerank_blocks is not None and (cfg.rerank_chunks or q.shape[1] == 1)
         if rerank and self.blocks.num_blocks > topk:
-            # Two stages: the summaries shortlist candidates, the exact logits over their keys choose among them.
-            # The summaries' best `keep` (a subset of the shortlist: the same order, cut shorter) stay; the exact
-            # logits choose the rest among the other candidates. The shortlist's ids are needed on the host to
-            # load its keys (on CUDA, a wait for the device).
-            listed = select_blocks(scores, cfg.rerank_blocks)
-            shortlist = listed if candidates is None else candidates[listed]
-            keep = min(cfg.rerank_keep_blocks, topk)
-            # The summaries' best `keep` are the first `keep` of the shortlist in the same order (score, then block
-            # id): chosen among the shortlist's scores, not all of them again (at 1M tokens, 65,536 per layer).
-            first = scores[listed]
-            places = select_blocks(first, keep) if keep else shortlist[:0]
-            kept = shortlist[places]
-            excluded = torch.zeros(shortlist.shape, dtype=torch.bool, device=shortlist.device)
-            excluded[places] = True
-            ids = shortlist.tolist()
-            in_ram = None if cfg.rerank_reads_disk else self.blocks.in_ram(ids)
-            if in_ram is None or all(in_ram):
-                exact, in_ram = self.blocks.score_blocks(ids, lambda keys: exact_block_scores(q, keys)), None
-            else:
-                # rerank_reads_disk: false: only the candidates in RAM are scored (none is read from disk).
-                held = [i for i, yes in enumerate(in_ram) if yes]
-                exact = torch.full(shortlist.shape, -torch.inf, device=shortlist.device)
-                if held:
-                    exact[torch.tensor(held, device=shortlist.device)] = self.blocks.score_blocks(
-                        [ids[i] for i in held], lambda keys: exact_block_scores(q, keys))
-                in_ram = torch.tensor(in_ram, device=shortlist.device)
-            others = shortlist[second_stage_choice(exact, excluded, in_ram, first, topk - keep)]
-            chosen = torch.cat((kept, others)).sort().values
+            chosen = self._second_stage(q, scores, candidates, topk)
         else:
             chosen = select_blocks(scores, topk)
             if candidates is not None:
@@ -186,6 +159,39 @@ class LayerMemory(LayerState):
             forced = self.forced_blocks[self.forced_blocks < self.blocks.num_blocks].to(chosen.device)
             chosen = torch.cat((chosen, forced)).unique(sorted=True)
         return BlockIds(with_following(chosen, cfg.following_blocks, self.blocks.num_blocks))
+
+    def _second_stage(self, q: torch.Tensor, scores: torch.Tensor, candidates: torch.Tensor | None, topk: int
+                      ) -> torch.Tensor:
+        """Two stages: the summaries' scores (of every block, or of `candidates`) shortlist rerank_blocks blocks, and
+        the exact logits of the ranking query over their keys choose among them; returns block ids, ascending.
+
+        The summaries' best rerank_keep_blocks stay: they are the head of the shortlist in the same order (score,
+        then block id), so they are chosen among its scores rather than every block's again. The exact logits
+        choose the rest among the other candidates. The shortlist's ids are needed on the host to load its keys
+        (on CUDA, a wait for the device).
+        """
+        cfg = self.config
+        listed = select_blocks(scores, cfg.rerank_blocks)
+        shortlist = listed if candidates is None else candidates[listed]
+        keep = min(cfg.rerank_keep_blocks, topk)
+        first = scores[listed]
+        places = select_blocks(first, keep) if keep else listed[:0]
+        excluded = torch.zeros(shortlist.shape, dtype=torch.bool, device=shortlist.device)
+        excluded[places] = True
+        ids = shortlist.tolist()
+        in_ram = None if cfg.rerank_reads_disk else self.blocks.in_ram(ids)
+        if in_ram is None or all(in_ram):
+            exact, in_ram = self.blocks.score_blocks(ids, lambda keys: exact_block_scores(q, keys)), None
+        else:
+            # rerank_reads_disk: false: only the candidates in RAM are scored (none is read from disk).
+            held = [i for i, yes in enumerate(in_ram) if yes]
+            exact = torch.full(shortlist.shape, -torch.inf, device=shortlist.device)
+            if held:
+                exact[torch.tensor(held, device=shortlist.device)] = self.blocks.score_blocks(
+                    [ids[i] for i in held], lambda keys: exact_block_scores(q, keys))
+            in_ram = torch.tensor(in_ram, device=shortlist.device)
+        others = shortlist[second_stage_choice(exact, excluded, in_ram, first, topk - keep)]
+        return torch.cat((shortlist[places], others)).sort().values
 
     def _global_keys(self, chosen: BlockIds | None, comp_k: torch.Tensor, comp_v: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
