@@ -277,6 +277,33 @@ def test_long_read_command_holds_the_ram_budget_asks_every_needle_and_resumes_th
     assert len(read_records(tmp_path / "long-read.jsonl")) == len(records)
 
 
+def test_a_kept_long_read_is_asked_again_under_other_second_stage_settings_without_reading_it(tiny_checkpoint,
+                                                                                              tmp_path):
+    """--keep-sessions keeps the read memory; a run under other settings that the memory does not depend on (the
+    second stage, the RAM budget) resumes it, asks its questions and records them as its own case, with no reading
+    (no progress record, no save). Its answers are what a fresh read under those settings gives (oracle: a run in
+    another folder). A setting the memory depends on reads again."""
+    base = ["long-read", "--model-path", str(tiny_checkpoint), "--device-map", "cpu", "--lengths", "600",
+            "--depths", "0.5", "--every", "256", "--prefill-chunk", "128", "--max-new-tokens", "6", *SMALL,
+            "--set", "rerank_blocks=4"]
+    kept = tmp_path / "kept"
+    assert main([*base, "--out", str(kept), "--keep-sessions"]) == 0
+    other = ["--set", "rerank_keep_blocks=1", "--host-cache-bytes", "8192"]
+    assert main([*base, *other, "--out", str(kept)]) == 0
+    assert main([*base, *other, "--out", str(tmp_path / "fresh")]) == 0
+    first, again = [r for r in read_records(kept / "long-read.jsonl") if r["kind"] == "long_read"]
+    fresh, = [r for r in read_records(tmp_path / "fresh" / "long-read.jsonl") if r["kind"] == "long_read"]
+    progress = [r for r in read_records(kept / "long-read.jsonl") if r["kind"] == "long_read_progress"]
+    assert again["case"]["settings"]["rerank_keep_blocks"] == 1 and first["case"]["settings"]["rerank_keep_blocks"] == 0
+    assert again["resumed_from"]["tokens"] == 600 and again["save_s"] == [] and again["prefill_s"] == first["prefill_s"]
+    assert all(p["case"]["settings"]["rerank_keep_blocks"] == 0 for p in progress)
+    assert [a["reply"] for a in again["answers"]] == [a["reply"] for a in fresh["answers"]]
+    assert not any((kept / "long-read-sessions").iterdir())  # the second run did not keep it
+    assert main([*base, "--set", "storage_dtype=float32", "--out", str(kept)]) == 0
+    assert any(p["case"]["settings"]["storage_dtype"] == "float32" for p in read_records(kept / "long-read.jsonl")
+               if p["kind"] == "long_read_progress")
+
+
 def test_a_stopped_long_read_resumes_from_its_checkpoint_and_answers_as_an_unstopped_one(tiny_checkpoint, tmp_path,
                                                                                          tokenizer):
     from inf_llm.bench.million import build_document, read_and_ask

@@ -41,6 +41,7 @@ from inf_llm.bench.results import ResultLog, case_id, machine_info
 from inf_llm.config.schema import InfLLMConfig
 from inf_llm.generation.engine import Engine
 from inf_llm.generation.sampling import SamplingParams
+from inf_llm.sessions.identity import memory_settings
 
 KIND, PROGRESS_KIND = "long_read", "long_read_progress"
 # Bump when the document's layout, wording or corpus use changes (version 1 was the passkey filler).
@@ -285,7 +286,8 @@ def run_long_read(model, tokenizer, model_id: str, config: InfLLMConfig, lengths
                   on_tokens: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Each length in turn (shortest first: the control), each document of it (one per depth with one_needle),
     one record each; a case already in `log` is skipped, and a stopped read resumes from its checkpoint (kept in
-    a folder beside the log)."""
+    a folder beside the log). A whole read kept (`keep_sessions`) is resumed and asked again by a run under other
+    settings that the saved memory does not depend on (`memory_settings`)."""
     machine = machine_info()
     records = []
     documents = [(d,) for d in depths] if one_needle else [tuple(depths)]
@@ -296,7 +298,10 @@ def run_long_read(model, tokenizer, model_id: str, config: InfLLMConfig, lengths
             if log.done(KIND, case):
                 continue
             doc = build_document(tokenizer, length, doc_depths, seed)
-            name = hashlib.sha256(case_id(case).encode()).hexdigest()[:16]
+            # The checkpoint is named by what its memory depends on: a run under other second-stage or speed settings
+            # (the RAM budget too) resumes a kept read and only asks its questions.
+            name = hashlib.sha256(case_id({**case, "settings": memory_settings(case["settings"])}).encode()
+                                  ).hexdigest()[:16]
             session_dir = log.path.with_name(f"{log.path.stem}-sessions") / name
             session_dir.parent.mkdir(parents=True, exist_ok=True)
 

@@ -68,6 +68,12 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def memory_settings(settings: dict) -> dict:
+    """The settings a saved memory depends on: all but those a session resumes under any value of, as saved (speed
+    only, or choosing among the stored blocks). Two runs that agree on these can share a saved memory."""
+    return {k: v for k, v in settings.items() if k not in _SPEED_ONLY_SETTINGS + _SECOND_STAGE_SETTINGS}
+
+
 def _comparable(identity: dict) -> dict:
     """An identity without the settings a resume converts (`_CONVERTIBLE_SETTINGS`) or that only choose among the
     stored blocks (`_SECOND_STAGE_SETTINGS`); a setting added after the session was saved counts as the value that
