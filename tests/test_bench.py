@@ -304,6 +304,21 @@ def test_a_kept_long_read_is_asked_again_under_other_second_stage_settings_witho
                if p["kind"] == "long_read_progress")
 
 
+def test_the_long_read_table_compares_each_document_with_the_shortest_read_under_its_settings():
+    from inf_llm.bench.display import long_read_table
+
+    def record(length: int, ms: float, second_stage: int) -> dict:
+        return {"case": {"length": length, "depths": [0.5], "settings": {"rerank_keep_blocks": second_stage}},
+                "tokens": length, "correct": 1, "asked": 1, "prefill_tokens_per_s": 100.0, "decode_ms_per_token": ms,
+                "rss_peak_bytes": 2**30, "host_block_bytes": 0, "repr_bytes": 0, "disk_bytes": 0, "last_save_s": None,
+                "resume_s": 1.0, "same_after_resume": True}
+
+    table = long_read_table([record(4096, 100.0, 0), record(2**20, 300.0, 0), record(4096, 50.0, 1),
+                             record(2**20, 300.0, 1)])
+    ratio = table.columns.index("/ shortest")
+    assert [row[ratio] for row in table.rows] == ["1.00", "3.00", "1.00", "6.00"]
+
+
 def test_a_stopped_long_read_resumes_from_its_checkpoint_and_answers_as_an_unstopped_one(tiny_checkpoint, tmp_path,
                                                                                          tokenizer):
     from inf_llm.bench.million import build_document, read_and_ask

@@ -8,6 +8,8 @@ Markdown for BENCHMARKS.md (`table_data.to_markdown`).
 
 from __future__ import annotations
 
+import json
+
 from collections import defaultdict
 from typing import Any
 
@@ -193,16 +195,23 @@ def long_read_table(records: list[dict[str, Any]]) -> TableData:
     """One row per document read: its needles found, speeds, memory and the saved session's save and resume."""
     columns = ("tokens", "depths", "found", "prefill tok/s", "decode ms", "/ shortest", "peak RSS GiB",
                "blocks in RAM GiB", "summaries GiB", "disk GiB", "last save s", "resume s", "same after resume")
-    shortest = min(r["case"]["length"] for r in records) if records else None
-    base = [r["decode_ms_per_token"] for r in records if r["case"]["length"] == shortest]
-    base_ms = sum(base) / len(base) if base else None
+    def settings(r: dict[str, Any]) -> str:
+        return json.dumps(r["case"]["settings"], sort_keys=True)
+
+    # The shortest documents read under the same settings (the control of that run).
+    base_ms = {}
+    for key in {settings(r) for r in records}:
+        same = [r for r in records if settings(r) == key]
+        shortest = min(r["case"]["length"] for r in same)
+        base = [r["decode_ms_per_token"] for r in same if r["case"]["length"] == shortest]
+        base_ms[key] = sum(base) / len(base)
     rows = tuple((
         f"{r['tokens']:,}", " ".join(f"{d:.0%}" for d in r["case"]["depths"]), f"{r['correct']}/{r['asked']}",
         _fmt(r["prefill_tokens_per_s"], ".0f"), _fmt(r["decode_ms_per_token"], ".1f"),
-        _fmt(_ratio(r["decode_ms_per_token"], base_ms), ".2f"), _fmt(r["rss_peak_bytes"] / GIB, ".2f"),
+        _fmt(_ratio(r["decode_ms_per_token"], base_ms[settings(r)]), ".2f"), _fmt(r["rss_peak_bytes"] / GIB, ".2f"),
         _fmt(r["host_block_bytes"] / GIB, ".2f"), _fmt(r["repr_bytes"] / GIB, ".2f"), _fmt(r["disk_bytes"] / GIB, ".2f"),
         _fmt(r["last_save_s"], ".1f"), _fmt(r["resume_s"], ".1f"), "yes" if r["same_after_resume"] else "NO",
     ) for r in records)
     return TableData("long read: needles found (each asked alone, free answer), decode / shortest = against the mean "
-                     "of the shortest documents; last save = the checkpoint after the last tokens (new blocks only); "
+                     "of the shortest documents read under the same settings; last save = the checkpoint after the last tokens (new blocks only); "
                      "resume = the saved session into a new engine", columns, rows, left_columns=3)
