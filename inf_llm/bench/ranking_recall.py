@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -61,6 +62,34 @@ def recall(summaries: torch.Tensor, queries: list[torch.Tensor], num_kv_heads: i
     return rows
 
 
+def ranking_ms(summaries: torch.Tensor, queries: list[torch.Tensor], num_kv_heads: int, rank: int, count: int,
+               lengths: list[int], shortlist: int = 512, calibration: int | None = None) -> list[dict]:
+    """For one layer and each prefix of `lengths` blocks: ms per ranking (scores, then the best `shortlist`) by
+    brute force and with codes (`LayerMemory`'s path: the codes' best `count`, calibrated on the first
+    `calibration` blocks, default `count`, used beyond that many), the mean over the queries."""
+    calibration = count if calibration is None else calibration
+    absmax = summaries.abs().max().float()
+    basis = code_basis(summaries[:calibration], rank)
+    block_codes = summary_codes(summaries, basis)
+    rows = []
+    for n in lengths:
+        part, codes_part = summaries[:n], block_codes[:n]
+        timing = {"blocks": n, "brute_ms": 0.0, "codes_ms": 0.0}
+        for query in queries:
+            start = time.perf_counter()
+            select_blocks(block_scores(part, query, num_kv_heads, False, absmax), shortlist)
+            timing["brute_ms"] += (time.perf_counter() - start) * 1e3 / len(queries)
+            start = time.perf_counter()
+            if n > count:
+                chosen = code_shortlist(codes_part, basis, query, count)
+                select_blocks(block_scores(part[chosen], query, num_kv_heads, False, absmax), shortlist)
+            else:
+                select_blocks(block_scores(part, query, num_kv_heads, False, absmax), shortlist)
+            timing["codes_ms"] += (time.perf_counter() - start) * 1e3 / len(queries)
+        rows.append(timing)
+    return rows
+
+
 def read_summaries(folder: Path, layer: int) -> torch.Tensor:
     """A layer's summaries (N, R, D) from a session's tier, as saved."""
     from inf_llm.storage.disk_tier import DiskTier
@@ -81,6 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", default="1024,2048,4096")
     parser.add_argument("--calibration", type=int, default=2048, help="blocks whose summaries give the directions")
     parser.add_argument("--queries", type=Path, default=None, help="cache of the captured queries (ranking_index)")
+    parser.add_argument("--timing", default=None, metavar="BLOCKS",
+                        help="instead of recall: ms per decoded token (all layers) ranking the first BLOCKS blocks "
+                             "(comma-separated counts), brute force vs the codes of the first --ranks and "
+                             "--candidates values")
     args = parser.parse_args(argv)
     from inf_llm.bench.ranking_index import capture
 
@@ -95,6 +128,25 @@ def main(argv: list[str] | None = None) -> None:
     layers = sorted(int(p.name[6:9]) for p in args.summaries.glob("layer-*-reprs"))
     if not layers:
         raise SystemExit(f"{args.summaries} holds no layer-NNN-reprs tiers (a saved session's generation folder does)")
+    if args.timing is not None:
+        lengths = [int(x) for x in args.timing.split(",")]
+        per_layer = []
+        for layer in layers:
+            flat = read_summaries(args.summaries, layer)
+            summaries = flat.view(flat.shape[0], 2 * hkv, -1)
+            queries = [c["query"] for c in checkpoint["queries"] if c["layer"] == layer and c["tokens"] == 1]
+            per_layer.append(ranking_ms(summaries, queries, hkv, ranks[0], counts[0], [min(n, summaries.shape[0])
+                                                                                       for n in lengths]))
+        print(f"ranking ms per decoded token, {len(layers)} layers (sum), one thread; codes r = {ranks[0]}, "
+              f"C = {counts[0]}; the best 512 chosen")
+        print("| blocks per layer | brute force ms | codes ms | codes / brute |")
+        print("|---:|---:|---:|---:|")
+        for i, n in enumerate(lengths):
+            brute = sum(rows[i]["brute_ms"] for rows in per_layer)
+            coded = sum(rows[i]["codes_ms"] for rows in per_layer)
+            blocks_n = per_layer[0][i]["blocks"]
+            print(f"| {blocks_n:,} | {brute:.1f} | {coded:.1f} | {coded / brute:.2f} |")
+        return
     rows, blocks = [], 0
     for layer in layers:
         flat = read_summaries(args.summaries, layer)
