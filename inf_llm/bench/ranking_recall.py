@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from inf_llm.memory.ranking import block_scores, code_basis, code_shortlist, select_blocks, summary_codes
+from inf_llm.memory.ranking import block_scores, code_basis, code_shortlist, select_blocks, summary_codes, summary_rows
 
 
 def approximate_select(summaries: torch.Tensor, query: torch.Tensor, num_kv_heads: int, summary_absmax: torch.Tensor,
@@ -36,7 +36,7 @@ def approximate_select(summaries: torch.Tensor, query: torch.Tensor, num_kv_head
     """The top k blocks (ascending ids) among the `candidates` best by the codes' estimate, scored exactly: what
     `LayerMemory` chooses with ranking_code_rank (the same functions)."""
     chosen = code_shortlist(block_codes, basis, query, candidates)
-    exact = block_scores(summaries[chosen], query, num_kv_heads, False, summary_absmax)
+    exact = block_scores(summary_rows(summaries, chosen), query, num_kv_heads, False, summary_absmax)
     return chosen[select_blocks(exact, k)].sort().values
 
 
@@ -82,7 +82,7 @@ def ranking_ms(summaries: torch.Tensor, queries: list[torch.Tensor], num_kv_head
             start = time.perf_counter()
             if n > count:
                 chosen = code_shortlist(codes_part, basis, query, count)
-                select_blocks(block_scores(part[chosen], query, num_kv_heads, False, absmax), shortlist)
+                select_blocks(block_scores(summary_rows(part, chosen), query, num_kv_heads, False, absmax), shortlist)
             else:
                 select_blocks(block_scores(part, query, num_kv_heads, False, absmax), shortlist)
             timing["codes_ms"] += (time.perf_counter() - start) * 1e3 / len(queries)

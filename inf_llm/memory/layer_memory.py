@@ -26,7 +26,8 @@ import torch
 from inf_llm.kernels.reference import finish_chunk_attention
 from inf_llm.memory.layer_state import LayerState
 from inf_llm.memory.ranking import (block_scores, code_shortlist, exact_block_scores, key_bounds, ranking_query,
-                                    representatives, second_stage_choice, select_blocks, with_following)
+                                    representatives, second_stage_choice, select_blocks, summary_rows,
+                                    with_following)
 from inf_llm.storage.block_ids import BlockIds
 
 
@@ -139,7 +140,7 @@ class LayerMemory(LayerState):
         candidates = None
         if self._code_basis is not None and self.blocks.num_blocks > cfg.ranking_code_blocks:
             candidates = code_shortlist(self.codes, self._code_basis, query, cfg.ranking_code_blocks)
-        summaries = self.reprs if candidates is None else self.reprs[candidates]
+        summaries = self.reprs if candidates is None else summary_rows(self.reprs, candidates)
         scores = block_scores(summaries, query, hkv, cfg.per_head_ranking, self._repr_absmax)
         if self.trace is not None:
             self._scores = scores if candidates is None else torch.full(
