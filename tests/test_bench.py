@@ -319,6 +319,26 @@ def test_the_long_read_table_compares_each_document_with_the_shortest_read_under
     assert [row[ratio] for row in table.rows] == ["1.00", "3.00", "1.00", "6.00"]
 
 
+def test_decode_profile_reads_once_then_resumes_and_decodes_the_same(tmp_path, capsys):
+    """The first run reads the document into the session, a second resumes it: the same reply (greedy), the
+    store's counters per step, and the profiler's table when asked; another document's session is refused."""
+    from inf_llm.bench.decode_profile import main as profile_main
+
+    args = ["--session", str(tmp_path / "s"), "--tokens", "1024", "--host-cache-bytes", "256K", "--decode", "3"]
+    profile_main(args)
+    first = capsys.readouterr().out
+    profile_main([*args, "--set", "rerank_reads_disk=false", "--profile", "5"])
+    second = capsys.readouterr().out
+    assert "read 1,024 tokens" in first and "resumed 1,024 tokens" in second
+    reply = [line for line in first.splitlines() if line.startswith("reply ")]
+    assert len(reply) == 1 and reply == [line for line in second.splitlines() if line.startswith("reply ")]
+    assert "disk_reads" in second and "Ordered by: internal time" in second
+    from inf_llm.sessions.names import SessionError
+
+    with pytest.raises(SessionError, match="long_read"):
+        profile_main([*args, "--depth", "0.2"])
+
+
 def test_a_stopped_long_read_resumes_from_its_checkpoint_and_answers_as_an_unstopped_one(tiny_checkpoint, tmp_path,
                                                                                          tokenizer):
     from inf_llm.bench.million import build_document, read_and_ask
