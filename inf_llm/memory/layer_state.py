@@ -161,7 +161,7 @@ class LayerState:
         """Codes for summaries start..end-1 (rows below `start` already have theirs); the basis is computed when
         the layer first holds ranking_code_blocks summaries, and then every code so far."""
         rank, calibration = self.config.ranking_code_rank, self.config.ranking_code_blocks
-        if rank is None or end <= start and self._code_basis is not None:
+        if rank is None or (end <= start and self._code_basis is not None):
             return
         if self._code_basis is None:
             if end < calibration:
