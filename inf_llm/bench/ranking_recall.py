@@ -81,8 +81,7 @@ def ranking_ms(summaries: torch.Tensor, queries: list[torch.Tensor], num_kv_head
             timing["brute_ms"] += (time.perf_counter() - start) * 1e3 / len(queries)
             start = time.perf_counter()
             if n > count:
-                chosen = code_shortlist(codes_part, basis, query, count)
-                select_blocks(block_scores(summary_rows(part, chosen), query, num_kv_heads, False, absmax), shortlist)
+                approximate_select(part, query, num_kv_heads, absmax, codes_part, basis, count, shortlist)
             else:
                 select_blocks(block_scores(part, query, num_kv_heads, False, absmax), shortlist)
             timing["codes_ms"] += (time.perf_counter() - start) * 1e3 / len(queries)

@@ -304,7 +304,6 @@ class LayerState:
         self._code_basis = basis.to(device=self.device, dtype=torch.float32)
         saved = snap.get("codes")
         if saved is None or tuple(saved.shape) != (n, rank):
-            self._codes = self._codes[:0]
             self._extend_codes(0, n)
             return
         self._codes = saved.to(device=self.device, dtype=torch.float32)

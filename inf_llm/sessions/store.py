@@ -227,10 +227,8 @@ def _open_tier(gen: Path, name: str, entries: int, index_sha256: str | None) -> 
         if path.is_symlink():
             raise DiskTierError(f"{path} is a symbolic link (to {os.readlink(path)}); a session's files must be in "
                                 "its folder")
-    # A digest that differs is refused as the folder is opened: another layer's or session's blocks (sessions saved
-    # before the digest was recorded are not checked).
-    tier = DiskTier.open(folder, durable=False, entries=entries, index_sha256=index_sha256)
-    return tier
+    # A digest that differs is refused as the folder is opened (sessions saved before it was recorded have none).
+    return DiskTier.open(folder, durable=False, entries=entries, index_sha256=index_sha256)
 
 
 def _private_tier(source: DiskTier, num_blocks: int, folder: Path) -> DiskTier:

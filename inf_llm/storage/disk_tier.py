@@ -309,7 +309,9 @@ class DiskTier:
 
     def has_prefix(self, n: int) -> bool:
         """Whether blocks 0..n-1 are all on disk."""
-        return n <= len(self._slots) and (n == 0 or int(np.frombuffer(self._slots, dtype=np.int64, count=n).min()) >= 0)
+        if n > len(self._slots):
+            return False
+        return n == 0 or int(np.frombuffer(self._slots, dtype=np.int64, count=n).min()) >= 0
 
     def nbytes(self) -> int:
         """Bytes of the blocks on disk (records that no entry names are not counted)."""
