@@ -374,6 +374,20 @@ def test_float16_representatives_are_saved_as_they_are(model, tokenizer, tmp_pat
     conv, resumed = _save_then_resume(model, tokenizer, tmp_path / "half.session", config, config)
     for a, b in zip(resumed.engine.memory.layers, conv.engine.memory.layers):
         assert a.reprs.dtype == torch.float16 and torch.equal(a.reprs, b.reprs)
+    # The resumed summaries are read into a buffer with room for as many blocks again: the blocks formed next
+    # are written in place (no copy of every summary), and the memory goes on as the one never saved.
+    layers = resumed.engine.memory.layers
+    buffers = [(layer._reprs.data_ptr(), layer._reprs.shape[0]) for layer in layers]
+    assert all(rows == 2 * layer.blocks.num_blocks > 0 for (_, rows), layer in zip(buffers, layers))
+    start = layers[0].blocks.num_blocks
+    for token in tokenizer.encode(MESSAGES[2] * 4):
+        resumed.engine.feed([token])
+        conv.engine.feed([token])
+        if layers[0].blocks.num_blocks == buffers[0][1]:
+            break
+    assert layers[0].blocks.num_blocks > start
+    for a, b, buffer in zip(layers, conv.engine.memory.layers, buffers):
+        assert (a._reprs.data_ptr(), a._reprs.shape[0]) == buffer and torch.equal(a.reprs, b.reprs)
     torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
 
 

@@ -379,6 +379,8 @@ def test_read_prefix_equals_one_read_per_block_in_and_out_of_slot_order(tmp_path
     assert torch.equal(got, expected) and torch.equal(got, torch.cat([old[:2], new[1:], new[:1]]))
     got[0] += 1  # a copy, not a view of the mapping
     assert torch.equal(tier.read(0), old[0])
+    roomy = tier.read_prefix(5, spare=3)  # rows to grow into after the records
+    assert roomy.shape == (8, layout.record_bytes) and torch.equal(roomy[:5], expected)
 
 
 def test_read_many_into_equals_one_read_per_block_and_checks_each(tmp_path):

@@ -184,23 +184,28 @@ class LayerState:
             raise ValueError("a representative exceeds float16's range (keys of this model are that large): "
                              "use repr_dtype: float32")
 
-    def set_reprs(self, reprs: torch.Tensor, *, absmax: torch.Tensor | None = None, owned: bool = False) -> None:
+    def set_reprs(self, reprs: torch.Tensor, *, absmax: torch.Tensor | None = None, owned: bool = False,
+                  count: int | None = None) -> None:
         """Replace the block summaries (N, repr_rows, D), any float dtype (loading a session).
 
         absmax: their float16 bound when known (a saved state's `repr_absmax`), which spares a pass over them.
         owned: `reprs` is the caller's fresh copy, nothing else refers to it: in the layout ranking reads
         (float16 rows on this device) it becomes the buffer itself, without a copy (1.4 GiB at 1M tokens).
+        count: the summaries are `reprs[:count]`; with owned, the rows after them are room to grow (a resumed
+        session's buffer: without it, the first block formed after the resume copied every summary into a
+        buffer twice the size, 2.3 s at 1M tokens).
         """
         self._code_basis = None  # (codes follow from the restored state: `restore`)
+        count = reprs.shape[0] if count is None else count
         if owned and reprs.dtype == self.repr_dtype == torch.float16 and reprs.device == self.device \
                 and reprs.is_contiguous():
             self._reprs = reprs
         else:
-            self._reprs = self._new_reprs(reprs.shape[0])
-            self._reprs.copy_(reprs)
+            self._reprs = self._new_reprs(count)
+            self._reprs.copy_(reprs[:count])
         self._repr_absmax = torch.zeros((), dtype=torch.float32, device=self.device)
         if absmax is None:
-            self._note_absmax(self._reprs)
+            self._note_absmax(self._reprs[:count])
         elif self.repr_dtype == torch.float16:
             self._repr_absmax = absmax.to(device=self.device, dtype=torch.float32)
         self._check_absmax()
@@ -317,12 +322,13 @@ class LayerState:
 
     def load_blocks(self, disk, num_blocks: int, reprs: torch.Tensor, snap: dict) -> None:
         """Take blocks 0..num_blocks-1 from `disk` (read when retrieval asks), their representatives
-        (num_blocks, repr_rows, D: a fresh copy, which may become the layer's buffer), and the rest of the state
-        from a snapshot (a saved session: `InfLLMMemory.map_layer`)."""
+        (the first num_blocks rows of `reprs`, (N >= num_blocks, repr_rows, D): a fresh copy, which may become the
+        layer's buffer, the rows after them its room to grow), and the rest of the state from a snapshot (a saved
+        session: `InfLLMMemory.map_layer`)."""
         self.reset()
         self.blocks.set_disk(disk, num_blocks)
         # A saved bound is the one the saved memory ranked with (restored below in any case).
-        self.set_reprs(reprs, absmax=snap.get("repr_absmax"), owned=True)
+        self.set_reprs(reprs, absmax=snap.get("repr_absmax"), owned=True, count=num_blocks)
         self.restore({k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in snap.items()})
         self._fewest_blocks = num_blocks
 

@@ -238,12 +238,13 @@ class InfLLMMemory:
 
     def map_layer(self, index: int, kv: DiskTier, num_blocks: int, reprs: torch.Tensor, state: dict) -> None:
         """Give layer `index` blocks 0..num_blocks-1 of the tier `kv` (read when retrieval asks), their summaries
-        `reprs` (num_blocks, width; a fresh copy, which the layer may keep as its buffer) and the rest of its state (a `snapshot` entry of a saved memory).
-        ValueError if the state is not one of this memory's."""
+        (the first num_blocks rows of `reprs`, (N >= num_blocks, width): a fresh copy, which the layer may keep as
+        its buffer, the other rows its room to grow) and the rest of its state (a `snapshot` entry of a saved
+        memory). ValueError if the state is not one of this memory's."""
         layer = self.layers[index]
         _check_layer_state(layer, state)
         r, d = layer.repr_rows, layer.shape.head_dim
-        layer.load_blocks(kv, num_blocks, reprs.reshape(num_blocks, r, d), state)
+        layer.load_blocks(kv, num_blocks, reprs.reshape(reprs.shape[0], r, d), state)
 
 
 def _write_rows(tier: DiskTier, reprs: torch.Tensor, start: int, end: int, batch: int = 4096) -> None:

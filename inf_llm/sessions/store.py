@@ -192,7 +192,9 @@ def load_into(session: SessionFile, engine, *, read_only: bool = False) -> None:
             if len(kv_tier) != n or len(row_tier) != n:  # a save names every block its tiers hold at that state
                 raise DiskTierError(f"{gen} holds more than the {n} blocks of layer {i} its state names")
             layout = row_tier.layout
-            rows = layout.rows(row_tier.read_prefix(n))
+            # Room for as many blocks again: the summaries grow in place as the chat goes on (as they would
+            # double in any case at the first new block, which then copied them all).
+            rows = layout.rows(row_tier.read_prefix(n, spare=n))
             if copy is not None:
                 kv_tier = _private_tier(kv_tier, n, copy.folder(f"layer-{i:03d}"))
             kv.append(kv_tier)

@@ -334,23 +334,27 @@ class DiskTier:
         self._check(block_id, record)
         return record
 
-    def read_prefix(self, n: int) -> torch.Tensor:
+    def read_prefix(self, n: int, spare: int = 0) -> torch.Tensor:
         """A copy of the records of blocks 0..n-1, (n, record_bytes) uint8, each checked against its CRC32.
 
         One gather from the mapping instead of n reads: resuming a million-token session reads 65,536 summary
         rows per layer, which one `read` each takes seconds over 30 layers.
+        spare: that many more rows after them, not written (room for the caller to grow into; the pages of rows
+        never written take no memory).
         """
         if not self.has_prefix(n):
             raise KeyError(f"blocks 0..{n - 1} are not all on disk in {str(self.path)!r}")
+        out = torch.empty((n + spare, self.record_bytes), dtype=torch.uint8)
         if n == 0:
-            return torch.empty((0, self.record_bytes), dtype=torch.uint8)
-        records = self._map_tensor.index_select(0, torch.frombuffer(self._slots[:n], dtype=torch.int64))
+            return out
+        records = out[:n]
+        torch.index_select(self._map_tensor, 0, torch.frombuffer(self._slots[:n], dtype=torch.int64), out=records)
         view = memoryview(records.numpy()).cast("B")
         size, crcs = self.record_bytes, self._crcs
         for b in range(n):
             if zlib.crc32(view[b * size : (b + 1) * size]) != crcs[b]:
                 raise DiskTierError(f"block {b} in {str(self.path)!r} is damaged (its checksum does not match)")
-        return records
+        return out
 
     def read_into(self, block_id: int, out: torch.Tensor) -> None:
         """Copy a block's record into `out` (record_bytes,) uint8, then release its pages from this process."""
