@@ -689,3 +689,54 @@ def test_ranking_codes_roll_back_with_the_memory():
     expected = torch.cat([fresh.forward(*(x[:, t : t + 1] for x in other), 0.125) for t in range(40, T)], 1)
     assert torch.equal(changed, expected) and not torch.equal(changed[:, :50], first)
     assert torch.equal(layer._code_basis, fresh._code_basis) and torch.equal(layer.codes, fresh.codes)
+
+
+def test_shared_blocks_add_the_blocks_most_layers_second_stages_chose_at_the_previous_step():
+    """Three layers share their second stages' choices (shared_blocks = 2, every top-k block chosen by exact
+    logits: rerank_keep_blocks = 0). Against the same layers without sharing, fed the same queries and keys (key
+    bounds depend only on the keys, so both hold the same memory): a prompt's chunks and the first decoding step
+    after a prompt attend the same; every later step attends its own choice and the 2 blocks chosen by the most
+    layers at the step before (ties: the lower block id), counted from what the layers without sharing attended."""
+    from collections import Counter
+
+    from inf_llm.memory.shared_picks import SharedPicks
+
+    pieces = [40, 24, 16] + [1] * 20 + [8] + [1] * 12  # a prompt, 20 steps, a second prompt, 12 steps
+    same = dict(topk_blocks=3, device_cache_blocks=8, block_ranking="bounds", rank_rotated=True, rerank_blocks=8,
+                rerank_chunks=False)
+    inputs = [_qkv(seed) for seed in (7, 8, 9)]
+    alone = [_layer(**same) for _ in inputs]
+    shared = [_layer(shared_blocks=2, **same) for _ in inputs]
+    picks = SharedPicks(2)
+    for layer in shared:
+        layer.shared_picks = picks
+    outs = {id(layer): [] for layer in alone + shared}
+    s = 0
+    for n in pieces:  # the layers of one model: each step goes through every layer in turn
+        for layers in (alone, shared):
+            for layer, (q, k, v) in zip(layers, inputs):
+                outs[id(layer)].append(layer.forward(q[:, s : s + n], k[:, s : s + n], v[:, s : s + n], 0.125))
+        s += n
+    alone_w = [torch.cat(outs[id(layer)], dim=1) for layer in alone]
+    shared_w = [torch.cat(outs[id(layer)], dim=1) for layer in shared]
+    cfg = alone[0].config
+    sinks, size, window = cfg.num_sink_tokens, cfg.block_size, cfg.local_window
+
+    def attended(weights: torch.Tensor, p: int) -> set[int]:
+        formed = [b for b in range(T) if sinks + (b + 1) * size <= p - window]
+        return {b for b in formed if (weights[:, p, sinks + b * size : sinks + (b + 1) * size] > 0).all()}
+
+    steps = [p for p in range(80, T) if not 100 <= p < 108]
+    added = 0
+    for p in steps:
+        for a, w in zip(alone_w, shared_w):
+            if p in (80, 108):  # the first step after a prompt: nothing is shared yet
+                assert torch.equal(w[:, p], a[:, p]), p
+                continue
+            votes = Counter(b for other in alone_w for b in attended(other, p - 1))
+            top = {b for b, _ in sorted(votes.items(), key=lambda item: (-item[1], item[0]))[:2]}
+            assert attended(w, p) == attended(a, p) | top, p
+            added += not top <= attended(a, p)
+    for a, w in zip(alone_w, shared_w):
+        assert torch.equal(w[:, :80], a[:, :80]) and torch.equal(w[:, 100:108], a[:, 100:108])
+    assert added >= 10  # the shared blocks are often ones a layer would not have chosen

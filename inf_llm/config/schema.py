@@ -34,7 +34,7 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "following_blocks": 0, "memory_positions": "shared", "prefill_topk_blocks": None,
                "rerank_blocks": None, "rerank_chunks": True, "rerank_keep_blocks": 0,
                "decode_rank_every": 1, "rerank_reads_disk": True, "ranking_code_rank": None,
-               "ranking_code_blocks": 4096}
+               "ranking_code_blocks": 4096, "shared_blocks": 0}
 
 
 class ConfigError(ValueError):
@@ -102,6 +102,10 @@ class InfLLMConfig:
                                                           in the summaries' order. Identical while every block
                                                           fits in host_cache_bytes; beyond it, a step's disk
                                                           reads are the chosen blocks' only
+    shared_blocks        (none)                           with rerank_blocks: each decoding step also attends,
+                                                          in every layer, the N blocks that the most layers'
+                                                          second stages chose at the previous ranked step (a
+                                                          passage some layers find, all layers read); 0 = none
     ranking_code_rank    (none)                           an approximate first stage: each block's summary is
                                                           also kept as a code of this many numbers (its
                                                           coordinates along the principal directions of the
@@ -158,6 +162,7 @@ class InfLLMConfig:
     rerank_chunks: bool = True
     rerank_keep_blocks: int = 0
     rerank_reads_disk: bool = True
+    shared_blocks: int = 0
     ranking_code_rank: int | None = None
     ranking_code_blocks: int = 4096
     decode_rank_every: int = 1
@@ -173,6 +178,7 @@ class InfLLMConfig:
         _check_choice("method", self.method, METHODS)
         _check_int("num_sink_tokens", self.num_sink_tokens, 0)
         _check_int("following_blocks", self.following_blocks, 0)
+        _check_int("shared_blocks", self.shared_blocks, 0)
         for name in ("local_window", "block_size", "repr_tokens", "chunk_size", "device_cache_blocks", "decode_rank_every"):
             _check_int(name, getattr(self, name), 1)
         # The baselines retrieve nothing, so zero blocks is meaningful for them only.
@@ -198,8 +204,9 @@ class InfLLMConfig:
         if self.method == "inf-llm" and retrieved > self.device_cache_blocks:
             most = ("topk_blocks", self.topk_blocks) if self.topk_blocks >= self.chunk_topk_blocks else \
                 ("prefill_topk_blocks", self.prefill_topk_blocks)
-            what = f"{most[0]}={most[1]}" + (
-                f" with following_blocks={self.following_blocks} ({retrieved} blocks)" if self.following_blocks else "")
+            extras = [f"{name}={getattr(self, name)}" for name in ("shared_blocks", "following_blocks")
+                      if getattr(self, name)]
+            what = f"{most[0]}={most[1]}" + (f" with {' and '.join(extras)} ({retrieved} blocks)" if extras else "")
             raise ValueError(
                 f"{what} exceeds device_cache_blocks={self.device_cache_blocks}: the "
                 "retrieved blocks must all fit in the device cache; raise device_cache_blocks or lower topk_blocks")
@@ -222,7 +229,7 @@ class InfLLMConfig:
     def retrieved_blocks(self) -> int:
         """The most blocks one chunk retrieves: the larger top-k and, with following_blocks, the blocks after
         each."""
-        return max(self.topk_blocks, self.chunk_topk_blocks) * (1 + self.following_blocks)
+        return max(self.topk_blocks + self.shared_blocks, self.chunk_topk_blocks) * (1 + self.following_blocks)
 
     def _check_rerank(self) -> None:
         n = self.rerank_blocks
@@ -237,6 +244,9 @@ class InfLLMConfig:
             if not self.rerank_reads_disk:
                 raise ValueError("rerank_reads_disk=false limits the second stage's reads, but there is none: "
                                  "set rerank_blocks, or rerank_reads_disk: true")
+            if self.shared_blocks:
+                raise ValueError(f"shared_blocks={self.shared_blocks} shares the second stage's choices, but there "
+                                 "is none: set rerank_blocks, or shared_blocks: 0")
             return
         if self.rerank_keep_blocks > self.topk_blocks:
             raise ValueError(f"rerank_keep_blocks={self.rerank_keep_blocks} exceeds topk_blocks={self.topk_blocks}: "

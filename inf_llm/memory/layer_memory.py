@@ -134,6 +134,12 @@ class LayerMemory(LayerState):
     def _rank(self, q: torch.Tensor) -> BlockIds:
         """The blocks this chunk's queries choose by ranking: one stage or two, forced blocks, following blocks."""
         cfg, hkv = self.config, self.shape.num_kv_heads
+        shared = None
+        if self.shared_picks is not None:  # shared_blocks: a decoding step attends what other layers found
+            if q.shape[1] == 1:
+                shared = self.shared_picks.shared(self.num_seen)
+            else:
+                self.shared_picks.clear()
         query = ranking_query(q, cfg.block_ranking, hkv)
         # ranking_code_rank, beyond ranking_code_blocks blocks: the codes shortlist candidates (ascending ids) and
         # only their summaries are scored; scores and the places chosen among them are then the candidates'.
@@ -159,6 +165,8 @@ class LayerMemory(LayerState):
         if self.forced_blocks is not None:  # (per-layer ranking only: `InfLLMMemory.force_blocks` checks)
             forced = self.forced_blocks[self.forced_blocks < self.blocks.num_blocks].to(chosen.device)
             chosen = torch.cat((chosen, forced)).unique(sorted=True)
+        if shared:
+            chosen = torch.cat((chosen, torch.tensor(shared, dtype=chosen.dtype, device=chosen.device))).unique(sorted=True)
         return BlockIds(with_following(chosen, cfg.following_blocks, self.blocks.num_blocks))
 
     def _second_stage(self, q: torch.Tensor, scores: torch.Tensor, candidates: torch.Tensor | None, topk: int
@@ -192,6 +200,8 @@ class LayerMemory(LayerState):
                     [ids[i] for i in held], lambda keys: exact_block_scores(q, keys))
             in_ram = torch.tensor(in_ram, device=shortlist.device)
         others = shortlist[second_stage_choice(exact, excluded, in_ram, first, topk - keep)]
+        if self.shared_picks is not None and q.shape[1] == 1:
+            self.shared_picks.vote(self.num_seen, others.tolist())
         return torch.cat((shortlist[places], others)).sort().values
 
     def _global_keys(self, chosen: BlockIds | None, comp_k: torch.Tensor, comp_v: torch.Tensor

@@ -58,6 +58,7 @@ class LayerState:
         self.dtype, self.device = dtype, device
         self.index = 0  # the decoder layer this memory belongs to (set by InfLLMMemory; names it in traces)
         self.trace = None  # a RetrievalTrace while one is attached (retrieval_trace.py); None costs nothing
+        self.shared_picks = None  # shared_blocks: the memory's SharedPicks (shared_picks.py), set by InfLLMMemory
         self._scores = None  # the last chunk's block scores, kept for the trace only
         # Block ids added to every choice while set (`InfLLMMemory.force_blocks`: an oracle for the benchmark's
         # analysis, never set by the chat); None costs nothing.
@@ -110,6 +111,8 @@ class LayerState:
         # decode_rank_every > 1: the last ranked decoding step's choice and how many more steps attend it.
         self._reused: BlockIds | None = None
         self._reuse_left = 0
+        if self.shared_picks is not None:  # (the memory's: a rollback or reset of any layer starts it afresh)
+            self.shared_picks.clear()
         self._fewest_blocks = 0  # fewest blocks held since `mark_blocks` (rollbacks forget blocks)
 
     @property
@@ -270,6 +273,8 @@ class LayerState:
     def restore(self, snap: dict) -> None:
         if snap["num_blocks"] > self.blocks.num_blocks:
             raise ValueError("a snapshot can only roll the memory back, not forward")
+        if self.shared_picks is not None:
+            self.shared_picks.clear()
         self.num_seen = snap["num_seen"]
         live = snap["win_k"].shape[1]
         self.win_start, self.win_end = 0, 0

@@ -24,6 +24,7 @@ from inf_llm.kernels import resolve_ops
 from inf_llm.memory.layer_memory import LayerMemory
 from inf_llm.memory.layer_state import STATE_ADDED_LATER, LayerShape
 from inf_llm.memory.retrieval_trace import RetrievalTrace
+from inf_llm.memory.shared_picks import SharedPicks
 from inf_llm.memory.stats import MemoryStats
 from inf_llm.model.placement import layer_device
 from inf_llm.model.rope import RotaryTable
@@ -97,8 +98,10 @@ class InfLLMMemory:
                     tiers=tiers[index],
                 )
             )
+        self.shared_picks = SharedPicks(config.shared_blocks) if config.shared_blocks else None
         for index, layer in enumerate(self.layers):
             layer.index = index
+            layer.shared_picks = self.shared_picks
         # Persistence (set by a session store): the saved copy the block stores use, and the private copy of a
         # read-only resumed session's blocks they map (removed by the store once they leave it).
         self.saved: SavedBlocks | None = None
