@@ -165,8 +165,8 @@ class LayerMemory(LayerState):
         if self.forced_blocks is not None:  # (per-layer ranking only: `InfLLMMemory.force_blocks` checks)
             forced = self.forced_blocks[self.forced_blocks < self.blocks.num_blocks].to(chosen.device)
             chosen = torch.cat((chosen, forced)).unique(sorted=True)
-        if shared:
-            chosen = torch.cat((chosen, torch.tensor(shared, dtype=chosen.dtype, device=chosen.device))).unique(sorted=True)
+        if shared is not None and shared.numel():
+            chosen = torch.cat((chosen, shared.to(chosen.device))).unique(sorted=True)
         return BlockIds(with_following(chosen, cfg.following_blocks, self.blocks.num_blocks))
 
     def _second_stage(self, q: torch.Tensor, scores: torch.Tensor, candidates: torch.Tensor | None, topk: int

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import torch
+
 
 class SharedPicks:
     """The second stages' choices of the last ranked decoding step, counted over layers (one per memory)."""
@@ -25,10 +27,11 @@ class SharedPicks:
     def clear(self) -> None:
         self._position: int | None = None  # the decoding step (its query's position) being counted
         self._votes: Counter[int] = Counter()
-        self._shared: list[int] = []  # the previous ranked step's most chosen blocks
+        # The previous ranked step's most chosen blocks, made a tensor once per step rather than once per layer.
+        self._shared = torch.empty(0, dtype=torch.long)
 
-    def shared(self, position: int) -> list[int]:
-        """The blocks every layer also attends at the step of `position` (ascending ids)."""
+    def shared(self, position: int) -> torch.Tensor:
+        """The blocks every layer also attends at the step of `position` (ascending ids, int64 on the CPU)."""
         self._advance(position)
         return self._shared
 
@@ -40,6 +43,6 @@ class SharedPicks:
     def _advance(self, position: int) -> None:
         if position != self._position:
             most = sorted(self._votes.items(), key=lambda item: (-item[1], item[0]))[: self.size]
-            self._shared = sorted(block for block, _ in most)
+            self._shared = torch.tensor(sorted(block for block, _ in most), dtype=torch.long)
             self._votes = Counter()
             self._position = position

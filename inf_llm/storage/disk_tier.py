@@ -335,7 +335,7 @@ class DiskTier:
         return record
 
     def read_prefix(self, n: int, spare: int = 0) -> torch.Tensor:
-        """A copy of the records of blocks 0..n-1, (n, record_bytes) uint8, each checked against its CRC32.
+        """A copy of the records of blocks 0..n-1, (n + spare, record_bytes) uint8, each checked against its CRC32.
 
         One gather from the mapping instead of n reads: resuming a million-token session reads 65,536 summary
         rows per layer, which one `read` each takes seconds over 30 layers.
