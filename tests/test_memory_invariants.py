@@ -691,12 +691,14 @@ def test_ranking_codes_roll_back_with_the_memory():
     assert torch.equal(layer._code_basis, fresh._code_basis) and torch.equal(layer.codes, fresh.codes)
 
 
-def test_shared_blocks_add_the_blocks_most_layers_second_stages_chose_at_the_previous_step():
+@pytest.mark.parametrize("decay", [0.0, 0.5, 1.0])
+def test_shared_blocks_add_the_blocks_most_layers_second_stages_chose_at_the_previous_step(decay):
     """Three layers share their second stages' choices (shared_blocks = 2, every top-k block chosen by exact
     logits: rerank_keep_blocks = 0). Against the same layers without sharing, fed the same queries and keys (key
     bounds depend only on the keys, so both hold the same memory): a prompt's chunks and the first decoding step
     after a prompt attend the same; every later step attends its own choice and the 2 blocks chosen by the most
-    layers at the step before (ties: the lower block id), counted from what the layers without sharing attended."""
+    layers at the step before (ties: the lower block id), counted from what the layers without sharing attended.
+    With shared_decay, the steps before it since the prompt count too, each weighed by decay per step since."""
     from collections import Counter
 
     from inf_llm.memory.shared_picks import SharedPicks
@@ -706,8 +708,8 @@ def test_shared_blocks_add_the_blocks_most_layers_second_stages_chose_at_the_pre
                 rerank_chunks=False)
     inputs = [_qkv(seed) for seed in (7, 8, 9)]
     alone = [_layer(**same) for _ in inputs]
-    shared = [_layer(shared_blocks=2, **same) for _ in inputs]
-    picks = SharedPicks(2)
+    shared = [_layer(shared_blocks=2, shared_decay=decay, **same) for _ in inputs]
+    picks = SharedPicks(2, decay=decay)
     for layer in shared:
         layer.shared_picks = picks
     outs = {id(layer): [] for layer in alone + shared}
@@ -733,10 +735,84 @@ def test_shared_blocks_add_the_blocks_most_layers_second_stages_chose_at_the_pre
             if p in (80, 108):  # the first step after a prompt: nothing is shared yet
                 assert torch.equal(w[:, p], a[:, p]), p
                 continue
-            votes = Counter(b for other in alone_w for b in attended(other, p - 1))
+            answer_start = 80 if p < 100 else 108
+            votes = Counter()
+            for j in range(answer_start, p):  # the steps since the prompt, the last one at weight 1
+                weight = decay ** (p - 1 - j) if j < p - 1 else 1.0
+                if weight == 0:
+                    continue
+                for other in alone_w:
+                    for b in attended(other, j):
+                        votes[b] += weight
             top = {b for b, _ in sorted(votes.items(), key=lambda item: (-item[1], item[0]))[:2]}
             assert attended(w, p) == attended(a, p) | top, p
             added += not top <= attended(a, p)
     for a, w in zip(alone_w, shared_w):
         assert torch.equal(w[:, :80], a[:, :80]) and torch.equal(w[:, 100:108], a[:, 100:108])
     assert added >= 10  # the shared blocks are often ones a layer would not have chosen
+
+
+def test_shared_candidates_join_each_shortlist_and_the_exact_logits_choose_among_them():
+    """Three layers share their second stages' choices as candidates (shared_candidates = 3, rerank_blocks = 5 of
+    up to 12 blocks, every top-k block chosen by exact logits). Each decoding step's choice is recomputed
+    independently: the best 3 by exact score among the layer's own shortlist (what the same layer without
+    sharing scored at that step) and the 3 blocks the sharing layers chose most at the step before (ties: the
+    lower id), with each block's exact score read from a layer whose shortlist is every block. Prompts and the
+    first step after a prompt choose as without sharing."""
+    from collections import Counter
+
+    from inf_llm.memory.shared_picks import SharedPicks
+
+    pieces = [40, 24, 16] + [1] * 20 + [8] + [1] * 12  # a prompt, 20 steps, a second prompt, 12 steps
+    same = dict(topk_blocks=3, block_ranking="bounds", rank_rotated=True, rerank_chunks=False)
+    inputs = [_qkv(seed) for seed in (7, 8, 9)]
+    alone = [_layer(rerank_blocks=5, device_cache_blocks=8, **same) for _ in inputs]
+    every = [_layer(rerank_blocks=16, device_cache_blocks=16, **same) for _ in inputs]
+    shared = [_layer(rerank_blocks=5, device_cache_blocks=8, shared_candidates=3, **same) for _ in inputs]
+    picks = SharedPicks(0, 3)
+    for layer in shared:
+        layer.shared_picks = picks
+    scored: dict[int, dict[int, dict[int, float]]] = {}  # layer -> step position -> block id -> exact score
+
+    def recording(layer):
+        original = layer.blocks.score_blocks
+
+        def score_blocks(ids, score):
+            values = original(ids, score)
+            scored.setdefault(id(layer), {})[layer.num_seen] = dict(zip(ids, values.tolist()))
+            return values
+        layer.blocks.score_blocks = score_blocks
+
+    for layer in alone + every:
+        recording(layer)
+    outs = {id(layer): [] for layer in alone + every + shared}
+    s = 0
+    for n in pieces:
+        for layers in (alone, every, shared):
+            for layer, (q, k, v) in zip(layers, inputs):
+                outs[id(layer)].append(layer.forward(q[:, s : s + n], k[:, s : s + n], v[:, s : s + n], 0.125))
+        s += n
+    weights = {key: torch.cat(out, dim=1) for key, out in outs.items()}
+    cfg = alone[0].config
+    sinks, size, window = cfg.num_sink_tokens, cfg.block_size, cfg.local_window
+
+    def attended(layer, p: int) -> set[int]:
+        formed = [b for b in range(T) if sinks + (b + 1) * size <= p - window]
+        w = weights[id(layer)]
+        return {b for b in formed if (w[:, p, sinks + b * size : sinks + (b + 1) * size] > 0).all()}
+
+    steps = [p for p in range(80, T) if not 100 <= p < 108]
+    widened = 0
+    for p in steps:
+        for a, e, w in zip(alone, every, shared):
+            if p in (80, 108) or p not in scored[id(a)]:  # nothing shared yet, or too few blocks to rank
+                assert attended(w, p) == attended(a, p), p
+                continue
+            votes = Counter(b for other in shared for b in attended(other, p - 1))
+            candidates = {b for b, _ in sorted(votes.items(), key=lambda item: (-item[1], item[0]))[:3]}
+            pool = set(scored[id(a)][p]) | candidates
+            exact = scored[id(e)][p]
+            best = sorted(pool, key=lambda b: (-exact[b], b))[:3]
+            assert attended(w, p) == set(best), p
+            widened += set(best) != attended(a, p)
+    assert widened >= 5  # the candidates often change a layer's choice

@@ -34,7 +34,8 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "following_blocks": 0, "memory_positions": "shared", "prefill_topk_blocks": None,
                "rerank_blocks": None, "rerank_chunks": True, "rerank_keep_blocks": 0,
                "decode_rank_every": 1, "rerank_reads_disk": True, "ranking_code_rank": None,
-               "ranking_code_blocks": 4096, "shared_blocks": 0}
+               "ranking_code_blocks": 4096, "shared_blocks": 0,
+               "shared_candidates": 0, "shared_decay": 0.0}
 
 
 class ConfigError(ValueError):
@@ -106,6 +107,15 @@ class InfLLMConfig:
                                                           in every layer, the N blocks that the most layers'
                                                           second stages chose at the previous ranked step (a
                                                           passage some layers find, all layers read); 0 = none
+    shared_candidates    (none)                           with rerank_blocks: each decoding step adds to every
+                                                          layer's shortlist the N blocks that the most layers'
+                                                          second stages chose at the previous ranked step; the
+                                                          layer's exact logits decide if they are chosen (the
+                                                          device cache holds rerank_blocks + N); 0 = none
+    shared_decay         (none)                           with shared_blocks or shared_candidates: the choices of
+                                                          earlier decoding steps count too, each step's weighed
+                                                          by this factor per step since (0 = the step before
+                                                          only; 1 = every step since the prompt, equally)
     ranking_code_rank    (none)                           an approximate first stage: each block's summary is
                                                           also kept as a code of this many numbers (its
                                                           coordinates along the principal directions of the
@@ -163,6 +173,8 @@ class InfLLMConfig:
     rerank_keep_blocks: int = 0
     rerank_reads_disk: bool = True
     shared_blocks: int = 0
+    shared_candidates: int = 0
+    shared_decay: float = 0.0
     ranking_code_rank: int | None = None
     ranking_code_blocks: int = 4096
     decode_rank_every: int = 1
@@ -179,6 +191,7 @@ class InfLLMConfig:
         _check_int("num_sink_tokens", self.num_sink_tokens, 0)
         _check_int("following_blocks", self.following_blocks, 0)
         _check_int("shared_blocks", self.shared_blocks, 0)
+        _check_int("shared_candidates", self.shared_candidates, 0)
         for name in ("local_window", "block_size", "repr_tokens", "chunk_size", "device_cache_blocks", "decode_rank_every"):
             _check_int(name, getattr(self, name), 1)
         # The baselines retrieve nothing, so zero blocks is meaningful for them only.
@@ -195,6 +208,7 @@ class InfLLMConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be true or false")
         self._check_score_decay()
+        self._check_shared_decay()
         self._check_tiers()
         if self.method != "full" and self.chunk_size > self.local_window:
             raise ValueError(
@@ -247,6 +261,12 @@ class InfLLMConfig:
             if self.shared_blocks:
                 raise ValueError(f"shared_blocks={self.shared_blocks} shares the second stage's choices, but there "
                                  "is none: set rerank_blocks, or shared_blocks: 0")
+            if self.shared_candidates:
+                raise ValueError(f"shared_candidates={self.shared_candidates} shares the second stage's choices, but "
+                                 "there is none: set rerank_blocks, or shared_candidates: 0")
+            if self.shared_decay:
+                raise ValueError(f"shared_decay={self.shared_decay} weighs the second stage's shared choices, but "
+                                 "there is none: set rerank_blocks, or shared_decay: 0")
             return
         if self.rerank_keep_blocks > self.topk_blocks:
             raise ValueError(f"rerank_keep_blocks={self.rerank_keep_blocks} exceeds topk_blocks={self.topk_blocks}: "
@@ -256,8 +276,10 @@ class InfLLMConfig:
         if n < most:
             raise ValueError(f"rerank_blocks={n} is below the {most} blocks a chunk retrieves: the shortlist must "
                              "hold at least the top-k; raise rerank_blocks or set it to null")
-        if self.method == "inf-llm" and n > self.device_cache_blocks:
-            raise ValueError(f"rerank_blocks={n} exceeds device_cache_blocks={self.device_cache_blocks}: the "
+        if self.method == "inf-llm" and n + self.shared_candidates > self.device_cache_blocks:
+            what = f"rerank_blocks={n}" + (f" with shared_candidates={self.shared_candidates} "
+                                           f"({n + self.shared_candidates} blocks)" if self.shared_candidates else "")
+            raise ValueError(f"{what} exceeds device_cache_blocks={self.device_cache_blocks}: the "
                              "shortlist's keys are read from the device cache; raise device_cache_blocks")
         if self.per_head_ranking:
             raise ValueError(f"rerank_blocks={n} is not supported with per_head_ranking: set rerank_blocks: null "
@@ -291,6 +313,15 @@ class InfLLMConfig:
                              f"{self.cache_policy!r}: remove score_decay or set cache_policy: lru-s")
         if decay is not None and not 0.0 < decay < 1.0:
             raise ValueError(f"score_decay={decay!r} is invalid: must be a number in (0, 1), exclusive")
+
+    def _check_shared_decay(self) -> None:
+        decay = self.shared_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+            raise ValueError(f"shared_decay={decay!r} is invalid: must be a number from 0 to 1")
+        object.__setattr__(self, "shared_decay", float(decay))  # (YAML may give an int: 0 or 1)
+        if decay and not (self.shared_blocks or self.shared_candidates):
+            raise ValueError(f"shared_decay={decay} weighs the shared choices, but nothing is shared: set "
+                             "shared_blocks or shared_candidates, or shared_decay: 0")
 
     def _check_tiers(self) -> None:
         if self.host_cache_bytes is not None:

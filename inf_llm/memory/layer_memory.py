@@ -187,6 +187,22 @@ class LayerMemory(LayerState):
         places = select_blocks(first, keep) if keep else listed[:0]
         excluded = torch.zeros(shortlist.shape, dtype=torch.bool, device=shortlist.device)
         excluded[places] = True
+        if cfg.shared_candidates and q.shape[1] == 1:
+            # shared_candidates: the blocks most layers chose at the step before join the shortlist (the kept ones
+            # stay the summaries' best); their first-stage scores order them where disk reads are skipped (-inf
+            # where the codes' shortlist left them unscored). In id order, as the shortlist: ties go to lower ids.
+            extra = shortlist.new_tensor(self.shared_picks.candidates(self.num_seen))
+            extra = extra[~torch.isin(extra, shortlist)]
+            if extra.numel():
+                if candidates is None:
+                    extra_first = scores[extra]
+                else:
+                    extra_first = torch.full(extra.shape, -torch.inf, dtype=scores.dtype, device=scores.device)
+                    known = torch.isin(candidates, extra)
+                    extra_first[torch.searchsorted(extra, candidates[known])] = scores[known]
+                shortlist, order = torch.cat((shortlist, extra)).sort()
+                first = torch.cat((first, extra_first))[order]
+                excluded = torch.cat((excluded, excluded.new_zeros(extra.shape)))[order]
         ids = shortlist.tolist()
         in_ram = None if cfg.rerank_reads_disk else self.blocks.in_ram(ids)
         if in_ram is None or all(in_ram):
@@ -202,7 +218,7 @@ class LayerMemory(LayerState):
         others = shortlist[second_stage_choice(exact, excluded, in_ram, first, topk - keep)]
         if self.shared_picks is not None and q.shape[1] == 1:
             self.shared_picks.vote(self.num_seen, others.tolist())
-        return torch.cat((shortlist[places], others)).sort().values
+        return torch.cat((shortlist[excluded], others)).sort().values
 
     def _global_keys(self, chosen: BlockIds | None, comp_k: torch.Tensor, comp_v: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:

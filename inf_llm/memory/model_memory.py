@@ -98,7 +98,8 @@ class InfLLMMemory:
                     tiers=tiers[index],
                 )
             )
-        self.shared_picks = SharedPicks(config.shared_blocks) if config.shared_blocks else None
+        self.shared_picks = SharedPicks(config.shared_blocks, config.shared_candidates, config.shared_decay) \
+            if config.shared_blocks or config.shared_candidates else None
         for index, layer in enumerate(self.layers):
             layer.index = index
             layer.shared_picks = self.shared_picks
