@@ -752,6 +752,17 @@ def test_shared_blocks_add_the_blocks_most_layers_second_stages_chose_at_the_pre
     assert added >= 10  # the shared blocks are often ones a layer would not have chosen
 
 
+def _record_exact_scores(layer: LayerMemory, scored: dict) -> None:
+    """Record every second stage's exact scores of a layer: scored[id(layer)][step position][block id]."""
+    original = layer.blocks.score_blocks
+
+    def score_blocks(ids, score):
+        values = original(ids, score)
+        scored.setdefault(id(layer), {})[layer.num_seen] = dict(zip(ids, values.tolist()))
+        return values
+    layer.blocks.score_blocks = score_blocks
+
+
 def test_shared_candidates_join_each_shortlist_and_the_exact_logits_choose_among_them():
     """Three layers share their second stages' choices as candidates (shared_candidates = 3, rerank_blocks = 5 of
     up to 12 blocks, every top-k block chosen by exact logits). Each decoding step's choice is recomputed
@@ -773,18 +784,8 @@ def test_shared_candidates_join_each_shortlist_and_the_exact_logits_choose_among
     for layer in shared:
         layer.shared_picks = picks
     scored: dict[int, dict[int, dict[int, float]]] = {}  # layer -> step position -> block id -> exact score
-
-    def recording(layer):
-        original = layer.blocks.score_blocks
-
-        def score_blocks(ids, score):
-            values = original(ids, score)
-            scored.setdefault(id(layer), {})[layer.num_seen] = dict(zip(ids, values.tolist()))
-            return values
-        layer.blocks.score_blocks = score_blocks
-
     for layer in alone + every:
-        recording(layer)
+        _record_exact_scores(layer, scored)
     outs = {id(layer): [] for layer in alone + every + shared}
     s = 0
     for n in pieces:
@@ -816,3 +817,53 @@ def test_shared_candidates_join_each_shortlist_and_the_exact_logits_choose_among
             assert attended(w, p) == set(best), p
             widened += set(best) != attended(a, p)
     assert widened >= 5  # the candidates often change a layer's choice
+
+
+def test_shared_votes_exact_counts_each_layers_best_candidates_by_exact_logits_kept_ones_included():
+    """shared_votes: exact, with 1 of the top 3 kept from the summaries: each layer votes for the 2 candidates its
+    exact logits rank best, whether the summaries kept them or not. The shared layers attend what the same
+    layers without sharing attend plus the 2 most voted blocks of the step before, the votes recomputed from the
+    exact scores those layers' second stages computed (ties: the lower id)."""
+    from collections import Counter
+
+    from inf_llm.memory.shared_picks import SharedPicks
+
+    pieces = [40, 24, 16] + [1] * 20 + [8] + [1] * 12
+    same = dict(topk_blocks=3, device_cache_blocks=8, block_ranking="bounds", rank_rotated=True, rerank_blocks=6,
+                rerank_chunks=False, rerank_keep_blocks=1)
+    inputs = [_qkv(seed) for seed in (7, 8, 9)]
+    alone = [_layer(**same) for _ in inputs]
+    shared = [_layer(shared_blocks=2, shared_votes="exact", **same) for _ in inputs]
+    picks = SharedPicks(2)
+    for layer in shared:
+        layer.shared_picks = picks
+    scored: dict = {}
+    for layer in alone:
+        _record_exact_scores(layer, scored)
+    outs = {id(layer): [] for layer in alone + shared}
+    s = 0
+    for n in pieces:
+        for layers in (alone, shared):
+            for layer, (q, k, v) in zip(layers, inputs):
+                outs[id(layer)].append(layer.forward(q[:, s : s + n], k[:, s : s + n], v[:, s : s + n], 0.125))
+        s += n
+    weights = {key: torch.cat(out, dim=1) for key, out in outs.items()}
+    cfg = alone[0].config
+    sinks, size, window = cfg.num_sink_tokens, cfg.block_size, cfg.local_window
+
+    def attended(layer, p: int) -> set[int]:
+        formed = [b for b in range(T) if sinks + (b + 1) * size <= p - window]
+        w = weights[id(layer)]
+        return {b for b in formed if (w[:, p, sinks + b * size : sinks + (b + 1) * size] > 0).all()}
+
+    added = 0
+    for p in [p for p in range(81, T) if not 100 <= p <= 108]:
+        votes = Counter()
+        for a in alone:
+            exact = scored[id(a)].get(p - 1, {})
+            votes.update(sorted(exact, key=lambda b: (-exact[b], b))[:2])
+        top = {b for b, _ in sorted(votes.items(), key=lambda item: (-item[1], item[0]))[:2]}
+        for a, w in zip(alone, shared):
+            assert attended(w, p) == attended(a, p) | top, p
+            added += not top <= attended(a, p)
+    assert added >= 5

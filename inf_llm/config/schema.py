@@ -28,6 +28,7 @@ REPR_DTYPES = ("float32", "float16")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 BLOCK_RANKINGS = ("representatives", "bounds")
 MEMORY_POSITIONS = ("shared", "ordered")
+SHARED_VOTES = ("picks", "exact")
 # Settings added after sessions and benchmark results were recorded, at the value that reproduces what those
 # recorded: a saved identity without the key is read as having this value.
 ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "rank_rotated": False,
@@ -35,7 +36,8 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "rerank_blocks": None, "rerank_chunks": True, "rerank_keep_blocks": 0,
                "decode_rank_every": 1, "rerank_reads_disk": True, "ranking_code_rank": None,
                "ranking_code_blocks": 4096, "shared_blocks": 0,
-               "shared_candidates": 0, "shared_decay": 0.0}
+               "shared_candidates": 0, "shared_decay": 0.0,
+               "shared_votes": "picks"}
 
 
 class ConfigError(ValueError):
@@ -116,6 +118,10 @@ class InfLLMConfig:
                                                           earlier decoding steps count too, each step's weighed
                                                           by this factor per step since (0 = the step before
                                                           only; 1 = every step since the prompt, equally)
+    shared_votes         picks, exact                     what each layer counts for sharing: picks = the blocks
+                                                          its exact logits added to the kept ones; exact = its
+                                                          best (topk_blocks - rerank_keep_blocks) candidates by
+                                                          exact logits, kept ones included
     ranking_code_rank    (none)                           an approximate first stage: each block's summary is
                                                           also kept as a code of this many numbers (its
                                                           coordinates along the principal directions of the
@@ -175,6 +181,7 @@ class InfLLMConfig:
     shared_blocks: int = 0
     shared_candidates: int = 0
     shared_decay: float = 0.0
+    shared_votes: str = "picks"
     ranking_code_rank: int | None = None
     ranking_code_blocks: int = 4096
     decode_rank_every: int = 1
@@ -204,6 +211,7 @@ class InfLLMConfig:
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _check_choice("block_ranking", self.block_ranking, BLOCK_RANKINGS)
         _check_choice("memory_positions", self.memory_positions, MEMORY_POSITIONS)
+        _check_choice("shared_votes", self.shared_votes, SHARED_VOTES)
         for name in ("per_head_ranking", "rank_rotated", "rerank_chunks", "rerank_reads_disk"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be true or false")

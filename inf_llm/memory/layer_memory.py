@@ -217,7 +217,14 @@ class LayerMemory(LayerState):
             in_ram = torch.tensor(in_ram, device=shortlist.device)
         others = shortlist[second_stage_choice(exact, excluded, in_ram, first, topk - keep)]
         if self.shared_picks is not None and q.shape[1] == 1:
-            self.shared_picks.vote(self.num_seen, others.tolist())
+            if cfg.shared_votes == "exact":
+                # The candidates the exact logits rank best, kept ones included (a layer whose summaries already
+                # rank a passage among their best finds it there, and its exact logits say so).
+                best = select_blocks(exact, topk - keep)
+                votes = shortlist[best[exact[best] > -torch.inf]]
+            else:
+                votes = others
+            self.shared_picks.vote(self.num_seen, votes.tolist())
         return torch.cat((shortlist[excluded], others)).sort().values
 
     def _global_keys(self, chosen: BlockIds | None, comp_k: torch.Tensor, comp_v: torch.Tensor
