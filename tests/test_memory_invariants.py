@@ -691,6 +691,29 @@ def test_ranking_codes_roll_back_with_the_memory():
     assert torch.equal(layer._code_basis, fresh._code_basis) and torch.equal(layer.codes, fresh.codes)
 
 
+_SHARED_PIECES = [40, 24, 16] + [1] * 20 + [8] + [1] * 12  # a prompt, 20 steps, a second prompt, 12 steps
+
+
+def _feed_model(groups: list[list[LayerMemory]], inputs, pieces) -> dict[int, torch.Tensor]:
+    """Feed each group of layers as the layers of one model (each piece goes through every layer in turn, group
+    after group): the weights of each layer, by id(layer)."""
+    outs = {id(layer): [] for group in groups for layer in group}
+    s = 0
+    for n in pieces:
+        for group in groups:
+            for layer, (q, k, v) in zip(group, inputs):
+                outs[id(layer)].append(layer.forward(q[:, s : s + n], k[:, s : s + n], v[:, s : s + n], 0.125))
+        s += n
+    return {key: torch.cat(out, dim=1) for key, out in outs.items()}
+
+
+def _attended(weights: torch.Tensor, p: int, cfg: InfLLMConfig) -> set[int]:
+    """The blocks (ids) whose every token the query at position p attended, from one-hot values' weights."""
+    sinks, size = cfg.num_sink_tokens, cfg.block_size
+    formed = [b for b in range(T) if sinks + (b + 1) * size <= p - cfg.local_window]
+    return {b for b in formed if (weights[:, p, sinks + b * size : sinks + (b + 1) * size] > 0).all()}
+
+
 @pytest.mark.parametrize("decay", [0.0, 0.5, 1.0])
 def test_shared_blocks_add_the_blocks_most_layers_second_stages_chose_at_the_previous_step(decay):
     """Three layers share their second stages' choices (shared_blocks = 2, every top-k block chosen by exact
@@ -703,7 +726,6 @@ def test_shared_blocks_add_the_blocks_most_layers_second_stages_chose_at_the_pre
 
     from inf_llm.memory.shared_picks import SharedPicks
 
-    pieces = [40, 24, 16] + [1] * 20 + [8] + [1] * 12  # a prompt, 20 steps, a second prompt, 12 steps
     same = dict(topk_blocks=3, device_cache_blocks=8, block_ranking="bounds", rank_rotated=True, rerank_blocks=8,
                 rerank_chunks=False)
     inputs = [_qkv(seed) for seed in (7, 8, 9)]
@@ -712,21 +734,13 @@ def test_shared_blocks_add_the_blocks_most_layers_second_stages_chose_at_the_pre
     picks = SharedPicks(2, decay=decay)
     for layer in shared:
         layer.shared_picks = picks
-    outs = {id(layer): [] for layer in alone + shared}
-    s = 0
-    for n in pieces:  # the layers of one model: each step goes through every layer in turn
-        for layers in (alone, shared):
-            for layer, (q, k, v) in zip(layers, inputs):
-                outs[id(layer)].append(layer.forward(q[:, s : s + n], k[:, s : s + n], v[:, s : s + n], 0.125))
-        s += n
-    alone_w = [torch.cat(outs[id(layer)], dim=1) for layer in alone]
-    shared_w = [torch.cat(outs[id(layer)], dim=1) for layer in shared]
+    weights = _feed_model([alone, shared], inputs, _SHARED_PIECES)
+    alone_w = [weights[id(layer)] for layer in alone]
+    shared_w = [weights[id(layer)] for layer in shared]
     cfg = alone[0].config
-    sinks, size, window = cfg.num_sink_tokens, cfg.block_size, cfg.local_window
 
-    def attended(weights: torch.Tensor, p: int) -> set[int]:
-        formed = [b for b in range(T) if sinks + (b + 1) * size <= p - window]
-        return {b for b in formed if (weights[:, p, sinks + b * size : sinks + (b + 1) * size] > 0).all()}
+    def attended(w: torch.Tensor, p: int) -> set[int]:
+        return _attended(w, p, cfg)
 
     steps = [p for p in range(80, T) if not 100 <= p < 108]
     added = 0
@@ -774,7 +788,6 @@ def test_shared_candidates_join_each_shortlist_and_the_exact_logits_choose_among
 
     from inf_llm.memory.shared_picks import SharedPicks
 
-    pieces = [40, 24, 16] + [1] * 20 + [8] + [1] * 12  # a prompt, 20 steps, a second prompt, 12 steps
     same = dict(topk_blocks=3, block_ranking="bounds", rank_rotated=True, rerank_chunks=False)
     inputs = [_qkv(seed) for seed in (7, 8, 9)]
     alone = [_layer(rerank_blocks=5, device_cache_blocks=8, **same) for _ in inputs]
@@ -786,21 +799,10 @@ def test_shared_candidates_join_each_shortlist_and_the_exact_logits_choose_among
     scored: dict[int, dict[int, dict[int, float]]] = {}  # layer -> step position -> block id -> exact score
     for layer in alone + every:
         _record_exact_scores(layer, scored)
-    outs = {id(layer): [] for layer in alone + every + shared}
-    s = 0
-    for n in pieces:
-        for layers in (alone, every, shared):
-            for layer, (q, k, v) in zip(layers, inputs):
-                outs[id(layer)].append(layer.forward(q[:, s : s + n], k[:, s : s + n], v[:, s : s + n], 0.125))
-        s += n
-    weights = {key: torch.cat(out, dim=1) for key, out in outs.items()}
-    cfg = alone[0].config
-    sinks, size, window = cfg.num_sink_tokens, cfg.block_size, cfg.local_window
+    weights = _feed_model([alone, every, shared], inputs, _SHARED_PIECES)
 
     def attended(layer, p: int) -> set[int]:
-        formed = [b for b in range(T) if sinks + (b + 1) * size <= p - window]
-        w = weights[id(layer)]
-        return {b for b in formed if (w[:, p, sinks + b * size : sinks + (b + 1) * size] > 0).all()}
+        return _attended(weights[id(layer)], p, alone[0].config)
 
     steps = [p for p in range(80, T) if not 100 <= p < 108]
     widened = 0
@@ -828,7 +830,6 @@ def test_shared_votes_exact_counts_each_layers_best_candidates_by_exact_logits_k
 
     from inf_llm.memory.shared_picks import SharedPicks
 
-    pieces = [40, 24, 16] + [1] * 20 + [8] + [1] * 12
     same = dict(topk_blocks=3, device_cache_blocks=8, block_ranking="bounds", rank_rotated=True, rerank_blocks=6,
                 rerank_chunks=False, rerank_keep_blocks=1)
     inputs = [_qkv(seed) for seed in (7, 8, 9)]
@@ -840,21 +841,10 @@ def test_shared_votes_exact_counts_each_layers_best_candidates_by_exact_logits_k
     scored: dict = {}
     for layer in alone:
         _record_exact_scores(layer, scored)
-    outs = {id(layer): [] for layer in alone + shared}
-    s = 0
-    for n in pieces:
-        for layers in (alone, shared):
-            for layer, (q, k, v) in zip(layers, inputs):
-                outs[id(layer)].append(layer.forward(q[:, s : s + n], k[:, s : s + n], v[:, s : s + n], 0.125))
-        s += n
-    weights = {key: torch.cat(out, dim=1) for key, out in outs.items()}
-    cfg = alone[0].config
-    sinks, size, window = cfg.num_sink_tokens, cfg.block_size, cfg.local_window
+    weights = _feed_model([alone, shared], inputs, _SHARED_PIECES)
 
     def attended(layer, p: int) -> set[int]:
-        formed = [b for b in range(T) if sinks + (b + 1) * size <= p - window]
-        w = weights[id(layer)]
-        return {b for b in formed if (w[:, p, sinks + b * size : sinks + (b + 1) * size] > 0).all()}
+        return _attended(weights[id(layer)], p, alone[0].config)
 
     added = 0
     for p in [p for p in range(81, T) if not 100 <= p <= 108]:
