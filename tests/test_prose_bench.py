@@ -179,10 +179,42 @@ def test_needle_oracle_cases_are_their_own_and_force_the_answers_blocks(tiny_che
     base = ["prose", "--model-path", str(tiny_checkpoint), "--tasks", "multikey", "--lengths", "700", "--depths",
             "0.5", "--seeds", "1", "--methods", "inf-llm,stream-llm", "--out", str(tmp_path),
             *[arg.replace("device_cache_blocks=4", "device_cache_blocks=8") for arg in SMALL]]
-    assert main(base) == 0 and main([*base, "--needle-oracle"]) == 0
+    # Whether the oracle's blocks are forced when inf-llm starts reading a case's prompt, and when it replies.
+    from inf_llm.generation.engine import Engine
+
+    forced_at = []
+    reset, feed, generate = Engine.reset, Engine.feed, Engine.generate
+
+    def note(engine, when: str) -> None:
+        if engine.config.method == "inf-llm" and (when != "read" or not forced_at or forced_at[-1][0] == "reset"):
+            forced_at.append((when, engine.memory.layers[0].forced_blocks is not None))
+
+    def resetting(engine, *args, **kwargs):
+        note(engine, "reset")
+        return reset(engine, *args, **kwargs)
+
+    def feeding(engine, *args, **kwargs):
+        note(engine, "read")
+        return feed(engine, *args, **kwargs)
+
+    def generating(engine, *args, **kwargs):
+        note(engine, "reply")
+        return generate(engine, *args, **kwargs)
+    monkeypatch.setattr(Engine, "reset", resetting)
+    monkeypatch.setattr(Engine, "feed", feeding)
+    monkeypatch.setattr(Engine, "generate", generating)
+    runs = {(): [("read", False), ("reply", False)], ("--needle-oracle",): [("read", True), ("reply", True)],
+            ("--needle-oracle", "reply"): [("read", False), ("reply", True)]}
+    for extra, expected in runs.items():
+        forced_at.clear()
+        assert main([*base, *extra]) == 0
+        assert [entry for entry in forced_at if entry[0] != "reset"] == expected, extra
     records = read_records(tmp_path / "prose.jsonl")
-    assert sorted(("oracle" in r["case"], "needle oracle" in r["label"], r["label"].split()[0]) for r in records) == [
-        (False, False, "inf-llm"), (False, False, "stream-llm"), (True, True, "inf-llm")]
+    assert sorted((r["case"].get("oracle"), r["label"].split(" needle")[0] != r["label"], r["label"].split()[0])
+                  for r in records if "oracle" in r["case"]) == [
+        ("needles", True, "inf-llm"), ("needles while replying", True, "inf-llm")]
+    assert not any("oracle" in r["label"] for r in records if "oracle" not in r["case"])
+    assert len(records) == 4  # one plain case per method, one per oracle (a case already run is not run again)
     prompt = build_prose_prompt(tokenizer, "multikey", 4096, 0.5, 0, paragraphs)
     (target,) = prompt.answer_needles
     start, end = prompt.needles[target]

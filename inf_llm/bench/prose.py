@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from inf_llm.bench.methods import MethodRun
 from inf_llm.bench.prose_tasks import MAX_NEW_TOKENS, PROMPT_VERSION, ProsePrompt, build_prose_prompt, score
@@ -40,8 +40,9 @@ class ProsePlan:
     # benchmark answers are (a case run with a penalty is its own case, and its label says so).
     repetition_penalty: float = 1.0
     # An oracle for analysis: inf-llm runs add the blocks of the needles that hold the answer to every layer's
-    # choice at every step (`InfLLMMemory.force_blocks`). What is then still wrong is not the ranking's doing.
-    needle_oracle: bool = False
+    # choice (`InfLLMMemory.force_blocks`) at every step ("all": what is then still wrong is not the ranking's
+    # doing) or only while the reply is decoded ("reply": is the reply where retrieval must find it?); None: off.
+    needle_oracle: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class ProseCase:
     depth: float
     seed: int
     repetition_penalty: float = 1.0
-    needle_oracle: bool = False
+    needle_oracle: str | None = None
 
     def key(self, model_id: str) -> dict[str, Any]:
         prompt = {"version": PROMPT_VERSION, "max_new_tokens": MAX_NEW_TOKENS[self.task]}
@@ -60,12 +61,14 @@ class ProseCase:
             prompt["repetition_penalty"] = self.repetition_penalty
         key = {"model": model_id, "settings": self.run.identity(), "task": self.task, "length": self.length,
                "depth": self.depth, "seed": self.seed, "prompt": prompt}
-        return {**key, "oracle": "needles"} if self.needle_oracle else key
+        if self.needle_oracle is None:
+            return key
+        return {**key, "oracle": "needles" if self.needle_oracle == "all" else "needles while replying"}
 
     @property
     def label(self) -> str:
         return (self.run.label + (f" penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1.0 else "")
-                + (" needle oracle" if self.needle_oracle else ""))
+                + {None: "", "all": " needle oracle", "reply": " needle oracle (reply)"}[self.needle_oracle])
 
 
 def plan_cases(runs: list[MethodRun], plan: ProsePlan) -> list[ProseCase]:
@@ -80,16 +83,20 @@ def plan_cases(runs: list[MethodRun], plan: ProsePlan) -> list[ProseCase]:
                 for depth in plan.depths:
                     for seed in range(plan.first_seed, plan.first_seed + plan.seeds):
                         cases.append(ProseCase(run, task, length, depth, seed, plan.repetition_penalty,
-                                               plan.needle_oracle and run.method == "inf-llm"))
+                                               plan.needle_oracle if run.method == "inf-llm" else None))
     return cases
 
 
-def answer(engine: Engine, prompt: ProsePrompt, progress=None, repetition_penalty: float = 1.0) -> dict[str, Any]:
-    """Read the prompt into an empty memory and answer it greedily; the measured fields of a record."""
+def answer(engine: Engine, prompt: ProsePrompt, progress=None, repetition_penalty: float = 1.0,
+           before_reply: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Read the prompt into an empty memory and answer it greedily; the measured fields of a record.
+    `before_reply` runs between the prompt and the reply (whose first step feeds the prompt's last token)."""
     engine.reset()
     start = time.perf_counter()
     engine.feed(prompt.ids[:-1], progress=progress)  # generate feeds the last prompt token itself
     prefill_s = time.perf_counter() - start
+    if before_reply is not None:
+        before_reply()
     params = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS[prompt.task],
                             repetition_penalty=repetition_penalty)
     reply, reply_ids, decode_ms = "", [], None
@@ -136,14 +143,18 @@ def run_prose(model, tokenizer, model_id: str, runs: list[MethodRun], plan: Pros
             prompt = build_prose_prompt(tokenizer, case.task, case.length, case.depth, case.seed)
             what = f"{case.label} {case.task} {case.length} tokens, depth {case.depth:.0%}, seed {case.seed}"
             progress.update(reading, description=what, completed=0, total=len(prompt.ids), visible=True)
-            if case.needle_oracle:
-                engines[run].memory.force_blocks(answer_blocks(prompt, run.config.block_size, run.config.num_sink_tokens))
+            memory = engines[run].memory
+
+            def force(prompt=prompt, memory=memory, config=run.config) -> None:
+                memory.force_blocks(answer_blocks(prompt, config.block_size, config.num_sink_tokens))
+            if case.needle_oracle == "all":
+                force()
             try:
                 result = answer(engines[run], prompt, lambda done, total: progress.update(reading, completed=done),
-                                case.repetition_penalty)
+                                case.repetition_penalty, before_reply=force if case.needle_oracle == "reply" else None)
             finally:
-                if case.needle_oracle:
-                    engines[run].memory.force_blocks(None)
+                if case.needle_oracle is not None:
+                    memory.force_blocks(None)
             record = log.append(KIND, case.key(model_id), label=case.label, config=run.config.to_dict(),
                                 machine=machine, **result)
             new.append(record)
