@@ -83,6 +83,7 @@ REFUSED = [
     (dict(rerank_blocks=64, shared_blocks=2, shared_decay="half"), ["shared_decay='half'", "from 0 to 1"]),
     (dict(rerank_blocks=64, shared_decay=0.5), ["shared_decay=0.5", "nothing is shared"]),
     (dict(shared_votes="all"), ["shared_votes='all'", "picks", "exact"]),
+    (dict(rerank_blocks=64, shared_votes="exact"), ["shared_votes='exact'", "nothing is shared"]),
     (dict(decode_rank_every=0), ["decode_rank_every=0", ">= 1"]),
     (dict(decode_rank_every=True), ["decode_rank_every=True", "integer"]),
     (dict(topk_blocks=160), ["topk_blocks=160", "device_cache_blocks=128"]),

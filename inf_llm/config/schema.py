@@ -330,6 +330,9 @@ class InfLLMConfig:
         if decay and not (self.shared_blocks or self.shared_candidates):
             raise ValueError(f"shared_decay={decay} weighs the shared choices, but nothing is shared: set "
                              "shared_blocks or shared_candidates, or shared_decay: 0")
+        if self.shared_votes != "picks" and not (self.shared_blocks or self.shared_candidates):
+            raise ValueError(f"shared_votes={self.shared_votes!r} chooses what the layers share, but nothing is "
+                             "shared: set shared_blocks or shared_candidates, or shared_votes: picks")
 
     def _check_tiers(self) -> None:
         if self.host_cache_bytes is not None:
