@@ -243,6 +243,11 @@ class InfLLMConfig:
                 "are chosen among its own tokens; use repr_tokens <= block_size")
 
     @property
+    def shares_picks(self) -> bool:
+        """Whether the layers share their second stages' choices (shared_blocks or shared_candidates)."""
+        return bool(self.shared_blocks or self.shared_candidates)
+
+    @property
     def chunk_topk_blocks(self) -> int:
         """The top-k of a chunk of more than one query (a prompt being read)."""
         return self.topk_blocks if self.prefill_topk_blocks is None else self.prefill_topk_blocks
@@ -327,10 +332,10 @@ class InfLLMConfig:
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
             raise ValueError(f"shared_decay={decay!r} is invalid: must be a number from 0 to 1")
         object.__setattr__(self, "shared_decay", float(decay))  # (YAML may give an int: 0 or 1)
-        if decay and not (self.shared_blocks or self.shared_candidates):
+        if decay and not self.shares_picks:
             raise ValueError(f"shared_decay={decay} weighs the shared choices, but nothing is shared: set "
                              "shared_blocks or shared_candidates, or shared_decay: 0")
-        if self.shared_votes != "picks" and not (self.shared_blocks or self.shared_candidates):
+        if self.shared_votes != "picks" and not self.shares_picks:
             raise ValueError(f"shared_votes={self.shared_votes!r} chooses what the layers share, but nothing is "
                              "shared: set shared_blocks or shared_candidates, or shared_votes: picks")
 

@@ -191,7 +191,7 @@ class LayerMemory(LayerState):
             # shared_candidates: the blocks most layers chose at the step before join the shortlist (the kept ones
             # stay the summaries' best); their first-stage scores order them where disk reads are skipped (-inf
             # where the codes' shortlist left them unscored). In id order, as the shortlist: ties go to lower ids.
-            extra = shortlist.new_tensor(self.shared_picks.candidates(self.num_seen))
+            extra = self.shared_picks.candidates(self.num_seen).to(shortlist.device)
             extra = extra[~torch.isin(extra, shortlist)]
             if extra.numel():
                 if candidates is None:

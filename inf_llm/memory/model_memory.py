@@ -99,7 +99,7 @@ class InfLLMMemory:
                 )
             )
         self.shared_picks = SharedPicks(config.shared_blocks, config.shared_candidates, config.shared_decay) \
-            if config.shared_blocks or config.shared_candidates else None
+            if config.shares_picks else None
         for index, layer in enumerate(self.layers):
             layer.index = index
             layer.shared_picks = self.shared_picks

@@ -36,16 +36,16 @@ class SharedPicks:
         self._tally: dict[int, float] = {}  # shared_decay: the earlier steps' votes, each step's weighed by decay
         # The previous ranked step's most chosen blocks, made a tensor once per step rather than once per layer.
         self._shared = torch.empty(0, dtype=torch.long)
-        self._candidates: list[int] = []
+        self._candidates = torch.empty(0, dtype=torch.long)
 
     def shared(self, position: int) -> torch.Tensor:
         """The blocks every layer also attends at the step of `position` (ascending ids, int64 on the CPU)."""
         self._advance(position)
         return self._shared
 
-    def candidates(self, position: int) -> list[int]:
-        """The blocks that join every layer's shortlist at the step of `position` (ascending ids): the
-        `num_candidates` chosen by the most layers at the step before."""
+    def candidates(self, position: int) -> torch.Tensor:
+        """The blocks that join every layer's shortlist at the step of `position` (ascending ids, int64 on the
+        CPU): the `num_candidates` chosen by the most layers at the step before."""
         self._advance(position)
         return self._candidates
 
@@ -66,6 +66,6 @@ class SharedPicks:
                 self._tally = tally = carried
             ranked = [block for block, _ in sorted(tally.items(), key=lambda item: (-item[1], item[0]))]
             self._shared = torch.tensor(sorted(ranked[: self.size]), dtype=torch.long)
-            self._candidates = sorted(ranked[: self.num_candidates])
+            self._candidates = torch.tensor(sorted(ranked[: self.num_candidates]), dtype=torch.long)
             self._votes = Counter()
             self._position = position
