@@ -202,6 +202,27 @@ def test_forced_blocks_are_in_every_layers_choice_at_every_step():
     assert checked > 0
     with pytest.raises(ValueError, match="device_cache_blocks=8"):
         engine.memory.force_blocks(list(range(6)))  # 3 + 6 slots
+
+    # From a position on: the chunks before it choose as without the oracle (the reading is the same), and
+    # every chunk that holds a token at it or later has the forced blocks.
+    ids = _ids(260, seed=7)
+    plain = Engine(model, ByteTokenizer(), _config(device_cache_blocks=8))
+    unforced = plain.memory.start_trace()
+    plain.feed(ids)
+    engine.reset()
+    engine.memory.force_blocks([1, 3], from_position=150)
+    trace = engine.memory.start_trace()
+    engine.feed(ids)
+    before = after = 0
+    for chunk, reference in zip(trace.chunks, unforced.chunks, strict=True):
+        assert (chunk.layer, chunk.start, chunk.queries) == (reference.layer, reference.start, reference.queries)
+        if chunk.start + chunk.queries <= 150:
+            before += 1
+            assert torch.equal(chunk.blocks, reference.blocks)
+        elif chunk.scores is not None:
+            after += 1
+            assert set(chunk.blocks.tolist()) >= {1, 3}
+    assert before > 0 and after > 0
     with pytest.raises(ValueError, match="per KV head"):
         Engine(model, ByteTokenizer(), _config(per_head_ranking=True, device_cache_blocks=8)).memory.force_blocks([1])
 

@@ -187,7 +187,8 @@ def test_needle_oracle_cases_are_their_own_and_force_the_answers_blocks(tiny_che
 
     def note(engine, when: str) -> None:
         if engine.config.method == "inf-llm" and (when != "read" or not forced_at or forced_at[-1][0] == "reset"):
-            forced_at.append((when, engine.memory.layers[0].forced_blocks is not None))
+            layer = engine.memory.layers[0]
+            forced_at.append((when, layer.forced_blocks is not None and layer.forced_from))
 
     def resetting(engine, *args, **kwargs):
         note(engine, "reset")
@@ -203,18 +204,30 @@ def test_needle_oracle_cases_are_their_own_and_force_the_answers_blocks(tiny_che
     monkeypatch.setattr(Engine, "reset", resetting)
     monkeypatch.setattr(Engine, "feed", feeding)
     monkeypatch.setattr(Engine, "generate", generating)
-    runs = {(): [("read", False), ("reply", False)], ("--needle-oracle",): [("read", True), ("reply", True)],
-            ("--needle-oracle", "reply"): [("read", False), ("reply", True)]}
+    # (when, False: not forced, else the position it is forced from)
+    import inf_llm.bench.prose as prose_module
+
+    built = []
+    build = prose_module.build_prose_prompt
+    monkeypatch.setattr(prose_module, "build_prose_prompt", lambda *args: built.append(build(*args)) or built[-1])
+    runs = {(): [("read", False), ("reply", False)], ("--needle-oracle",): [("read", 0), ("reply", 0)],
+            ("--needle-oracle", "reply"): [("read", False), ("reply", 0)],
+            ("--needle-oracle", "question"): [("read", "question"), ("reply", "question")]}
     for extra, expected in runs.items():
         forced_at.clear()
         assert main([*base, *extra]) == 0
+        question = built[-1].context[1]  # where the document ends: the chunk that reaches it is forced on
+        assert 0 < question < len(built[-1].ids) - 1
+        expected = [(when, question if at == "question" else at) for when, at in expected]
         assert [entry for entry in forced_at if entry[0] != "reset"] == expected, extra
+        assert all(entry[1] is not True for entry in forced_at)  # 0 is not taken for True
     records = read_records(tmp_path / "prose.jsonl")
     assert sorted((r["case"].get("oracle"), r["label"].split(" needle")[0] != r["label"], r["label"].split()[0])
                   for r in records if "oracle" in r["case"]) == [
-        ("needles", True, "inf-llm"), ("needles while replying", True, "inf-llm")]
+        ("needles", True, "inf-llm"), ("needles from the question", True, "inf-llm"),
+        ("needles while replying", True, "inf-llm")]
     assert not any("oracle" in r["label"] for r in records if "oracle" not in r["case"])
-    assert len(records) == 4  # one plain case per method, one per oracle (a case already run is not run again)
+    assert len(records) == 5  # one plain case per method, one per oracle (a case already run is not run again)
     prompt = build_prose_prompt(tokenizer, "multikey", 4096, 0.5, 0, paragraphs)
     (target,) = prompt.answer_needles
     start, end = prompt.needles[target]

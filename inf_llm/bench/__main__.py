@@ -159,10 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     prose.add_argument("--repetition-penalty", type=float, default=1.0,
                        help="the chat's penalty on what a reply repeats beyond its context (default: 1.0, none; "
                             "the chat's default is 1.2)")
-    prose.add_argument("--needle-oracle", nargs="?", const="all", choices=("all", "reply"), default=None,
+    prose.add_argument("--needle-oracle", nargs="?", const="all", choices=("all", "question", "reply"), default=None,
                        help="analysis: inf-llm retrieves the blocks of the needles that hold the answer in every layer, "
                             "besides its own choice, at every step (all, the default: is the needle enough once "
-                            "retrieved?) or only while the reply is decoded (reply: is the prompt's reading at fault?)")
+                            "retrieved?), from the chunk that reaches the question on (question: was the document "
+                            "read well enough?) or only while the reply is decoded (reply: is the prompt's reading "
+                            "at fault?)")
     prose.add_argument("--full-max-len", type=parse_length, default=parse_length("8K"),
                        help="longest prompt given to full attention (default: 8K)")
     prose.add_argument("--stream-max-len", type=parse_length, default=None,

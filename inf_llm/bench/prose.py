@@ -41,8 +41,15 @@ class ProsePlan:
     repetition_penalty: float = 1.0
     # An oracle for analysis: inf-llm runs add the blocks of the needles that hold the answer to every layer's
     # choice (`InfLLMMemory.force_blocks`) at every step ("all": what is then still wrong is not the ranking's
-    # doing) or only while the reply is decoded ("reply": is the reply where retrieval must find it?); None: off.
+    # doing), from the chunk that reaches the question on ("question": is the document read well enough, and
+    # the question's reading and the reply where retrieval must find it?) or only while the reply is decoded
+    # ("reply"); None: off.
     needle_oracle: str | None = None
+
+
+# --needle-oracle's modes: their names in a case's key (kept apart from plain cases) and in its label.
+ORACLE_KEYS = {"all": "needles", "question": "needles from the question", "reply": "needles while replying"}
+ORACLE_LABELS = {"all": "needle oracle", "question": "needle oracle (question)", "reply": "needle oracle (reply)"}
 
 
 @dataclass(frozen=True)
@@ -63,12 +70,12 @@ class ProseCase:
                "depth": self.depth, "seed": self.seed, "prompt": prompt}
         if self.needle_oracle is None:
             return key
-        return {**key, "oracle": "needles" if self.needle_oracle == "all" else "needles while replying"}
+        return {**key, "oracle": ORACLE_KEYS[self.needle_oracle]}
 
     @property
     def label(self) -> str:
         return (self.run.label + (f" penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1.0 else "")
-                + {None: "", "all": " needle oracle", "reply": " needle oracle (reply)"}[self.needle_oracle])
+                + ("" if self.needle_oracle is None else " " + ORACLE_LABELS[self.needle_oracle]))
 
 
 def plan_cases(runs: list[MethodRun], plan: ProsePlan) -> list[ProseCase]:
@@ -145,10 +152,12 @@ def run_prose(model, tokenizer, model_id: str, runs: list[MethodRun], plan: Pros
             progress.update(reading, description=what, completed=0, total=len(prompt.ids), visible=True)
             memory = engines[run].memory
 
-            def force(prompt=prompt, memory=memory, config=run.config) -> None:
-                memory.force_blocks(answer_blocks(prompt, config.block_size, config.num_sink_tokens))
+            def force(prompt=prompt, memory=memory, config=run.config, from_position=0) -> None:
+                memory.force_blocks(answer_blocks(prompt, config.block_size, config.num_sink_tokens), from_position)
             if case.needle_oracle == "all":
                 force()
+            elif case.needle_oracle == "question":
+                force(from_position=prompt.context[1])
             try:
                 result = answer(engines[run], prompt, lambda done, total: progress.update(reading, completed=done),
                                 case.repetition_penalty, before_reply=force if case.needle_oracle == "reply" else None)

@@ -162,7 +162,8 @@ class LayerMemory(LayerState):
             chosen = select_blocks(scores, topk)
             if candidates is not None:
                 chosen = candidates[chosen]
-        if self.forced_blocks is not None:  # (per-layer ranking only: `InfLLMMemory.force_blocks` checks)
+        if self.forced_blocks is not None and self.num_seen + q.shape[1] > self.forced_from:
+            # (per-layer ranking only: `InfLLMMemory.force_blocks` checks)
             forced = self.forced_blocks[self.forced_blocks < self.blocks.num_blocks].to(chosen.device)
             chosen = torch.cat((chosen, forced)).unique(sorted=True)
         if shared is not None and shared.numel():

@@ -61,8 +61,9 @@ class LayerState:
         self.shared_picks = None  # shared_blocks: the memory's SharedPicks (shared_picks.py), set by InfLLMMemory
         self._scores = None  # the last chunk's block scores, kept for the trace only
         # Block ids added to every choice while set (`InfLLMMemory.force_blocks`: an oracle for the benchmark's
-        # analysis, never set by the chat); None costs nothing.
+        # analysis, never set by the chat), to the chunks that reach position `forced_from`; None costs nothing.
         self.forced_blocks: torch.Tensor | None = None
+        self.forced_from = 0
         # Staged chunks (see `_chunk`) with block copies on a side stream: the default on CUDA, where they let
         # retrieval overlap the local stage. Without: one stream, everything in program order.
         self.overlap = device.type == "cuda" if overlap is None else overlap

@@ -123,10 +123,12 @@ class InfLLMMemory:
         for layer in self.layers:
             layer.trace = None
 
-    def force_blocks(self, block_ids: list[int] | None) -> None:
+    def force_blocks(self, block_ids: list[int] | None, from_position: int = 0) -> None:
         """Add these blocks to every layer's choice at every step from now on (those that exist yet), or stop
-        (None). An oracle for analysis (the benchmark's `--needle-oracle`: is a needle enough once it is
-        retrieved whole in every layer?), not a retrieval setting; the device cache must hold the top-k and them."""
+        (None); only to the chunks that hold a token at `from_position` or later (a chunk is ranked once for all
+        its tokens, so the reading's chunks stay those of a run without the oracle). An oracle for analysis (the
+        benchmark's `--needle-oracle`: is a needle enough once it is retrieved whole in every layer, and from
+        where on must it be?), not a retrieval setting; the device cache must hold the top-k and them."""
         forced = None if block_ids is None else torch.tensor(sorted(set(block_ids)), dtype=torch.long)
         if forced is not None:
             cfg = self.config
@@ -137,7 +139,7 @@ class InfLLMMemory:
                 raise ValueError(f"{len(forced)} forced blocks and the top-k need up to {most} device-cache "
                                  f"slots, more than device_cache_blocks={cfg.device_cache_blocks}")
         for layer in self.layers:
-            layer.forced_blocks = forced
+            layer.forced_blocks, layer.forced_from = forced, from_position
 
     def forward_kwargs(self, num_new: int, device: torch.device) -> dict:
         # Position ids of 0 make the model's own RoPE the identity; the layers rotate q and k themselves.
