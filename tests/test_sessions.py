@@ -219,7 +219,7 @@ def test_session_of_another_config_model_or_format_is_refused(model, tokenizer, 
     # preset resumes under the two-stage one), and the resumed memory answers as the second stage chooses.
     two_stage = tiny_config(topk_blocks=2, device_cache_blocks=6, rerank_blocks=4, rerank_chunks=False,
                             rerank_keep_blocks=1, rerank_reads_disk=False, decode_rank_every=3, shared_blocks=1,
-                            shared_candidates=1)
+                            shared_candidates=1, prompt_end_blocks=1)
     resumed = conversation(model, tokenizer, two_stage)
     resumed.load(resume_session(path, resumed.engine, chat).messages)
     assert resumed.engine.config.rerank_blocks == 4

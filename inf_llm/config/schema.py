@@ -37,7 +37,7 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "decode_rank_every": 1, "rerank_reads_disk": True, "ranking_code_rank": None,
                "ranking_code_blocks": 4096, "shared_blocks": 0,
                "shared_candidates": 0, "shared_decay": 0.0,
-               "shared_votes": "picks"}
+               "shared_votes": "picks", "prompt_end_blocks": 0}
 
 
 class ConfigError(ValueError):
@@ -122,6 +122,14 @@ class InfLLMConfig:
                                                           its exact logits added to the kept ones; exact = its
                                                           best (topk_blocks - rerank_keep_blocks) candidates by
                                                           exact logits, kept ones included
+    prompt_end_blocks    (none)                           with rerank_blocks: the chunk that ends a prompt is
+                                                          read twice. First each layer votes for the N blocks
+                                                          whose exact logits rise most from the chunk before
+                                                          to it (the largest logit of any of its queries, per
+                                                          head, minus that of the chunk before's; among the
+                                                          rerank_blocks whose first-stage scores rise most);
+                                                          then every layer attends the N most voted, in that
+                                                          chunk and at every step of the reply; 0 = off
     ranking_code_rank    (none)                           an approximate first stage: each block's summary is
                                                           also kept as a code of this many numbers (its
                                                           coordinates along the principal directions of the
@@ -182,6 +190,7 @@ class InfLLMConfig:
     shared_candidates: int = 0
     shared_decay: float = 0.0
     shared_votes: str = "picks"
+    prompt_end_blocks: int = 0
     ranking_code_rank: int | None = None
     ranking_code_blocks: int = 4096
     decode_rank_every: int = 1
@@ -199,6 +208,7 @@ class InfLLMConfig:
         _check_int("following_blocks", self.following_blocks, 0)
         _check_int("shared_blocks", self.shared_blocks, 0)
         _check_int("shared_candidates", self.shared_candidates, 0)
+        _check_int("prompt_end_blocks", self.prompt_end_blocks, 0)
         for name in ("local_window", "block_size", "repr_tokens", "chunk_size", "device_cache_blocks", "decode_rank_every"):
             _check_int(name, getattr(self, name), 1)
         # The baselines retrieve nothing, so zero blocks is meaningful for them only.
@@ -226,7 +236,8 @@ class InfLLMConfig:
         if self.method == "inf-llm" and retrieved > self.device_cache_blocks:
             most = ("topk_blocks", self.topk_blocks) if self.topk_blocks >= self.chunk_topk_blocks else \
                 ("prefill_topk_blocks", self.prefill_topk_blocks)
-            extras = [f"{name}={getattr(self, name)}" for name in ("shared_blocks", "following_blocks")
+            extras = [f"{name}={getattr(self, name)}" for name in ("shared_blocks", "prompt_end_blocks",
+                                                                   "following_blocks")
                       if getattr(self, name)]
             what = f"{most[0]}={most[1]}" + (f" with {' and '.join(extras)} ({retrieved} blocks)" if extras else "")
             raise ValueError(
@@ -254,9 +265,10 @@ class InfLLMConfig:
 
     @property
     def retrieved_blocks(self) -> int:
-        """The most blocks one chunk retrieves: the larger top-k and, with following_blocks, the blocks after
-        each."""
-        return max(self.topk_blocks + self.shared_blocks, self.chunk_topk_blocks) * (1 + self.following_blocks)
+        """The most blocks one chunk retrieves: the larger top-k, with the shared and the prompt end's blocks, and
+        with following_blocks, the blocks after each."""
+        most = max(self.topk_blocks + self.shared_blocks, self.chunk_topk_blocks) + self.prompt_end_blocks
+        return most * (1 + self.following_blocks)
 
     def _check_rerank(self) -> None:
         n = self.rerank_blocks
@@ -280,6 +292,9 @@ class InfLLMConfig:
             if self.shared_decay:
                 raise ValueError(f"shared_decay={self.shared_decay} weighs the second stage's shared choices, but "
                                  "there is none: set rerank_blocks, or shared_decay: 0")
+            if self.prompt_end_blocks:
+                raise ValueError(f"prompt_end_blocks={self.prompt_end_blocks} votes among the second stage's "
+                                 "shortlist, but there is none: set rerank_blocks, or prompt_end_blocks: 0")
             return
         if self.rerank_keep_blocks > self.topk_blocks:
             raise ValueError(f"rerank_keep_blocks={self.rerank_keep_blocks} exceeds topk_blocks={self.topk_blocks}: "

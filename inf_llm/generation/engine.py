@@ -76,8 +76,19 @@ class Engine:
             self.model.set_attn_implementation(self._attn_implementation)
         ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=self.device)
         logits = None
-        for start in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[start : start + self.prefill_chunk][None]
+        # prompt_end_blocks: the last chunk_size tokens of a prompt are read by themselves, twice (votes, then the
+        # reading that stays: `InfLLMMemory.vote_prompt_end`); a new prompt ends what the last one's votes chose.
+        votes = self.config.method == "inf-llm" and self.config.prompt_end_blocks > 0 and len(ids) > 1
+        starts = list(range(0, len(ids), self.prefill_chunk))
+        if votes:
+            self.memory.clear_prompt_end()
+            end = max(0, len(ids) - self.config.chunk_size)
+            starts = [start for start in starts if start < end] + [end]
+        for start, stop in zip(starts, starts[1:] + [len(ids)]):
+            chunk = ids[start:stop][None]
+            if votes and stop == len(ids):
+                self.memory.vote_prompt_end(lambda: self.model(
+                    input_ids=chunk, logits_to_keep=1, **self.memory.forward_kwargs(chunk.shape[1], self.device)))
             out = self.model(input_ids=chunk, logits_to_keep=0 if on_logits else 1,
                              **self.memory.forward_kwargs(chunk.shape[1], self.device))
             if on_logits is not None:
@@ -85,7 +96,7 @@ class Engine:
             logits = out.logits[0, -1].float()
             self.tokens.extend(chunk[0].tolist())
             if progress is not None:
-                progress(min(start + self.prefill_chunk, len(ids)), len(ids))
+                progress(stop, len(ids))
         if len(ids) > 1:
             release_free_memory()  # the read's temporaries, kept by the allocator otherwise (host_memory.py)
         return logits

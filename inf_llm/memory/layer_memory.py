@@ -25,9 +25,9 @@ import torch
 
 from inf_llm.kernels.reference import finish_chunk_attention
 from inf_llm.memory.layer_state import LayerState
-from inf_llm.memory.ranking import (block_scores, code_shortlist, exact_block_scores, key_bounds, ranking_query,
-                                    representatives, second_stage_choice, select_blocks, summary_rows,
-                                    with_following)
+from inf_llm.memory.ranking import (block_scores, code_shortlist, exact_block_scores, key_bounds, peak_block_scores,
+                                    ranking_query, representatives, second_stage_choice, select_blocks,
+                                    summary_rows, with_following)
 from inf_llm.storage.block_ids import BlockIds
 
 
@@ -134,6 +134,10 @@ class LayerMemory(LayerState):
     def _rank(self, q: torch.Tensor) -> BlockIds:
         """The blocks this chunk's queries choose by ranking: one stage or two, forced blocks, following blocks."""
         cfg, hkv = self.config, self.shape.num_kv_heads
+        if self.end_tally is not None:
+            self._vote_prompt_end(q)
+        if cfg.prompt_end_blocks and q.shape[1] > 1:
+            self.end_baseline = q.float().contiguous()  # (the rotated query is a fresh tensor: kept, not copied)
         shared = None
         if self.shared_picks is not None:  # shared_blocks: a decoding step attends what other layers found
             if q.shape[1] == 1:
@@ -168,7 +172,37 @@ class LayerMemory(LayerState):
             chosen = torch.cat((chosen, forced)).unique(sorted=True)
         if shared is not None and shared.numel():
             chosen = torch.cat((chosen, shared.to(chosen.device))).unique(sorted=True)
+        if self.end_blocks is not None:
+            chosen = torch.cat((chosen, self.end_blocks.to(chosen.device))).unique(sorted=True)
         return BlockIds(with_following(chosen, cfg.following_blocks, self.blocks.num_blocks))
+
+    def _vote_prompt_end(self, q: torch.Tensor) -> None:
+        """prompt_end_blocks: this layer's votes for the chunk that ends a prompt (`InfLLMMemory.vote_prompt_end`):
+        the blocks whose exact logits rise most from the chunk before (`end_baseline`) to this one.
+
+        On long prose the blocks every query rates highly (the document's first ones, common words) outrank, by
+        exact logits alone, the passage a question asks for, in most layers; what the question asks for and the
+        prose before it did not is the rise. The first stage shortlists rerank_blocks blocks by the rise of their
+        summaries' scores (linear in the ranking query: the difference of two queries scores the rise), then each
+        head's largest logit over a block's keys and any of the chunk's queries, summed over heads, minus the same
+        for the chunk before, orders the shortlist; the best prompt_end_blocks are the layer's votes.
+        """
+        cfg, hkv = self.config, self.shape.num_kv_heads
+        n = self.blocks.num_blocks
+        if not n:
+            return
+        before = self.end_baseline
+        query = ranking_query(q, cfg.block_ranking, hkv)
+        if before.shape[1]:
+            query = query - ranking_query(before, cfg.block_ranking, hkv)
+        listed = select_blocks(block_scores(self.reprs, query, hkv, False, self._repr_absmax), cfg.rerank_blocks)
+        shortlist = listed.sort().values
+        ids = shortlist.tolist()
+        if before.shape[1]:
+            rise = self.blocks.score_blocks(ids, lambda keys: peak_block_scores(q, keys) - peak_block_scores(before, keys))
+        else:
+            rise = self.blocks.score_blocks(ids, lambda keys: peak_block_scores(q, keys))
+        self.end_tally.update(shortlist[select_blocks(rise, cfg.prompt_end_blocks)].tolist())
 
     def _second_stage(self, q: torch.Tensor, scores: torch.Tensor, candidates: torch.Tensor | None, topk: int
                       ) -> torch.Tensor:

@@ -31,7 +31,8 @@ class LayerShape:
 
 
 # Snapshot entries added after sessions were saved: a saved state without one restores as before it existed.
-STATE_ADDED_LATER = ("repr_absmax", "reuse_blocks", "reuse_left", "code_basis", "code_blocks")
+STATE_ADDED_LATER = ("repr_absmax", "reuse_blocks", "reuse_left", "code_basis", "code_blocks", "end_blocks",
+                     "end_baseline")
 
 
 def _empty(heads: int, dim: int, like_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -64,6 +65,9 @@ class LayerState:
         # analysis, never set by the chat), to the chunks that reach position `forced_from`; None costs nothing.
         self.forced_blocks: torch.Tensor | None = None
         self.forced_from = 0
+        # prompt_end_blocks: the memory's tally while the chunk that ends a prompt is read for votes (set by
+        # `InfLLMMemory.vote_prompt_end`), else None.
+        self.end_tally = None
         # Staged chunks (see `_chunk`) with block copies on a side stream: the default on CUDA, where they let
         # retrieval overlap the local stage. Without: one stream, everything in program order.
         self.overlap = device.type == "cuda" if overlap is None else overlap
@@ -112,6 +116,11 @@ class LayerState:
         # decode_rank_every > 1: the last ranked decoding step's choice and how many more steps attend it.
         self._reused: BlockIds | None = None
         self._reuse_left = 0
+        # prompt_end_blocks: the blocks every chunk and step attends since the last prompt's end was read (ascending
+        # ids, int64 on the CPU; None before), and the last chunk of several queries' ranking queries (Hq, c, D)
+        # float32, the baseline its successor's votes are measured against (c = 0: none yet).
+        self.end_blocks: torch.Tensor | None = None
+        self.end_baseline = torch.empty((self.shape.num_heads, 0, self.shape.head_dim), device=self.device)
         if self.shared_picks is not None:  # (the memory's: a rollback or reset of any layer starts it afresh)
             self.shared_picks.clear()
         self._fewest_blocks = 0  # fewest blocks held since `mark_blocks` (rollbacks forget blocks)
@@ -262,6 +271,10 @@ class LayerState:
             "code_basis": self._code_basis if self._code_basis is not None else torch.empty(
                 (self.repr_rows * self.shape.head_dim, 0), dtype=torch.float32, device=self.device),
             "code_blocks": self.config.ranking_code_blocks if self._code_basis is not None else 0,
+            # prompt_end_blocks: what the reply's steps attend besides their choice, and the baseline of the next
+            # prompt end's votes (never changed in place; kept by reference), so that a replay votes as before.
+            "end_blocks": [] if self.end_blocks is None else self.end_blocks.tolist(),
+            "end_baseline": self.end_baseline,
         }
 
     def saved_snapshot(self) -> dict:
@@ -297,6 +310,13 @@ class LayerState:
         self._reuse_left = min(snap.get("reuse_left", 0), self.config.decode_rank_every - 1)
         reused = snap.get("reuse_blocks", [])
         self._reused = BlockIds(torch.tensor(reused, dtype=torch.long, device=self.device)) if self._reuse_left else None
+        # Sessions saved before prompt_end_blocks: nothing attended besides, no baseline. One saved under the setting
+        # and resumed without it attends nothing besides.
+        end = snap.get("end_blocks", [])
+        self.end_blocks = torch.tensor(end, dtype=torch.long) if end and self.config.prompt_end_blocks else None
+        baseline = snap.get("end_baseline")
+        self.end_baseline = baseline.to(self.device) if baseline is not None else torch.empty(
+            (self.shape.num_heads, 0, self.shape.head_dim), device=self.device)
         self._restore_codes(snap)
 
     def _restore_codes(self, snap: dict) -> None:

@@ -141,6 +141,37 @@ class InfLLMMemory:
         for layer in self.layers:
             layer.forced_blocks, layer.forced_from = forced, from_position
 
+    def vote_prompt_end(self, read: Callable[[], object]) -> None:
+        """prompt_end_blocks: `read()` reads the chunk that ends a prompt once for votes (each layer votes for the
+        blocks whose exact logits rise most from the chunk before to it: `LayerMemory._vote_prompt_end`); the
+        memory is then rolled back to before it, and from the next chunk on (the caller reads the same chunk again)
+        every layer attends the prompt_end_blocks most voted blocks (ties: the lower id), through the reply, until
+        the next prompt's end is voted on. A needle that the exact logits of a few layers single out is then read
+        by all: on long prose the model needs it in every layer (a needle forced into layers 0-11, 12-24 or 25-29
+        alone does not answer at 64K tokens; forced into all 30 it does)."""
+        from collections import Counter
+
+        tally: Counter[int] = Counter()
+        snap = self.snapshot()
+        traces = [layer.trace for layer in self.layers]
+        for layer in self.layers:
+            layer.end_tally, layer.trace = tally, None  # the trace records the chunk as it is read the second time
+        try:
+            read()
+        finally:
+            for layer, trace in zip(self.layers, traces):
+                layer.end_tally, layer.trace = None, trace
+            self.restore(snap)
+        ranked = sorted(tally.items(), key=lambda item: (-item[1], item[0]))[: self.config.prompt_end_blocks]
+        blocks = torch.tensor(sorted(block for block, _ in ranked), dtype=torch.long)
+        for layer in self.layers:
+            layer.end_blocks = blocks
+
+    def clear_prompt_end(self) -> None:
+        """A new prompt: what the last one's end voted for is attended no more."""
+        for layer in self.layers:
+            layer.end_blocks = None
+
     def forward_kwargs(self, num_new: int, device: torch.device) -> dict:
         # Position ids of 0 make the model's own RoPE the identity; the layers rotate q and k themselves.
         return {

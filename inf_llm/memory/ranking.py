@@ -86,6 +86,20 @@ def exact_block_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tenso
     return logits.view(hkv, -1, n, b).amax(dim=3).sum(dim=(0, 1))
 
 
+def peak_block_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Each block's peak logit for a chunk: for each query head, the largest logit of any of the chunk's queries over
+    the block's keys, summed over the heads, (n,) float32 (`prompt_end_blocks`' votes: one query of a question
+    looking for a passage stands out where the chunk's mean query does not).
+
+    queries: (Hq, Tq, D), as the chunk is ranked; keys: (Hkv, n, B, D) as the global stage attends them.
+    """
+    hq, tq, d = queries.shape
+    hkv, n, b, _ = keys.shape
+    grouped = queries.float().reshape(hkv, hq // hkv * tq, d)  # a KV head's query heads are consecutive
+    logits = torch.bmm(grouped, keys.reshape(hkv, n * b, d).float().transpose(1, 2))  # (Hkv, G * Tq, n * B)
+    return logits.view(hkv, hq // hkv, tq, n, b).amax(dim=(2, 4)).sum(dim=(0, 1))
+
+
 def code_basis(summaries: torch.Tensor, rank: int) -> torch.Tensor:
     """The basis of the approximate first stage, from summaries (n, R, D): (R*D, rank + 1) float32, column 0
     their mean, then their `rank` principal directions (computed in float64: once per layer, and the codes of a

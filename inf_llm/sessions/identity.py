@@ -23,7 +23,8 @@ _CONVERTIBLE_SETTINGS = ("repr_dtype",)
 # one-stage preset resumes under the two-stage one, which then chooses its next blocks.
 _SECOND_STAGE_SETTINGS = ("rerank_blocks", "rerank_chunks", "rerank_keep_blocks", "rerank_reads_disk",
                           "decode_rank_every", "ranking_code_rank", "ranking_code_blocks", "shared_blocks",
-                          "shared_candidates", "shared_decay", "shared_votes")
+                          "shared_candidates", "shared_decay", "shared_votes",
+                          "prompt_end_blocks")
 
 
 def model_identity(model: torch.nn.Module, tokenizer) -> dict:

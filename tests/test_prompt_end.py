@@ -1,0 +1,180 @@
+"""prompt_end_blocks: the chunk that ends a prompt is read for votes, then again with the most voted blocks in every
+layer, which stay through the reply. Each test recomputes what the memory should do from what it stores."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import pytest
+import torch
+
+from inf_llm.generation.engine import Engine
+from inf_llm.generation.sampling import SamplingParams
+from inf_llm.memory.layer_memory import LayerMemory
+from inf_llm.memory.ranking import peak_block_scores
+from tests.test_engine import ByteTokenizer, _config, _ids
+from tests.tiny_models import tiny_model
+
+# Top-3 of blocks of 8 tokens, two stages (a shortlist of 6), 2 blocks voted at each prompt's end.
+# float32 summaries and storage: the recomputations below read the keys as the memory ranks them.
+SETTINGS = dict(rerank_blocks=6, device_cache_blocks=12, prompt_end_blocks=2, repr_dtype="float32",
+                storage_dtype="float32")
+PARAMS = SamplingParams(temperature=0.0, max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def _engine(model, **overrides) -> Engine:
+    engine = Engine(model, ByteTokenizer(), _config(**{**SETTINGS, **overrides}))
+    engine.eos_token_ids = set()  # every reply is max_new_tokens long
+    return engine
+
+
+def _reply(engine: Engine, ids: list[int]) -> list[int]:
+    return [step.token_id for step in engine.generate(ids, PARAMS)]
+
+
+def _end_blocks(engine: Engine) -> list[list[int] | None]:
+    return [None if layer.end_blocks is None else layer.end_blocks.tolist() for layer in engine.memory.layers]
+
+
+def test_peak_block_scores_are_each_heads_largest_logit_over_the_chunks_queries_summed():
+    g = torch.Generator().manual_seed(0)
+    hkv, group, tq, n, b, d = 2, 3, 5, 4, 8, 16
+    queries = torch.randn(hkv * group, tq, d, generator=g)
+    keys = torch.randn(hkv, n, b, d, generator=g).half()
+    expected = torch.zeros(n, dtype=torch.float64)
+    for block in range(n):
+        for head in range(hkv * group):
+            kv = head // group  # grouped-query attention: consecutive query heads share a KV head
+            logits = queries[head].double() @ keys[kv, block].double().T  # (tq, b)
+            expected[block] += logits.max()
+    torch.testing.assert_close(peak_block_scores(queries, keys).double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def _bounds_rise(layer: LayerMemory, q: torch.Tensor, before: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """The first stage's rise, from the keys: each head's upper bound on its logits over a block (the mean query
+    against the block's per-channel key max and min), summed over heads, for this chunk minus the chunk before."""
+    group = layer.shape.num_heads // layer.shape.num_kv_heads
+    rise = torch.zeros(num_blocks, dtype=torch.float64)
+    for block in range(num_blocks):
+        k = layer.blocks.host_block(block)[0].double()  # (Hkv, B, D)
+        high, low = k.amax(dim=1), k.amin(dim=1)
+        for head in range(layer.shape.num_heads):
+            for chunk, sign in ((q, 1.0), (before, -1.0)):
+                mean = chunk[head].double().mean(dim=0)
+                bound = mean.clamp(min=0) @ high[head // group] + mean.clamp(max=0) @ low[head // group]
+                rise[block] += sign * bound
+    return rise
+
+
+def _peak_rise(layer: LayerMemory, q: torch.Tensor, before: torch.Tensor, block: int) -> float:
+    k = layer.blocks.host_block(block)[0].double()
+    group = layer.shape.num_heads // layer.shape.num_kv_heads
+    return sum(float((chunk[head].double() @ k[head // group].T).max()) * sign
+               for head in range(layer.shape.num_heads) for chunk, sign in ((q, 1.0), (before, -1.0)))
+
+
+def _best(scores: dict[int, float], count: int) -> list[int]:
+    """The `count` highest-scored ids, ties to the lower id."""
+    return sorted(sorted(scores, key=lambda i: (-scores[i], i))[:count])
+
+
+def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_stored_keys(model, monkeypatch):
+    """Each layer's votes: among the rerank_blocks blocks whose key bounds rise most from the chunk before to the
+    prompt's last chunk, the prompt_end_blocks whose peak logits rise most; the memory's blocks: the most voted
+    over layers (ties: the lower id), in every layer."""
+    seen = []
+    vote = LayerMemory._vote_prompt_end
+
+    def recording(layer, q):
+        before_votes = Counter(layer.end_tally)
+        seen.append((layer, q.clone(), layer.end_baseline.clone(), layer.blocks.num_blocks))
+        vote(layer, q)
+        seen[-1] += (sorted((layer.end_tally - before_votes).elements()),)
+    monkeypatch.setattr(LayerMemory, "_vote_prompt_end", recording)
+    engine = _engine(model)
+    ids = _ids(300, seed=3)
+    engine.feed(ids)
+    layers = engine.memory.layers
+    assert len(seen) == len(layers)  # one vote per layer: the last chunk alone, read once for votes
+    tally = Counter()
+    for layer, q, before, num_blocks, votes in seen:
+        # The last chunk_size tokens are read by themselves; the chunk before ends the piece read before them.
+        assert q.shape[1] == engine.config.chunk_size and 0 < before.shape[1] <= engine.config.chunk_size
+        assert num_blocks > engine.config.rerank_blocks  # a real shortlist (blocks formed later change nothing)
+        first = _bounds_rise(layer, q, before, num_blocks)
+        shortlist = _best(dict(enumerate(first.tolist())), engine.config.rerank_blocks)
+        peaks = {block: _peak_rise(layer, q, before, block) for block in shortlist}
+        assert votes == _best(peaks, engine.config.prompt_end_blocks)
+        tally.update(votes)
+    expected = sorted(sorted(tally, key=lambda block: (-tally[block], block))[: engine.config.prompt_end_blocks])
+    assert _end_blocks(engine) == [expected] * len(layers)
+
+
+def test_the_second_reading_is_the_reading_with_the_voted_blocks_forced_and_so_is_the_reply(model):
+    """The read for votes is rolled back exactly: the prompt's logits and the reply equal those of an engine
+    without the setting that reads the same pieces with the voted blocks forced from the last chunk on."""
+    ids = _ids(300, seed=4)
+    voting = _engine(model)
+    logits = voting.feed(ids[:-1])
+    blocks = _end_blocks(voting)[0]
+    reply = _reply(voting, ids[-1:])
+    plain = _engine(model, prompt_end_blocks=0)
+    end = len(ids) - 1 - plain.config.chunk_size
+    plain.feed(ids[:end])
+    plain.memory.force_blocks(blocks, from_position=end)
+    torch.testing.assert_close(plain.feed(ids[end:-1]), logits, rtol=0, atol=0)
+    assert _reply(plain, ids[-1:]) == reply
+    plain.memory.force_blocks(None)
+    unforced = _engine(model, prompt_end_blocks=0)
+    unforced.feed(ids[:end])
+    assert not torch.equal(unforced.feed(ids[end:-1]), logits)  # the voted blocks changed the reading
+
+
+def test_a_rollback_or_a_saved_state_replays_the_votes_and_the_reply(model):
+    """The voted blocks and the baseline of the next votes (the last chunk read) are part of the state: a replay
+    from a snapshot or from a saved state votes and replies as the first run; a new prompt votes afresh."""
+    engine = _engine(model)
+    engine.feed(_ids(300, seed=5))
+    snap = engine.snapshot()
+    baselines = [layer.end_baseline.clone() for layer in engine.memory.layers]
+    buffer = io.BytesIO()
+    torch.save(engine.state_dict(), buffer)
+    question = _ids(20, seed=6)  # shorter than a chunk: its votes are measured against the document's last chunk
+    first = (_reply(engine, question), _end_blocks(engine))
+    engine.restore(snap)
+    assert all(torch.equal(layer.end_baseline, base) for layer, base in zip(engine.memory.layers, baselines))
+    assert (_reply(engine, question), _end_blocks(engine)) == first
+    buffer.seek(0)
+    resumed = _engine(model)
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    assert all(torch.equal(layer.end_baseline, base) for layer, base in zip(resumed.memory.layers, baselines))
+    assert (_reply(resumed, question), _end_blocks(resumed)) == first
+    after_reply = engine.snapshot()
+    replay = _reply(engine, _ids(1, seed=7))  # one token: a decoding step, which keeps the blocks
+    assert _end_blocks(engine) == first[1]
+    engine.restore(after_reply)
+    assert _reply(engine, _ids(1, seed=7)) == replay
+    engine.restore(snap)
+    engine.feed(_ids(150, seed=8))
+    again = _end_blocks(engine)
+    engine.restore(snap)
+    baseline = engine.memory.layers[0].end_baseline
+    assert baseline.shape[1] == engine.config.chunk_size
+    engine.feed(_ids(150, seed=8))
+    assert _end_blocks(engine) == again
+
+
+def test_without_the_setting_nothing_is_voted_and_a_short_feed_votes_against_nothing_before_it(model):
+    plain = _engine(model, prompt_end_blocks=0)
+    plain.feed(_ids(300, seed=9))
+    assert _end_blocks(plain) == [None] * len(plain.memory.layers)
+    assert plain.memory.layers[0].end_baseline.shape[1] == 0  # nothing kept
+    engine = _engine(model)
+    engine.feed(_ids(100, seed=9))  # one chunk, no chunk before it: votes by peak logits alone
+    assert all(blocks is not None and len(blocks) <= 2 for blocks in _end_blocks(engine))
