@@ -85,6 +85,25 @@ def test_resumed_session_gives_the_same_logits_and_reply(model, tokenizer, saved
     original.remove()  # leave the module fixture as it was
 
 
+def test_a_session_saved_under_prompt_end_blocks_resumes_with_its_votes_and_replies_the_same(model, tokenizer,
+                                                                                             tmp_path):
+    """The blocks the last prompt's end voted for and the chunk its next votes are measured against are part of the
+    saved state: the resumed chat attends them and answers the next message as the one that kept running."""
+    config = tiny_config(topk_blocks=2, device_cache_blocks=8, rerank_blocks=4, prompt_end_blocks=2)
+    conv = conversation(model, tokenizer, config)
+    conv.ask(MESSAGES[0])
+    conv.ask(MESSAGES[1])
+    path = tmp_path / "votes.session"
+    save_session(path, conv.engine, conv.messages, conv.format.identity)
+    resumed = conversation(model, tokenizer, config)
+    resumed.load(resume_session(path, resumed.engine, resumed.format.identity).messages)
+    for mine, theirs in zip(resumed.engine.memory.layers, conv.engine.memory.layers, strict=True):
+        assert theirs.end_blocks is not None and torch.equal(mine.end_blocks, theirs.end_blocks)
+        assert theirs.end_baseline.shape[1] > 0 and torch.equal(mine.end_baseline, theirs.end_baseline)
+    torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
+    assert resumed.ask(MESSAGES[2]).text == conv.ask(MESSAGES[2]).text
+
+
 def test_session_names_and_folder(data_dir):
     assert sessions_dir() == data_dir / "sessions"
     assert session_path("my-chat_1.v2") == data_dir / "sessions" / "my-chat_1.v2.session"
