@@ -198,10 +198,10 @@ class LayerMemory(LayerState):
         listed = select_blocks(block_scores(self.reprs, query, hkv, False, self._repr_absmax), cfg.rerank_blocks)
         shortlist = listed.sort().values
         ids = shortlist.tolist()
-        if before.shape[1]:
-            rise = self.blocks.score_blocks(ids, lambda keys: peak_block_scores(q, keys) - peak_block_scores(before, keys))
-        else:
-            rise = self.blocks.score_blocks(ids, lambda keys: peak_block_scores(q, keys))
+        def rise_of(keys: torch.Tensor) -> torch.Tensor:
+            peaks = peak_block_scores(q, keys)
+            return peaks - peak_block_scores(before, keys) if before.shape[1] else peaks
+        rise = self.blocks.score_blocks(ids, rise_of)
         self.end_tally.update(shortlist[select_blocks(rise, cfg.prompt_end_blocks)].tolist())
 
     def _second_stage(self, q: torch.Tensor, scores: torch.Tensor, candidates: torch.Tensor | None, topk: int

@@ -13,6 +13,7 @@ already on disk (`saved`, `uses_disk`), where to map a saved copy (`map_layer`, 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,8 +150,6 @@ class InfLLMMemory:
         the next prompt's end is voted on. A needle that the exact logits of a few layers single out is then read
         by all: on long prose the model needs it in every layer (a needle forced into layers 0-11, 12-24 or 25-29
         alone does not answer at 64K tokens; forced into all 30 it does)."""
-        from collections import Counter
-
         tally: Counter[int] = Counter()
         snap = self.snapshot()
         traces = [layer.trace for layer in self.layers]
