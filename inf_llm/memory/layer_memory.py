@@ -166,14 +166,17 @@ class LayerMemory(LayerState):
             chosen = select_blocks(scores, topk)
             if candidates is not None:
                 chosen = candidates[chosen]
+        # Blocks added to the ranking's choice, joined in one union: the oracle's forced blocks (per-layer ranking
+        # only: `InfLLMMemory.force_blocks` checks), the shared blocks, the prompt end's.
+        extra = []
         if self.forced_blocks is not None and self.num_seen + q.shape[1] > self.forced_from:
-            # (per-layer ranking only: `InfLLMMemory.force_blocks` checks)
-            forced = self.forced_blocks[self.forced_blocks < self.blocks.num_blocks].to(chosen.device)
-            chosen = torch.cat((chosen, forced)).unique(sorted=True)
+            extra.append(self.forced_blocks[self.forced_blocks < self.blocks.num_blocks])
         if shared is not None and shared.numel():
-            chosen = torch.cat((chosen, shared.to(chosen.device))).unique(sorted=True)
+            extra.append(shared)
         if self.end_blocks is not None:
-            chosen = torch.cat((chosen, self.end_blocks.to(chosen.device))).unique(sorted=True)
+            extra.append(self.end_blocks)
+        if extra:
+            chosen = torch.cat((chosen, *(ids.to(chosen.device) for ids in extra))).unique(sorted=True)
         return BlockIds(with_following(chosen, cfg.following_blocks, self.blocks.num_blocks))
 
     def _vote_prompt_end(self, q: torch.Tensor) -> None:
