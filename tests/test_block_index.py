@@ -234,3 +234,20 @@ def test_projection_codes_rank_summaries_of_a_low_rank_memory_as_brute_force():
     # One direction too few loses some of them: the recall measures something.
     rows = recall(summaries, [_query("bounds", gen) for _ in range(5)], HKV, [1], [60], ks=(20,), calibration=400)
     assert min(r["recall_20"] for r in rows) < 1.0
+
+
+def test_reply_pool_recall_counts_the_pooled_steps_and_what_their_pools_hold():
+    """pool_recall: steps that form a pool (the first, then every E-th) are not counted; a pool of every block
+    holds everything; a step's pool is the C best of the step that formed it, so the same query at every step
+    finds its top k whenever C >= k, and queries that differ lose some of it in a pool of exactly k."""
+    from inf_llm.bench.ranking_recall import pool_recall
+
+    gen = torch.Generator().manual_seed(7)
+    summaries = _summaries(300, "bounds", gen, duplicates=False).half()
+    steps = [_query("bounds", gen) for _ in range(7)]
+    out = pool_recall(summaries, steps, HKV, [20, 300], [1, 3], ks=(20,))
+    assert out[(300, 1, 20)] == [] and len(out[(300, 3, 20)]) == 4  # steps 1, 2, 4, 5; 0, 3, 6 form pools
+    assert all(r == 1.0 for r in out[(300, 3, 20)])
+    assert min(out[(20, 3, 20)]) < 1.0
+    same = pool_recall(summaries, [steps[0]] * 7, HKV, [20], [3], ks=(20,))
+    assert all(r == 1.0 for r in same[(20, 3, 20)])

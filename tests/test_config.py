@@ -89,6 +89,12 @@ REFUSED = [
     (dict(rerank_blocks=64, prompt_end_blocks=True), ["prompt_end_blocks=True", "integer"]),
     (dict(rerank_blocks=128, topk_blocks=64, shared_blocks=8, prompt_end_blocks=57),
      ["topk_blocks=64 with shared_blocks=8 and prompt_end_blocks=57 (129 blocks)", "device_cache_blocks=128"]),
+    (dict(reply_pool_blocks=0), ["reply_pool_blocks=0", ">= 1"]),
+    (dict(reply_pool_blocks=32), ["reply_pool_blocks=32", "64 blocks", "raise reply_pool_blocks"]),
+    (dict(rerank_blocks=128, reply_pool_blocks=100), ["reply_pool_blocks=100", "128 blocks"]),
+    (dict(reply_pool_blocks=128, per_head_ranking=True), ["reply_pool_blocks=128", "per_head_ranking"]),
+    (dict(reply_pool_blocks=True), ["reply_pool_blocks=True", "integer"]),
+    (dict(reply_pool_blocks=128, reply_pool_every=0), ["reply_pool_every=0", ">= 1"]),
     (dict(decode_rank_every=0), ["decode_rank_every=0", ">= 1"]),
     (dict(decode_rank_every=True), ["decode_rank_every=True", "integer"]),
     (dict(topk_blocks=160), ["topk_blocks=160", "device_cache_blocks=128"]),
@@ -134,6 +140,7 @@ def test_boundary_values_are_accepted():
     InfLLMConfig(rerank_blocks=128)
     InfLLMConfig(rerank_blocks=128, rerank_chunks=False)
     InfLLMConfig(rerank_blocks=128, rerank_keep_blocks=64)
+    InfLLMConfig(rerank_blocks=128, reply_pool_blocks=128, reply_pool_every=1)
     InfLLMConfig(cache_policy="lru-s", score_decay=0.1)
     InfLLMConfig(cache_policy="fifo")
     # The baselines retrieve nothing: zero blocks is meaningful, and the memory invariants do not bind.

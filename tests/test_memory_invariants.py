@@ -662,6 +662,114 @@ def test_decode_rank_every_rolls_back_and_resumes_mid_reuse():
     assert ranking._reused is None and ranking._reuse_left == 0
 
 
+_POOL_PIECES = [64] + [1] * 40 + [8] + [1] * 8  # a prompt, 40 steps, a second prompt, 8 steps
+
+
+@pytest.mark.parametrize("stages", [dict(), dict(rerank_blocks=4, rerank_keep_blocks=1)])
+def test_reply_pool_ranks_the_pool_and_the_blocks_formed_since(stages):
+    """reply_pool_blocks = 5, reply_pool_every = 3: a decoding step that ranks every block (the first of a reply
+    whose layer holds more than 5 blocks, then every third) keeps its 5 best by the key bounds as the pool, and
+    the next two steps choose among the pool and the blocks formed since, by the bounds (and, with
+    rerank_blocks, the exact logits over the shortlist they give). Recomputed here from the keys fed; a prompt
+    ends the pool. With a pool larger than the memory nothing changes, bit for bit."""
+    q, k, v = _qkv(11)
+    same = dict(topk_blocks=3, device_cache_blocks=8, block_ranking="bounds", rank_rotated=True,
+                repr_dtype="float32", **stages)
+    pooled_layer = _layer(reply_pool_blocks=5, reply_pool_every=3, **same)
+    weights = _feed(pooled_layer, q, k, v, _POOL_PIECES)
+    everything = _feed(_layer(**same), q, k, v, _POOL_PIECES)
+    assert torch.equal(_feed(_layer(reply_pool_blocks=64, **same), q, k, v, _POOL_PIECES), everything)
+    cfg = pooled_layer.config
+    sinks, size, window, group = cfg.num_sink_tokens, cfg.block_size, cfg.local_window, HQ // HKV
+    query = pooled_layer.rotary.rotate_at(q, window)
+
+    def score(b: int, qp: torch.Tensor) -> float:
+        span = slice(sinks + b * size, sinks + (b + 1) * size)
+        grouped = qp.view(HKV, group, -1)
+        return sum(grouped[g].clamp(min=0).sum(0) @ k[g, span].amax(0) + grouped[g].clamp(max=0).sum(0)
+                   @ k[g, span].amin(0) for g in range(HKV)).item()
+
+    def exact(b: int, qp: torch.Tensor) -> float:
+        span = slice(sinks + b * size, sinks + (b + 1) * size)
+        return sum((k[h // group, span] @ qp[h]).max() for h in range(HQ)).item()
+
+    def clear_top(scored: list[tuple[float, int]], n: int) -> set[int] | None:
+        ranked = sorted(scored, reverse=True)
+        if len(ranked) > n and ranked[n - 1][0] - ranked[n][0] < 1e-4 * abs(ranked[0][0]):
+            return None
+        return {b for _, b in ranked[:n]}
+
+    def choose(ranked: list[int], qp: torch.Tensor) -> set[int] | None:
+        chosen = clear_top([(score(b, qp), b) for b in ranked], cfg.rerank_blocks or cfg.topk_blocks)
+        if chosen is not None and cfg.rerank_blocks:
+            kept = clear_top([(score(b, qp), b) for b in ranked], cfg.rerank_keep_blocks)
+            others = clear_top([(exact(b, qp), b) for b in chosen - kept], cfg.topk_blocks - len(kept))
+            chosen = None if kept is None or others is None else kept | others
+        return chosen
+
+    pool, pool_end, left, checked, differs, fresh = None, 0, 0, 0, 0, 0
+    position = 0
+    for piece in _POOL_PIECES:
+        steps = range(position, position + piece)
+        position += piece
+        if piece > 1:
+            pool, left = None, 0  # a prompt ends the pool
+            continue
+        p = steps[0]
+        formed = [b for b in range(T) if sinks + (b + 1) * size <= p - window]
+        if not formed:
+            continue
+        since = set()
+        if left:
+            left -= 1
+            since = set(range(pool_end, len(formed)))
+            ranked = sorted(pool | since)
+        else:
+            ranked = formed
+            if len(formed) > 5:
+                pool, pool_end, left = clear_top([(score(b, query[:, p]), b) for b in formed], 5), len(formed), 2
+                if pool is None:
+                    pytest.fail("a near-tie at the pool's edge: choose another seed")
+        chosen = choose(ranked, query[:, p])
+        if chosen is None:
+            continue
+        for b in formed:
+            seen = weights[:, p, sinks + b * size : sinks + (b + 1) * size]
+            assert (seen > 0).all() if b in chosen else (seen == 0).all(), (p, b, sorted(chosen), ranked)
+        checked += 1
+        differs += not torch.equal(weights[:, p], everything[:, p])
+        fresh += bool(chosen & since)
+    assert checked >= 40
+    assert differs >= 3  # the pool changed what ranking every block chooses
+    assert fresh >= 1  # and a block formed after its pool was chosen
+
+
+def test_reply_pool_rolls_back_and_resumes_mid_term():
+    """A snapshot taken while a pool serves holds it: restored, or loaded into a new layer, the layer attends what
+    it attended the first time; a state saved without a pool (before the setting), or under a larger pool than
+    the layer's setting, ranks every block at the next step."""
+    q, k, v = _qkv(12)
+    cfg = dict(topk_blocks=3, device_cache_blocks=8, block_ranking="bounds", reply_pool_blocks=5, reply_pool_every=6)
+    layer = _layer(**cfg)
+    _feed(layer, q[:, :78], k[:, :78], v[:, :78], [64] + [1] * 14)  # pools formed at 68 and 74
+    assert layer._pool is not None and layer._pool_left == 2
+    snap, state = layer.snapshot(), layer.state_dict()
+    rest = [1] * 20 + [10] + [1] * 12
+    first = _feed(layer, q[:, 78:], k[:, 78:], v[:, 78:], rest)
+    layer.restore(snap)
+    torch.testing.assert_close(_feed(layer, q[:, 78:], k[:, 78:], v[:, 78:], rest), first, atol=0, rtol=0)
+    resumed = _layer(**cfg)
+    resumed.load_state_dict(state)
+    torch.testing.assert_close(_feed(resumed, q[:, 78:], k[:, 78:], v[:, 78:], rest), first, atol=0, rtol=0)
+    legacy = _layer(**cfg)
+    legacy.load_state_dict({key: value for key, value in state.items() if not key.startswith("pool_")})
+    assert legacy._pool is None and legacy._pool_left == 0
+    assert not torch.equal(_feed(legacy, q[:, 78:], k[:, 78:], v[:, 78:], rest), first)  # the saved pool mattered
+    smaller = _layer(**{**cfg, "reply_pool_blocks": 4})
+    smaller.load_state_dict(state)
+    assert smaller._pool is None and smaller._pool_left == 0
+
+
 def test_ranking_codes_roll_back_with_the_memory():
     """The codes' basis comes from the first ranking_code_blocks summaries: a rollback to before it existed and a
     different continuation give the codes, basis and outputs of a fresh layer fed that continuation; a rollback

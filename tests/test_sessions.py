@@ -104,6 +104,35 @@ def test_a_session_saved_under_prompt_end_blocks_resumes_with_its_votes_and_repl
     assert resumed.ask(MESSAGES[2]).text == conv.ask(MESSAGES[2]).text
 
 
+def test_a_chat_under_reply_pool_blocks_saves_and_resumes_exactly(model, tokenizer, tmp_path, monkeypatch):
+    """reply_pool_blocks: a chat ends each turn with its template's tokens after the reply (a multi-token feed,
+    which ends the reply's pool), so a session saved between turns holds no pool; the resumed chat forms its
+    pools as the one that kept running does and answers the same. (A pool saved mid-reply in an engine's state
+    is replayed exactly: tests/test_memory_invariants.py.)"""
+    config = tiny_config(topk_blocks=2, device_cache_blocks=8, rerank_blocks=4, reply_pool_blocks=4,
+                         reply_pool_every=3)
+    from inf_llm.memory.layer_memory import LayerMemory
+
+    formed, form = [], LayerMemory._form_pool
+
+    def counted(layer, *args, **kwargs):
+        form(layer, *args, **kwargs)
+        formed.append(layer._pool is not None)
+
+    monkeypatch.setattr(LayerMemory, "_form_pool", counted)
+    conv = conversation(model, tokenizer, config)
+    conv.ask(MESSAGES[0])
+    conv.ask(MESSAGES[1])
+    assert sum(formed) >= 2 * len(conv.engine.memory.layers)  # the replies' steps ranked pools
+    assert all(layer._pool is None for layer in conv.engine.memory.layers)
+    path = tmp_path / "pool.session"
+    save_session(path, conv.engine, conv.messages, conv.format.identity)
+    resumed = conversation(model, tokenizer, config)
+    resumed.load(resume_session(path, resumed.engine, resumed.format.identity).messages)
+    torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
+    assert resumed.ask(MESSAGES[2]).text == conv.ask(MESSAGES[2]).text
+
+
 def test_session_names_and_folder(data_dir):
     assert sessions_dir() == data_dir / "sessions"
     assert session_path("my-chat_1.v2") == data_dir / "sessions" / "my-chat_1.v2.session"
@@ -238,7 +267,7 @@ def test_session_of_another_config_model_or_format_is_refused(model, tokenizer, 
     # preset resumes under the two-stage one), and the resumed memory answers as the second stage chooses.
     two_stage = tiny_config(topk_blocks=2, device_cache_blocks=6, rerank_blocks=4, rerank_chunks=False,
                             rerank_keep_blocks=1, rerank_reads_disk=False, decode_rank_every=3, shared_blocks=1,
-                            shared_candidates=1, prompt_end_blocks=1)
+                            shared_candidates=1, prompt_end_blocks=1, reply_pool_blocks=4, reply_pool_every=2)
     resumed = conversation(model, tokenizer, two_stage)
     resumed.load(resume_session(path, resumed.engine, chat).messages)
     assert resumed.engine.config.rerank_blocks == 4

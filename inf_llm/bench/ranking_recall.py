@@ -13,6 +13,11 @@ chosen among them (the functions `LayerMemory` ranks with under `ranking_code_ra
 float16 values); recall is the share of brute force's top k found, for the preset's k = 56 (the blocks the
 bounds keep) and k = 512 (the second stage's shortlist).
 
+`--pool C[,C...] --pool-every E[,E...]` measures `reply_pool_blocks` instead: the queries are those of whole replies
+(the embedded model answering prose benchmark prompts, `capture_replies`), and at each step of a reply the pool is
+the best C blocks of the last step that scored every block (the first, then every E-th); recall is the share of
+brute force's top k (at that step) inside the pool, over every layer and step that scores only the pool.
+
 FOLDER holds a saved session's summary tiers (`layer-NNN-reprs`, as `inf_llm.sessions` writes them; the long
 read's session is removed after its record, so keep one with `long-read --keep-sessions` or hard links). The
 queries are real ones: the decoding steps' ranking queries of the embedded model reading 4K tokens of the prose
@@ -89,6 +94,59 @@ def ranking_ms(summaries: torch.Tensor, queries: list[torch.Tensor], num_kv_head
     return rows
 
 
+REPLY_CASES = (("single", 0.5), ("multiquery", 0.1))  # prose prompts (4K tokens, seed 0) whose replies are captured
+
+
+def capture_replies(max_new_tokens: int = 40, log=print) -> tuple[list[dict[int, list[torch.Tensor]]], int]:
+    """The embedded model (its preset) answering the `REPLY_CASES` prompts greedily: per reply, each layer's
+    ranking query at every decoding step that ranked, in order; and the model's KV heads."""
+    from inf_llm import load_engine
+    from inf_llm.bench.prose_tasks import build_prose_prompt
+    from inf_llm.generation.sampling import SamplingParams
+    from inf_llm.memory.ranking import ranking_query
+
+    engine = load_engine()
+    cfg, recorded = engine.config, {}
+    for layer in engine.memory.layers:
+        def recording(q, layer=layer, rank=layer._rank):
+            if q.shape[1] == 1:
+                recorded.setdefault(layer.index, []).append(
+                    ranking_query(q, cfg.block_ranking, layer.shape.num_kv_heads))
+            return rank(q)
+        layer._rank = recording
+    replies = []
+    for task, depth in REPLY_CASES:
+        prompt = build_prose_prompt(engine.tokenizer, task, 4096, depth, 0)
+        engine.reset()
+        engine.feed(prompt.ids[:-1])
+        recorded.clear()
+        params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+        text = "".join(step.text for step in engine.generate(prompt.ids[-1:], params))
+        log(f"{task} reply of {len(recorded[0])} steps: {text!r}")
+        replies.append(dict(recorded))
+    return replies, engine.memory.layers[0].shape.num_kv_heads
+
+
+def pool_recall(summaries: torch.Tensor, steps: list[torch.Tensor], num_kv_heads: int, sizes: list[int],
+                every: list[int], ks: tuple[int, ...] = (56, 512)) -> dict[tuple[int, int, int], list[float]]:
+    """For one layer and one reply's queries: per (pool size C, pool term E, k), the recall of brute force's top k
+    within the pool at each step that scores only the pool (the pool: the C best of the step that formed it)."""
+    absmax = summaries.abs().max().float()
+    scores = [block_scores(summaries, query, num_kv_heads, False, absmax) for query in steps]
+    tops = [{k: set(select_blocks(s, k).tolist()) for k in ks} for s in scores]
+    pools = [{c: set(select_blocks(s, c).tolist()) for c in sizes} for s in scores]
+    out = {(c, e, k): [] for c in sizes for e in every for k in ks}
+    for t in range(len(steps)):
+        for e in every:
+            formed = t - t % e
+            if formed == t:
+                continue
+            for c in sizes:
+                for k in ks:
+                    out[(c, e, k)].append(len(tops[t][k] & pools[formed][c]) / k)
+    return out
+
+
 def read_summaries(folder: Path, layer: int) -> torch.Tensor:
     """A layer's summaries (N, R, D) from a session's tier, as saved."""
     from inf_llm.storage.disk_tier import DiskTier
@@ -113,10 +171,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="instead of recall: ms per decoded token (all layers) ranking the first BLOCKS blocks "
                              "(comma-separated counts), brute force vs the codes of the first --ranks and "
                              "--candidates values")
+    parser.add_argument("--pool", default=None, metavar="C",
+                        help="instead of codes: the recall of reply pools of C blocks (comma-separated sizes)")
+    parser.add_argument("--pool-every", default="8", metavar="E",
+                        help="with --pool: the ranked steps one pool serves (comma-separated)")
     args = parser.parse_args(argv)
     from inf_llm.bench.ranking_index import capture
 
     torch.set_num_threads(1)
+    if args.pool is not None:
+        _pool_main(args)
+        return
     if args.queries is not None and args.queries.is_file():
         checkpoint = torch.load(args.queries, weights_only=False)[0]
     else:
@@ -166,6 +231,38 @@ def main(argv: list[str] | None = None) -> None:
             read = (2 * rank + min(count, blocks) * row_values / blocks) / row_values  # codes float32, rows 16-bit
             print(f"| {rank} | {count} | {statistics.mean(r56):.3f} ({min(r56):.2f}) | "
                   f"{statistics.mean(r512):.3f} ({min(r512):.2f}) | {read:.3f} |")
+
+
+def _pool_main(args) -> None:
+    sizes = [int(x) for x in args.pool.split(",")]
+    every = [int(x) for x in args.pool_every.split(",")]
+    layers = sorted(int(p.name[6:9]) for p in args.summaries.glob("layer-*-reprs"))
+    if not layers:
+        raise SystemExit(f"{args.summaries} holds no layer-NNN-reprs tiers (a saved session's generation folder does)")
+    replies, hkv = capture_replies(log=lambda m: print(m, flush=True))
+    ks = (56, 512)
+    totals = {(c, e, k): [] for c in sizes for e in every for k in ks}
+    blocks = 0
+    for layer in layers:
+        flat = read_summaries(args.summaries, layer)
+        summaries = flat.view(flat.shape[0], 2 * hkv, -1)
+        blocks = summaries.shape[0]
+        for reply in replies:
+            for key, values in pool_recall(summaries, reply[layer], hkv, sizes, every, ks).items():
+                totals[key] += values
+    print(f"{len(layers)} layers, {blocks} blocks each, {len(replies)} replies; recall of brute force's top k within "
+          f"the pool at the steps that score only the pool; read = summaries scored per step / all (the pool, and "
+          f"every block once per E steps)")
+    print("| pool C | every E | recall top 56 (5th percentile, lowest) | recall top 512 (5th percentile, lowest) | read |")
+    print("|---:|---:|---|---|---:|")
+    for c in sizes:
+        for e in every:
+            cells = []
+            for k in ks:
+                values = sorted(totals[(c, e, k)])
+                cells.append(f"{statistics.mean(values):.4f} ({values[len(values) // 20]:.3f}, {values[0]:.3f})")
+            read = ((e - 1) * min(c, blocks) / blocks + 1) / e
+            print(f"| {c} | {e} | {cells[0]} | {cells[1]} | {read:.3f} |")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "decode_rank_every": 1, "rerank_reads_disk": True, "ranking_code_rank": None,
                "ranking_code_blocks": 4096, "shared_blocks": 0,
                "shared_candidates": 0, "shared_decay": 0.0,
-               "shared_votes": "picks", "prompt_end_blocks": 0}
+               "shared_votes": "picks", "prompt_end_blocks": 0, "reply_pool_blocks": None,
+               "reply_pool_every": 64}
 
 
 class ConfigError(ValueError):
@@ -140,6 +141,16 @@ class InfLLMConfig:
                                                           summary is scored (exact)
     ranking_code_blocks  (none)                           with ranking_code_rank: the blocks the directions are
                                                           computed from, and the codes' shortlist
+    reply_pool_blocks    (none)                           a bounded first stage while decoding: a step that
+                                                          ranks every block keeps the best N by its first-stage
+                                                          scores as the reply's pool, and the next
+                                                          reply_pool_every - 1 ranked steps score only the pool
+                                                          and the blocks formed since (a prompt's chunks rank
+                                                          every block and end the pool); used once a layer
+                                                          holds more than N blocks; null = every step scores
+                                                          every block (exact)
+    reply_pool_every     (none)                           with reply_pool_blocks: the ranked decoding steps one
+                                                          pool serves, the one that forms it included
     decode_rank_every    (none)                           decoding ranks (both stages) at the first step after
                                                           a prompt and every N-th step after it; the steps
                                                           between attend the blocks that ranking chose, as the
@@ -193,6 +204,8 @@ class InfLLMConfig:
     prompt_end_blocks: int = 0
     ranking_code_rank: int | None = None
     ranking_code_blocks: int = 4096
+    reply_pool_blocks: int | None = None
+    reply_pool_every: int = 64
     decode_rank_every: int = 1
     following_blocks: int = 0
     memory_positions: str = "shared"
@@ -209,7 +222,8 @@ class InfLLMConfig:
         _check_int("shared_blocks", self.shared_blocks, 0)
         _check_int("shared_candidates", self.shared_candidates, 0)
         _check_int("prompt_end_blocks", self.prompt_end_blocks, 0)
-        for name in ("local_window", "block_size", "repr_tokens", "chunk_size", "device_cache_blocks", "decode_rank_every"):
+        for name in ("local_window", "block_size", "repr_tokens", "chunk_size", "device_cache_blocks", "decode_rank_every",
+                     "reply_pool_every"):
             _check_int(name, getattr(self, name), 1)
         # The baselines retrieve nothing, so zero blocks is meaningful for them only.
         _check_int("topk_blocks", self.topk_blocks, 1 if self.method == "inf-llm" else 0)
@@ -245,6 +259,7 @@ class InfLLMConfig:
                 "retrieved blocks must all fit in the device cache; raise device_cache_blocks or lower topk_blocks")
         self._check_rerank()
         self._check_codes()
+        self._check_reply_pool()
         if self.per_head_ranking and self.following_blocks:
             raise ValueError(f"following_blocks={self.following_blocks} is not supported with per_head_ranking: "
                              "set following_blocks: 0 or per_head_ranking: false")
@@ -326,6 +341,19 @@ class InfLLMConfig:
         if self.per_head_ranking:
             raise ValueError(f"ranking_code_rank={rank} is not supported with per_head_ranking: set "
                              "ranking_code_rank: null or per_head_ranking: false")
+
+    def _check_reply_pool(self) -> None:
+        pool = self.reply_pool_blocks
+        if pool is None:
+            return
+        _check_int("reply_pool_blocks", pool, 1)
+        most = max(self.topk_blocks, self.rerank_blocks or 0)
+        if pool < most:
+            raise ValueError(f"reply_pool_blocks={pool} is below the {most} blocks a decoding step's summaries choose: "
+                             "the pool must hold them; raise reply_pool_blocks")
+        if self.per_head_ranking:
+            raise ValueError(f"reply_pool_blocks={pool} is not supported with per_head_ranking: set "
+                             "reply_pool_blocks: null or per_head_ranking: false")
 
     def _check_score_decay(self) -> None:
         decay = self.score_decay

@@ -145,13 +145,23 @@ class LayerMemory(LayerState):
             else:
                 self.shared_picks.clear()
         query = ranking_query(q, cfg.block_ranking, hkv)
-        # ranking_code_rank, beyond ranking_code_blocks blocks: the codes shortlist candidates (ascending ids) and
-        # only their summaries are scored; scores and the places chosen among them are then the candidates'.
+        n = self.blocks.num_blocks
+        # Only the summaries of `candidates` (ascending ids) are scored when they are set; scores and the places
+        # chosen among them are then the candidates'. reply_pool_blocks: a decoding step within a pool's term ranks
+        # the pool and the blocks formed since; ranking_code_rank, beyond ranking_code_blocks blocks: the codes
+        # shortlist the candidates.
         candidates = None
-        if self._code_basis is not None and self.blocks.num_blocks > cfg.ranking_code_blocks:
+        pooled = q.shape[1] == 1 and self._pool_left > 0
+        if pooled:
+            self._pool_left -= 1
+            candidates = self._pool if self._pool_end == n else torch.cat(
+                (self._pool, torch.arange(self._pool_end, n, device=self._pool.device)))
+        elif self._code_basis is not None and n > cfg.ranking_code_blocks:
             candidates = code_shortlist(self.codes, self._code_basis, query, cfg.ranking_code_blocks)
         summaries = self.reprs if candidates is None else summary_rows(self.reprs, candidates)
         scores = block_scores(summaries, query, hkv, cfg.per_head_ranking, self._repr_absmax)
+        if not pooled:
+            self._form_pool(scores, candidates, decoding=q.shape[1] == 1)
         if self.trace is not None:
             self._scores = scores if candidates is None else torch.full(
                 (self.blocks.num_blocks,), -torch.inf, device=scores.device).index_put_((candidates,), scores)
@@ -178,6 +188,18 @@ class LayerMemory(LayerState):
         if extra:
             chosen = torch.cat((chosen, *(ids.to(chosen.device) for ids in extra))).unique(sorted=True)
         return BlockIds(with_following(chosen, cfg.following_blocks, self.blocks.num_blocks))
+
+    def _form_pool(self, scores: torch.Tensor, candidates: torch.Tensor | None, decoding: bool) -> None:
+        """reply_pool_blocks: after a decoding step ranked every block (or the codes' candidates), its best
+        reply_pool_blocks by those scores are the pool of the next reply_pool_every - 1 ranked steps; a prompt's
+        chunk ends the pool, so the first step of every reply ranks every block."""
+        size = self.config.reply_pool_blocks
+        if not decoding or size is None or self.blocks.num_blocks <= size:
+            self._pool, self._pool_end, self._pool_left = None, 0, 0
+            return
+        best = select_blocks(scores, min(size, scores.shape[0]))
+        self._pool = best if candidates is None else candidates[best]  # ascending, as both are
+        self._pool_end, self._pool_left = self.blocks.num_blocks, self.config.reply_pool_every - 1
 
     def _vote_prompt_end(self, q: torch.Tensor) -> None:
         """prompt_end_blocks: this layer's votes for the chunk that ends a prompt (`InfLLMMemory.vote_prompt_end`):

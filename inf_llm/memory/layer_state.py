@@ -32,7 +32,7 @@ class LayerShape:
 
 # Snapshot entries added after sessions were saved: a saved state without one restores as before it existed.
 STATE_ADDED_LATER = ("repr_absmax", "reuse_blocks", "reuse_left", "code_basis", "code_blocks", "end_blocks",
-                     "end_baseline")
+                     "end_baseline", "pool_blocks", "pool_end", "pool_left")
 
 
 def _empty(heads: int, dim: int, like_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -116,6 +116,12 @@ class LayerState:
         # decode_rank_every > 1: the last ranked decoding step's choice and how many more steps attend it.
         self._reused: BlockIds | None = None
         self._reuse_left = 0
+        # reply_pool_blocks: the pool a reply's decoding steps rank (ascending block ids; None when every block is
+        # ranked), the blocks there were when it was formed (those formed since are ranked too), and how many more
+        # ranked steps it serves.
+        self._pool: torch.Tensor | None = None
+        self._pool_end = 0
+        self._pool_left = 0
         # prompt_end_blocks: the blocks every chunk and step attends since the last prompt's end was read (ascending
         # ids, int64 on the CPU; None before), and the last chunk of several queries' ranking queries (Hq, c, D)
         # float32, the baseline its successor's votes are measured against (c = 0: none yet).
@@ -266,6 +272,11 @@ class LayerState:
             # keeps the cache's books by them anyway), so that a replay chooses as the first run did.
             "reuse_blocks": [] if self._reused is None else self._reused.tolist(),
             "reuse_left": self._reuse_left,
+            # reply_pool_blocks: the pool the next decoding steps rank (plain ints, as the reuse: a chat's turn ends
+            # its pool, so this is empty but in a snapshot taken mid-reply).
+            "pool_blocks": [] if self._pool is None else self._pool.tolist(),
+            "pool_end": self._pool_end,
+            "pool_left": self._pool_left,
             # ranking_code_rank: the basis (never changed in place; kept by reference) and the blocks it was computed
             # from; the codes themselves are kept by count, as the blocks are (see `saved_snapshot` for sessions).
             "code_basis": self._code_basis if self._code_basis is not None else torch.empty(
@@ -310,6 +321,13 @@ class LayerState:
         self._reuse_left = min(snap.get("reuse_left", 0), self.config.decode_rank_every - 1)
         reused = snap.get("reuse_blocks", [])
         self._reused = BlockIds(torch.tensor(reused, dtype=torch.long, device=self.device)) if self._reuse_left else None
+        # Sessions saved before reply_pool_blocks, or under a larger pool than this engine's setting, rank every block
+        # at their next step; one saved under a larger reply_pool_every serves at most this one's steps.
+        pool = snap.get("pool_blocks", [])
+        usable = self.config.reply_pool_blocks is not None and 0 < len(pool) <= self.config.reply_pool_blocks
+        self._pool_left = min(snap.get("pool_left", 0), self.config.reply_pool_every - 1) if usable else 0
+        self._pool = torch.tensor(pool, dtype=torch.long, device=self.device) if self._pool_left else None
+        self._pool_end = snap.get("pool_end", 0) if self._pool_left else 0
         # Sessions saved before prompt_end_blocks: nothing attended besides, no baseline. One saved under the setting
         # and resumed without it attends nothing besides.
         end = snap.get("end_blocks", [])
