@@ -147,6 +147,32 @@ def pool_recall(summaries: torch.Tensor, steps: list[torch.Tensor], num_kv_heads
     return out
 
 
+def pool_ms(summaries: torch.Tensor, steps: list[torch.Tensor], num_kv_heads: int, size: int, every: int,
+            shortlist: int = 512) -> tuple[float, float]:
+    """For one layer: ms per decoded token of the first stage (scores, then the best `shortlist`), brute force and
+    with a pool of `size` renewed every `every` steps (the renewing step scores every block and chooses the pool
+    too; the next copies the pool's summaries out, as `LayerMemory` does), each the mean over the steps."""
+    absmax = summaries.abs().max().float()
+    brute = pooled = 0.0
+    pool = rows = None
+    for t, query in enumerate(steps):
+        start = time.perf_counter()
+        select_blocks(block_scores(summaries, query, num_kv_heads, False, absmax), shortlist)
+        brute += time.perf_counter() - start
+        start = time.perf_counter()
+        if t % every == 0:
+            scores = block_scores(summaries, query, num_kv_heads, False, absmax)
+            pool, rows = select_blocks(scores, size), None
+            select_blocks(scores, shortlist)
+        else:
+            if rows is None:
+                rows = summary_rows(summaries, pool).contiguous()
+            scores = block_scores(rows, query, num_kv_heads, False, absmax)
+            pool[select_blocks(scores, shortlist)]
+        pooled += time.perf_counter() - start
+    return brute * 1e3 / len(steps), pooled * 1e3 / len(steps)
+
+
 def read_summaries(folder: Path, layer: int) -> torch.Tensor:
     """A layer's summaries (N, R, D) from a session's tier, as saved."""
     from inf_llm.storage.disk_tier import DiskTier
@@ -242,7 +268,7 @@ def _pool_main(args) -> None:
     replies, hkv = capture_replies(log=lambda m: print(m, flush=True))
     ks = (56, 512)
     totals = {(c, e, k): [] for c in sizes for e in every for k in ks}
-    blocks = 0
+    blocks, timing = 0, {(c, e): [0.0, 0.0] for c in sizes for e in every}
     for layer in layers:
         flat = read_summaries(args.summaries, layer)
         summaries = flat.view(flat.shape[0], 2 * hkv, -1)
@@ -250,11 +276,18 @@ def _pool_main(args) -> None:
         for reply in replies:
             for key, values in pool_recall(summaries, reply[layer], hkv, sizes, every, ks).items():
                 totals[key] += values
+            for key, sums in timing.items():
+                brute, pooled = pool_ms(summaries, reply[layer], hkv, *key)
+                sums[0] += brute / len(replies)
+                sums[1] += pooled / len(replies)
     print(f"{len(layers)} layers, {blocks} blocks each, {len(replies)} replies; recall of brute force's top k within "
           f"the pool at the steps that score only the pool; read = summaries scored per step / all (the pool, and "
           f"every block once per E steps)")
-    print("| pool C | every E | recall top 56 (5th percentile, lowest) | recall top 512 (5th percentile, lowest) | read |")
-    print("|---:|---:|---|---|---:|")
+    print("ms: the first stage per decoded token, all layers, one thread (scores and the best 512; brute force / the "
+          "pool, the renewing steps included)")
+    print("| pool C | every E | recall top 56 (5th percentile, lowest) | recall top 512 (5th percentile, lowest) | read "
+          "| brute ms | pool ms |")
+    print("|---:|---:|---|---|---:|---:|---:|")
     for c in sizes:
         for e in every:
             cells = []
@@ -262,7 +295,8 @@ def _pool_main(args) -> None:
                 values = sorted(totals[(c, e, k)])
                 cells.append(f"{statistics.mean(values):.4f} ({values[len(values) // 20]:.3f}, {values[0]:.3f})")
             read = ((e - 1) * min(c, blocks) / blocks + 1) / e
-            print(f"| {c} | {e} | {cells[0]} | {cells[1]} | {read:.3f} |")
+            brute, pooled = timing[(c, e)]
+            print(f"| {c} | {e} | {cells[0]} | {cells[1]} | {read:.3f} | {brute:.1f} | {pooled:.1f} |")
 
 
 if __name__ == "__main__":

@@ -154,13 +154,14 @@ class LayerMemory(LayerState):
         pooled = q.shape[1] == 1 and self._pool_left > 0
         if pooled:
             self._pool_left -= 1
+            scores = self._pool_scores(query)
             candidates = self._pool if self._pool_end == n else torch.cat(
                 (self._pool, torch.arange(self._pool_end, n, device=self._pool.device)))
-        elif self._code_basis is not None and n > cfg.ranking_code_blocks:
-            candidates = code_shortlist(self.codes, self._code_basis, query, cfg.ranking_code_blocks)
-        summaries = self.reprs if candidates is None else summary_rows(self.reprs, candidates)
-        scores = block_scores(summaries, query, hkv, cfg.per_head_ranking, self._repr_absmax)
-        if not pooled:
+        else:
+            if self._code_basis is not None and n > cfg.ranking_code_blocks:
+                candidates = code_shortlist(self.codes, self._code_basis, query, cfg.ranking_code_blocks)
+            summaries = self.reprs if candidates is None else summary_rows(self.reprs, candidates)
+            scores = block_scores(summaries, query, hkv, cfg.per_head_ranking, self._repr_absmax)
             self._form_pool(scores, candidates, decoding=q.shape[1] == 1)
         if self.trace is not None:
             self._scores = scores if candidates is None else torch.full(
@@ -195,11 +196,24 @@ class LayerMemory(LayerState):
         chunk ends the pool, so the first step of every reply ranks every block."""
         size = self.config.reply_pool_blocks
         if not decoding or size is None or self.blocks.num_blocks <= size:
-            self._pool, self._pool_end, self._pool_left = None, 0, 0
+            self._pool, self._pool_end, self._pool_left, self._pool_reprs = None, 0, 0, None
             return
         best = select_blocks(scores, min(size, scores.shape[0]))
         self._pool = best if candidates is None else candidates[best]  # ascending, as both are
         self._pool_end, self._pool_left = self.blocks.num_blocks, self.config.reply_pool_every - 1
+        self._pool_reprs = None
+
+    def _pool_scores(self, query: torch.Tensor) -> torch.Tensor:
+        """A pooled step's first-stage scores: of the pool's blocks, then of those formed since. The pool's summaries
+        are copied out once per pool (gathering 8,192 rows of 65,536 cost more than scoring them, at every step)."""
+        if self._pool_reprs is None:
+            self._pool_reprs = summary_rows(self.reprs, self._pool).contiguous()
+        hkv, absmax = self.shape.num_kv_heads, self._repr_absmax
+        scores = block_scores(self._pool_reprs, query, hkv, False, absmax)
+        if self._pool_end < self.blocks.num_blocks:
+            since = block_scores(self.reprs[self._pool_end :], query, hkv, False, absmax)
+            scores = torch.cat((scores, since))
+        return scores
 
     def _vote_prompt_end(self, q: torch.Tensor) -> None:
         """prompt_end_blocks: this layer's votes for the chunk that ends a prompt (`InfLLMMemory.vote_prompt_end`):

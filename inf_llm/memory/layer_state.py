@@ -122,6 +122,7 @@ class LayerState:
         self._pool: torch.Tensor | None = None
         self._pool_end = 0
         self._pool_left = 0
+        self._pool_reprs: torch.Tensor | None = None  # the pool's summaries, copied at its first step (not saved)
         # prompt_end_blocks: the blocks every chunk and step attends since the last prompt's end was read (ascending
         # ids, int64 on the CPU; None before), and the last chunk of several queries' ranking queries (Hq, c, D)
         # float32, the baseline its successor's votes are measured against (c = 0: none yet).
@@ -328,6 +329,7 @@ class LayerState:
         self._pool_left = min(snap.get("pool_left", 0), self.config.reply_pool_every - 1) if usable else 0
         self._pool = torch.tensor(pool, dtype=torch.long, device=self.device) if self._pool_left else None
         self._pool_end = snap.get("pool_end", 0) if self._pool_left else 0
+        self._pool_reprs = None
         # Sessions saved before prompt_end_blocks: nothing attended besides, no baseline. One saved under the setting
         # and resumed without it attends nothing besides.
         end = snap.get("end_blocks", [])
@@ -408,7 +410,8 @@ class LayerState:
             "hits": self.blocks.hits,
             "misses": self.blocks.misses,
             "host_bytes": self.blocks.host_bytes() + self.reprs.numel() * self.reprs.element_size()
-            + (0 if self.codes is None else self.codes.numel() * 4),
+            + (0 if self.codes is None else self.codes.numel() * 4)
+            + (0 if self._pool_reprs is None else self._pool_reprs.numel() * self._pool_reprs.element_size()),
             "device_bytes": self.blocks.device_bytes()
             + sum(t.numel() * t.element_size() for t in (self.win_k, self.win_v, self.win_score, self.sink_k, self.sink_v, self.rem_k, self.rem_v)),
         }
