@@ -38,7 +38,7 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "ranking_code_blocks": 4096, "shared_blocks": 0,
                "shared_candidates": 0, "shared_decay": 0.0,
                "shared_votes": "picks", "prompt_end_blocks": 0, "reply_pool_blocks": None,
-               "reply_pool_every": 64}
+               "reply_pool_every": 8}
 
 
 class ConfigError(ValueError):
@@ -205,7 +205,7 @@ class InfLLMConfig:
     ranking_code_rank: int | None = None
     ranking_code_blocks: int = 4096
     reply_pool_blocks: int | None = None
-    reply_pool_every: int = 64
+    reply_pool_every: int = 8
     decode_rank_every: int = 1
     following_blocks: int = 0
     memory_positions: str = "shared"
