@@ -167,7 +167,7 @@ def test_prose_command_answers_every_case_resumes_and_draws(tiny_checkpoint, tok
 
 
 def test_needle_oracle_cases_are_their_own_and_force_the_answers_blocks(tiny_checkpoint, tokenizer, tmp_path,
-                                                                       paragraphs, monkeypatch):
+                                                                       paragraphs, monkeypatch, capsys):
     """--needle-oracle: inf-llm's cases carry the oracle in their key and label (a resumed run keeps them apart
     from plain ones); the forced blocks are exactly those holding a token of the needle with the answer."""
     from inf_llm.bench.prose import answer_blocks
@@ -212,22 +212,27 @@ def test_needle_oracle_cases_are_their_own_and_force_the_answers_blocks(tiny_che
     monkeypatch.setattr(prose_module, "build_prose_prompt", lambda *args: built.append(build(*args)) or built[-1])
     runs = {(): [("read", False), ("reply", False)], ("--needle-oracle",): [("read", 0), ("reply", 0)],
             ("--needle-oracle", "reply"): [("read", False), ("reply", 0)],
-            ("--needle-oracle", "question"): [("read", "question"), ("reply", "question")]}
+            ("--needle-oracle", "question"): [("read", "question"), ("reply", "question")],
+            ("--needle-oracle", "last:100"): [("read", "last 100"), ("reply", "last 100")]}
     for extra, expected in runs.items():
         forced_at.clear()
         assert main([*base, *extra]) == 0
         question = built[-1].context[1]  # where the document ends: the chunk that reaches it is forced on
-        assert 0 < question < len(built[-1].ids) - 1
-        expected = [(when, question if at == "question" else at) for when, at in expected]
+        assert 100 < question < len(built[-1].ids) - 1
+        where = {"question": question, "last 100": question - 100}
+        expected = [(when, where.get(at, at)) for when, at in expected]
         assert [entry for entry in forced_at if entry[0] != "reset"] == expected, extra
         assert all(entry[1] is not True for entry in forced_at)  # 0 is not taken for True
     records = read_records(tmp_path / "prose.jsonl")
     assert sorted((r["case"].get("oracle"), r["label"].split(" needle")[0] != r["label"], r["label"].split()[0])
                   for r in records if "oracle" in r["case"]) == [
-        ("needles", True, "inf-llm"), ("needles from the question", True, "inf-llm"),
-        ("needles while replying", True, "inf-llm")]
+        ("needles", True, "inf-llm"), ("needles from 100 tokens before the question", True, "inf-llm"),
+        ("needles from the question", True, "inf-llm"), ("needles while replying", True, "inf-llm")]
     assert not any("oracle" in r["label"] for r in records if "oracle" not in r["case"])
-    assert len(records) == 5  # one plain case per method, one per oracle (a case already run is not run again)
+    assert len(records) == 6  # one plain case per method, one per oracle (a case already run is not run again)
+    with pytest.raises(SystemExit) as stop:  # argparse's usage error, nothing run
+        main([*base, "--needle-oracle", "last:many"])
+    assert stop.value.code == 2 and "'many' is not a length" in capsys.readouterr().err
     prompt = build_prose_prompt(tokenizer, "multikey", 4096, 0.5, 0, paragraphs)
     (target,) = prompt.answer_needles
     start, end = prompt.needles[target]

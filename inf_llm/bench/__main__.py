@@ -50,6 +50,16 @@ def parse_bytes(text: str) -> int:
     return value
 
 
+def parse_oracle(text: str) -> str:
+    """--needle-oracle's mode: all, question, reply or last:N (N a length, as 8K); last:N is kept as "last:<tokens>"."""
+    text = text.strip()
+    if text in ("all", "question", "reply"):
+        return text
+    if text.startswith("last:"):
+        return f"last:{parse_length(text[5:])}"
+    raise argparse.ArgumentTypeError(f"{text!r}: give all, question, reply or last:N (N tokens, as 8K)")
+
+
 def parse_tasks(text: str) -> tuple[str, ...]:
     from inf_llm.bench.prose_tasks import TASKS
 
@@ -159,12 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     prose.add_argument("--repetition-penalty", type=float, default=1.0,
                        help="the chat's penalty on what a reply repeats beyond its context (default: 1.0, none; "
                             "the chat's default is 1.2)")
-    prose.add_argument("--needle-oracle", nargs="?", const="all", choices=("all", "question", "reply"), default=None,
+    prose.add_argument("--needle-oracle", nargs="?", const="all", type=parse_oracle, default=None,
                        help="analysis: inf-llm retrieves the blocks of the needles that hold the answer in every layer, "
                             "besides its own choice, at every step (all, the default: is the needle enough once "
                             "retrieved?), from the chunk that reaches the question on (question: was the document "
-                            "read well enough?) or only while the reply is decoded (reply: is the prompt's reading "
-                            "at fault?)")
+                            "read well enough?), from the chunk that reaches the document's last N tokens on (last:N, "
+                            "e.g. last:8K: how much of the prose before the question must have read them?) or only "
+                            "while the reply is decoded (reply: is the prompt's reading at fault?)")
     prose.add_argument("--full-max-len", type=parse_length, default=parse_length("8K"),
                        help="longest prompt given to full attention (default: 8K)")
     prose.add_argument("--stream-max-len", type=parse_length, default=None,

@@ -42,14 +42,30 @@ class ProsePlan:
     # An oracle for analysis: inf-llm runs add the blocks of the needles that hold the answer to every layer's
     # choice (`InfLLMMemory.force_blocks`) at every step ("all": what is then still wrong is not the ranking's
     # doing), from the chunk that reaches the question on ("question": is the document read well enough, and
-    # the question's reading and the reply where retrieval must find it?) or only while the reply is decoded
-    # ("reply"); None: off.
+    # the question's reading and the reply where retrieval must find it?), from the chunk that reaches the last N
+    # tokens of the document on ("last:N": how much of the prose before the question must have read them?) or only
+    # while the reply is decoded ("reply"); None: off.
     needle_oracle: str | None = None
 
 
 # --needle-oracle's modes: their names in a case's key (kept apart from plain cases) and in its label.
 ORACLE_KEYS = {"all": "needles", "question": "needles from the question", "reply": "needles while replying"}
 ORACLE_LABELS = {"all": "needle oracle", "question": "needle oracle (question)", "reply": "needle oracle (reply)"}
+
+
+def oracle_tail(mode: str) -> int | None:
+    """N of a "last:N" oracle mode (the needles forced from N tokens before the document's end on), else None."""
+    return int(mode.split(":", 1)[1]) if mode.startswith("last:") else None
+
+
+def oracle_key(mode: str) -> str:
+    tail = oracle_tail(mode)
+    return ORACLE_KEYS[mode] if tail is None else f"needles from {tail} tokens before the question"
+
+
+def oracle_label(mode: str) -> str:
+    tail = oracle_tail(mode)
+    return ORACLE_LABELS[mode] if tail is None else f"needle oracle (last {tail})"
 
 
 @dataclass(frozen=True)
@@ -70,12 +86,12 @@ class ProseCase:
                "depth": self.depth, "seed": self.seed, "prompt": prompt}
         if self.needle_oracle is None:
             return key
-        return {**key, "oracle": ORACLE_KEYS[self.needle_oracle]}
+        return {**key, "oracle": oracle_key(self.needle_oracle)}
 
     @property
     def label(self) -> str:
         return (self.run.label + (f" penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1.0 else "")
-                + ("" if self.needle_oracle is None else " " + ORACLE_LABELS[self.needle_oracle]))
+                + ("" if self.needle_oracle is None else " " + oracle_label(self.needle_oracle)))
 
 
 def plan_cases(runs: list[MethodRun], plan: ProsePlan) -> list[ProseCase]:
@@ -158,6 +174,8 @@ def run_prose(model, tokenizer, model_id: str, runs: list[MethodRun], plan: Pros
                 force()
             elif case.needle_oracle == "question":
                 force(from_position=prompt.context[1])
+            elif case.needle_oracle is not None and oracle_tail(case.needle_oracle) is not None:
+                force(from_position=max(0, prompt.context[1] - oracle_tail(case.needle_oracle)))
             try:
                 result = answer(engines[run], prompt, lambda done, total: progress.update(reading, completed=done),
                                 case.repetition_penalty, before_reply=force if case.needle_oracle == "reply" else None)
