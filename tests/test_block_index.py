@@ -109,7 +109,10 @@ def test_append_and_truncate_match_a_fresh_build(dtype, column_major):
                                                 (torch.float32, False)])
 def test_gathered_rows_score_as_in_the_full_product(dtype, column_major):
     """The premise of exactness: `block_scores` of gathered rows (as the index gathers them) equals the full
-    product's values bit for bit, whatever the subset's size (MKL's float32 rows need `_ROW_BLOCK` care)."""
+    product's values bit for bit, whatever the subset's size, for float16 summaries (every preset's). For float32
+    it holds where MKL's kernels allow (AVX2, with `_ROW_BLOCK` care), not on AVX-512, where the gathered rows'
+    scores differ by up to 8 ulps (measured): there both must lie within the error bound of a float32 dot
+    product summed in any order, n * eps * sum |s| |q| (the module's docstring says what that leaves)."""
     gen = torch.Generator().manual_seed(4)
     for n in (6, 7, 97, 403):
         s = _layout(_summaries(n, "bounds", gen, duplicates=False), dtype, column_major)
@@ -123,7 +126,12 @@ def test_gathered_rows_score_as_in_the_full_product(dtype, column_major):
                 sub, where = index._gather(s, ids, per_head)
                 heads = HKV if per_head else 1
                 got = block_scores(sub, q, HKV, per_head, absmax).view(heads, sub.shape[0])
-                assert torch.equal(got[:, where], full.view(heads, n)[:, ids])
+                if dtype == torch.float16:
+                    assert torch.equal(got[:, where], full.view(heads, n)[:, ids])
+                    continue
+                magnitude = block_scores(s.abs(), q.abs(), HKV, per_head).view(heads, n)[:, ids]
+                bound = 2 * s.shape[1] * s.shape[2] * torch.finfo(torch.float32).eps * magnitude
+                assert bool(((got[:, where] - full.view(heads, n)[:, ids]).abs() <= bound).all())
 
 
 def test_bounds_are_upper_bounds_of_the_computed_scores():
