@@ -58,6 +58,15 @@ def oracle_tail(mode: str) -> int | None:
     return int(mode.split(":", 1)[1]) if mode.startswith("last:") else None
 
 
+def oracle_start(mode: str | None, prompt: ProsePrompt) -> int | None:
+    """The position from which a mode forces the needles while the prompt is read (None: not while reading)."""
+    if mode is None or mode == "reply":
+        return None
+    if mode == "all":
+        return 0
+    return max(0, prompt.context[1] - (oracle_tail(mode) or 0))  # "question" is the document's end itself
+
+
 def oracle_key(mode: str) -> str:
     tail = oracle_tail(mode)
     return ORACLE_KEYS[mode] if tail is None else f"needles from {tail} tokens before the question"
@@ -170,12 +179,9 @@ def run_prose(model, tokenizer, model_id: str, runs: list[MethodRun], plan: Pros
 
             def force(prompt=prompt, memory=memory, config=run.config, from_position=0) -> None:
                 memory.force_blocks(answer_blocks(prompt, config.block_size, config.num_sink_tokens), from_position)
-            if case.needle_oracle == "all":
-                force()
-            elif case.needle_oracle == "question":
-                force(from_position=prompt.context[1])
-            elif case.needle_oracle is not None and oracle_tail(case.needle_oracle) is not None:
-                force(from_position=max(0, prompt.context[1] - oracle_tail(case.needle_oracle)))
+            start = oracle_start(case.needle_oracle, prompt)
+            if start is not None:
+                force(from_position=start)
             try:
                 result = answer(engines[run], prompt, lambda done, total: progress.update(reading, completed=done),
                                 case.repetition_penalty, before_reply=force if case.needle_oracle == "reply" else None)
