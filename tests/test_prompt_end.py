@@ -84,10 +84,14 @@ def _best(scores: dict[int, float], count: int) -> list[int]:
     return sorted(sorted(scores, key=lambda i: (-scores[i], i))[:count])
 
 
-def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_stored_keys(model, monkeypatch):
+@pytest.mark.parametrize("asked, following", [(None, 0), (5, 1)])
+def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_stored_keys(model, monkeypatch, asked,
+                                                                                           following):
     """Each layer's votes: among the rerank_blocks blocks whose key bounds rise most from the chunk before to the
     prompt's last chunk, the prompt_end_blocks whose peak logits rise most; the memory's blocks: the most voted
-    over layers (ties: the lower id), in every layer."""
+    over layers (ties: the lower id), in every layer. With prompt_end_queries: N, the last chunk's last N queries
+    are the chunk that votes, and its earlier queries are part of the chunk before; with prompt_end_following: 1,
+    each voted block comes with the block after it."""
     seen = []
     vote = LayerMemory._vote_prompt_end
 
@@ -97,7 +101,7 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
         vote(layer, q)
         seen[-1] += (sorted((layer.end_tally - before_votes).elements()),)
     monkeypatch.setattr(LayerMemory, "_vote_prompt_end", recording)
-    engine = _engine(model)
+    engine = _engine(model, prompt_end_queries=asked, prompt_end_following=following)
     ids = _ids(300, seed=3)
     engine.feed(ids)
     layers = engine.memory.layers
@@ -107,12 +111,18 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
         # The last chunk_size tokens are read by themselves; the chunk before ends the piece read before them.
         assert q.shape[1] == engine.config.chunk_size and 0 < before.shape[1] <= engine.config.chunk_size
         assert num_blocks > engine.config.rerank_blocks  # a real shortlist (blocks formed later change nothing)
+        if asked is not None:
+            assert asked < q.shape[1]
+            before, q = torch.cat((before, q[:, :-asked]), dim=1), q[:, -asked:]
         first = _bounds_rise(layer, q, before, num_blocks)
         shortlist = _best(dict(enumerate(first.tolist())), engine.config.rerank_blocks)
         peaks = {block: _peak_rise(layer, q, before, block) for block in shortlist}
         assert votes == _best(peaks, engine.config.prompt_end_blocks)
         tally.update(votes)
     expected = sorted(sorted(tally, key=lambda block: (-tally[block], block))[: engine.config.prompt_end_blocks])
+    num_blocks = seen[0][3]
+    expected = sorted({b + step for b in expected for step in range(following + 1) if b + step < num_blocks})
+    assert len(expected) > engine.config.prompt_end_blocks or not following  # the followers are there
     assert _end_blocks(engine) == [expected] * len(layers)
 
 

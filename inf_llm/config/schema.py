@@ -38,7 +38,7 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "ranking_code_blocks": 4096, "shared_blocks": 0,
                "shared_candidates": 0, "shared_decay": 0.0,
                "shared_votes": "picks", "prompt_end_blocks": 0, "reply_pool_blocks": None,
-               "reply_pool_every": 8}
+               "reply_pool_every": 8, "prompt_end_queries": None, "prompt_end_following": 0}
 
 
 class ConfigError(ValueError):
@@ -131,6 +131,15 @@ class InfLLMConfig:
                                                           rerank_blocks whose first-stage scores rise most);
                                                           then every layer attends the N most voted, in that
                                                           chunk and at every step of the reply; 0 = off
+    prompt_end_queries   (none)                           with prompt_end_blocks: the vote's queries are the
+                                                          prompt's last N (where a question ends a message);
+                                                          the chunk's earlier ones join the chunk before as
+                                                          what the rise is measured from; null = the whole
+                                                          chunk votes, against the chunk before
+    prompt_end_following (none)                           with prompt_end_blocks: each voted block comes with
+                                                          the N blocks after it (a question's words match a
+                                                          fact's key, and its value may be cut into the next
+                                                          block); 0 = the voted blocks only
     ranking_code_rank    (none)                           an approximate first stage: each block's summary is
                                                           also kept as a code of this many numbers (its
                                                           coordinates along the principal directions of the
@@ -202,6 +211,8 @@ class InfLLMConfig:
     shared_decay: float = 0.0
     shared_votes: str = "picks"
     prompt_end_blocks: int = 0
+    prompt_end_queries: int | None = None
+    prompt_end_following: int = 0
     ranking_code_rank: int | None = None
     ranking_code_blocks: int = 4096
     reply_pool_blocks: int | None = None
@@ -222,6 +233,7 @@ class InfLLMConfig:
         _check_int("shared_blocks", self.shared_blocks, 0)
         _check_int("shared_candidates", self.shared_candidates, 0)
         _check_int("prompt_end_blocks", self.prompt_end_blocks, 0)
+        _check_int("prompt_end_following", self.prompt_end_following, 0)
         for name in ("local_window", "block_size", "repr_tokens", "chunk_size", "device_cache_blocks", "decode_rank_every",
                      "reply_pool_every"):
             _check_int(name, getattr(self, name), 1)
@@ -251,7 +263,7 @@ class InfLLMConfig:
             most = ("topk_blocks", self.topk_blocks) if self.topk_blocks >= self.chunk_topk_blocks else \
                 ("prefill_topk_blocks", self.prefill_topk_blocks)
             extras = [f"{name}={getattr(self, name)}" for name in ("shared_blocks", "prompt_end_blocks",
-                                                                   "following_blocks")
+                                                                   "prompt_end_following", "following_blocks")
                       if getattr(self, name)]
             what = f"{most[0]}={most[1]}" + (f" with {' and '.join(extras)} ({retrieved} blocks)" if extras else "")
             raise ValueError(
@@ -260,6 +272,7 @@ class InfLLMConfig:
         self._check_rerank()
         self._check_codes()
         self._check_reply_pool()
+        self._check_prompt_end_queries()
         if self.per_head_ranking and self.following_blocks:
             raise ValueError(f"following_blocks={self.following_blocks} is not supported with per_head_ranking: "
                              "set following_blocks: 0 or per_head_ranking: false")
@@ -280,9 +293,10 @@ class InfLLMConfig:
 
     @property
     def retrieved_blocks(self) -> int:
-        """The most blocks one chunk retrieves: the larger top-k, with the shared and the prompt end's blocks, and
-        with following_blocks, the blocks after each."""
-        most = max(self.topk_blocks + self.shared_blocks, self.chunk_topk_blocks) + self.prompt_end_blocks
+        """The most blocks one chunk retrieves: the larger top-k, with the shared and the prompt end's blocks (and
+        the blocks after these, prompt_end_following), and with following_blocks, the blocks after each."""
+        most = (max(self.topk_blocks + self.shared_blocks, self.chunk_topk_blocks)
+                + self.prompt_end_blocks * (1 + self.prompt_end_following))
         return most * (1 + self.following_blocks)
 
     def _check_rerank(self) -> None:
@@ -354,6 +368,21 @@ class InfLLMConfig:
         if self.per_head_ranking:
             raise ValueError(f"reply_pool_blocks={pool} is not supported with per_head_ranking: set "
                              "reply_pool_blocks: null or per_head_ranking: false")
+
+    def _check_prompt_end_queries(self) -> None:
+        if self.prompt_end_following and not self.prompt_end_blocks:
+            raise ValueError(f"prompt_end_following={self.prompt_end_following} adds blocks after the prompt end's "
+                             "voted ones, but there is no vote: set prompt_end_blocks, or prompt_end_following: 0")
+        asked = self.prompt_end_queries
+        if asked is None:
+            return
+        _check_int("prompt_end_queries", asked, 1)
+        if not self.prompt_end_blocks:
+            raise ValueError(f"prompt_end_queries={asked} chooses the queries of the prompt end's vote, but there is "
+                             "none: set prompt_end_blocks, or prompt_end_queries: null")
+        if asked > self.chunk_size:
+            raise ValueError(f"prompt_end_queries={asked} exceeds chunk_size={self.chunk_size}: the vote reads the "
+                             "prompt's last chunk; use at most chunk_size, or null for the whole chunk")
 
     def _check_score_decay(self) -> None:
         decay = self.score_decay

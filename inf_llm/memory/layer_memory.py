@@ -225,12 +225,21 @@ class LayerMemory(LayerState):
         summaries' scores (linear in the ranking query: the difference of two queries scores the rise), then each
         head's largest logit over a block's keys and any of the chunk's queries, summed over heads, minus the same
         for the chunk before, orders the shortlist; the best prompt_end_blocks are the layer's votes.
+
+        prompt_end_queries: N: only the chunk's last N queries vote (a message's question ends it), and its earlier
+        queries join the chunk before as the baseline. Where the last chunk holds the end of a pasted document and
+        then the question, the document's last sentences otherwise vote for the passages they resemble (on prose
+        with speakers' names in capitals, other blocks with such names) and outvote the question's.
         """
         cfg, hkv = self.config, self.shape.num_kv_heads
         n = self.blocks.num_blocks
         if not n:
             return
         before = self.end_baseline
+        asked = cfg.prompt_end_queries
+        if asked is not None and asked < q.shape[1]:
+            before = torch.cat((before, q[:, :-asked].float()), dim=1)
+            q = q[:, -asked:]
         query = ranking_query(q, cfg.block_ranking, hkv)
         if before.shape[1]:
             query = query - ranking_query(before, cfg.block_ranking, hkv)

@@ -24,6 +24,7 @@ from inf_llm.config.schema import InfLLMConfig
 from inf_llm.kernels import resolve_ops
 from inf_llm.memory.layer_memory import LayerMemory
 from inf_llm.memory.layer_state import STATE_ADDED_LATER, LayerShape
+from inf_llm.memory.ranking import with_following
 from inf_llm.memory.retrieval_trace import RetrievalTrace
 from inf_llm.memory.shared_picks import SharedPicks
 from inf_llm.memory.stats import MemoryStats
@@ -163,6 +164,9 @@ class InfLLMMemory:
             self.restore(snap)
         ranked = sorted(tally.items(), key=lambda item: (-item[1], item[0]))[: self.config.prompt_end_blocks]
         blocks = torch.tensor(sorted(block for block, _ in ranked), dtype=torch.long)
+        # prompt_end_following: the blocks after the voted ones too (the memory as it was before the chunk: the
+        # votes were cast over those blocks).
+        blocks = with_following(blocks, self.config.prompt_end_following, self.layers[0].blocks.num_blocks)
         for layer in self.layers:
             layer.end_blocks = blocks
 
