@@ -272,7 +272,7 @@ class InfLLMConfig:
         self._check_rerank()
         self._check_codes()
         self._check_reply_pool()
-        self._check_prompt_end_queries()
+        self._check_prompt_end()
         if self.per_head_ranking and self.following_blocks:
             raise ValueError(f"following_blocks={self.following_blocks} is not supported with per_head_ranking: "
                              "set following_blocks: 0 or per_head_ranking: false")
@@ -369,7 +369,7 @@ class InfLLMConfig:
             raise ValueError(f"reply_pool_blocks={pool} is not supported with per_head_ranking: set "
                              "reply_pool_blocks: null or per_head_ranking: false")
 
-    def _check_prompt_end_queries(self) -> None:
+    def _check_prompt_end(self) -> None:
         if self.prompt_end_following and not self.prompt_end_blocks:
             raise ValueError(f"prompt_end_following={self.prompt_end_following} adds blocks after the prompt end's "
                              "voted ones, but there is no vote: set prompt_end_blocks, or prompt_end_following: 0")
