@@ -42,9 +42,11 @@ def _end_blocks(engine: Engine) -> list[list[int] | None]:
     return [None if layer.end_blocks is None else layer.end_blocks.tolist() for layer in engine.memory.layers]
 
 
-def test_peak_block_scores_are_each_heads_largest_logit_over_the_chunks_queries_summed():
+# Slices of every block at once, of 3 blocks (the last one shorter), of one block.
+@pytest.mark.parametrize("slice_floats", [2**19, 3 * 2 * 3 * 5 * 8, 1])
+def test_peak_block_scores_are_each_heads_largest_logit_over_the_chunks_queries_summed(slice_floats):
     g = torch.Generator().manual_seed(0)
-    hkv, group, tq, n, b, d = 2, 3, 5, 4, 8, 16
+    hkv, group, tq, n, b, d = 2, 3, 5, 11, 8, 16
     queries = torch.randn(hkv * group, tq, d, generator=g)
     keys = torch.randn(hkv, n, b, d, generator=g).half()
     expected = torch.zeros(n, dtype=torch.float64)
@@ -53,7 +55,7 @@ def test_peak_block_scores_are_each_heads_largest_logit_over_the_chunks_queries_
             kv = head // group  # grouped-query attention: consecutive query heads share a KV head
             logits = queries[head].double() @ keys[kv, block].double().T  # (tq, b)
             expected[block] += logits.max()
-    torch.testing.assert_close(peak_block_scores(queries, keys).double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(peak_block_scores(queries, keys, slice_floats).double(), expected, rtol=1e-5, atol=1e-4)
 
 
 def _bounds_rise(layer: LayerMemory, q: torch.Tensor, before: torch.Tensor, num_blocks: int) -> torch.Tensor:
