@@ -38,10 +38,13 @@ Why exact, step by step (q the flattened ranking query, r_b a block's flattened 
   padded to a multiple of `_ROW_BLOCK` and the full product's whole tail follows them. One exception stays
   unexplained: per-head float16 (`einsum`) with head_dim 16 gave a 1-ulp different score for one row in about
   800 gathered calls (none in ~3000 calls with head_dim 64, the models' size); per-head float16 is not the
-  default preset, and scoring each KV head with its own `mv` would make it row-independent. On an AVX-512 CPU
-  (torch 2.13's MKL, measured 2026-12-02) float32 gathered rows differ from the full product by up to 8 ulps in
-  either layout (float16 summaries, every preset's, stay bit-exact): with float32 summaries on such a CPU the
-  index's choice equals brute force's except between blocks whose scores lie that close.
+  default preset, and scoring each KV head with its own `mv` would make it row-independent. float32 does not
+  stay bit-exact in general (torch 2.13's MKL, measured 2026-12-02 on an AVX-512 CPU): one thread computes
+  column-major rows 16 at a time (rows 4 at a time, as on AVX2), and with two threads MKL splits the rows
+  between the threads, so which kernel a row gets depends on the product's length: gathered rows differ from
+  the full product by up to 8 ulps. float16 summaries (every preset's) stay bit-exact there too. So with
+  float32 summaries the index's choice equals brute force's except between blocks whose scores lie within
+  float32's error bound of each other (duplicated text), which the tests check.
 
 Search: all group bounds are scored (one product over n / G rows), then groups are opened best-bound first in
 vectorised rounds (the first ~2k/G groups, then doubling batches of the groups that can still beat the k-th best),
