@@ -53,6 +53,8 @@ REFUSED = [
     (dict(per_head_ranking="yes"), ["per_head_ranking", "'yes'"]),
     (dict(block_ranking="quest"), ["block_ranking", "'quest'", "'bounds'"]),
     (dict(memory_positions="sorted"), ["memory_positions", "'sorted'", "'ordered'"]),
+    (dict(local_window=128, memory_distance=100), ["memory_distance=100", ">= 128"]),
+    (dict(memory_distance=1.5e3), ["memory_distance=1500.0", "integer"]),
     (dict(rank_rotated=1), ["rank_rotated", "1", "true or false"]),
     (dict(following_blocks=-1), ["following_blocks", "-1", ">= 0"]),
     (dict(prefill_topk_blocks=0), ["prefill_topk_blocks", "0", ">= 1"]),

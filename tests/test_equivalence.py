@@ -73,32 +73,53 @@ def _check_all_blocks_retrieved(family, schedule, chunk_size, **settings):
     model = tiny_model(family)
     ids = _ids(200)
     cfg = _memory_config(chunk_size=chunk_size, **settings)
-    expected = dense_logits(model, ids, "inf-llm", cfg.local_window, cfg.num_sink_tokens)
+    expected = dense_logits(model, ids, "inf-llm", cfg.local_window, cfg.num_sink_tokens, distance=cfg.memory_distance)
     memory = attach(model, cfg)
     got = run_schedule(model, memory, ids, SCHEDULES[schedule])
     assert memory.stats().blocks >= 15  # the memory really held blocks: retrieval was exercised
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
 
 
+@pytest.mark.parametrize("schedule,chunk_size", [("one call", 16), ("token by token", 1), ("uneven pieces", 5)])
+def test_memory_distance_places_memory_farther(schedule, chunk_size):
+    """memory_distance: D: every far key at distance D instead of local_window, in the ranking and the global
+    stage alike; with every block retrieved that is the dense reference with far keys at D, which the window's
+    distance would not match."""
+    _check_all_blocks_retrieved("llama", schedule, chunk_size, memory_distance=96)
+    model = tiny_model("llama")
+    ids = _ids(200)
+    at_window = dense_logits(model, ids, "inf-llm", 32, 4)
+    assert (dense_logits(model, ids, "inf-llm", 32, 4, distance=96) - at_window).abs().max() > 20 * ATOL
+    last = chunk_last_positions(SCHEDULES["one call"], 16)
+    cfg = _memory_config(memory_positions="ordered", chunk_size=16, memory_distance=96)
+    memory = attach(model, cfg)
+    got = run_schedule(model, memory, ids, SCHEDULES["one call"])
+    expected = dense_logits(model, ids, "inf-llm", 32, 4, chunk_last=last, distance=96)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("positions", ["ordered", "runs"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_ordered_positions_token_by_token_with_every_block_retrieved_are_the_stock_model(family):
+def test_ordered_positions_token_by_token_with_every_block_retrieved_are_the_stock_model(family, positions):
     """Ordered memory positions put each global key at its distance from the chunk's last query: with one-token
-    chunks and every block retrieved, that is every key's true distance, so InfLLM is the model itself."""
+    chunks and every block retrieved, that is every key's true distance, so InfLLM is the model itself. So do
+    runs: every block retrieved makes the whole memory one run of adjacent keys."""
     model = tiny_model(family)
     ids = _ids(200)
-    memory = attach(model, _memory_config(memory_positions="ordered", chunk_size=1))
+    memory = attach(model, _memory_config(memory_positions=positions, chunk_size=1))
     got = run_schedule(model, memory, ids, SCHEDULES["token by token"])
     assert memory.stats().blocks >= 15
     torch.testing.assert_close(got, stock_logits(model, ids), atol=ATOL, rtol=1e-4)
 
 
 @pytest.mark.parametrize("schedule,chunk_size", [("one call", 16), ("one call", 5), ("uneven pieces", 16), ("uneven pieces", 32)])
-@pytest.mark.parametrize("settings", [dict(), dict(following_blocks=1, device_cache_blocks=64)])
+@pytest.mark.parametrize("settings", [dict(), dict(following_blocks=1, device_cache_blocks=64),
+                                      dict(memory_positions="runs")])
 def test_ordered_positions_with_every_block_retrieved_equal_the_dense_reference(schedule, chunk_size, settings):
     """Chunks of several queries: each far key at its distance from the last query of the chunk."""
     model = tiny_model("llama")
     ids = _ids(200)
-    cfg = _memory_config(memory_positions="ordered", chunk_size=chunk_size, **settings)
+    cfg = _memory_config(**{"memory_positions": "ordered", **settings}, chunk_size=chunk_size)
     last = chunk_last_positions(SCHEDULES[schedule], chunk_size)
     expected = dense_logits(model, ids, "inf-llm", cfg.local_window, cfg.num_sink_tokens, chunk_last=last)
     memory = attach(model, cfg)

@@ -71,14 +71,14 @@ _DENSE = {}
 
 
 def _dense_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, dense_rule=None, **kwargs):
-    method, window, sinks, rotary_emb, chunk_last = dense_rule
+    method, window, sinks, rotary_emb, chunk_last, distance = dense_rule
     _, hq, t, d = query.shape
     group = hq // key.shape[1]
     q = query[0].float()  # (Hq, T, D) unrotated (position ids were 0)
     k = key[0].float().repeat_interleave(group, dim=0)
     v = value[0].float().repeat_interleave(group, dim=0)
     pos = torch.arange(t, device=q.device)
-    cos, sin = rotary_emb(q, torch.arange(max(t, window + sinks + 1), device=q.device)[None])  # (P, D) tables
+    cos, sin = rotary_emb(q, torch.arange(max(t, window + sinks + 1, distance + t), device=q.device)[None])  # (P, D)
     scale0 = cos[0, 0, 0]
     cos, sin = cos[0] / scale0, sin[0] / scale0  # the model already applied its position-0 factor
 
@@ -92,9 +92,10 @@ def _dense_attention(module, query, key, value, attention_mask, scaling, dropout
         q_pos = torch.clamp(pos, max=sinks + window - 1)
         far = rot(q, q_pos) @ rot(k, pos).transpose(-1, -2)
     elif chunk_last is not None:
-        far = rot(q, chunk_last.to(q.device)) @ rot(k, pos).transpose(-1, -2)  # distance chunk_last - j
+        # distance chunk_last - j, moved by what memory_distance adds to the window
+        far = rot(q, chunk_last.to(q.device) + (distance - window)) @ rot(k, pos).transpose(-1, -2)
     else:
-        far = rot(q, torch.full_like(pos, window)) @ k.transpose(-1, -2)
+        far = rot(q, torch.full_like(pos, distance)) @ k.transpose(-1, -2)
     logits = torch.where(rel < window, local, far) * scaling
     visible = rel >= 0
     if method != "inf-llm":
@@ -108,14 +109,16 @@ AttentionInterface.register("inf_llm_dense_reference", _dense_attention)
 
 
 def dense_logits(model, ids: torch.Tensor, method: str, window: int, sinks: int,
-                 chunk_last: torch.Tensor | None = None) -> torch.Tensor:
+                 chunk_last: torch.Tensor | None = None, distance: int | None = None) -> torch.Tensor:
     """Logits (T, V) of the dense reference for the given rule.
 
     chunk_last (T,): with it, InfLLM's far keys sit at their distance from the last query of the query's chunk
     (`memory_positions: ordered` with every block retrieved) instead of at distance `window`.
+    distance: InfLLM's far keys at this distance instead of `window` (`memory_distance`; with chunk_last, the
+    nearest far key of a chunk at it and the others beyond).
     """
     model.set_attn_implementation("inf_llm_dense_reference")
-    rule = (method, window, sinks, model.model.rotary_emb, chunk_last)
+    rule = (method, window, sinks, model.model.rotary_emb, chunk_last, window if distance is None else distance)
     with torch.inference_mode():
         out = model(
             input_ids=ids[None],

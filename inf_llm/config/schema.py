@@ -27,7 +27,7 @@ STORAGE_DTYPES = ("auto", "float16", "bfloat16", "float32", "int8")
 REPR_DTYPES = ("float32", "float16")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 BLOCK_RANKINGS = ("representatives", "bounds")
-MEMORY_POSITIONS = ("shared", "ordered")
+MEMORY_POSITIONS = ("shared", "ordered", "runs")
 SHARED_VOTES = ("picks", "exact")
 # Settings added after sessions and benchmark results were recorded, at the value that reproduces what those
 # recorded: a saved identity without the key is read as having this value.
@@ -38,7 +38,8 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "ranking_code_blocks": 4096, "shared_blocks": 0,
                "shared_candidates": 0, "shared_decay": 0.0,
                "shared_votes": "picks", "prompt_end_blocks": 0, "reply_pool_blocks": None,
-               "reply_pool_every": 8, "prompt_end_queries": None, "prompt_end_following": 0}
+               "reply_pool_every": 8, "prompt_end_queries": None, "prompt_end_following": 0,
+               "memory_distance": None}
 
 
 class ConfigError(ValueError):
@@ -172,6 +173,12 @@ class InfLLMConfig:
                                                           local_window) | ordered (in their text order, next to
                                                           each other, the last at distance local_window: the
                                                           retrieved passages read as one text with the gaps cut)
+                                                          | runs (each run of text-adjacent keys in its order, the
+                                                          last key of every run at distance local_window)
+    memory_distance      (none)                           that distance itself, >= local_window (null: local_window,
+                                                          the paper's): farther, what memory brings back weighs
+                                                          less against the local window, as the model's trained
+                                                          attention to far text does
     storage_dtype        (none)                           host dtype of blocks; auto = model's if 16-bit;
                                                           int8 = 8-bit with a scale per block and KV head
     repr_dtype           (none)                           dtype of the representatives and of block scoring:
@@ -220,6 +227,7 @@ class InfLLMConfig:
     decode_rank_every: int = 1
     following_blocks: int = 0
     memory_positions: str = "shared"
+    memory_distance: int | None = None
     storage_dtype: str = "auto"
     repr_dtype: str = "float16"
     kernel_backend: str = "auto"
@@ -230,6 +238,9 @@ class InfLLMConfig:
         _check_choice("method", self.method, METHODS)
         _check_int("num_sink_tokens", self.num_sink_tokens, 0)
         _check_int("following_blocks", self.following_blocks, 0)
+        if self.memory_distance is not None:
+            _check_int("memory_distance", self.memory_distance, self.local_window
+                       if isinstance(self.local_window, int) and not isinstance(self.local_window, bool) else 1)
         _check_int("shared_blocks", self.shared_blocks, 0)
         _check_int("shared_candidates", self.shared_candidates, 0)
         _check_int("prompt_end_blocks", self.prompt_end_blocks, 0)
@@ -290,6 +301,11 @@ class InfLLMConfig:
     def chunk_topk_blocks(self) -> int:
         """The top-k of a chunk of more than one query (a prompt being read)."""
         return self.topk_blocks if self.prefill_topk_blocks is None else self.prefill_topk_blocks
+
+    @property
+    def global_distance(self) -> int:
+        """The distance at which the global stage places memory (the last of it, for ordered or runs positions)."""
+        return self.local_window if self.memory_distance is None else self.memory_distance
 
     @property
     def retrieved_blocks(self) -> int:

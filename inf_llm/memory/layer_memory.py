@@ -31,6 +31,19 @@ from inf_llm.memory.ranking import (block_scores, code_shortlist, exact_block_sc
 from inf_llm.storage.block_ids import BlockIds
 
 
+def run_positions(starts: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Positions of keys in runs: starts (H, G) bool, True where a run begins (column 0 True). Every run's last
+    key at L - 1 and its others before it in order, L the longest run's length; returns ((H, G) long, L)."""
+    heads, g = starts.shape
+    run = starts.long().cumsum(dim=1) - 1
+    index = torch.arange(g, device=starts.device).expand(heads, g)
+    ends = torch.zeros_like(run).scatter_reduce(1, run, index, reduce="amax", include_self=False)
+    begins = torch.zeros_like(run).scatter_reduce(1, run, index, reduce="amin", include_self=False)
+    remaining = ends.gather(1, run) - index
+    longest = int((index - begins.gather(1, run)).max()) + 1
+    return longest - 1 - remaining, longest
+
+
 class LayerMemory(LayerState):
     """One layer's memory (`LayerState`) and the attention of a chunk of new tokens over it."""
 
@@ -66,7 +79,8 @@ class LayerMemory(LayerState):
         # Global stage: memory keys, then the chunk-window keys that leave some query's band.
         n_comp = max(0, w + c - window)
         # The query rotated to the global distance: computed once, for ranking (rank_rotated) and the global stage.
-        q_at_window = self.rotary.rotate_at(q, window) if cfg.method == "inf-llm" and cfg.rank_rotated else None
+        far = cfg.global_distance  # local_window unless memory_distance
+        q_at_window = self.rotary.rotate_at(q, far) if cfg.method == "inf-llm" and cfg.rank_rotated else None
         if cfg.method == "inf-llm":
             chosen = self._select(q if q_at_window is None else q_at_window)
         else:
@@ -88,12 +102,19 @@ class LayerMemory(LayerState):
                 glob_k = self.rotary.rotate(glob_k, 0).to(dtype)
             elif cfg.memory_positions == "ordered":
                 # The global keys in text order at positions 0..G-1, the query at window+G-1: the last global key
-                # sits at distance `window`, as with shared positions, and the others follow their order.
+                # sits at distance `far`, as with shared positions, and the others follow their order.
                 g = glob_k.shape[1]
-                q_glob = self.rotary.rotate_at(q, window + g - 1)[None].to(dtype)
+                q_glob = self.rotary.rotate_at(q, far + g - 1)[None].to(dtype)
                 glob_k = self.rotary.rotate(glob_k, 0).to(dtype)
+            elif cfg.memory_positions == "runs":
+                # Each run of keys that are next to each other in the text in its order, the last key of every
+                # run at distance `far`: a passage cut by a block boundary reads whole, and passages far apart
+                # in the text are not read as one.
+                positions, longest = run_positions(self._run_starts(chosen, glob_k.shape[1]))
+                q_glob = self.rotary.rotate_at(q, far + longest - 1)[None].to(dtype)
+                glob_k = self.rotary.rotate_positions(glob_k, positions).to(dtype)
             else:
-                q_glob = (self.rotary.rotate_at(q, window) if q_at_window is None else q_at_window)[None].to(dtype)
+                q_glob = (self.rotary.rotate_at(q, far) if q_at_window is None else q_at_window)[None].to(dtype)
 
         # Both stages in one exact softmax (the complement offset counts the memory keys placed before the window's).
         # The keys' attention mass feeds representatives only; key bounds are read off the keys.
@@ -309,6 +330,27 @@ class LayerMemory(LayerState):
                 votes = others
             self.shared_picks.vote(self.num_seen, votes.tolist())
         return torch.cat((shortlist[excluded], others)).sort().values
+
+    def _run_starts(self, chosen: BlockIds | None, num_keys: int) -> torch.Tensor:
+        """(H, G) bool over the global keys as `_global_keys` lays them out (sinks, chosen blocks, remainder, then
+        the window's keys outside the band): True where a key does not follow the key before it in the text
+        (H = Hkv for per-head choices, else 1). The remainder follows the last block and the window follows the
+        remainder; block 0 follows the sinks."""
+        b, sinks = self.config.block_size, self.sink_k.shape[1]
+        ids = torch.empty((1, 0), dtype=torch.long) if chosen is None else chosen.tensor().cpu()
+        ids = ids if ids.dim() == 2 else ids[None]
+        heads, n = ids.shape
+        starts = torch.zeros((heads, num_keys), dtype=torch.bool)
+        starts[:, 0] = True
+        if n:
+            before = torch.cat((torch.full((heads, 1), -1 if sinks else -2), ids[:, :-1]), dim=1)
+            starts[:, sinks : sinks + n * b : b] = ids != before + 1
+        tail = sinks + n * b
+        if tail < num_keys:
+            last = self.blocks.num_blocks - 1
+            follows = (ids[:, -1] == last) if n else torch.full((heads,), last < 0 and sinks > 0)
+            starts[:, tail] = ~follows
+        return starts.to(self.device)
 
     def _global_keys(self, chosen: BlockIds | None, comp_k: torch.Tensor, comp_v: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
