@@ -177,8 +177,8 @@ class InfLLMConfig:
                                                           last key of every run at distance local_window)
     memory_distance      (none)                           that distance itself, >= local_window (null: local_window,
                                                           the paper's): farther, what memory brings back weighs
-                                                          less against the local window, as the model's trained
-                                                          attention to far text does
+                                                          less against the local window (measured in
+                                                          BENCHMARKS.md: fewer empty replies, fewer answers)
     storage_dtype        (none)                           host dtype of blocks; auto = model's if 16-bit;
                                                           int8 = 8-bit with a scale per block and KV head
     repr_dtype           (none)                           dtype of the representatives and of block scoring:
