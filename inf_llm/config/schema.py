@@ -238,9 +238,6 @@ class InfLLMConfig:
         _check_choice("method", self.method, METHODS)
         _check_int("num_sink_tokens", self.num_sink_tokens, 0)
         _check_int("following_blocks", self.following_blocks, 0)
-        if self.memory_distance is not None:
-            _check_int("memory_distance", self.memory_distance, self.local_window
-                       if isinstance(self.local_window, int) and not isinstance(self.local_window, bool) else 1)
         _check_int("shared_blocks", self.shared_blocks, 0)
         _check_int("shared_candidates", self.shared_candidates, 0)
         _check_int("prompt_end_blocks", self.prompt_end_blocks, 0)
@@ -248,6 +245,8 @@ class InfLLMConfig:
         for name in ("local_window", "block_size", "repr_tokens", "chunk_size", "device_cache_blocks", "decode_rank_every",
                      "reply_pool_every"):
             _check_int(name, getattr(self, name), 1)
+        if self.memory_distance is not None:  # local_window is a valid count by now
+            _check_int("memory_distance", self.memory_distance, self.local_window)
         # The baselines retrieve nothing, so zero blocks is meaningful for them only.
         _check_int("topk_blocks", self.topk_blocks, 1 if self.method == "inf-llm" else 0)
         if self.prefill_topk_blocks is not None:

@@ -78,11 +78,11 @@ class LayerMemory(LayerState):
 
         # Global stage: memory keys, then the chunk-window keys that leave some query's band.
         n_comp = max(0, w + c - window)
-        # The query rotated to the global distance: computed once, for ranking (rank_rotated) and the global stage.
+        # The query rotated to the global distance (`far`): computed once, for ranking (rank_rotated) and the global stage.
         far = cfg.global_distance  # local_window unless memory_distance
-        q_at_window = self.rotary.rotate_at(q, far) if cfg.method == "inf-llm" and cfg.rank_rotated else None
+        q_far = self.rotary.rotate_at(q, far) if cfg.method == "inf-llm" and cfg.rank_rotated else None
         if cfg.method == "inf-llm":
-            chosen = self._select(q if q_at_window is None else q_at_window)
+            chosen = self._select(q if q_far is None else q_far)
         else:
             chosen = None
         local = None
@@ -101,7 +101,7 @@ class LayerMemory(LayerState):
                 q_glob = self.rotary.rotate_positions(q, q_pos)[None].to(dtype)
                 glob_k = self.rotary.rotate(glob_k, 0).to(dtype)
             elif cfg.memory_positions == "ordered":
-                # The global keys in text order at positions 0..G-1, the query at window+G-1: the last global key
+                # The global keys in text order at positions 0..G-1, the query at far+G-1: the last global key
                 # sits at distance `far`, as with shared positions, and the others follow their order.
                 g = glob_k.shape[1]
                 q_glob = self.rotary.rotate_at(q, far + g - 1)[None].to(dtype)
@@ -114,7 +114,7 @@ class LayerMemory(LayerState):
                 q_glob = self.rotary.rotate_at(q, far + longest - 1)[None].to(dtype)
                 glob_k = self.rotary.rotate_positions(glob_k, positions).to(dtype)
             else:
-                q_glob = (self.rotary.rotate_at(q, far) if q_at_window is None else q_at_window)[None].to(dtype)
+                q_glob = (self.rotary.rotate_at(q, far) if q_far is None else q_far)[None].to(dtype)
 
         # Both stages in one exact softmax (the complement offset counts the memory keys placed before the window's).
         # The keys' attention mass feeds representatives only; key bounds are read off the keys.

@@ -70,8 +70,9 @@ class InfLLMMemory:
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         shape = LayerShape(mc.num_attention_heads, mc.num_key_value_heads, head_dim)
         self.config, self.shape = config, shape
-        # Positions used: local keys 0..window+chunk-1; stream-llm's query up to sinks+window-1; with ordered (or runs)
-        # memory positions, the global keys 0..G-1 and the query at window+G-1, G = every global key a chunk
+        # Positions used: local keys 0..window+chunk-1; stream-llm's query up to sinks+window-1; the global stage's
+        # query at the global distance (local_window or memory_distance), and with ordered (or runs) memory
+        # positions, the global keys 0..G-1 and the query at that distance + G-1, G = every global key a chunk
         # attends (sinks, retrieved blocks, the remainder under one block, the chunk's complement keys).
         max_position = config.global_distance + config.chunk_size + config.num_sink_tokens + 1
         if config.method == "inf-llm" and config.memory_positions in ("ordered", "runs"):
