@@ -131,6 +131,30 @@ def test_ordered_positions_with_every_block_retrieved_equal_the_dense_reference(
     assert (shared - expected).abs().max() > 20 * ATOL
 
 
+@pytest.mark.parametrize("positions", ["ordered", "runs"])
+@pytest.mark.parametrize("schedule,chunk_size", [("one call", 16), ("uneven pieces", 5), ("token by token", 1)])
+def test_positions_until_switches_to_shared_positions_after_n_tokens(positions, schedule, chunk_size):
+    """memory_positions_until: N: the chunks that end within the first N tokens place memory by the ordered rule,
+    every chunk after by the shared one. With every block retrieved (one run: runs is ordered) that is the dense
+    reference with the rule switched at N, which neither rule alone matches."""
+    model = tiny_model("llama")
+    ids = _ids(200)
+    cfg = _memory_config(memory_positions=positions, memory_positions_until=120, chunk_size=chunk_size)
+    last = chunk_last_positions(SCHEDULES[schedule], chunk_size)
+    expected = dense_logits(model, ids, "inf-llm", 32, 4, chunk_last=last, ordered_until=120)
+    memory = attach(model, cfg)
+    got = run_schedule(model, memory, ids, SCHEDULES[schedule])
+    assert memory.stats().blocks >= 15
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    ordered = dense_logits(model, ids, "inf-llm", 32, 4, chunk_last=last)
+    shared = dense_logits(model, ids, "inf-llm", 32, 4)
+    switched = (last + 1 > 120).nonzero()[0, 0]  # the first query whose chunk reaches past 120
+    # The same as the ordered rule until the switch; from it, as far from the ordered rule as the shared one is.
+    torch.testing.assert_close(got[:switched], ordered[:switched], atol=ATOL, rtol=1e-4)
+    assert (got[switched:] - ordered[switched:]).abs().max() > 20 * ATOL
+    assert (got[:switched] - shared[:switched]).abs().max() > 20 * ATOL
+
+
 @pytest.mark.parametrize("method", ["stream-llm", "infinite-lm"])
 @pytest.mark.parametrize("pieces", [[150], [1] * 150, [9, 70, 71]])
 def test_baselines_equal_dense_reference(method, pieces):

@@ -71,7 +71,7 @@ _DENSE = {}
 
 
 def _dense_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, dense_rule=None, **kwargs):
-    method, window, sinks, rotary_emb, chunk_last, distance = dense_rule
+    method, window, sinks, rotary_emb, chunk_last, distance, ordered_until = dense_rule
     _, hq, t, d = query.shape
     group = hq // key.shape[1]
     q = query[0].float()  # (Hq, T, D) unrotated (position ids were 0)
@@ -91,11 +91,15 @@ def _dense_attention(module, query, key, value, attention_mask, scaling, dropout
     if method == "stream-llm":
         q_pos = torch.clamp(pos, max=sinks + window - 1)
         far = rot(q, q_pos) @ rot(k, pos).transpose(-1, -2)
-    elif chunk_last is not None:
-        # distance chunk_last - j, moved by what memory_distance adds to the window
-        far = rot(q, chunk_last.to(q.device) + (distance - window)) @ rot(k, pos).transpose(-1, -2)
     else:
         far = rot(q, torch.full_like(pos, distance)) @ k.transpose(-1, -2)
+        if chunk_last is not None:
+            # distance chunk_last - j, moved by what memory_distance adds to the window; with ordered_until, only
+            # for the queries of chunks that end within the first ordered_until positions
+            last = chunk_last.to(q.device)
+            ordered = rot(q, last + (distance - window)) @ rot(k, pos).transpose(-1, -2)
+            rows = torch.ones_like(pos, dtype=torch.bool) if ordered_until is None else last + 1 <= ordered_until
+            far = torch.where(rows[:, None], ordered, far)
     logits = torch.where(rel < window, local, far) * scaling
     visible = rel >= 0
     if method != "inf-llm":
@@ -109,16 +113,20 @@ AttentionInterface.register("inf_llm_dense_reference", _dense_attention)
 
 
 def dense_logits(model, ids: torch.Tensor, method: str, window: int, sinks: int,
-                 chunk_last: torch.Tensor | None = None, distance: int | None = None) -> torch.Tensor:
+                 chunk_last: torch.Tensor | None = None, distance: int | None = None,
+                 ordered_until: int | None = None) -> torch.Tensor:
     """Logits (T, V) of the dense reference for the given rule.
 
     chunk_last (T,): with it, InfLLM's far keys sit at their distance from the last query of the query's chunk
     (`memory_positions: ordered` with every block retrieved) instead of at distance `window`.
     distance: InfLLM's far keys at this distance instead of `window` (`memory_distance`; with chunk_last, the
     nearest far key of a chunk at it and the others beyond).
+    ordered_until: with chunk_last, the chunk_last rule only for chunks that end within the first ordered_until
+    positions, the shared one after (`memory_positions_until`).
     """
     model.set_attn_implementation("inf_llm_dense_reference")
-    rule = (method, window, sinks, model.model.rotary_emb, chunk_last, window if distance is None else distance)
+    rule = (method, window, sinks, model.model.rotary_emb, chunk_last, window if distance is None else distance,
+            ordered_until)
     with torch.inference_mode():
         out = model(
             input_ids=ids[None],

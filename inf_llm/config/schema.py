@@ -39,7 +39,7 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "shared_candidates": 0, "shared_decay": 0.0,
                "shared_votes": "picks", "prompt_end_blocks": 0, "reply_pool_blocks": None,
                "reply_pool_every": 8, "prompt_end_queries": None, "prompt_end_following": 0,
-               "memory_distance": None}
+               "memory_distance": None, "memory_positions_until": None}
 
 
 class ConfigError(ValueError):
@@ -179,6 +179,9 @@ class InfLLMConfig:
                                                           the paper's): farther, what memory brings back weighs
                                                           less against the local window (measured in
                                                           BENCHMARKS.md: fewer empty replies, fewer answers)
+    memory_positions_until (none)                         with ordered or runs: those positions for the chunks
+                                                          that end within the conversation's first N tokens, shared
+                                                          for every chunk after (null: always)
     storage_dtype        (none)                           host dtype of blocks; auto = model's if 16-bit;
                                                           int8 = 8-bit with a scale per block and KV head
     repr_dtype           (none)                           dtype of the representatives and of block scoring:
@@ -228,6 +231,7 @@ class InfLLMConfig:
     following_blocks: int = 0
     memory_positions: str = "shared"
     memory_distance: int | None = None
+    memory_positions_until: int | None = None
     storage_dtype: str = "auto"
     repr_dtype: str = "float16"
     kernel_backend: str = "auto"
@@ -257,6 +261,12 @@ class InfLLMConfig:
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _check_choice("block_ranking", self.block_ranking, BLOCK_RANKINGS)
         _check_choice("memory_positions", self.memory_positions, MEMORY_POSITIONS)
+        if self.memory_positions_until is not None:
+            _check_int("memory_positions_until", self.memory_positions_until, 1)
+            if self.memory_positions == "shared":
+                raise ValueError(f"memory_positions_until={self.memory_positions_until} has no effect with "
+                                 "memory_positions: shared: set memory_positions: ordered (or runs), or "
+                                 "memory_positions_until: null")
         _check_choice("shared_votes", self.shared_votes, SHARED_VOTES)
         for name in ("per_head_ranking", "rank_rotated", "rerank_chunks", "rerank_reads_disk"):
             if not isinstance(getattr(self, name), bool):

@@ -94,19 +94,22 @@ class LayerMemory(LayerState):
             n_comp = min(n_comp, max(0, cfg.num_sink_tokens - first_pos))  # only future sinks survive eviction
         glob_k, glob_v, num_memory = self._global_keys(chosen, loc_k[:, :n_comp], loc_v[:, :n_comp])
         q_glob = q_loc
+        # memory_positions_until: the ordered (or runs) rule for chunks that end within the first N tokens only.
+        until = cfg.memory_positions_until
+        positions = cfg.memory_positions if until is None or self.num_seen + c <= until else "shared"
         if glob_k.shape[1] > 0:
             if cfg.method == "stream-llm":
                 # Sinks at their true positions, the query right after its full window (StreamingLLM's cache).
                 q_pos = torch.clamp(torch.arange(self.num_seen, self.num_seen + c, device=q.device), max=cfg.num_sink_tokens + window - 1)
                 q_glob = self.rotary.rotate_positions(q, q_pos)[None].to(dtype)
                 glob_k = self.rotary.rotate(glob_k, 0).to(dtype)
-            elif cfg.memory_positions == "ordered":
+            elif positions == "ordered":
                 # The global keys in text order at positions 0..G-1, the query at far+G-1: the last global key
                 # sits at distance `far`, as with shared positions, and the others follow their order.
                 g = glob_k.shape[1]
                 q_glob = self.rotary.rotate_at(q, far + g - 1)[None].to(dtype)
                 glob_k = self.rotary.rotate(glob_k, 0).to(dtype)
-            elif cfg.memory_positions == "runs":
+            elif positions == "runs":
                 # Each run of keys that are next to each other in the text in its order, the last key of every
                 # run at distance `far`: a passage cut by a block boundary reads whole, and passages far apart
                 # in the text are not read as one.
