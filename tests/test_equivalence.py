@@ -131,6 +131,33 @@ def test_ordered_positions_with_every_block_retrieved_equal_the_dense_reference(
     assert (shared - expected).abs().max() > 20 * ATOL
 
 
+@pytest.mark.parametrize("positions", ["shared", "ordered"])
+@pytest.mark.parametrize("schedule,chunk_size", [("one call", 16), ("uneven pieces", 5), ("token by token", 1)])
+def test_decode_memory_distance_moves_decoding_steps_only(positions, schedule, chunk_size):
+    """decode_memory_distance: D: a decoding step (a chunk of one query) places memory at D, in the ranking and
+    the global stage alike, a chunk of several queries at local_window. With every block retrieved that is the
+    dense reference with each one-token chunk's queries at D and the others at the window's distance."""
+    model = tiny_model("llama")
+    ids = _ids(200)
+    cfg = _memory_config(memory_positions=positions, decode_memory_distance=96, chunk_size=chunk_size)
+    pieces = SCHEDULES[schedule]
+    last = chunk_last_positions(pieces, chunk_size)
+    one_query = torch.tensor([n == 1 for n in pieces for _ in range(n)])  # the rows fed as one-token chunks
+    distance = torch.where(one_query, 96, 32)
+    chunk_last = last if positions == "ordered" else None
+    expected = dense_logits(model, ids, "inf-llm", 32, 4, chunk_last=chunk_last, distance=distance)
+    memory = attach(model, cfg)
+    got = run_schedule(model, memory, ids, pieces)
+    assert memory.stats().blocks >= 15
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    at_window = dense_logits(model, ids, "inf-llm", 32, 4, chunk_last=chunk_last)
+    if one_query.any():  # the rows after the first one-token chunk differ from the window's rule
+        first = one_query.nonzero()[0, 0]
+        assert (got[first:] - at_window[first:]).abs().max() > 20 * ATOL
+    else:
+        torch.testing.assert_close(got, at_window, atol=ATOL, rtol=1e-4)
+
+
 @pytest.mark.parametrize("positions", ["ordered", "runs"])
 @pytest.mark.parametrize("schedule,chunk_size", [("one call", 16), ("uneven pieces", 5), ("token by token", 1)])
 def test_positions_until_switches_to_shared_positions_after_n_tokens(positions, schedule, chunk_size):

@@ -78,7 +78,10 @@ def _dense_attention(module, query, key, value, attention_mask, scaling, dropout
     k = key[0].float().repeat_interleave(group, dim=0)
     v = value[0].float().repeat_interleave(group, dim=0)
     pos = torch.arange(t, device=q.device)
-    cos, sin = rotary_emb(q, torch.arange(max(t, window + sinks + 1, distance + t), device=q.device)[None])  # (P, D)
+    if isinstance(distance, torch.Tensor):  # a distance per query
+        distance = distance.to(q.device)
+    farthest = int(distance.max()) if isinstance(distance, torch.Tensor) else distance
+    cos, sin = rotary_emb(q, torch.arange(max(t, window + sinks + 1, farthest + t), device=q.device)[None])  # (P, D)
     scale0 = cos[0, 0, 0]
     cos, sin = cos[0] / scale0, sin[0] / scale0  # the model already applied its position-0 factor
 
@@ -92,7 +95,7 @@ def _dense_attention(module, query, key, value, attention_mask, scaling, dropout
         q_pos = torch.clamp(pos, max=sinks + window - 1)
         far = rot(q, q_pos) @ rot(k, pos).transpose(-1, -2)
     else:
-        far = rot(q, torch.full_like(pos, distance)) @ k.transpose(-1, -2)
+        far = rot(q, distance if isinstance(distance, torch.Tensor) else torch.full_like(pos, distance)) @ k.transpose(-1, -2)
         if chunk_last is not None:
             # distance chunk_last - j, moved by what memory_distance adds to the window; with ordered_until, only
             # for the queries of chunks that end within the first ordered_until positions
@@ -113,14 +116,14 @@ AttentionInterface.register("inf_llm_dense_reference", _dense_attention)
 
 
 def dense_logits(model, ids: torch.Tensor, method: str, window: int, sinks: int,
-                 chunk_last: torch.Tensor | None = None, distance: int | None = None,
+                 chunk_last: torch.Tensor | None = None, distance: int | torch.Tensor | None = None,
                  ordered_until: int | None = None) -> torch.Tensor:
     """Logits (T, V) of the dense reference for the given rule.
 
     chunk_last (T,): with it, InfLLM's far keys sit at their distance from the last query of the query's chunk
     (`memory_positions: ordered` with every block retrieved) instead of at distance `window`.
     distance: InfLLM's far keys at this distance instead of `window` (`memory_distance`; with chunk_last, the
-    nearest far key of a chunk at it and the others beyond).
+    nearest far key of a chunk at it and the others beyond); a tensor (T,) gives each query its own.
     ordered_until: with chunk_last, the chunk_last rule only for chunks that end within the first ordered_until
     positions, the shared one after (`memory_positions_until`).
     """

@@ -39,7 +39,7 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "shared_candidates": 0, "shared_decay": 0.0,
                "shared_votes": "picks", "prompt_end_blocks": 0, "reply_pool_blocks": None,
                "reply_pool_every": 8, "prompt_end_queries": None, "prompt_end_following": 0,
-               "memory_distance": None, "memory_positions_until": None}
+               "memory_distance": None, "memory_positions_until": None, "decode_memory_distance": None}
 
 
 class ConfigError(ValueError):
@@ -182,6 +182,9 @@ class InfLLMConfig:
     memory_positions_until (none)                         with ordered or runs: those positions for the chunks
                                                           that end within the conversation's first N tokens, shared
                                                           for every chunk after (null: always)
+    decode_memory_distance (none)                         the global distance of decoding steps (one query) only,
+                                                          >= local_window (null: memory_distance's); prompts are
+                                                          read at memory_distance
     storage_dtype        (none)                           host dtype of blocks; auto = model's if 16-bit;
                                                           int8 = 8-bit with a scale per block and KV head
     repr_dtype           (none)                           dtype of the representatives and of block scoring:
@@ -232,6 +235,7 @@ class InfLLMConfig:
     memory_positions: str = "shared"
     memory_distance: int | None = None
     memory_positions_until: int | None = None
+    decode_memory_distance: int | None = None
     storage_dtype: str = "auto"
     repr_dtype: str = "float16"
     kernel_backend: str = "auto"
@@ -251,6 +255,8 @@ class InfLLMConfig:
             _check_int(name, getattr(self, name), 1)
         if self.memory_distance is not None:  # local_window is a valid count by now
             _check_int("memory_distance", self.memory_distance, self.local_window)
+        if self.decode_memory_distance is not None:
+            _check_int("decode_memory_distance", self.decode_memory_distance, self.local_window)
         # The baselines retrieve nothing, so zero blocks is meaningful for them only.
         _check_int("topk_blocks", self.topk_blocks, 1 if self.method == "inf-llm" else 0)
         if self.prefill_topk_blocks is not None:
@@ -315,6 +321,18 @@ class InfLLMConfig:
     def global_distance(self) -> int:
         """The distance at which the global stage places memory (the last of it, for ordered or runs positions)."""
         return self.local_window if self.memory_distance is None else self.memory_distance
+
+    def distance_for(self, queries: int) -> int:
+        """The global distance of a chunk of this many queries: decode_memory_distance for a decoding step (one
+        query) when set, global_distance otherwise."""
+        if queries == 1 and self.decode_memory_distance is not None:
+            return self.decode_memory_distance
+        return self.global_distance
+
+    @property
+    def farthest_distance(self) -> int:
+        """The largest distance the global stage places memory at (for the size of the rotation tables)."""
+        return max(self.global_distance, self.decode_memory_distance or 0)
 
     @property
     def retrieved_blocks(self) -> int:

@@ -79,7 +79,7 @@ class LayerMemory(LayerState):
         # Global stage: memory keys, then the chunk-window keys that leave some query's band.
         n_comp = max(0, w + c - window)
         # The query rotated to the global distance (`far`): computed once, for ranking (rank_rotated) and the global stage.
-        far = cfg.global_distance  # local_window unless memory_distance
+        far = cfg.distance_for(c)  # local_window unless memory_distance (or decode_memory_distance, decoding)
         q_far = self.rotary.rotate_at(q, far) if cfg.method == "inf-llm" and cfg.rank_rotated else None
         if cfg.method == "inf-llm":
             chosen = self._select(q if q_far is None else q_far)
