@@ -58,6 +58,7 @@ REFUSED = [
     (dict(memory_positions="ordered", memory_positions_until=0), ["memory_positions_until=0", ">= 1"]),
     (dict(memory_positions_until=8192), ["memory_positions_until=8192", "memory_positions: shared"]),
     (dict(local_window=128, decode_memory_distance=64), ["decode_memory_distance=64", ">= 128"]),
+    (dict(local_window=128, reply_start_distance=127), ["reply_start_distance=127", ">= 128"]),
     (dict(rank_rotated=1), ["rank_rotated", "1", "true or false"]),
     (dict(following_blocks=-1), ["following_blocks", "-1", ">= 0"]),
     (dict(prefill_topk_blocks=0), ["prefill_topk_blocks", "0", ">= 1"]),

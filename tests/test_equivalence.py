@@ -158,6 +158,56 @@ def test_decode_memory_distance_moves_decoding_steps_only(positions, schedule, c
         torch.testing.assert_close(got, at_window, atol=ATOL, rtol=1e-4)
 
 
+# Two prompts, each followed by decoding steps; the second prompt's last chunk (14 of 30) has several queries too.
+_REPLIES = [50, 1, 1, 1, 30, 1, 1] + [40] + [1] * 75
+
+
+@pytest.mark.parametrize("positions", ["shared", "ordered"])
+def test_reply_start_distance_moves_the_first_step_after_a_prompt_only(positions):
+    """reply_start_distance: D: the first decoding step after a prompt (a one-query chunk after a chunk of several)
+    places memory at D; every other chunk, decoding steps included, at local_window. With every block retrieved
+    that is the dense reference with those rows at D."""
+    model = tiny_model("llama")
+    ids = _ids(200)
+    cfg = _memory_config(memory_positions=positions, reply_start_distance=96, chunk_size=16)
+    chunks = [min(16, n - o) for n in _REPLIES for o in range(0, n, 16)]
+    starts = [c == 1 and prev > 1 for prev, c in zip([0] + chunks, chunks)]
+    rows = torch.tensor([start for c, start in zip(chunks, starts) for _ in range(c)])
+    assert int(rows.sum()) == 3  # one first step per prompt
+    chunk_last = chunk_last_positions(_REPLIES, 16) if positions == "ordered" else None
+    expected = dense_logits(model, ids, "inf-llm", 32, 4, chunk_last=chunk_last, distance=torch.where(rows, 96, 32))
+    memory = attach(model, cfg)
+    got = run_schedule(model, memory, ids, _REPLIES)
+    assert memory.stats().blocks >= 15
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    at_window = dense_logits(model, ids, "inf-llm", 32, 4, chunk_last=chunk_last)
+    first = rows.nonzero()[0, 0]
+    torch.testing.assert_close(got[:first], at_window[:first], atol=ATOL, rtol=1e-4)
+    assert (got[first] - at_window[first]).abs().max() > 20 * ATOL
+
+
+def test_reply_start_distance_replays_from_a_snapshot_between_prompt_and_reply():
+    """A snapshot taken after a prompt (the chat's !!regen point) or a state dict saved there: the next step is
+    still the reply's first, at reply_start_distance, bit for bit as the first time."""
+    model = tiny_model("llama")
+    ids = _ids(120)
+    cfg = _memory_config(reply_start_distance=96, chunk_size=16, topk_blocks=2, device_cache_blocks=8)
+    memory = attach(model, cfg)
+    run_schedule(model, memory, ids[:100], [100])
+    snap, state = memory.snapshot(), memory.state_dict()
+    first = run_schedule(model, memory, ids[100:], [1] * 20)
+    resumed, legacy = attach(model, cfg), attach(model, cfg)
+    with torch.inference_mode():  # the memory's tensors were made by run_schedule's inference mode
+        memory.restore(snap)
+        resumed.load_state_dict(state)
+        # Saved without the flag (before the setting existed), the next step is an ordinary one: it differs.
+        legacy.load_state_dict({**state, "layers": [{k: v for k, v in layer.items() if k != "after_prompt"}
+                                                    for layer in state["layers"]]})
+    torch.testing.assert_close(run_schedule(model, memory, ids[100:], [1] * 20), first, atol=0, rtol=0)
+    torch.testing.assert_close(run_schedule(model, resumed, ids[100:], [1] * 20), first, atol=0, rtol=0)
+    assert not torch.equal(run_schedule(model, legacy, ids[100:], [1] * 20), first)
+
+
 @pytest.mark.parametrize("positions", ["ordered", "runs"])
 @pytest.mark.parametrize("schedule,chunk_size", [("one call", 16), ("uneven pieces", 5), ("token by token", 1)])
 def test_positions_until_switches_to_shared_positions_after_n_tokens(positions, schedule, chunk_size):

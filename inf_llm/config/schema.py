@@ -39,7 +39,8 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "shared_candidates": 0, "shared_decay": 0.0,
                "shared_votes": "picks", "prompt_end_blocks": 0, "reply_pool_blocks": None,
                "reply_pool_every": 8, "prompt_end_queries": None, "prompt_end_following": 0,
-               "memory_distance": None, "memory_positions_until": None, "decode_memory_distance": None}
+               "memory_distance": None, "memory_positions_until": None, "decode_memory_distance": None,
+               "reply_start_distance": None}
 
 
 class ConfigError(ValueError):
@@ -179,6 +180,10 @@ class InfLLMConfig:
                                                           the paper's): farther, what memory brings back weighs
                                                           less against the local window (measured in
                                                           BENCHMARKS.md: fewer empty replies, fewer answers)
+    reply_start_distance (none)                           the global distance of the first decoding step after a
+                                                          prompt (a one-query chunk after a chunk of several: the
+                                                          step that reads a prompt's last token and gives the
+                                                          reply's first), >= local_window (null: as the other steps)
     memory_positions_until (none)                         with ordered or runs: those positions for the chunks
                                                           that end within the conversation's first N tokens, shared
                                                           for every chunk after (null: always)
@@ -236,6 +241,7 @@ class InfLLMConfig:
     memory_distance: int | None = None
     memory_positions_until: int | None = None
     decode_memory_distance: int | None = None
+    reply_start_distance: int | None = None
     storage_dtype: str = "auto"
     repr_dtype: str = "float16"
     kernel_backend: str = "auto"
@@ -257,6 +263,8 @@ class InfLLMConfig:
             _check_int("memory_distance", self.memory_distance, self.local_window)
         if self.decode_memory_distance is not None:
             _check_int("decode_memory_distance", self.decode_memory_distance, self.local_window)
+        if self.reply_start_distance is not None:
+            _check_int("reply_start_distance", self.reply_start_distance, self.local_window)
         # The baselines retrieve nothing, so zero blocks is meaningful for them only.
         _check_int("topk_blocks", self.topk_blocks, 1 if self.method == "inf-llm" else 0)
         if self.prefill_topk_blocks is not None:
@@ -322,9 +330,12 @@ class InfLLMConfig:
         """The distance at which the global stage places memory (the last of it, for ordered or runs positions)."""
         return self.local_window if self.memory_distance is None else self.memory_distance
 
-    def distance_for(self, queries: int) -> int:
-        """The global distance of a chunk of this many queries: decode_memory_distance for a decoding step (one
-        query) when set, global_distance otherwise."""
+    def distance_for(self, queries: int, reply_start: bool = False) -> int:
+        """The global distance of a chunk of this many queries: for a decoding step (one query), reply_start_distance
+        when it is the first after a prompt (`reply_start`) and that is set, else decode_memory_distance when set;
+        global_distance otherwise."""
+        if queries == 1 and reply_start and self.reply_start_distance is not None:
+            return self.reply_start_distance
         if queries == 1 and self.decode_memory_distance is not None:
             return self.decode_memory_distance
         return self.global_distance
@@ -332,7 +343,7 @@ class InfLLMConfig:
     @property
     def farthest_distance(self) -> int:
         """The largest distance the global stage places memory at (for the size of the rotation tables)."""
-        return max(self.global_distance, self.decode_memory_distance or 0)
+        return max(self.global_distance, self.decode_memory_distance or 0, self.reply_start_distance or 0)
 
     @property
     def retrieved_blocks(self) -> int:

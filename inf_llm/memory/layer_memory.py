@@ -79,7 +79,8 @@ class LayerMemory(LayerState):
         # Global stage: memory keys, then the chunk-window keys that leave some query's band.
         n_comp = max(0, w + c - window)
         # The query rotated to the global distance (`far`): computed once, for ranking (rank_rotated) and the global stage.
-        far = cfg.distance_for(c)  # local_window unless memory_distance (or decode_memory_distance, decoding)
+        # local_window unless memory_distance (decoding: decode_memory_distance; a reply's first step: reply_start_distance)
+        far = cfg.distance_for(c, reply_start=c == 1 and self._after_prompt)
         q_far = self.rotary.rotate_at(q, far) if cfg.method == "inf-llm" and cfg.rank_rotated else None
         if cfg.method == "inf-llm":
             chosen = self._select(q if q_far is None else q_far)
@@ -134,6 +135,7 @@ class LayerMemory(LayerState):
             self.trace.record(self.index, self.num_seen, q_loc, k_loc, q_glob, glob_k[None], scale, local_offset=w, num_memory=num_memory, window=window,
                               parts=parts, blocks=None if chosen is None else chosen.tensor(), scores=self._scores)
         self.num_seen += c
+        self._after_prompt = c > 1
         self._evict()
         return out[0]
 

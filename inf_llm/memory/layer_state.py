@@ -113,6 +113,9 @@ class LayerState:
         self._code_basis: torch.Tensor | None = None
         self.blocks.truncate(0)
         self.blocks.hits = self.blocks.misses = 0
+        # reply_start_distance: whether the last chunk had several queries (a prompt's), so that a one-query chunk
+        # now is a reply's first step.
+        self._after_prompt = False
         # decode_rank_every > 1: the last ranked decoding step's choice and how many more steps attend it.
         self._reused: BlockIds | None = None
         self._reuse_left = 0
@@ -273,6 +276,9 @@ class LayerState:
             # keeps the cache's books by them anyway), so that a replay chooses as the first run did.
             "reuse_blocks": [] if self._reused is None else self._reused.tolist(),
             "reuse_left": self._reuse_left,
+            # reply_start_distance: a snapshot taken between a prompt and its reply (the chat's !!regen) replays the
+            # reply's first step as such.
+            "after_prompt": self._after_prompt,
             # reply_pool_blocks: the pool the next decoding steps rank (plain ints, as the reuse: a chat's turn ends
             # its pool, so this is empty but in a snapshot taken mid-reply).
             "pool_blocks": [] if self._pool is None else self._pool.tolist(),
@@ -320,6 +326,7 @@ class LayerState:
         # Sessions saved before decode_rank_every had no reuse (every step ranked); one saved under a larger
         # setting reuses at most as long as this one's.
         self._reuse_left = min(snap.get("reuse_left", 0), self.config.decode_rank_every - 1)
+        self._after_prompt = bool(snap.get("after_prompt", False))  # sessions saved before it: a reply had ended
         reused = snap.get("reuse_blocks", [])
         self._reused = BlockIds(torch.tensor(reused, dtype=torch.long, device=self.device)) if self._reuse_left else None
         # Sessions saved before reply_pool_blocks, or under a larger pool than this engine's setting, rank every block
