@@ -178,9 +178,24 @@ def _copy(saved_path, tmp_path, name="copy.session"):
     return target
 
 
+def _flip_in_largest_record(data: bytes) -> bytes:
+    """Flip the middle byte of the largest record stored in the state file (torch.save's zip: a tensor's bytes).
+    The file's exact middle may fall in the zip's alignment padding, which holds no content: a flip there changes
+    nothing the session reads, so it says nothing about damage detection."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    header = data[info.header_offset : info.header_offset + 30]
+    name_len, extra_len = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
+    at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+
+
 DAMAGES = {
     "truncated": lambda b: b[: len(b) // 2],
-    "flipped byte": lambda b: b[: len(b) // 2] + bytes([b[len(b) // 2] ^ 0xFF]) + b[len(b) // 2 + 1:],
+    "flipped byte": _flip_in_largest_record,
     "empty": lambda b: b"",
     "garbage": lambda b: os.urandom(4096),
 }
