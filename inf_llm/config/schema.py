@@ -180,16 +180,16 @@ class InfLLMConfig:
                                                           the paper's): farther, what memory brings back weighs
                                                           less against the local window (measured in
                                                           BENCHMARKS.md: fewer empty replies, fewer answers)
-    reply_start_distance (none)                           the global distance of the first decoding step after a
-                                                          prompt (a one-query chunk after a chunk of several: the
-                                                          step that reads a prompt's last token and gives the
-                                                          reply's first), >= local_window (null: as the other steps)
     memory_positions_until (none)                         with ordered or runs: those positions for the chunks
                                                           that end within the conversation's first N tokens, shared
                                                           for every chunk after (null: always)
     decode_memory_distance (none)                         the global distance of decoding steps (one query) only,
                                                           >= local_window (null: memory_distance's); prompts are
                                                           read at memory_distance
+    reply_start_distance (none)                           the global distance of the first decoding step after a
+                                                          prompt (a one-query chunk after a chunk of several: the
+                                                          step that reads a prompt's last token and gives the
+                                                          reply's first), >= local_window (null: as the other steps)
     storage_dtype        (none)                           host dtype of blocks; auto = model's if 16-bit;
                                                           int8 = 8-bit with a scale per block and KV head
     repr_dtype           (none)                           dtype of the representatives and of block scoring:

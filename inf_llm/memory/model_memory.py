@@ -71,7 +71,7 @@ class InfLLMMemory:
         shape = LayerShape(mc.num_attention_heads, mc.num_key_value_heads, head_dim)
         self.config, self.shape = config, shape
         # Positions used: local keys 0..window+chunk-1; stream-llm's query up to sinks+window-1; the global stage's
-        # query at the global distance (local_window, memory_distance or decode_memory_distance), and with ordered (or runs) memory
+        # query at the global distance (at most `farthest_distance`: the largest of the distance settings), and with ordered (or runs) memory
         # positions, the global keys 0..G-1 and the query at that distance + G-1, G = every global key a chunk
         # attends (sinks, retrieved blocks, the remainder under one block, the chunk's complement keys).
         max_position = config.farthest_distance + config.chunk_size + config.num_sink_tokens + 1
