@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 # inf_llm.generation.sampling.CHAT_DEFAULTS, without importing torch (`python -m chat --help` needs none); a test keeps them equal.
-DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.2}
+DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.2, "min_new_tokens": 1}
 
 DESCRIPTION = """Chat with a model whose context memory is InfLLM: conversations and pasted documents of any
 length, read once. Type !!help in the chat for the commands."""
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on the reply's own tokens, as transformers' with the prompt ignored (default: the model's "
                         f"generation config's, else {DEFAULTS['repetition_penalty']})")
     p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--min-new-tokens", type=int, default=None,
+                   help="the reply's first N tokens are never the end of the turn (default: "
+                        f"{DEFAULTS['min_new_tokens']}: no reply ends before its first token; 0 = the model's choice)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible replies")
     p.add_argument("--style", choices=("rich", "simple"), default=None,
                    help="rich: markdown, live statistics, progress bars (default on a terminal); "
@@ -58,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _sampling_flags(args) -> dict:
     return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens, seed=args.seed)
+                repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                min_new_tokens=args.min_new_tokens, seed=args.seed)
 
 
 def _resolve_device(name: str) -> str:

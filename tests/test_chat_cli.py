@@ -150,6 +150,8 @@ def test_start_up_errors_name_the_problem(checkpoint, tmp_path, monkeypatch, cap
     assert "invalid session name" in capsys.readouterr().err
     assert main([*common, "--temperature", "-1"]) == 2
     assert "temperature must be >= 0" in capsys.readouterr().err
+    assert main([*common, "--min-new-tokens", "600"]) == 2
+    assert "min_new_tokens must be between 0 and max_new_tokens (512)" in capsys.readouterr().err
     assert main(["--model-path", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["--inf-llm-config-path", "no-such-preset"]) == 2
@@ -195,7 +197,7 @@ def test_help_names_every_flag():
 
     out = build_parser().format_help()
     for flag in ("--model-path", "--inf-llm-config-path", "--conv-template", "--conv-system-msg", "--temperature",
-                 "--top-p", "--top-k", "--repetition-penalty", "--max-new-tokens", "--style", "--multiline",
+                 "--top-p", "--top-k", "--repetition-penalty", "--max-new-tokens", "--min-new-tokens", "--style", "--multiline",
                  "--session", "--read-only", "--device", "--debug"):
         assert flag in out
 
@@ -208,7 +210,8 @@ def test_help_shows_the_sampling_defaults_that_apply():
 
     assert DEFAULTS == CHAT_DEFAULTS
     args = build_parser().parse_args([])
-    assert (args.temperature, args.top_p, args.top_k, args.repetition_penalty) == (None, None, None, None)
+    assert (args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.min_new_tokens) == (None,) * 5
     help_text = " ".join(build_parser().format_help().split())
     assert f"default: the model's generation config's, else {DEFAULTS['temperature']})" in help_text
     assert f"else {DEFAULTS['repetition_penalty']})" in help_text
+    assert f"(default: {DEFAULTS['min_new_tokens']}: no reply ends before its first token" in help_text

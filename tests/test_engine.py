@@ -239,6 +239,34 @@ def test_greedy_ids_equal_the_stock_models_generate():
     assert ours == stock
 
 
+def test_min_new_tokens_equals_the_stock_models_generate_when_the_end_is_the_likeliest_first_token():
+    model = tiny_model("qwen2")
+    prompt = _ids(30, seed=5)
+    engine = Engine(model, ByteTokenizer(), _config(method="full"))
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    engine.eos_token_ids = set()
+    free = [s.token_id for s in engine.generate(prompt, greedy)]
+    # The greedy reply's first two tokens made the end of the sequence: the reply would end at once.
+    end = {free[0], free[1]}
+    model.set_attn_implementation("eager")
+    for least in (0, 1, 3):
+        engine.reset()
+        engine.eos_token_ids = end
+        ours = [s.token_id for s in engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=12,
+                                                                           min_new_tokens=least))]
+        with torch.inference_mode():
+            stock = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=least,
+                                   eos_token_id=sorted(end), pad_token_id=0)[0, len(prompt):].tolist()
+        assert ours == stock
+        assert not end & set(ours[:least]) and ours[-1] in end
+        if least == 0:
+            assert ours == free[:1]  # the reply ends at its first token
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        SamplingParams(max_new_tokens=4, min_new_tokens=5)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        SamplingParams(min_new_tokens=-1)
+
+
 @pytest.mark.parametrize("method", ["inf-llm", "stream-llm", "full"])
 def test_snapshot_restore_and_resume_from_state_dict(method):
     model = tiny_model("mistral")
@@ -343,6 +371,7 @@ def test_sampling_defaults_come_from_the_generation_config_and_flags_override():
     assert params == SamplingParams(**CHAT_DEFAULTS) and set(origin.values()) == {"default"}
     # The library's own defaults are not the chat's: SamplingParams(temperature=0) is plain greedy decoding.
     assert SamplingParams(temperature=0).repetition_penalty == 1.0
+    assert SamplingParams(temperature=0).min_new_tokens == 0 and params.min_new_tokens == 1  # the chat's: never empty
 
 
 TRICKY = [

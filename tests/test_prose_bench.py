@@ -160,6 +160,12 @@ def test_prose_command_answers_every_case_resumes_and_draws(tiny_checkpoint, tok
         assert r["reply_tokens"] == len(r["reply_ids"]) and 1 <= r["reply_tokens"] <= budget
         assert r["reply_tokens"] == budget or r["reply_ids"][-1] in eos
     assert main(base) == 0 and len(read_records(tmp_path / "prose.jsonl")) == 10  # nothing re-run
+    # --min-new-tokens: cases of their own (the key and the label say so), no reply ending before its N tokens.
+    assert main([*base, "--methods", "inf-llm", "--lengths", "600", "--min-new-tokens", "2"]) == 0
+    records = read_records(tmp_path / "prose.jsonl")
+    least = [r for r in records if r["case"]["prompt"].get("min_new_tokens") == 2]
+    assert len(records) == 12 and len(least) == 2 and all(r["label"].endswith(" min 2") for r in least)
+    assert all(r["reply_tokens"] >= 2 and not eos & set(r["reply_ids"][:2]) for r in least)
     assert main(["table", str(tmp_path / "prose.jsonl"), "--markdown"]) == 0
     assert (tmp_path / "prose.png").stat().st_size > 0
     monkeypatch.setenv("INF_LLM_CORPUS", str(tmp_path / "missing.tar.gz"))

@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     prose.add_argument("--repetition-penalty", type=float, default=1.0,
                        help="the chat's penalty on what a reply repeats beyond its context (default: 1.0, none; "
                             "the chat's default is 1.2)")
+    prose.add_argument("--min-new-tokens", type=int, default=0,
+                       help="the reply's first N tokens are never the end of the turn (default: 0, the model's choice)")
     prose.add_argument("--needle-oracle", nargs="?", const="all", type=parse_oracle, default=None,
                        help="analysis: inf-llm retrieves the blocks of the needles that hold the answer in every layer, "
                             "besides its own choice, at every step (all, the default: is the needle enough once "
@@ -360,7 +362,8 @@ def cmd_prose(args, console) -> None:
     plan = ProsePlan(tasks=args.tasks, lengths=args.lengths, depths=args.depths, seeds=args.seeds,
                      full_max_len=args.full_max_len, stream_max_len=args.stream_max_len,
                      prefill_chunk=args.prefill_chunk, first_seed=args.first_seed,
-                     repetition_penalty=args.repetition_penalty, needle_oracle=args.needle_oracle)
+                     repetition_penalty=args.repetition_penalty, needle_oracle=args.needle_oracle,
+                     min_new_tokens=args.min_new_tokens)
     _run_cases(args, console, KIND, prose_table, functools.partial(run_prose, plan=plan))
 
 

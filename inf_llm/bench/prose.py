@@ -39,6 +39,8 @@ class ProsePlan:
     # The chat's penalty on what a reply repeats beyond its context (`RepeatCounter`); 1.0 = none, as greedy
     # benchmark answers are (a case run with a penalty is its own case, and its label says so).
     repetition_penalty: float = 1.0
+    # The chat's `min_new_tokens`: the reply's first N tokens are never the end of the turn (0: the model's choice).
+    min_new_tokens: int = 0
     # An oracle for analysis: inf-llm runs add the blocks of the needles that hold the answer to every layer's
     # choice (`InfLLMMemory.force_blocks`) at every step ("all": what is then still wrong is not the ranking's
     # doing), from the chunk that reaches the question on ("question": is the document read well enough, and
@@ -86,11 +88,14 @@ class ProseCase:
     seed: int
     repetition_penalty: float = 1.0
     needle_oracle: str | None = None
+    min_new_tokens: int = 0
 
     def key(self, model_id: str) -> dict[str, Any]:
         prompt = {"version": PROMPT_VERSION, "max_new_tokens": MAX_NEW_TOKENS[self.task]}
         if self.repetition_penalty != 1.0:
             prompt["repetition_penalty"] = self.repetition_penalty
+        if self.min_new_tokens:
+            prompt["min_new_tokens"] = self.min_new_tokens
         key = {"model": model_id, "settings": self.run.identity(), "task": self.task, "length": self.length,
                "depth": self.depth, "seed": self.seed, "prompt": prompt}
         if self.needle_oracle is None:
@@ -100,6 +105,7 @@ class ProseCase:
     @property
     def label(self) -> str:
         return (self.run.label + (f" penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1.0 else "")
+                + (f" min {self.min_new_tokens}" if self.min_new_tokens else "")
                 + ("" if self.needle_oracle is None else " " + oracle_label(self.needle_oracle)))
 
 
@@ -115,12 +121,13 @@ def plan_cases(runs: list[MethodRun], plan: ProsePlan) -> list[ProseCase]:
                 for depth in plan.depths:
                     for seed in range(plan.first_seed, plan.first_seed + plan.seeds):
                         cases.append(ProseCase(run, task, length, depth, seed, plan.repetition_penalty,
-                                               plan.needle_oracle if run.method == "inf-llm" else None))
+                                               plan.needle_oracle if run.method == "inf-llm" else None,
+                                               plan.min_new_tokens))
     return cases
 
 
 def answer(engine: Engine, prompt: ProsePrompt, progress=None, repetition_penalty: float = 1.0,
-           before_reply: Callable[[], None] | None = None) -> dict[str, Any]:
+           before_reply: Callable[[], None] | None = None, min_new_tokens: int = 0) -> dict[str, Any]:
     """Read the prompt into an empty memory and answer it greedily; the measured fields of a record.
     `before_reply` runs between the prompt and the reply (whose first step feeds the prompt's last token)."""
     engine.reset()
@@ -130,7 +137,7 @@ def answer(engine: Engine, prompt: ProsePrompt, progress=None, repetition_penalt
     if before_reply is not None:
         before_reply()
     params = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS[prompt.task],
-                            repetition_penalty=repetition_penalty)
+                            repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)
     reply, reply_ids, decode_ms = "", [], None
     for step in engine.generate(prompt.ids[-1:], params):
         reply += step.text
@@ -184,7 +191,8 @@ def run_prose(model, tokenizer, model_id: str, runs: list[MethodRun], plan: Pros
                 force(from_position=start)
             try:
                 result = answer(engines[run], prompt, lambda done, total: progress.update(reading, completed=done),
-                                case.repetition_penalty, before_reply=force if case.needle_oracle == "reply" else None)
+                                case.repetition_penalty, before_reply=force if case.needle_oracle == "reply" else None,
+                                min_new_tokens=case.min_new_tokens)
             finally:
                 if case.needle_oracle is not None:
                     memory.force_blocks(None)

@@ -106,7 +106,8 @@ class Engine:
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(), *,
                  progress: Callable[[int, int], None] | None = None,
                  on_prefilled: Callable[[], None] | None = None) -> Iterator[GenerationStep]:
-        """Feed prompt_ids (all the new tokens of the turn), then sample until EOS, a stop string or max_new_tokens.
+        """Feed prompt_ids (all the new tokens of the turn), then sample until EOS (never among the first
+        params.min_new_tokens tokens), a stop string or max_new_tokens.
 
         The prompt is read in two parts: all but its last token as a prefill (chunked; progress(done, total) after
         each chunk, as `feed`), then the last token alone, as each sampled token is fed, which gives the first
@@ -143,7 +144,11 @@ class Engine:
         decode_time, decoded = 0.0, 0
         while True:
             previous = repeats.penalised() if repeats is not None else _NO_TOKENS
-            token = sample_next(logits.cpu(), params, previous, generator, processors)
+            logits = logits.cpu()
+            if len(generated) < params.min_new_tokens and self.eos_token_ids:
+                logits = logits.clone()  # .cpu() of CPU logits is the engine's own tensor
+                logits[..., sorted(self.eos_token_ids)] = -torch.inf
+            token = sample_next(logits, params, previous, generator, processors)
             generated.append(token)
             if repeats is not None:
                 repeats.add(token)
