@@ -197,8 +197,8 @@ def test_help_names_every_flag():
 
     out = build_parser().format_help()
     for flag in ("--model-path", "--inf-llm-config-path", "--conv-template", "--conv-system-msg", "--temperature",
-                 "--top-p", "--top-k", "--repetition-penalty", "--max-new-tokens", "--min-new-tokens", "--style", "--multiline",
-                 "--session", "--read-only", "--device", "--debug"):
+                 "--top-p", "--top-k", "--repetition-penalty", "--max-new-tokens", "--min-new-tokens", "--style",
+                 "--multiline", "--session", "--read-only", "--device", "--debug"):
         assert flag in out
 
 

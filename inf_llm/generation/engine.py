@@ -142,12 +142,13 @@ class Engine:
         decoder = IncrementalDecoder(self.tokenizer)
         stops = StopStrings(params.stop_strings)
         decode_time, decoded = 0.0, 0
+        end_ids = sorted(self.eos_token_ids)  # masked for the first params.min_new_tokens tokens
         while True:
             previous = repeats.penalised() if repeats is not None else _NO_TOKENS
             logits = logits.cpu()
-            if len(generated) < params.min_new_tokens and self.eos_token_ids:
+            if len(generated) < params.min_new_tokens and end_ids:
                 logits = logits.clone()  # .cpu() of CPU logits is the engine's own tensor
-                logits[..., sorted(self.eos_token_ids)] = -torch.inf
+                logits[..., end_ids] = -torch.inf
             token = sample_next(logits, params, previous, generator, processors)
             generated.append(token)
             if repeats is not None:
