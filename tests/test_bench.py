@@ -378,6 +378,44 @@ def test_a_stopped_long_read_resumes_from_its_checkpoint_and_answers_as_an_unsto
     assert sorted((p.name, p.stat().st_size) for p in (tmp_path / "other").rglob("*")) == before
 
 
+def test_the_long_read_needle_oracle_forces_exactly_the_needles_blocks_in_both_engines(tiny_checkpoint, tmp_path,
+                                                                                       monkeypatch):
+    from inf_llm.bench.million import build_document, needle_blocks, read_and_ask, run_long_read
+    from inf_llm.memory.model_memory import InfLLMMemory
+    from inf_llm.model.loading import load_model
+
+    model, tok = load_model(str(tiny_checkpoint))
+    config = InfLLMConfig(num_sink_tokens=8, local_window=64, chunk_size=32, block_size=16, topk_blocks=2,
+                          device_cache_blocks=8, host_cache_bytes=8192)
+    doc = build_document(tok, 1000, (0.3, 0.7), seed=4)
+    blocks = needle_blocks(doc, config)
+    # The blocks are those that hold a needle token, by the memory's layout: sinks first, then block_size each.
+    holding = {(p - 8) // 16 for n in doc.needles for p in range(n.start, n.end)}
+    assert blocks == sorted(holding) and len(blocks) >= 2
+    forced = []
+    real = InfLLMMemory.force_blocks
+    monkeypatch.setattr(InfLLMMemory, "force_blocks", lambda self, ids, *a: (forced.append(ids), real(self, ids, *a)))
+    plain = read_and_ask(model, tok, config, doc, tmp_path / "plain", prefill_chunk=128, max_new_tokens=6, every=512)
+    assert forced == []
+    oracle = read_and_ask(model, tok, config, doc, tmp_path / "oracle", prefill_chunk=128, max_new_tokens=6,
+                          every=512, needle_oracle=True)
+    assert forced == [blocks, blocks]  # the reading engine and the resumed one
+    assert oracle["same_after_resume"] and plain["answers"] != oracle["answers"]
+    # With the top-k covering every block, forcing chooses nothing more: the replies are those without it.
+    wide = config.replace(topk_blocks=64, device_cache_blocks=128)
+    assert ([a["reply"] for a in read_and_ask(model, tok, wide, doc, tmp_path / "w1", prefill_chunk=128,
+                                              max_new_tokens=6, every=512)["answers"]]
+            == [a["reply"] for a in read_and_ask(model, tok, wide, doc, tmp_path / "w2", prefill_chunk=128,
+                                                 max_new_tokens=6, every=512, needle_oracle=True)["answers"]])
+    # The command keeps the oracle's records apart from the plain ones.
+    log = ResultLog(tmp_path / "log.jsonl")
+    for oracle_on in (False, True, True):
+        run_long_read(model, tok, "tiny", config, (600,), (0.5,), log, max_new_tokens=4, every=512,
+                      needle_oracle=oracle_on, say=lambda text: None)
+    records = [r for r in read_records(tmp_path / "log.jsonl") if r["kind"] == "long_read"]
+    assert [r["case"].get("needle_oracle", False) for r in records] == [False, True]
+
+
 # --- speed --------------------------------------------------------------------------------------------------
 
 

@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     long_read.add_argument("--max-new-tokens", type=_positive_int, default=32, help="answer length (default: %(default)s)")
     long_read.add_argument("--keep-sessions", action="store_true",
                            help="keep each document's saved session (beside the results) after its record")
+    long_read.add_argument("--needle-oracle", action="store_true",
+                           help="for analysis: force the needles' blocks into every layer's choice from the first "
+                                "token on (records and checkpoints of their own)")
 
     table = commands.add_parser("table", help="print the tables of a result file (--markdown for BENCHMARKS.md)")
     table.add_argument("file", type=Path, help="a .jsonl result file")
@@ -462,7 +465,7 @@ def cmd_long_read(args, console) -> None:
         run_long_read(model, tokenizer, model_id, config, args.lengths, args.depths, log, one_needle=args.one_needle,
                       seed=args.seed, prefill_chunk=args.prefill_chunk, max_new_tokens=args.max_new_tokens,
                       every=args.every, keep_sessions=args.keep_sessions, say=progress.console.print,
-                      on_tokens=advance)
+                      on_tokens=advance, needle_oracle=args.needle_oracle)
     from inf_llm.bench.plot import plot_records
 
     for path in plot_records(log.records_of(PROGRESS_KIND), log.path.with_suffix(".png")):

@@ -41,6 +41,7 @@ from inf_llm.bench.results import ResultLog, case_id, machine_info
 from inf_llm.config.schema import InfLLMConfig
 from inf_llm.generation.engine import Engine
 from inf_llm.generation.sampling import SamplingParams
+from inf_llm.memory.retrieval_trace import RetrievalTrace
 from inf_llm.sessions.identity import memory_settings
 
 KIND, PROGRESS_KIND = "long_read", "long_read_progress"
@@ -191,11 +192,21 @@ def _bookkeeping(session) -> dict[str, Any]:
     raise ValueError(f"{session.path} is not a long-read checkpoint (no bookkeeping message)")
 
 
+def needle_blocks(doc: Document, config: InfLLMConfig) -> list[int]:
+    """The memory blocks that hold any token of the document's needles (blocks are cut from the tokens after the
+    sinks, `block_size` at a time): what `needle_oracle` forces."""
+    layout = RetrievalTrace(config.block_size, config.num_sink_tokens)
+    return sorted({b for n in doc.needles for b in layout.blocks_of(n.start, n.end)})
+
+
 def read_and_ask(model, tokenizer, config: InfLLMConfig, doc: Document, session_dir: Path, *, prefill_chunk: int,
                  max_new_tokens: int, every: int, on_progress: Callable[[dict[str, Any]], None] | None = None,
-                 on_tokens: Callable[[int, int], None] | None = None, keep_session: bool = False) -> dict[str, Any]:
+                 on_tokens: Callable[[int, int], None] | None = None, keep_session: bool = False,
+                 needle_oracle: bool = False) -> dict[str, Any]:
     """One measured read of `doc` (resumed from the checkpoint in `session_dir` if there is one), every needle
-    asked for, then the session resumed into a new engine and asked again; the result's fields."""
+    asked for, then the session resumed into a new engine and asked again; the result's fields. With
+    `needle_oracle` the blocks of every needle are forced into every layer's choice from the first token on, in
+    both engines: an analysis (can the model answer from this far with its needle retrieved throughout?)."""
     from inf_llm.sessions.state_file import STATE_FILE
     from inf_llm.sessions.store import release, resume_session, save_session
 
@@ -212,6 +223,8 @@ def read_and_ask(model, tokenizer, config: InfLLMConfig, doc: Document, session_
             raise ValueError(f"{session_dir} holds {done} tokens that are not this document's first ones")
         prefill_s = _bookkeeping(session)["prefill_s"]
         resumed_from = {"tokens": done, "resume_s": time.perf_counter() - start}
+    if needle_oracle:  # not part of a saved session: set on each engine
+        engine.memory.force_blocks(needle_blocks(doc, config))
     reading = time.perf_counter()
 
     def progress(chunk_done: int, chunk_total: int) -> None:
@@ -246,6 +259,8 @@ def read_and_ask(model, tokenizer, config: InfLLMConfig, doc: Document, session_
     start = time.perf_counter()
     resume_session(session_dir, engine, chat)
     resume_s = time.perf_counter() - start
+    if needle_oracle:
+        engine.memory.force_blocks(needle_blocks(doc, config))
     again = ask_all(engine, doc, max_new_tokens)
     rss_peak = max(rss_peak, _rss())
     release(engine)
@@ -283,7 +298,8 @@ def run_long_read(model, tokenizer, model_id: str, config: InfLLMConfig, lengths
                   depths: tuple[float, ...], log: ResultLog, *, one_needle: bool = False, seed: int = 0,
                   prefill_chunk: int = 2048, max_new_tokens: int = MAX_NEW_TOKENS["single"], every: int = 65536,
                   keep_sessions: bool = False, say: Callable[[str], None] = print,
-                  on_tokens: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+                  on_tokens: Callable[[int, int], None] | None = None,
+                  needle_oracle: bool = False) -> list[dict[str, Any]]:
     """Each length in turn (shortest first: the control), each document of it (one per depth with one_needle),
     one record each; a case already in `log` is skipped, and a stopped read resumes from its checkpoint (kept in
     a folder beside the log). A whole read kept (`keep_sessions`) is resumed and asked again by a run under other
@@ -295,6 +311,8 @@ def run_long_read(model, tokenizer, model_id: str, config: InfLLMConfig, lengths
         for doc_depths in documents:
             case = {"model": model_id, "settings": config.to_dict(), "length": length, "depths": list(doc_depths),
                     "seed": seed, "version": DOCUMENT_VERSION, "max_new_tokens": max_new_tokens}
+            if needle_oracle:  # its own records and checkpoints: the forced needles change what is read
+                case["needle_oracle"] = True
             if log.done(KIND, case):
                 continue
             doc = build_document(tokenizer, length, doc_depths, seed)
@@ -315,7 +333,7 @@ def run_long_read(model, tokenizer, model_id: str, config: InfLLMConfig, lengths
 
             result = read_and_ask(model, tokenizer, config, doc, session_dir, prefill_chunk=prefill_chunk,
                                   max_new_tokens=max_new_tokens, every=every, on_progress=note, on_tokens=on_tokens,
-                                  keep_session=keep_sessions)
+                                  keep_session=keep_sessions, needle_oracle=needle_oracle)
             records.append(log.append(KIND, case, machine=machine, **result))
             answers = ", ".join(f"{a['word']} ({a['depth']:.0%}) {'ok' if a['correct'] else 'missed'} {a['reply']!r}"
                                 for a in result["answers"])
