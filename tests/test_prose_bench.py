@@ -256,7 +256,14 @@ def test_trace_command_reports_every_step_and_a_class(tiny_checkpoint, tmp_path,
     _archive(corpus, [_wrapped(paragraphs[:150]), _wrapped(paragraphs[150:])])
     monkeypatch.setenv("INF_LLM_CORPUS", str(corpus))
     torch.set_num_threads(1)
-    assert main(["trace", "--model-path", str(tiny_checkpoint), "--length", "700", "--depth", "0.2", *SMALL]) == 0
+    import inf_llm.bench.trace as trace_module
+
+    asked = []
+    real_answer = trace_module.answer
+    monkeypatch.setattr(trace_module, "answer", lambda *a, **kw: (asked.append(kw), real_answer(*a, **kw))[1])
+    assert main(["trace", "--model-path", str(tiny_checkpoint), "--length", "700", "--depth", "0.2",
+                 "--min-new-tokens", "2", *SMALL]) == 0
+    assert asked == [{"min_new_tokens": 2}]  # the chat's path, when asked for
     out = capsys.readouterr().out
     assert "prompt end" in out and "needle at tokens" in out
     assert any(name in out for name in ("answered", "never retrieved", "split at a block boundary",

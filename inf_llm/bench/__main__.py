@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--length", type=parse_length, default=parse_length("4K"), help="prompt length (default: 4K)")
     trace.add_argument("--depth", type=float, default=0.5, help="target needle depth (default: 0.5)")
     trace.add_argument("--seed", type=int, default=0, help="the case's seed (default: 0)")
+    trace.add_argument("--min-new-tokens", type=int, default=0,
+                       help="the reply's first N tokens are never the end of the turn (default: 0, the model's choice)")
 
     speed = commands.add_parser("speed", help="prefill tokens/s, decode ms/token and memory vs context length")
     _add_model(speed)
@@ -388,7 +390,7 @@ def cmd_trace(args, console) -> None:
     (run,) = _runs(args, None if args.model_path is None else model.config.model_type)
     prompt = build_prose_prompt(tokenizer, args.task[0], args.length, args.depth, args.seed)
     engine = Engine(model, tokenizer, run.config, prefill_chunk=args.prefill_chunk)
-    result = trace_case(engine, prompt)
+    result = trace_case(engine, prompt, args.min_new_tokens)
     console.print(f"{run.label}: {args.task[0]}, {len(prompt.ids)} tokens, depth {args.depth:.0%}, seed {args.seed}")
     console.print(f"question: {escape(prompt.question)}")
     layout = RetrievalTrace(run.config.block_size, run.config.num_sink_tokens)  # position -> block arithmetic

@@ -89,11 +89,12 @@ def classify(steps: list[StepSummary], prompt: ProsePrompt, score: float, num_la
     return "retrieved and not used"
 
 
-def trace_case(engine: Engine, prompt: ProsePrompt) -> dict[str, Any]:
-    """Answer the case with a trace attached; its record fields plus the per-step summaries and the class."""
+def trace_case(engine: Engine, prompt: ProsePrompt, min_new_tokens: int = 0) -> dict[str, Any]:
+    """Answer the case with a trace attached (the reply's first `min_new_tokens` never end it, as the chat's
+    `--min-new-tokens`); its record fields plus the per-step summaries and the class."""
     trace = engine.memory.start_trace()
     try:
-        result = answer(engine, prompt)
+        result = answer(engine, prompt, min_new_tokens=min_new_tokens)
     finally:
         engine.memory.stop_trace()
     texts = [engine.tokenizer.decode([t]) for t in result["reply_ids"]]  # step i's query gives reply token i
