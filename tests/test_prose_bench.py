@@ -262,13 +262,34 @@ def test_trace_command_reports_every_step_and_a_class(tiny_checkpoint, tmp_path,
     real_answer = trace_module.answer
     monkeypatch.setattr(trace_module, "answer", lambda *a, **kw: (asked.append(kw), real_answer(*a, **kw))[1])
     assert main(["trace", "--model-path", str(tiny_checkpoint), "--length", "700", "--depth", "0.2",
-                 "--min-new-tokens", "2", *SMALL]) == 0
+                 "--min-new-tokens", "2", "--task", "twohop", *SMALL]) == 0
     assert asked == [{"min_new_tokens": 2}]  # the chat's path, when asked for
     out = capsys.readouterr().out
-    assert "prompt end" in out and "needle at tokens" in out
+    assert "prompt end" in out and out.count("needle at tokens") == 2 and "whole, per needle" in out
     assert any(name in out for name in ("answered", "never retrieved", "split at a block boundary",
                                         "dropped while decoding", "retrieved in too few layers",
                                         "retrieved and not used"))
+
+
+def test_trace_counts_each_needle_within_the_totals(tiny_checkpoint, paragraphs):
+    from inf_llm.bench.trace import trace_case
+    from inf_llm.config.schema import InfLLMConfig
+    from inf_llm.generation.engine import Engine
+    from inf_llm.model.loading import load_model
+
+    torch.set_num_threads(1)
+    model, tok = load_model(str(tiny_checkpoint))
+    config = InfLLMConfig(num_sink_tokens=8, local_window=64, chunk_size=32, block_size=16, topk_blocks=3,
+                          device_cache_blocks=8)
+    prompt = build_prose_prompt(tok, "twohop", 700, 0.2, 0, paragraphs=paragraphs)
+    result = trace_case(Engine(model, tok, config, prefill_chunk=128), prompt)
+    assert len(result["steps"]) >= 2
+    for step in result["steps"]:
+        assert len(step.per_needle) == 2
+        wholes, parts = zip(*step.per_needle)
+        assert all(w <= p <= result["layers"] for w, p in step.per_needle)
+        # Every needle whole in a layer is the needles whole there; any needle part of it is a part.
+        assert step.layers_whole <= min(wholes) and max(parts) <= step.layers_part <= sum(parts)
 
 
 def test_trace_summaries_count_layers_and_classify(tokenizer, paragraphs):
@@ -277,8 +298,9 @@ def test_trace_summaries_count_layers_and_classify(tokenizer, paragraphs):
     prompt = build_prose_prompt(tokenizer, "single", 1024, 0.2, 0, paragraphs=paragraphs)
 
     def steps(prompt_end, whole, part):
-        return [StepSummary("prompt end", 0, prompt_end, prompt_end, 0, 0.1, ()),
-                *[StepSummary(str(i), i + 1, w, p, 0, 0.1, ()) for i, (w, p) in enumerate(zip(whole, part))]]
+        return [StepSummary("prompt end", 0, prompt_end, prompt_end, ((prompt_end, prompt_end),), 0, 0.1, ()),
+                *[StepSummary(str(i), i + 1, w, p, ((w, p),), 0, 0.1, ())
+                  for i, (w, p) in enumerate(zip(whole, part))]]
 
     assert classify(steps(10, [10, 10], [10, 10]), prompt, 1.0, 10, 128) == "answered"
     assert classify(steps(0, [0, 0], [0, 0]), prompt, 0.0, 10, 128) == "never retrieved"
@@ -287,3 +309,28 @@ def test_trace_summaries_count_layers_and_classify(tokenizer, paragraphs):
     assert classify(steps(2, [2, 1], [3, 1]), prompt, 0.0, 10, 128) == "retrieved in too few layers"
     assert classify(steps(9, [9, 8], [9, 8]), prompt, 0.5, 10, 128) == "retrieved and not used"
     assert classify(steps(0, [0], [0]), prompt, 0.0, 10, 2048) == "in the window"
+
+    # Two needles: the one retrieved in the fewest layers decides, named; one read everywhere and the other nowhere
+    # is "never retrieved", not a needle split at a block boundary (as counting the two together would say).
+    twohop = build_prose_prompt(tokenizer, "twohop", 1024, 0.2, 0, paragraphs=paragraphs)
+    (a1, e1), (a2, e2) = (twohop.needles[i] for i in twohop.answer_needles)
+
+    def two(first, second, prompt_end=((10, 10), (0, 0))):
+        def summary(label, i, each):
+            wholes, parts = zip(*each)
+            return StepSummary(label, i, min(wholes), max(parts), each, 0, 0.1, ())
+        return [summary("prompt end", 0, prompt_end),
+                *[summary(str(i), i + 1, (f, s)) for i, (f, s) in enumerate(zip(first, second))]]
+
+    assert classify(two([(10, 10)] * 2, [(0, 0)] * 2), twohop, 0.0, 10, 128) == \
+        f"never retrieved (needle 2 of 2, tokens {a2}-{e2})"
+    assert classify(two([(10, 10)] * 2, [(0, 0)] * 2, ((10, 10), (9, 9))), twohop, 0.0, 10, 128) == \
+        f"dropped while decoding (needle 2 of 2, tokens {a2}-{e2})"
+    assert classify(two([(1, 9)] * 2, [(10, 10)] * 2), twohop, 0.0, 10, 128) == \
+        f"split at a block boundary (needle 1 of 2, tokens {a1}-{e1})"
+    assert classify(two([(3, 4)] * 2, [(10, 10)] * 2, ((2, 4), (10, 10))), twohop, 0.0, 10, 128) == \
+        f"retrieved in too few layers (needle 1 of 2, tokens {a1}-{e1})"
+    assert classify(two([(9, 9)] * 2, [(8, 8)] * 2), twohop, 0.0, 10, 128) == "retrieved and not used"
+    # A needle still in the local window is not memory's to retrieve: the other one decides.
+    assert classify(two([(3, 4)] * 2, [(0, 0)] * 2, ((2, 4), (0, 0))), twohop, 0.0, 10, len(twohop.ids) - a2) == \
+        f"retrieved in too few layers (needle 1 of 2, tokens {a1}-{e1})"

@@ -13,6 +13,10 @@ attention weight the query put on the needle's tokens. A summary classifies the 
 - `retrieved in too few layers`: fewer than half the layers chose it at the decoded tokens;
 - `retrieved and not used`: most layers chose it and the answer is still wrong (a limit of the model, or of
   attending it at one distance: see the weight column).
+
+Where the answer needs several needles (`twohop`, `multivalue`, `multiquery`), the class is that of the needle
+retrieved in the fewest layers while decoding, named after it ("never retrieved (needle 2 of 2, tokens ...)"):
+one needle read in every layer and the other in none is not a needle split at a block boundary.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class StepSummary:
     start: int  # position of the step's first query
     layers_whole: int  # layers that chose every block of the needles
     layers_part: int  # layers that chose at least one
+    per_needle: tuple[tuple[int, int], ...]  # for each needle the answer needs: (layers whole, layers part)
     rank: float | None  # median over layers of the best needle block's rank (0 = first)
     weight: float  # attention on the needles' tokens, mean over layers (1 = all of it)
     ranks: tuple[int | None, ...]  # per layer
@@ -47,6 +52,7 @@ def summarise(trace: RetrievalTrace, prompt: ProsePrompt, reply_tokens: list[str
     """One summary per traced step from the prompt's last chunk on."""
     spans = needle_spans(prompt)
     needle_blocks = answer_blocks(prompt, trace.block_size, trace.num_sink_tokens)
+    span_blocks = [trace.blocks_of(a, e) for a, e in spans]
     last_prompt = len(prompt.ids) - 1  # generate feeds this token; its query gives the first reply token
     starts = sorted({c.start for c in trace.chunks})
     prompt_end = max((s for s in starts if s < last_prompt), default=None)
@@ -56,15 +62,20 @@ def summarise(trace: RetrievalTrace, prompt: ProsePrompt, reply_tokens: list[str
     for label, start in steps:
         chunks = sorted((c for c in trace.chunks if c.start == start), key=lambda c: c.layer)
         whole = part = 0
+        each = [[0, 0] for _ in spans]
         ranks, weights = [], []
         for chunk in chunks:
             chosen = set(chunk.blocks.flatten().tolist())
             whole += bool(needle_blocks) and set(needle_blocks) <= chosen
             part += bool(chosen & set(needle_blocks))
+            for counts, blocks in zip(each, span_blocks):
+                counts[0] += bool(blocks) and set(blocks) <= chosen
+                counts[1] += bool(chosen & set(blocks))
             ranks.append(min((r for b in needle_blocks if (r := chunk.rank_of(b)) is not None), default=None))
             weights.append(sum(trace.weight_on(chunk, a, e) for a, e in spans))
         known = [r for r in ranks if r is not None]
-        out.append(StepSummary(label, start, whole, part, statistics.median(known) if known else None,
+        out.append(StepSummary(label, start, whole, part, tuple(map(tuple, each)),
+                               statistics.median(known) if known else None,
                                sum(weights) / max(len(weights), 1), tuple(ranks)))
     return out
 
@@ -77,15 +88,25 @@ def classify(steps: list[StepSummary], prompt: ProsePrompt, score: float, num_la
     decoding = [s for s in steps if s.label != "prompt end"]
     if not decoding or all(s.layers_part == 0 for s in decoding):
         return "never retrieved"
-    whole = statistics.mean(s.layers_whole for s in decoding) / num_layers
-    part = statistics.mean(s.layers_part for s in decoding) / num_layers
+    spans = needle_spans(prompt)
+    # Of the needles that memory must bring back (not those still in the window), the one retrieved whole in the
+    # fewest layers while decoding (ties: the first) decides the class.
+    remote = [i for i, (a, _) in enumerate(spans) if a < len(prompt.ids) - window]
+    wholes = {i: statistics.mean(s.per_needle[i][0] for s in decoding) / num_layers for i in remote}
+    worst = min(remote, key=lambda i: wholes[i])
+    whole = wholes[worst]
+    part = statistics.mean(s.per_needle[worst][1] for s in decoding) / num_layers
+    a, e = spans[worst]
+    named = "" if len(spans) == 1 else f" (needle {worst + 1} of {len(spans)}, tokens {a}-{e})"
     prompt_end = next((s for s in steps if s.label == "prompt end"), None)
     if whole < 0.5 and part >= 0.5 and part - whole >= 0.25:
-        return "split at a block boundary"
-    if whole < 0.5 and prompt_end is not None and prompt_end.layers_whole / num_layers >= 0.5:
-        return "dropped while decoding"
+        return "split at a block boundary" + named
+    if whole < 0.5 and prompt_end is not None and prompt_end.per_needle[worst][0] / num_layers >= 0.5:
+        return "dropped while decoding" + named
+    if part == 0:
+        return "never retrieved" + named
     if whole < 0.5:
-        return "retrieved in too few layers"
+        return "retrieved in too few layers" + named
     return "retrieved and not used"
 
 
@@ -112,8 +133,10 @@ def steps_table(result: dict[str, Any]) -> TableData:
     rows = []
     for s in result["steps"]:
         ranks = " ".join("-" if r is None else str(r) for r in s.ranks)
-        rows.append((repr(s.label), str(s.start), f"{s.layers_whole}/{layers}", f"{s.layers_part}/{layers}",
+        each = " ".join(str(w) for w, _ in s.per_needle)
+        rows.append((repr(s.label), str(s.start), f"{s.layers_whole}/{layers}", f"{s.layers_part}/{layers}", each,
                      "-" if s.rank is None else f"{s.rank:g}", f"{s.weight:.3f}", ranks))
     return TableData(f"retrieval of the needle blocks {result['needle_blocks']} ({result['class']})",
-                     ("step", "position", "layers: whole", "layers: part", "median rank", "weight on needles",
+                     ("step", "position", "layers: whole", "layers: part", "whole, per needle", "median rank",
+                      "weight on needles",
                       "rank per layer (0 = best)"), tuple(rows), left_columns=1)
