@@ -265,7 +265,7 @@ def test_trace_command_reports_every_step_and_a_class(tiny_checkpoint, tmp_path,
                  "--min-new-tokens", "2", "--task", "twohop", *SMALL]) == 0
     assert asked == [{"min_new_tokens": 2}]  # the chat's path, when asked for
     out = capsys.readouterr().out
-    assert "prompt end" in out and out.count("needle at tokens") == 2 and "whole, per needle" in out
+    assert "prompt end" in out and out.count("needle at tokens") == 2 and "each needle: whole/part" in out
     assert any(name in out for name in ("answered", "never retrieved", "split at a block boundary",
                                         "dropped while decoding", "retrieved in too few layers",
                                         "retrieved and not used"))

@@ -398,7 +398,8 @@ def cmd_trace(args, console) -> None:
         console.print(f"needle at tokens {a}-{e} (blocks {layout.blocks_of(a, e)}): {escape(text)}")
     console.print(f"expected {' '.join(prompt.answers)}; reply {escape(repr(result['reply']))}; "
                   f"score {result['score']:.2f}")
-    console.print(to_rich(steps_table(result)))
+    # 30 layers' ranks make a wide table: wider than a log's 200 columns, the step column would be folded away.
+    console.print(to_rich(steps_table(result)), width=max(console.width, 240))
     console.print(f"[bold]{result['class']}[/bold]")
 
 

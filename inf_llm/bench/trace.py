@@ -133,10 +133,10 @@ def steps_table(result: dict[str, Any]) -> TableData:
     rows = []
     for s in result["steps"]:
         ranks = " ".join("-" if r is None else str(r) for r in s.ranks)
-        each = " ".join(str(w) for w, _ in s.per_needle)
+        each = " ".join(f"{w}/{p}" for w, p in s.per_needle)
         rows.append((repr(s.label), str(s.start), f"{s.layers_whole}/{layers}", f"{s.layers_part}/{layers}", each,
                      "-" if s.rank is None else f"{s.rank:g}", f"{s.weight:.3f}", ranks))
     return TableData(f"retrieval of the needle blocks {result['needle_blocks']} ({result['class']})",
-                     ("step", "position", "layers: whole", "layers: part", "whole, per needle", "median rank",
-                      "weight on needles",
+                     ("step", "position", "layers: whole", "layers: part", "each needle: whole/part",
+                      "median rank", "weight on needles",
                       "rank per layer (0 = best)"), tuple(rows), left_columns=1)
