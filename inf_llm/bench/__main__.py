@@ -398,8 +398,11 @@ def cmd_trace(args, console) -> None:
         console.print(f"needle at tokens {a}-{e} (blocks {layout.blocks_of(a, e)}): {escape(text)}")
     console.print(f"expected {' '.join(prompt.answers)}; reply {escape(repr(result['reply']))}; "
                   f"score {result['score']:.2f}")
-    # 30 layers' ranks make a wide table: wider than a log's 200 columns, the step column would be folded away.
-    console.print(to_rich(steps_table(result)), width=max(console.width, 240))
+    # 30 layers' ranks make a wide table: in a log's 200 columns the step column would be folded away (a console
+    # prints no wider than its own width).
+    from rich.console import Console
+
+    Console(file=console.file, width=max(console.width, 260)).print(to_rich(steps_table(result)))
     console.print(f"[bold]{result['class']}[/bold]")
 
 
