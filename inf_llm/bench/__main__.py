@@ -94,6 +94,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_min_new_tokens(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--min-new-tokens", type=int, default=0,
+                        help="the reply's first N tokens are never the end of the turn (default: 0, the model's choice)")
+
+
 def _add_output(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_results"),
                         help="folder of the results (default: %(default)s)")
@@ -169,8 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     prose.add_argument("--repetition-penalty", type=float, default=1.0,
                        help="the chat's penalty on what a reply repeats beyond its context (default: 1.0, none; "
                             "the chat's default is 1.2)")
-    prose.add_argument("--min-new-tokens", type=int, default=0,
-                       help="the reply's first N tokens are never the end of the turn (default: 0, the model's choice)")
+    _add_min_new_tokens(prose)
     prose.add_argument("--needle-oracle", nargs="?", const="all", type=parse_oracle, default=None,
                        help="analysis: inf-llm retrieves the blocks of the needles that hold the answer in every layer, "
                             "besides its own choice, at every step (all, the default: is the needle enough once "
@@ -194,8 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--length", type=parse_length, default=parse_length("4K"), help="prompt length (default: 4K)")
     trace.add_argument("--depth", type=float, default=0.5, help="target needle depth (default: 0.5)")
     trace.add_argument("--seed", type=int, default=0, help="the case's seed (default: 0)")
-    trace.add_argument("--min-new-tokens", type=int, default=0,
-                       help="the reply's first N tokens are never the end of the turn (default: 0, the model's choice)")
+    _add_min_new_tokens(trace)
 
     speed = commands.add_parser("speed", help="prefill tokens/s, decode ms/token and memory vs context length")
     _add_model(speed)

@@ -196,7 +196,7 @@ def needle_blocks(doc: Document, config: InfLLMConfig) -> list[int]:
     """The memory blocks that hold any token of the document's needles (blocks are cut from the tokens after the
     sinks, `block_size` at a time): what `needle_oracle` forces."""
     layout = RetrievalTrace(config.block_size, config.num_sink_tokens)
-    return sorted({b for n in doc.needles for b in layout.blocks_of(n.start, n.end)})
+    return layout.blocks_of_spans((n.start, n.end) for n in doc.needles)
 
 
 def read_and_ask(model, tokenizer, config: InfLLMConfig, doc: Document, session_dir: Path, *, prefill_chunk: int,

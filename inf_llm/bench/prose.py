@@ -154,8 +154,7 @@ def answer(engine: Engine, prompt: ProsePrompt, progress=None, repetition_penalt
 def answer_blocks(prompt: ProsePrompt, block_size: int, num_sink_tokens: int) -> list[int]:
     """The memory blocks that hold the needles with the prompt's answer (blocks are cut from the tokens after the
     sinks, `block_size` at a time): what the needle oracle forces and the trace follows."""
-    layout = RetrievalTrace(block_size, num_sink_tokens)
-    return sorted({b for i in prompt.answer_needles for b in layout.blocks_of(*prompt.needles[i])})
+    return RetrievalTrace(block_size, num_sink_tokens).blocks_of_spans(prompt.needles[i] for i in prompt.answer_needles)
 
 
 def run_prose(model, tokenizer, model_id: str, runs: list[MethodRun], plan: ProsePlan, log: ResultLog,

@@ -25,7 +25,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from inf_llm.bench.prose import answer, answer_blocks
+from inf_llm.bench.prose import answer
 from inf_llm.bench.prose_tasks import ProsePrompt
 from inf_llm.bench.table_data import TableData
 from inf_llm.generation.engine import Engine
@@ -51,8 +51,8 @@ def needle_spans(prompt: ProsePrompt) -> list[tuple[int, int]]:
 def summarise(trace: RetrievalTrace, prompt: ProsePrompt, reply_tokens: list[str]) -> list[StepSummary]:
     """One summary per traced step from the prompt's last chunk on."""
     spans = needle_spans(prompt)
-    needle_blocks = answer_blocks(prompt, trace.block_size, trace.num_sink_tokens)
     span_blocks = [trace.blocks_of(a, e) for a, e in spans]
+    needle_blocks = trace.blocks_of_spans(spans)
     last_prompt = len(prompt.ids) - 1  # generate feeds this token; its query gives the first reply token
     starts = sorted({c.start for c in trace.chunks})
     prompt_end = max((s for s in starts if s < last_prompt), default=None)

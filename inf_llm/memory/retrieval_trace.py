@@ -63,6 +63,10 @@ class RetrievalTrace:
         return list(range((first - self.num_sink_tokens) // self.block_size,
                           (end - 1 - self.num_sink_tokens) // self.block_size + 1))
 
+    def blocks_of_spans(self, spans) -> list[int]:
+        """The blocks that hold any position of any span [start, end), ascending."""
+        return sorted({b for start, end in spans for b in self.blocks_of(start, end)})
+
     def record(self, layer: int, start: int, q_local: torch.Tensor, k_local: torch.Tensor, q_global: torch.Tensor,
                k_global: torch.Tensor, scale: float, *, local_offset: int, num_memory: int, window: int,
                parts: tuple[int, int, int], blocks: torch.Tensor | None, scores: torch.Tensor | None) -> None:
