@@ -20,6 +20,7 @@ from inf_llm.storage.block_layout import BlockLayout
 from inf_llm.storage.block_store import BlockStore
 from inf_llm.storage.cache_policy import EvictionPolicy
 from inf_llm.storage.disk_tier import DATA_FILE, ENTRY_BYTES, INDEX_FILE, DiskTier, DiskTierError
+from inf_llm.storage.rows import put_rows
 from inf_llm.storage.spill import SPILL_PREFIX, SpillDirectory
 from inf_llm.storage.tier_settings import TierSettings, tier_settings
 from tests.tiny_models import tiny_model
@@ -389,18 +390,20 @@ def test_read_many_into_equals_one_read_per_block_and_checks_each(tmp_path):
     tier = DiskTier(tmp_path / "s", layout, durable=False)
     tier.write(range(6), records)
     ids = [4, 0, 5, 2]
-    outs = list(layout.empty(len(ids)))
+    outs = layout.empty(len(ids))
     tier.read_many_into(ids, outs)
     assert all(torch.equal(out, records[b]) for b, out in zip(ids, outs))
     with pytest.raises(KeyError, match="block 7 is not on disk"):
-        tier.read_many_into([1, 7], list(layout.empty(2)))
+        tier.read_many_into([1, 7], layout.empty(2))
+    with pytest.raises(ValueError, match="uint8 tensor to read into"):
+        tier.read_many_into(ids, layout.empty(len(ids) + 1))
     with open(tmp_path / "s" / DATA_FILE, "r+b") as data:  # damage block 5's record
         data.seek(5 * layout.record_bytes + 9)
         byte = data.read(1)
         data.seek(5 * layout.record_bytes + 9)
         data.write(bytes([byte[0] ^ 0x01]))
     with pytest.raises(DiskTierError, match="block 5 .* is damaged"):
-        tier.read_many_into(ids, list(layout.empty(len(ids))))
+        tier.read_many_into(ids, layout.empty(len(ids)))
 
 
 # --- the store across tiers ----------------------------------------------------------------------------------
@@ -436,6 +439,47 @@ def test_budget_holds_and_every_gather_is_bit_exact(dtype, budget_blocks):
     assert store.disk_reads > 0 and store.disk_writes > 0
     for b in range(appended):  # host_block reads from either tier too
         assert torch.equal(store.host_block(b)[0], k[b].to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_one_load_from_both_tiers_puts_each_block_in_its_place(dtype):
+    # A load whose blocks interleave between RAM and disk is read as two gathers scattered into their rows, and
+    # the blocks from disk are promoted into the free rows the evictions leave, which are not consecutive. Every
+    # gathered block must still be the one appended, in the order asked, and exactly the disk's blocks read there.
+    store = _store(6, dtype=dtype, cache_blocks=12)
+    k, v = _blocks(16, 9)
+    store.append(k, v)  # blocks 10..15 in RAM, 0..9 on disk
+    assert [b in store.host for b in range(16)] == [False] * 10 + [True] * 6
+    store.gather(torch.tensor([11, 13, 15]))  # used lately: the others in RAM leave first
+    for ids in ([0, 10, 2, 12, 4, 14, 6], [1, 11, 3, 9, 13, 5, 15], [7, 8, 10, 12]):
+        before = store.disk_reads
+        store.block_slot.clear()  # every block loads again: from RAM or disk, in one request
+        store.slot_block[:] = [-1] * store.cache_blocks
+        store.cache = EvictionPolicy(store.policy, store.score_decay)
+        on_disk = [b for b in ids if b not in store.host]
+        gk, gv = store.gather(torch.tensor(ids))
+        assert store.disk_reads - before == len(on_disk)
+        want_k, want_v = store.layout.values(store.layout.pack(k[ids], v[ids]), torch.float32)
+        assert torch.equal(gk, want_k.transpose(0, 1).reshape(HKV, -1, D))
+        assert torch.equal(gv, want_v.transpose(0, 1).reshape(HKV, -1, D))
+        for b in range(16):  # every block in RAM still holds its own record
+            if b in store.host:
+                assert torch.equal(store.host.record(b), store.layout.pack(k[b : b + 1], v[b : b + 1])[0])
+
+
+@pytest.mark.parametrize("width", [24, 13])
+def test_put_rows_writes_each_record_into_its_row(width):
+    # Both paths: records as 8-byte words, and records of a size that is not a multiple of 8.
+    table = torch.randint(0, 256, (9, width), dtype=torch.uint8)
+    records = torch.randint(0, 256, (4, width), dtype=torch.uint8)
+    rows = [7, 0, 4, 2]
+    expected = table.clone()
+    for i, row in enumerate(rows):
+        expected[row] = records[i]
+    put_rows(table, rows, records)
+    assert torch.equal(table, expected)
+    put_rows(table, [], records[:0])
+    assert torch.equal(table, expected)
 
 
 @pytest.mark.parametrize("policy,decay", [("lru", None), ("lru-s", 0.5), ("fifo", None)])

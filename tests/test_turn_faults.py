@@ -79,10 +79,10 @@ def _infinite_bound(original, self, reprs):
     self._repr_absmax = torch.tensor(float("inf"), device=self._repr_absmax.device)
 
 
-def _damaged(original, self, block_id, record):
-    flipped = record.clone()
-    flipped[0] ^= 0xFF
-    original(self, block_id, flipped)  # the real CRC check, on a record with one byte changed
+def _damaged(original, self, block_ids, records):
+    flipped = records.clone()
+    flipped[0, 0] ^= 0xFF
+    original(self, block_ids, flipped)  # the real CRC check, on records with one byte changed
 
 
 def _blocks(conv):
@@ -138,7 +138,7 @@ FAULTS = {
     "float16 bound": lambda conv: Fault(LayerMemory, "_note_absmax", 2, _infinite_bound, conv.engine),
     "disk read (EIO)": lambda conv: Fault(DiskTier, "read_many_into", 2,
                                               _raise(OSError(errno.EIO, "Input/output error")), conv.engine),
-    "damaged block (CRC)": lambda conv: Fault(DiskTier, "_check", 2, _damaged, conv.engine),
+    "damaged block (CRC)": lambda conv: Fault(DiskTier, "_check_records", 2, _damaged, conv.engine),
 }
 EXPECTED_ERROR = {"layer forward": "RuntimeError: layer failed", "float16 bound": "ValueError: a representative "
                   "exceeds float16's range", "disk read (EIO)": "OSError: [Errno 5] Input/output error",

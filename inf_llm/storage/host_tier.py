@@ -15,6 +15,7 @@ import torch
 
 from inf_llm.storage.block_layout import BlockLayout
 from inf_llm.storage.cache_policy import EvictionPolicy
+from inf_llm.storage.rows import put_rows
 
 _MIN_ROWS = 16
 
@@ -73,8 +74,7 @@ class HostTier:
         if rows and rows == list(range(rows[0], rows[0] + len(rows))):
             self.slab[rows[0] : rows[-1] + 1].copy_(records)  # the usual case: consecutive rows, one copy
         else:
-            for i, row in enumerate(rows):  # row copies: several times faster than uint8 index_put
-                self.slab[row].copy_(records[i])
+            put_rows(self.slab, rows, records.contiguous())
         for block_id, row in zip(block_ids, rows):
             self.row_of[block_id] = row
             # A new block counts as used once: under lru-s it would otherwise be the first to leave.
