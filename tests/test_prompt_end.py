@@ -128,11 +128,12 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
     assert _end_blocks(engine) == [expected] * len(layers)
 
 
-def test_the_second_reading_is_the_reading_with_the_voted_blocks_forced_and_so_is_the_reply(model):
-    """The read for votes is rolled back exactly: the prompt's logits and the reply equal those of an engine
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_the_second_reading_is_the_reading_with_the_voted_blocks_forced_and_so_is_the_reply(model, rounds):
+    """The reads for votes are rolled back exactly: the prompt's logits and the reply equal those of an engine
     without the setting that reads the same pieces with the voted blocks forced from the last chunk on."""
     ids = _ids(300, seed=4)
-    voting = _engine(model)
+    voting = _engine(model, prompt_end_rounds=rounds)
     logits = voting.feed(ids[:-1])
     blocks = _end_blocks(voting)[0]
     reply = _reply(voting, ids[-1:])
@@ -146,6 +147,38 @@ def test_the_second_reading_is_the_reading_with_the_voted_blocks_forced_and_so_i
     unforced = _engine(model, prompt_end_blocks=0)
     unforced.feed(ids[:end])
     assert not torch.equal(unforced.feed(ids[end:-1]), logits)  # the voted blocks changed the reading
+
+
+def test_each_round_reads_with_the_blocks_chosen_before_and_adds_its_best_new_ones(model, monkeypatch):
+    """prompt_end_rounds: 2. The first round is the one-round vote; the second reads the chunk again with the first
+    round's blocks attended in every layer, and adds the prompt_end_blocks blocks it voted most for that the first
+    did not choose (ties: the lower id)."""
+    seen = []
+    vote = LayerMemory._vote_prompt_end
+
+    def recording(layer, q):
+        before = Counter(layer.end_tally)
+        attended = None if layer.end_blocks is None else layer.end_blocks.tolist()
+        vote(layer, q)
+        seen.append((attended, layer.end_tally - before))
+    monkeypatch.setattr(LayerMemory, "_vote_prompt_end", recording)
+    ids = _ids(300, seed=3)
+    one = _engine(model)
+    one.feed(ids)
+    one_round = list(seen)
+    seen.clear()
+    two = _engine(model, prompt_end_rounds=2)
+    two.feed(ids)
+    n = len(two.memory.layers)
+    assert len(seen) == 2 * n and seen[:n] == one_round  # the first round is the one-round vote
+    first = _end_blocks(one)[0]
+    assert all(attended == first for attended, _ in seen[n:])  # read with the first round's blocks
+    assert seen[n:] != seen[:n]  # which changed the queries, and so the votes
+    tally = sum((votes for _, votes in seen[n:]), Counter())
+    new = {block: count for block, count in tally.items() if block not in first}
+    added = sorted(sorted(new, key=lambda block: (-new[block], block))[: two.config.prompt_end_blocks])
+    assert len(added) == two.config.prompt_end_blocks  # the second round found blocks of its own
+    assert _end_blocks(two) == [sorted(set(first) | set(added))] * n
 
 
 def test_a_rollback_or_a_saved_state_replays_the_votes_and_the_reply(model):

@@ -39,8 +39,8 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "shared_candidates": 0, "shared_decay": 0.0,
                "shared_votes": "picks", "prompt_end_blocks": 0, "reply_pool_blocks": None,
                "reply_pool_every": 8, "prompt_end_queries": None, "prompt_end_following": 0,
-               "memory_distance": None, "memory_positions_until": None, "decode_memory_distance": None,
-               "reply_start_distance": None}
+               "prompt_end_rounds": 1, "memory_distance": None, "memory_positions_until": None,
+               "decode_memory_distance": None, "reply_start_distance": None}
 
 
 class ConfigError(ValueError):
@@ -142,6 +142,12 @@ class InfLLMConfig:
                                                           the N blocks after it (a question's words match a
                                                           fact's key, and its value may be cut into the next
                                                           block); 0 = the voted blocks only
+    prompt_end_rounds    (none)                           with prompt_end_blocks: the chunk is read for votes
+                                                          this many times, each round attending the blocks the
+                                                          rounds before chose and adding the N most voted that
+                                                          they did not (a question whose answer needs a second
+                                                          fact, which the first fact's passage points to); 1 =
+                                                          one round
     ranking_code_rank    (none)                           an approximate first stage: each block's summary is
                                                           also kept as a code of this many numbers (its
                                                           coordinates along the principal directions of the
@@ -231,6 +237,7 @@ class InfLLMConfig:
     prompt_end_blocks: int = 0
     prompt_end_queries: int | None = None
     prompt_end_following: int = 0
+    prompt_end_rounds: int = 1
     ranking_code_rank: int | None = None
     ranking_code_blocks: int = 4096
     reply_pool_blocks: int | None = None
@@ -257,7 +264,7 @@ class InfLLMConfig:
         _check_int("prompt_end_blocks", self.prompt_end_blocks, 0)
         _check_int("prompt_end_following", self.prompt_end_following, 0)
         for name in ("local_window", "block_size", "repr_tokens", "chunk_size", "device_cache_blocks", "decode_rank_every",
-                     "reply_pool_every"):
+                     "reply_pool_every", "prompt_end_rounds"):
             _check_int(name, getattr(self, name), 1)
         if self.memory_distance is not None:  # local_window is a valid count by now
             _check_int("memory_distance", self.memory_distance, self.local_window)
@@ -297,8 +304,9 @@ class InfLLMConfig:
             most = ("topk_blocks", self.topk_blocks) if self.topk_blocks >= self.chunk_topk_blocks else \
                 ("prefill_topk_blocks", self.prefill_topk_blocks)
             extras = [f"{name}={getattr(self, name)}" for name in ("shared_blocks", "prompt_end_blocks",
-                                                                   "prompt_end_following", "following_blocks")
-                      if getattr(self, name)]
+                                                                   "prompt_end_following", "prompt_end_rounds",
+                                                                   "following_blocks")
+                      if getattr(self, name) and (name != "prompt_end_rounds" or self.prompt_end_rounds > 1)]
             what = f"{most[0]}={most[1]}" + (f" with {' and '.join(extras)} ({retrieved} blocks)" if extras else "")
             raise ValueError(
                 f"{what} exceeds device_cache_blocks={self.device_cache_blocks}: the "
@@ -348,9 +356,10 @@ class InfLLMConfig:
     @property
     def retrieved_blocks(self) -> int:
         """The most blocks one chunk retrieves: the larger top-k, with the shared and the prompt end's blocks (and
-        the blocks after these, prompt_end_following), and with following_blocks, the blocks after each."""
+        the blocks after these, prompt_end_following, in each of prompt_end_rounds), and with following_blocks, the
+        blocks after each."""
         most = (max(self.topk_blocks + self.shared_blocks, self.chunk_topk_blocks)
-                + self.prompt_end_blocks * (1 + self.prompt_end_following))
+                + self.prompt_end_blocks * self.prompt_end_rounds * (1 + self.prompt_end_following))
         return most * (1 + self.following_blocks)
 
     def _check_rerank(self) -> None:
@@ -424,6 +433,9 @@ class InfLLMConfig:
                              "reply_pool_blocks: null or per_head_ranking: false")
 
     def _check_prompt_end(self) -> None:
+        if self.prompt_end_rounds > 1 and not self.prompt_end_blocks:
+            raise ValueError(f"prompt_end_rounds={self.prompt_end_rounds} repeats the prompt end's vote, but there is "
+                             "no vote: set prompt_end_blocks, or prompt_end_rounds: 1")
         if self.prompt_end_following and not self.prompt_end_blocks:
             raise ValueError(f"prompt_end_following={self.prompt_end_following} adds blocks after the prompt end's "
                              "voted ones, but there is no vote: set prompt_end_blocks, or prompt_end_following: 0")

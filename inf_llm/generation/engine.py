@@ -67,9 +67,9 @@ class Engine:
         each chunk's logits at every position, (chunk length, V) in the model's dtype, `start` being the chunk's
         offset in token_ids (scoring a text, as the lm-eval model does); otherwise only the last position's are
         computed. With prompt_end_blocks, the last chunk_size tokens of a feed of more than one are read by
-        themselves, once for votes and again to stay (each piece's logits are those of the second reading). If
-        interrupted (e.g. KeyboardInterrupt), the memory is left mid-chunk: callers restore a snapshot taken before
-        (the chat does).
+        themselves, once for votes (once per round, prompt_end_rounds) and again to stay (each piece's logits are
+        those of the last reading). If interrupted (e.g. KeyboardInterrupt), the memory is left mid-chunk: callers
+        restore a snapshot taken before (the chat does).
         """
         if len(token_ids) == 0:
             raise ValueError("feed() needs at least one token")

@@ -151,25 +151,35 @@ class InfLLMMemory:
         every layer attends the prompt_end_blocks most voted blocks (ties: the lower id), through the reply, until
         the next prompt's end is voted on. A needle that the exact logits of a few layers single out is then read
         by all: on long prose the model needs it in every layer (a needle forced into layers 0-11, 12-24 or 25-29
-        alone does not answer at 64K tokens; forced into all 30 it does)."""
-        tally: Counter[int] = Counter()
-        snap = self.snapshot()
-        traces = [layer.trace for layer in self.layers]
-        for layer in self.layers:
-            layer.end_tally, layer.trace = tally, None  # the trace records the chunk as it is read the second time
-        try:
-            read()
-        finally:
-            for layer, trace in zip(self.layers, traces):
-                layer.end_tally, layer.trace = None, trace
-            self.restore(snap)
-        ranked = sorted(tally.items(), key=lambda item: (-item[1], item[0]))[: self.config.prompt_end_blocks]
-        blocks = torch.tensor(sorted(block for block, _ in ranked), dtype=torch.long)
-        # prompt_end_following: the blocks after the voted ones too (the memory as it was before the chunk: the
-        # votes were cast over those blocks).
-        blocks = with_following(blocks, self.config.prompt_end_following, self.layers[0].blocks.num_blocks)
-        for layer in self.layers:
-            layer.end_blocks = blocks
+        alone does not answer at 64K tokens; forced into all 30 it does).
+
+        prompt_end_rounds: R reads the chunk for votes R times, each round attending every block the rounds before
+        chose, and adding the prompt_end_blocks most voted that they did not: a question whose answer needs a
+        second fact (the drawer that a code is kept in, then the number that drawer holds) names only the first,
+        and the question's queries can look for the second once they have read the first."""
+        chosen = torch.empty(0, dtype=torch.long)
+        num_blocks = self.layers[0].blocks.num_blocks  # the votes are cast over the memory as it was before the chunk
+        for _ in range(self.config.prompt_end_rounds):
+            tally: Counter[int] = Counter()
+            snap = self.snapshot()
+            traces = [layer.trace for layer in self.layers]
+            for layer in self.layers:
+                layer.end_tally, layer.trace = tally, None  # the trace records the chunk as it is read the last time
+            try:
+                read()
+            finally:
+                for layer, trace in zip(self.layers, traces):
+                    layer.end_tally, layer.trace = None, trace
+                self.restore(snap)
+            known = set(chosen.tolist())
+            ranked = [block for block, _ in sorted(tally.items(), key=lambda item: (-item[1], item[0]))
+                      if block not in known][: self.config.prompt_end_blocks]
+            # prompt_end_following: the blocks after the voted ones too.
+            voted = with_following(torch.tensor(sorted(ranked), dtype=torch.long), self.config.prompt_end_following,
+                                   num_blocks)
+            chosen = torch.cat((chosen, voted)).unique()  # ascending
+            for layer in self.layers:
+                layer.end_blocks = chosen
 
     def clear_prompt_end(self) -> None:
         """A new prompt: what the last one's end voted for is attended no more."""
