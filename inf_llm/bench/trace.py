@@ -52,7 +52,7 @@ def summarise(trace: RetrievalTrace, prompt: ProsePrompt, reply_tokens: list[str
     """One summary per traced step from the prompt's last chunk on."""
     spans = needle_spans(prompt)
     span_blocks = [trace.blocks_of(a, e) for a, e in spans]
-    needle_blocks = trace.blocks_of_spans(spans)
+    needle_blocks = sorted(set().union(*span_blocks))
     last_prompt = len(prompt.ids) - 1  # generate feeds this token; its query gives the first reply token
     starts = sorted({c.start for c in trace.chunks})
     prompt_end = max((s for s in starts if s < last_prompt), default=None)

@@ -303,10 +303,9 @@ class InfLLMConfig:
         if self.method == "inf-llm" and retrieved > self.device_cache_blocks:
             most = ("topk_blocks", self.topk_blocks) if self.topk_blocks >= self.chunk_topk_blocks else \
                 ("prefill_topk_blocks", self.prefill_topk_blocks)
-            extras = [f"{name}={getattr(self, name)}" for name in ("shared_blocks", "prompt_end_blocks",
-                                                                   "prompt_end_following", "prompt_end_rounds",
-                                                                   "following_blocks")
-                      if getattr(self, name) and (name != "prompt_end_rounds" or self.prompt_end_rounds > 1)]
+            unset = {"shared_blocks": 0, "prompt_end_blocks": 0, "prompt_end_following": 0, "prompt_end_rounds": 1,
+                     "following_blocks": 0}  # the values that add no block: not named
+            extras = [f"{name}={getattr(self, name)}" for name, value in unset.items() if getattr(self, name) != value]
             what = f"{most[0]}={most[1]}" + (f" with {' and '.join(extras)} ({retrieved} blocks)" if extras else "")
             raise ValueError(
                 f"{what} exceeds device_cache_blocks={self.device_cache_blocks}: the "

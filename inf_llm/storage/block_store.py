@@ -152,7 +152,9 @@ class BlockStore:
         """
         out = self.layout.empty(len(block_ids), pin_memory=self.pin)
         host = self.host
-        from_disk = [i for i, block_id in enumerate(block_ids) if block_id not in host]
+        in_host, from_disk = [], []
+        for i, block_id in enumerate(block_ids):
+            (in_host if block_id in host else from_disk).append(i)
         if not from_disk:
             host.records(block_ids, out=out)  # one gather: a shortlist's misses are tens of blocks a step
         elif len(from_disk) == len(block_ids):
@@ -161,7 +163,6 @@ class BlockStore:
         else:
             # Two gathers, scattered into their rows: at a million tokens a decoding step reads thousands of blocks
             # from both tiers, where a copy per block cost more than the copying.
-            in_host = [i for i, block_id in enumerate(block_ids) if block_id in host]
             put_rows(out, in_host, host.records([block_ids[i] for i in in_host]))
             read = self.layout.empty(len(from_disk))
             self.disk.read_many_into([block_ids[i] for i in from_disk], read)
