@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from fractions import Fraction
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from inf_llm.generation.engine import Engine
 from inf_llm.generation.sampling import SamplingParams
 from inf_llm.memory.layer_memory import LayerMemory
-from inf_llm.memory.ranking import peak_block_scores
+from inf_llm.memory.ranking import peak_block_scores, tally_votes
 from tests.test_engine import ByteTokenizer, _config, _ids
 from tests.tiny_models import tiny_model
 
@@ -86,46 +87,84 @@ def _best(scores: dict[int, float], count: int) -> list[int]:
     return sorted(sorted(scores, key=lambda i: (-scores[i], i))[:count])
 
 
-@pytest.mark.parametrize("asked, following", [(None, 0), (5, 1)])
+def _best_first(scores: dict[int, float], count: int) -> list[int]:
+    """The `count` highest-scored ids, best first, ties to the lower id."""
+    return sorted(scores, key=lambda i: (-scores[i], i))[:count]
+
+
+@pytest.mark.parametrize("asked, following, tally, skip", [(None, 0, "count", 0), (5, 1, "count", 0),
+                                                           (5, 0, "rank", 3), (None, 0, "rank", 0)])
 def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_stored_keys(model, monkeypatch, asked,
-                                                                                           following):
+                                                                                           following, tally, skip):
     """Each layer's votes: among the rerank_blocks blocks whose key bounds rise most from the chunk before to the
-    prompt's last chunk, the prompt_end_blocks whose peak logits rise most; the memory's blocks: the most voted
-    over layers (ties: the lower id), in every layer. With prompt_end_queries: N, the last chunk's last N queries
-    are the chunk that votes, and its earlier queries are part of the chunk before; with prompt_end_following: 1,
-    each voted block comes with the block after it."""
+    prompt's last chunk, the prompt_end_blocks whose peak logits rise most, best first; the memory's blocks: the
+    most voted over layers (ties: the lower id), in every layer. With prompt_end_queries: N, the last chunk's last N
+    queries are the chunk that votes, and its earlier queries are part of the chunk before; with
+    prompt_end_skip: S, the last S queries are left out of both, and the N before them vote; with
+    prompt_end_following: 1, each voted block comes with the block after it. prompt_end_tally: count adds one per
+    vote, rank adds 1/i for a layer's i-th best."""
     seen = []
     vote = LayerMemory._vote_prompt_end
 
     def recording(layer, q):
-        before_votes = Counter(layer.end_tally)
+        already = len(layer.end_votes)
         seen.append((layer, q.clone(), layer.end_baseline.clone(), layer.blocks.num_blocks))
         vote(layer, q)
-        seen[-1] += (sorted((layer.end_tally - before_votes).elements()),)
+        assert len(layer.end_votes) == already + 1
+        seen[-1] += (layer.end_votes[-1],)
     monkeypatch.setattr(LayerMemory, "_vote_prompt_end", recording)
-    engine = _engine(model, prompt_end_queries=asked, prompt_end_following=following)
+    engine = _engine(model, prompt_end_queries=asked, prompt_end_following=following, prompt_end_tally=tally,
+                     prompt_end_skip=skip)
     ids = _ids(300, seed=3)
     engine.feed(ids)
     layers = engine.memory.layers
     assert len(seen) == len(layers)  # one vote per layer: the last chunk alone, read once for votes
-    tally = Counter()
+    weights = Counter()
     for layer, q, before, num_blocks, votes in seen:
         # The last chunk_size tokens are read by themselves; the chunk before ends the piece read before them.
         assert q.shape[1] == engine.config.chunk_size and 0 < before.shape[1] <= engine.config.chunk_size
         assert num_blocks > engine.config.rerank_blocks  # a real shortlist (blocks formed later change nothing)
+        q = q[:, : q.shape[1] - skip]
         if asked is not None:
             assert asked < q.shape[1]
             before, q = torch.cat((before, q[:, :-asked]), dim=1), q[:, -asked:]
         first = _bounds_rise(layer, q, before, num_blocks)
         shortlist = _best(dict(enumerate(first.tolist())), engine.config.rerank_blocks)
         peaks = {block: _peak_rise(layer, q, before, block) for block in shortlist}
-        assert votes == _best(peaks, engine.config.prompt_end_blocks)
-        tally.update(votes)
-    expected = sorted(sorted(tally, key=lambda block: (-tally[block], block))[: engine.config.prompt_end_blocks])
+        assert votes == _best_first(peaks, engine.config.prompt_end_blocks)
+        for i, block in enumerate(votes, start=1):
+            weights[block] += 1.0 if tally == "count" else 1.0 / i
+    expected = _best(weights, engine.config.prompt_end_blocks)
     num_blocks = seen[0][3]
     expected = sorted({b + step for b in expected for step in range(following + 1) if b + step < num_blocks})
     assert len(expected) > engine.config.prompt_end_blocks or not following  # the followers are there
     assert _end_blocks(engine) == [expected] * len(layers)
+
+
+def test_the_rank_tally_lets_a_few_layers_first_votes_outweigh_many_layers_last_ones():
+    """Three layers give block 7 their last of four votes, one layer puts block 2 first: counted, 7 is the most
+    voted; by reciprocal rank 7 has 3/4 and 2 has 1. Equal sums tie exactly whatever order they were added in."""
+    votes = [[1, 5, 6, 7], [3, 8, 9, 7], [4, 10, 11, 7], [2, 12, 13, 14]]
+    counted = tally_votes(votes, "count")
+    assert counted.most_common(1) == [(7, 3)] and counted[2] == 1
+    ranked = tally_votes(votes, "rank")
+    assert ranked[7] == Fraction(3, 4) and ranked[2] == 1 and ranked[14] == Fraction(1, 4)
+    assert sorted(ranked, key=lambda b: (-ranked[b], b))[:5] == [1, 2, 3, 4, 7]
+    mirrored = tally_votes([[1, 2, 3], [3, 2, 1]], "rank")
+    assert mirrored[1] == mirrored[3] == Fraction(4, 3)
+
+
+def test_skipped_queries_change_the_vote_and_a_chunk_of_skipped_queries_alone_votes_for_nothing(model):
+    """prompt_end_skip: the reply header's queries out of the vote change what is voted (the recomputation above
+    pins how); a prompt end no longer than the skipped queries has no query to vote and chooses nothing."""
+    ids = _ids(300, seed=3)
+    with_header = _engine(model, prompt_end_queries=5)
+    with_header.feed(ids)
+    skipping = _engine(model, prompt_end_queries=5, prompt_end_skip=3)
+    skipping.feed(ids)
+    assert _end_blocks(skipping) != _end_blocks(with_header)
+    skipping.feed(_ids(3, seed=4))  # a feed of 3 tokens: all of them skipped
+    assert _end_blocks(skipping) == [[]] * len(skipping.memory.layers)
 
 
 @pytest.mark.parametrize("rounds", [1, 2])
@@ -157,10 +196,9 @@ def test_each_round_reads_with_the_blocks_chosen_before_and_adds_its_best_new_on
     vote = LayerMemory._vote_prompt_end
 
     def recording(layer, q):
-        before = Counter(layer.end_tally)
         attended = None if layer.end_blocks is None else layer.end_blocks.tolist()
         vote(layer, q)
-        seen.append((attended, layer.end_tally - before))
+        seen.append((attended, Counter(layer.end_votes[-1])))
     monkeypatch.setattr(LayerMemory, "_vote_prompt_end", recording)
     ids = _ids(300, seed=3)
     one = _engine(model)

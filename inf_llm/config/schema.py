@@ -29,6 +29,7 @@ KERNEL_BACKENDS = ("auto", "torch", "triton")
 BLOCK_RANKINGS = ("representatives", "bounds")
 MEMORY_POSITIONS = ("shared", "ordered", "runs")
 SHARED_VOTES = ("picks", "exact")
+PROMPT_END_TALLIES = ("count", "rank")
 # Settings added after sessions and benchmark results were recorded, at the value that reproduces what those
 # recorded: a saved identity without the key is read as having this value.
 ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "rank_rotated": False,
@@ -39,7 +40,8 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "shared_candidates": 0, "shared_decay": 0.0,
                "shared_votes": "picks", "prompt_end_blocks": 0, "reply_pool_blocks": None,
                "reply_pool_every": 8, "prompt_end_queries": None, "prompt_end_following": 0,
-               "prompt_end_rounds": 1, "memory_distance": None, "memory_positions_until": None,
+               "prompt_end_rounds": 1, "prompt_end_tally": "count", "prompt_end_skip": 0,
+               "memory_distance": None, "memory_positions_until": None,
                "decode_memory_distance": None, "reply_start_distance": None}
 
 
@@ -148,6 +150,16 @@ class InfLLMConfig:
                                                           they did not (a question whose answer needs a second
                                                           fact, which the first fact's passage points to); 1 =
                                                           one round
+    prompt_end_tally     count, rank                      with prompt_end_blocks: how the layers' votes add
+                                                          up: count = one each (a block voted by many layers
+                                                          wins); rank = a layer's i-th best vote counts 1/i (a
+                                                          passage a few layers put first outweighs blocks many
+                                                          layers give their last votes to)
+    prompt_end_skip      (none)                           with prompt_end_queries: the prompt's last N queries
+                                                          neither vote nor count in the baseline (the chat
+                                                          template's header of the reply, which ends every
+                                                          message); the voting queries are the ones before
+                                                          them; 0 = none skipped
     ranking_code_rank    (none)                           an approximate first stage: each block's summary is
                                                           also kept as a code of this many numbers (its
                                                           coordinates along the principal directions of the
@@ -238,6 +250,8 @@ class InfLLMConfig:
     prompt_end_queries: int | None = None
     prompt_end_following: int = 0
     prompt_end_rounds: int = 1
+    prompt_end_tally: str = "count"
+    prompt_end_skip: int = 0
     ranking_code_rank: int | None = None
     ranking_code_blocks: int = 4096
     reply_pool_blocks: int | None = None
@@ -263,6 +277,7 @@ class InfLLMConfig:
         _check_int("shared_candidates", self.shared_candidates, 0)
         _check_int("prompt_end_blocks", self.prompt_end_blocks, 0)
         _check_int("prompt_end_following", self.prompt_end_following, 0)
+        _check_int("prompt_end_skip", self.prompt_end_skip, 0)
         for name in ("local_window", "block_size", "repr_tokens", "chunk_size", "device_cache_blocks", "decode_rank_every",
                      "reply_pool_every", "prompt_end_rounds"):
             _check_int(name, getattr(self, name), 1)
@@ -289,6 +304,7 @@ class InfLLMConfig:
                                  "memory_positions: shared: set memory_positions: ordered (or runs), or "
                                  "memory_positions_until: null")
         _check_choice("shared_votes", self.shared_votes, SHARED_VOTES)
+        _check_choice("prompt_end_tally", self.prompt_end_tally, PROMPT_END_TALLIES)
         for name in ("per_head_ranking", "rank_rotated", "rerank_chunks", "rerank_reads_disk"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be true or false")
@@ -438,16 +454,24 @@ class InfLLMConfig:
         if self.prompt_end_following and not self.prompt_end_blocks:
             raise ValueError(f"prompt_end_following={self.prompt_end_following} adds blocks after the prompt end's "
                              "voted ones, but there is no vote: set prompt_end_blocks, or prompt_end_following: 0")
+        if self.prompt_end_tally != "count" and not self.prompt_end_blocks:
+            raise ValueError(f"prompt_end_tally={self.prompt_end_tally!r} weighs the prompt end's votes, but there is "
+                             "no vote: set prompt_end_blocks, or prompt_end_tally: count")
         asked = self.prompt_end_queries
+        if self.prompt_end_skip and asked is None:
+            raise ValueError(f"prompt_end_skip={self.prompt_end_skip} skips queries before the prompt end's voting "
+                             "ones, but none are chosen: set prompt_end_queries, or prompt_end_skip: 0")
         if asked is None:
             return
         _check_int("prompt_end_queries", asked, 1)
         if not self.prompt_end_blocks:
             raise ValueError(f"prompt_end_queries={asked} chooses the queries of the prompt end's vote, but there is "
                              "none: set prompt_end_blocks, or prompt_end_queries: null")
-        if asked > self.chunk_size:
-            raise ValueError(f"prompt_end_queries={asked} exceeds chunk_size={self.chunk_size}: the vote reads the "
-                             "prompt's last chunk; use at most chunk_size, or null for the whole chunk")
+        if asked + self.prompt_end_skip > self.chunk_size:
+            skipped = f" and prompt_end_skip={self.prompt_end_skip}" if self.prompt_end_skip else ""
+            raise ValueError(f"prompt_end_queries={asked}{skipped} exceed chunk_size={self.chunk_size}: the vote "
+                             "reads the prompt's last chunk; use at most chunk_size in all, or prompt_end_queries: "
+                             "null for the whole chunk")
 
     def _check_score_decay(self) -> None:
         decay = self.score_decay

@@ -160,7 +160,7 @@ class LayerMemory(LayerState):
     def _rank(self, q: torch.Tensor) -> BlockIds:
         """The blocks this chunk's queries choose by ranking: one stage or two, forced blocks, following blocks."""
         cfg, hkv = self.config, self.shape.num_kv_heads
-        if self.end_tally is not None:
+        if self.end_votes is not None:
             self._vote_prompt_end(q)
         if cfg.prompt_end_blocks and q.shape[1] > 1:
             self.end_baseline = q.float().contiguous()  # (the rotated query is a fresh tensor: kept, not copied)
@@ -256,16 +256,25 @@ class LayerMemory(LayerState):
         queries join the chunk before as the baseline. Where the last chunk holds the end of a pasted document and
         then the question, the document's last sentences otherwise vote for the passages they resemble (on prose
         with speakers' names in capitals, other blocks with such names) and outvote the question's.
+
+        prompt_end_skip: S: the chunk's last S queries neither vote nor count in the baseline (the chat template's
+        header of the reply, which ends every message whatever it asks); the N voting queries are the ones before.
+
+        The votes are appended to `end_votes` best first (ties: the lower id), for the tally's weights.
         """
         cfg, hkv = self.config, self.shape.num_kv_heads
         n = self.blocks.num_blocks
         if not n:
             return
         before = self.end_baseline
-        asked = cfg.prompt_end_queries
+        asked, skip = cfg.prompt_end_queries, cfg.prompt_end_skip
+        if skip:
+            q = q[:, :-skip]
         if asked is not None and asked < q.shape[1]:
             before = torch.cat((before, q[:, :-asked].float()), dim=1)
             q = q[:, -asked:]
+        if not q.shape[1]:
+            return  # a chunk of the reply's header alone: no query of the message votes
         query = ranking_query(q, cfg.block_ranking, hkv)
         if before.shape[1]:
             query = query - ranking_query(before, cfg.block_ranking, hkv)
@@ -276,7 +285,9 @@ class LayerMemory(LayerState):
             peaks = peak_block_scores(q, keys)
             return peaks - peak_block_scores(before, keys) if before.shape[1] else peaks
         rise = self.blocks.score_blocks(ids, rise_of)
-        self.end_tally.update(shortlist[select_blocks(rise, cfg.prompt_end_blocks)].tolist())
+        places = select_blocks(rise, cfg.prompt_end_blocks)  # ascending: a stable sort keeps ties in id order
+        best_first = places[torch.sort(rise[places], descending=True, stable=True).indices]
+        self.end_votes.append(shortlist[best_first].tolist())
 
     def _second_stage(self, q: torch.Tensor, scores: torch.Tensor, candidates: torch.Tensor | None, topk: int
                       ) -> torch.Tensor:

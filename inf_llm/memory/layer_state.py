@@ -65,9 +65,9 @@ class LayerState:
         # analysis, never set by the chat), to the chunks that reach position `forced_from`; None costs nothing.
         self.forced_blocks: torch.Tensor | None = None
         self.forced_from = 0
-        # prompt_end_blocks: the memory's tally while the chunk that ends a prompt is read for votes (set by
-        # `InfLLMMemory.vote_prompt_end`), else None.
-        self.end_tally = None
+        # prompt_end_blocks: while the chunk that ends a prompt is read for votes, the memory's list of each layer's
+        # votes, best first (set by `InfLLMMemory.vote_prompt_end`), else None.
+        self.end_votes = None
         # Staged chunks (see `_chunk`) with block copies on a side stream: the default on CUDA, where they let
         # retrieval overlap the local stage. Without: one stream, everything in program order.
         self.overlap = device.type == "cuda" if overlap is None else overlap

@@ -13,7 +13,6 @@ already on disk (`saved`, `uses_disk`), where to map a saved copy (`map_layer`, 
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from inf_llm.config.schema import InfLLMConfig
 from inf_llm.kernels import resolve_ops
 from inf_llm.memory.layer_memory import LayerMemory
 from inf_llm.memory.layer_state import STATE_ADDED_LATER, LayerShape
-from inf_llm.memory.ranking import with_following
+from inf_llm.memory.ranking import tally_votes, with_following
 from inf_llm.memory.retrieval_trace import RetrievalTrace
 from inf_llm.memory.shared_picks import SharedPicks
 from inf_llm.memory.stats import MemoryStats
@@ -156,21 +155,24 @@ class InfLLMMemory:
         prompt_end_rounds: R reads the chunk for votes R times, each round attending every block the rounds before
         chose, and adding the prompt_end_blocks most voted that they did not: a question whose answer needs a
         second fact (the drawer that a code is kept in, then the number that drawer holds) names only the first,
-        and the question's queries can look for the second once they have read the first."""
+        and the question's queries can look for the second once they have read the first.
+
+        prompt_end_tally: how the layers' votes add up (`tally_votes`): each counts one, or by its rank in its layer."""
         chosen = torch.empty(0, dtype=torch.long)
         num_blocks = self.layers[0].blocks.num_blocks  # the votes are cast over the memory as it was before the chunk
         for _ in range(self.config.prompt_end_rounds):
-            tally: Counter[int] = Counter()
+            votes: list[list[int]] = []  # each layer's, best first
             snap = self.snapshot()
             traces = [layer.trace for layer in self.layers]
             for layer in self.layers:
-                layer.end_tally, layer.trace = tally, None  # the trace records the chunk as it is read the last time
+                layer.end_votes, layer.trace = votes, None  # the trace records the chunk as it is read the last time
             try:
                 read()
             finally:
                 for layer, trace in zip(self.layers, traces):
-                    layer.end_tally, layer.trace = None, trace
+                    layer.end_votes, layer.trace = None, trace
                 self.restore(snap)
+            tally = tally_votes(votes, self.config.prompt_end_tally)
             known = set(chosen.tolist())
             ranked = [block for block, _ in sorted(tally.items(), key=lambda item: (-item[1], item[0]))
                       if block not in known][: self.config.prompt_end_blocks]

@@ -7,6 +7,8 @@ against a chunk of queries and summarise a block by its representative keys.
 from __future__ import annotations
 
 import math
+from collections import Counter
+from fractions import Fraction
 
 import torch
 
@@ -244,6 +246,21 @@ def with_following(ids: torch.Tensor, following: int, num_blocks: int) -> torch.
         return ids
     extended = (ids[:, None] + torch.arange(following + 1, device=ids.device)).flatten()
     return torch.unique(extended[extended < num_blocks])
+
+
+def tally_votes(votes: list[list[int]], weights: str) -> Counter:
+    """The prompt end's tally (`prompt_end_tally`): each layer's voted block ids, best first, summed over layers.
+
+    count: every vote counts one (a block voted by many layers wins). rank: a layer's i-th vote counts 1/i, the
+    sum of reciprocal ranks (a block that a few layers put first outweighs one that many put last: on long prose
+    the question's passage is singled out by a few layers, while many give their last votes to the document's
+    first blocks). Exact fractions, so that equal sums tie exactly whatever the order they were added in.
+    """
+    tally: Counter = Counter()
+    for layer_votes in votes:
+        for rank, block in enumerate(layer_votes):
+            tally[block] += 1 if weights == "count" else Fraction(1, rank + 1)
+    return tally
 
 
 def representatives(keys: torch.Tensor, scores: torch.Tensor, repr_tokens: int) -> torch.Tensor:
