@@ -82,14 +82,14 @@ def _peak_rise(layer: LayerMemory, q: torch.Tensor, before: torch.Tensor, block:
                for head in range(layer.shape.num_heads) for chunk, sign in ((q, 1.0), (before, -1.0)))
 
 
-def _best(scores: dict[int, float], count: int) -> list[int]:
-    """The `count` highest-scored ids, ties to the lower id."""
-    return sorted(sorted(scores, key=lambda i: (-scores[i], i))[:count])
-
-
 def _best_first(scores: dict[int, float], count: int) -> list[int]:
     """The `count` highest-scored ids, best first, ties to the lower id."""
     return sorted(scores, key=lambda i: (-scores[i], i))[:count]
+
+
+def _best(scores: dict[int, float], count: int) -> list[int]:
+    """The `count` highest-scored ids in id order."""
+    return sorted(_best_first(scores, count))
 
 
 @pytest.mark.parametrize("asked, following, tally, skip", [(None, 0, "count", 0), (5, 1, "count", 0),
