@@ -13,7 +13,7 @@ import torch
 from inf_llm.generation.engine import Engine
 from inf_llm.generation.sampling import SamplingParams
 from inf_llm.memory.layer_memory import LayerMemory
-from inf_llm.memory.ranking import peak_block_scores, tally_votes
+from inf_llm.memory.ranking import peak_block_scores, tally_votes, voted_places
 from tests.test_engine import ByteTokenizer, _config, _ids
 from tests.tiny_models import tiny_model
 
@@ -92,17 +92,19 @@ def _best(scores: dict[int, float], count: int) -> list[int]:
     return sorted(_best_first(scores, count))
 
 
-@pytest.mark.parametrize("asked, following, tally, skip", [(None, 0, "count", 0), (5, 1, "count", 0),
-                                                           (5, 0, "rank", 3), (None, 0, "rank", 0)])
+@pytest.mark.parametrize("asked, following, tally, skip, run", [(None, 0, "count", 0, 1), (5, 1, "count", 0, 1),
+                                                                (5, 0, "rank", 3, 1), (None, 0, "rank", 0, 1),
+                                                                (5, 0, "rank", 3, 2), (None, 0, "count", 0, 3)])
 def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_stored_keys(model, monkeypatch, asked,
-                                                                                           following, tally, skip):
+                                                                                           following, tally, skip, run):
     """Each layer's votes: among the rerank_blocks blocks whose key bounds rise most from the chunk before to the
     prompt's last chunk, the prompt_end_blocks whose peak logits rise most, best first; the memory's blocks: the
     most voted over layers (ties: the lower id), in every layer. With prompt_end_queries: N, the last chunk's last N
     queries are the chunk that votes, and its earlier queries are part of the chunk before; with
     prompt_end_skip: S, the last S queries are left out of both, and the N before them vote; with
     prompt_end_following: 1, each voted block comes with the block after it. prompt_end_tally: count adds one per
-    vote, rank adds 1/i for a layer's i-th best."""
+    vote, rank adds 1/i for a layer's i-th best. prompt_end_run: R, the places are filled by the most voted blocks,
+    each grown into a run of up to R adjacent blocks towards its more voted side."""
     seen = []
     vote = LayerMemory._vote_prompt_end
 
@@ -113,8 +115,10 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
         assert len(layer.end_votes) == already + 1
         seen[-1] += (layer.end_votes[-1],)
     monkeypatch.setattr(LayerMemory, "_vote_prompt_end", recording)
+    places = 2 if run == 1 else 4
     engine = _engine(model, prompt_end_queries=asked, prompt_end_following=following, prompt_end_tally=tally,
-                     prompt_end_skip=skip)
+                     prompt_end_skip=skip, prompt_end_blocks=places, prompt_end_run=run,
+                     device_cache_blocks=max(12, 3 + 2 + places))
     ids = _ids(300, seed=3)
     engine.feed(ids)
     layers = engine.memory.layers
@@ -134,10 +138,28 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
         assert votes == _best_first(peaks, engine.config.prompt_end_blocks)
         for i, block in enumerate(votes, start=1):
             weights[block] += 1.0 if tally == "count" else 1.0 / i
-    expected = _best(weights, engine.config.prompt_end_blocks)
     num_blocks = seen[0][3]
+    if run == 1:
+        expected = _best(weights, places)
+    else:  # runs around the most voted, each grown block by block towards the side with more votes (ties: after)
+        expected = []
+        for block in _best_first(weights, len(weights)):
+            if len(expected) < places and block not in expected:
+                low = high = block
+                expected.append(block)
+                while high - low < run - 1 and len(expected) < places:
+                    after, before_ = high + 1, low - 1
+                    options = {b: weights.get(b, 0.0) for b in (after, before_)
+                               if 0 <= b < num_blocks and b not in expected}
+                    if not options:
+                        break
+                    grown = after if after in options and options[after] >= options.get(before_, -1.0) else before_
+                    expected.append(grown)
+                    low, high = min(low, grown), max(high, grown)
+        assert len(expected) == places and expected != _best_first(weights, places)  # the runs changed the choice
+        expected = sorted(expected)
     expected = sorted({b + step for b in expected for step in range(following + 1) if b + step < num_blocks})
-    assert len(expected) > engine.config.prompt_end_blocks or not following  # the followers are there
+    assert len(expected) > places or not following  # the followers are there
     assert _end_blocks(engine) == [expected] * len(layers)
 
 
@@ -152,6 +174,22 @@ def test_the_rank_tally_lets_a_few_layers_first_votes_outweigh_many_layers_last_
     assert sorted(ranked, key=lambda b: (-ranked[b], b))[:5] == [1, 2, 3, 4, 7]
     mirrored = tally_votes([[1, 2, 3], [3, 2, 1]], "rank")
     assert mirrored[1] == mirrored[3] == Fraction(4, 3)
+
+
+def test_voted_places_grow_runs_towards_the_more_voted_side_and_fill_the_places_in_the_tallys_order():
+    """Hand-worked: block 10 leads and neither neighbour has a vote, so its run grows after it (11); 20's run grows
+    before it (19 has more votes than 21); 19 is then taken, so the next best, 30, starts a run at the memory's last
+    block and can only grow before it (29). With runs of 3, 10's run grows after it twice (ties go to the side
+    after), 20's to 19 and then 21 (more votes than 18), and the places cut 30's run to 30 alone."""
+    tally = Counter({10: 6, 20: 5, 19: 4, 30: 3, 21: 1, 2: Fraction(1, 2)})
+    assert voted_places(tally, 4, 1, 31) == [10, 20, 19, 30]
+    assert voted_places(tally, 6, 2, 31) == [10, 11, 20, 19, 30, 29]
+    assert voted_places(tally, 8, 2, 31) == [10, 11, 20, 19, 30, 29, 21, 22]
+    assert voted_places(tally, 7, 3, 31) == [10, 11, 12, 20, 19, 21, 30]
+    # An earlier round's blocks are neither chosen again nor grown into: 11 taken, 10's run grows before it.
+    assert voted_places(tally, 4, 2, 31, {11, 19}) == [10, 9, 20, 21]
+    # Runs stop at the memory's first block and where both sides are taken.
+    assert voted_places(Counter({0: 2, 2: 1}), 4, 2, 3) == [0, 1, 2]
 
 
 def test_skipped_queries_change_the_vote_and_a_chunk_of_skipped_queries_alone_votes_for_nothing(model):

@@ -41,7 +41,7 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "shared_votes": "picks", "prompt_end_blocks": 0, "reply_pool_blocks": None,
                "reply_pool_every": 8, "prompt_end_queries": None, "prompt_end_following": 0,
                "prompt_end_rounds": 1, "prompt_end_tally": "count", "prompt_end_skip": 0,
-               "memory_distance": None, "memory_positions_until": None,
+               "prompt_end_run": 1, "memory_distance": None, "memory_positions_until": None,
                "decode_memory_distance": None, "reply_start_distance": None}
 
 
@@ -160,6 +160,11 @@ class InfLLMConfig:
                                                           template's header of the reply, which ends every
                                                           message); the voting queries are the ones before
                                                           them; 0 = none skipped
+    prompt_end_run       (none)                           with prompt_end_blocks: the places are filled by runs
+                                                          of up to N adjacent blocks: each voted block, in the
+                                                          tally's order, with the neighbours on the side that
+                                                          has more votes (a fact's sentence cut by a block
+                                                          boundary comes back whole); 1 = the voted blocks
     ranking_code_rank    (none)                           an approximate first stage: each block's summary is
                                                           also kept as a code of this many numbers (its
                                                           coordinates along the principal directions of the
@@ -252,6 +257,7 @@ class InfLLMConfig:
     prompt_end_rounds: int = 1
     prompt_end_tally: str = "count"
     prompt_end_skip: int = 0
+    prompt_end_run: int = 1
     ranking_code_rank: int | None = None
     ranking_code_blocks: int = 4096
     reply_pool_blocks: int | None = None
@@ -279,7 +285,7 @@ class InfLLMConfig:
         _check_int("prompt_end_following", self.prompt_end_following, 0)
         _check_int("prompt_end_skip", self.prompt_end_skip, 0)
         for name in ("local_window", "block_size", "repr_tokens", "chunk_size", "device_cache_blocks", "decode_rank_every",
-                     "reply_pool_every", "prompt_end_rounds"):
+                     "reply_pool_every", "prompt_end_rounds", "prompt_end_run"):
             _check_int(name, getattr(self, name), 1)
         if self.memory_distance is not None:  # local_window is a valid count by now
             _check_int("memory_distance", self.memory_distance, self.local_window)
@@ -454,6 +460,16 @@ class InfLLMConfig:
         if self.prompt_end_following and not self.prompt_end_blocks:
             raise ValueError(f"prompt_end_following={self.prompt_end_following} adds blocks after the prompt end's "
                              "voted ones, but there is no vote: set prompt_end_blocks, or prompt_end_following: 0")
+        run = self.prompt_end_run
+        if run > 1 and not self.prompt_end_blocks:
+            raise ValueError(f"prompt_end_run={run} fills the prompt end's places with runs of blocks, but there is no "
+                             "vote: set prompt_end_blocks, or prompt_end_run: 1")
+        if run > 1 and self.prompt_end_following:
+            raise ValueError(f"prompt_end_run={run} and prompt_end_following={self.prompt_end_following} both bring "
+                             "the voted blocks' neighbours: choose one (set the other to its default, 1 or 0)")
+        if run > self.prompt_end_blocks > 0:
+            raise ValueError(f"prompt_end_run={run} exceeds prompt_end_blocks={self.prompt_end_blocks}: a run "
+                             "cannot be longer than the places it fills; lower prompt_end_run")
         if self.prompt_end_tally != "count" and not self.prompt_end_blocks:
             raise ValueError(f"prompt_end_tally={self.prompt_end_tally!r} weighs the prompt end's votes, but there is "
                              "no vote: set prompt_end_blocks, or prompt_end_tally: count")

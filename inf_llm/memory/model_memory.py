@@ -23,7 +23,7 @@ from inf_llm.config.schema import InfLLMConfig
 from inf_llm.kernels import resolve_ops
 from inf_llm.memory.layer_memory import LayerMemory
 from inf_llm.memory.layer_state import STATE_ADDED_LATER, LayerShape
-from inf_llm.memory.ranking import tally_votes, with_following
+from inf_llm.memory.ranking import tally_votes, voted_places, with_following
 from inf_llm.memory.retrieval_trace import RetrievalTrace
 from inf_llm.memory.shared_picks import SharedPicks
 from inf_llm.memory.stats import MemoryStats
@@ -157,7 +157,10 @@ class InfLLMMemory:
         second fact (the drawer that a code is kept in, then the number that drawer holds) names only the first,
         and the question's queries can look for the second once they have read the first.
 
-        prompt_end_tally: how the layers' votes add up (`tally_votes`): each counts one, or by its rank in its layer."""
+        prompt_end_tally: how the layers' votes add up (`tally_votes`): each counts one, or by its rank in its layer.
+
+        prompt_end_run: R fills the places with runs of up to R adjacent blocks around the most voted (`voted_places`):
+        a fact's sentence cut by a block boundary comes back whole."""
         chosen = torch.empty(0, dtype=torch.long)
         num_blocks = self.layers[0].blocks.num_blocks  # the votes are cast over the memory as it was before the chunk
         for _ in range(self.config.prompt_end_rounds):
@@ -173,9 +176,8 @@ class InfLLMMemory:
                     layer.end_votes, layer.trace = None, trace
                 self.restore(snap)
             tally = tally_votes(votes, self.config.prompt_end_tally)
-            known = set(chosen.tolist())
-            ranked = [block for block, _ in sorted(tally.items(), key=lambda item: (-item[1], item[0]))
-                      if block not in known][: self.config.prompt_end_blocks]
+            ranked = voted_places(tally, self.config.prompt_end_blocks, self.config.prompt_end_run, num_blocks,
+                                  set(chosen.tolist()))
             # prompt_end_following: the blocks after the voted ones too.
             voted = with_following(torch.tensor(sorted(ranked), dtype=torch.long), self.config.prompt_end_following,
                                    num_blocks)

@@ -263,6 +263,38 @@ def tally_votes(votes: list[list[int]], weights: str) -> Counter:
     return tally
 
 
+def voted_places(tally: Counter, places: int, run: int, num_blocks: int, taken: set[int] | frozenset = frozenset()
+                 ) -> list[int]:
+    """The prompt end's chosen blocks: `places` of them, filled in the tally's order (most votes first, ties: the
+    lower id), each voted block bringing up to `run` - 1 neighbours (`prompt_end_run`), in the order filled.
+
+    A run grows one block at a time, on the side whose next block has more votes (ties: the block after the run),
+    and stops early where both sides are taken or past the memory's ends. On prose a fact's sentence spans two
+    16-token blocks, and the question's queries single out the one with its key words: run 2 brings the other
+    (often the value's digits) in the same places, where the next best votes would be other passages. Blocks in
+    `taken` (chosen by an earlier round) are neither chosen again nor part of a run. run 1: the most voted alone.
+    """
+    chosen: list[int] = []
+    have = set(taken)
+    for block in sorted(tally, key=lambda b: (-tally[b], b)):
+        if len(chosen) == places:
+            break
+        if block in have:
+            continue
+        chosen.append(block)
+        have.add(block)
+        low = high = block
+        while high - low + 1 < run and len(chosen) < places:
+            sides = [b for b in (high + 1, low - 1) if 0 <= b < num_blocks and b not in have]
+            if not sides:
+                break
+            grown = max(sides, key=lambda b: (tally.get(b, 0), b))
+            chosen.append(grown)
+            have.add(grown)
+            low, high = min(low, grown), max(high, grown)
+    return chosen
+
+
 def representatives(keys: torch.Tensor, scores: torch.Tensor, repr_tokens: int) -> torch.Tensor:
     """One vector per block and query head: the mean of the keys that received the most attention.
 
