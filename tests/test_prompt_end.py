@@ -117,8 +117,7 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
     monkeypatch.setattr(LayerMemory, "_vote_prompt_end", recording)
     places = 2 if run == 1 else 4
     engine = _engine(model, prompt_end_queries=asked, prompt_end_following=following, prompt_end_tally=tally,
-                     prompt_end_skip=skip, prompt_end_blocks=places, prompt_end_run=run,
-                     device_cache_blocks=max(12, 3 + 2 + places))
+                     prompt_end_skip=skip, prompt_end_blocks=places, prompt_end_run=run)
     ids = _ids(300, seed=3)
     engine.feed(ids)
     layers = engine.memory.layers
