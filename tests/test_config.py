@@ -311,8 +311,8 @@ def test_embedded_presets():
     # The dataclass defaults are its first stage; the preset adds the second (BENCHMARKS.md, prose).
     assert load_config(preset_path("smollm2-inf-llm")).config == InfLLMConfig(
         rerank_blocks=512, device_cache_blocks=512, rerank_chunks=False, rerank_keep_blocks=56, shared_blocks=8,
-        prompt_end_blocks=8, prompt_end_queries=27, prompt_end_tally="rank", prompt_end_skip=5, reply_pool_blocks=8192,
-        reply_pool_every=8)
+        prompt_end_blocks=16, prompt_end_queries=27, prompt_end_tally="rank", prompt_end_skip=5, prompt_end_run=2,
+        reply_pool_blocks=8192, reply_pool_every=8)
     for name in ("smollm2-stream-llm", "smollm2-full"):
         loaded = load_config(preset_path(name))
         assert loaded.config.num_sink_tokens == 32 and loaded.config.local_window == 128

@@ -38,7 +38,7 @@ def test_passkey_beyond_the_window_is_retrieved_by_inf_llm_and_lost_by_stream_ll
     config = load_config(preset_path("smollm2-inf-llm")).config.replace(
         block_ranking="representatives", rank_rotated=False, topk_blocks=8, device_cache_blocks=32, rerank_blocks=None,
         rerank_chunks=True, rerank_keep_blocks=0, shared_blocks=0, prompt_end_blocks=0,
-        prompt_end_queries=None, prompt_end_tally="count", prompt_end_skip=0)
+        prompt_end_queries=None, prompt_end_tally="count", prompt_end_skip=0, prompt_end_run=1)
     ids = passkey_prompt(tokenizer, KEY, 170, 0.1)
     first_digit = tokenizer.encode(str(KEY)[0], add_special_tokens=False)[0]  # digits are single tokens
     key_position = ids.index(first_digit)
