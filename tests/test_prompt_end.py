@@ -92,11 +92,14 @@ def _best(scores: dict[int, float], count: int) -> list[int]:
     return sorted(_best_first(scores, count))
 
 
-@pytest.mark.parametrize("asked, following, tally, skip, run", [(None, 0, "count", 0, 1), (5, 1, "count", 0, 1),
-                                                                (5, 0, "rank", 3, 1), (None, 0, "rank", 0, 1),
-                                                                (5, 0, "rank", 3, 2), (None, 0, "count", 0, 3)])
+# The last two: a shortlist of 20 (more than the device cache's 12: scored in two loads), and of every block.
+@pytest.mark.parametrize("asked, following, tally, skip, run, shortlist", [
+    (None, 0, "count", 0, 1, None), (5, 1, "count", 0, 1, None), (5, 0, "rank", 3, 1, None),
+    (None, 0, "rank", 0, 1, None), (5, 0, "rank", 3, 2, None), (None, 0, "count", 0, 3, None),
+    (5, 0, "rank", 3, 2, 20), (5, 0, "rank", 3, 2, 1000)])
 def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_stored_keys(model, monkeypatch, asked,
-                                                                                           following, tally, skip, run):
+                                                                                           following, tally, skip, run,
+                                                                                           shortlist):
     """Each layer's votes: among the rerank_blocks blocks whose key bounds rise most from the chunk before to the
     prompt's last chunk, the prompt_end_blocks whose peak logits rise most, best first; the memory's blocks: the
     most voted over layers (ties: the lower id), in every layer. With prompt_end_queries: N, the last chunk's last N
@@ -104,7 +107,8 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
     prompt_end_skip: S, the last S queries are left out of both, and the N before them vote; with
     prompt_end_following: 1, each voted block comes with the block after it. prompt_end_tally: count adds one per
     vote, rank adds 1/i for a layer's i-th best. prompt_end_run: R, the places are filled by the most voted blocks,
-    each grown into a run of up to R adjacent blocks towards its more voted side."""
+    each grown into a run of up to R adjacent blocks towards its more voted side. prompt_end_shortlist: L, the
+    shortlist has L blocks instead of rerank_blocks (all of them when L is at least their number)."""
     seen = []
     vote = LayerMemory._vote_prompt_end
 
@@ -117,7 +121,8 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
     monkeypatch.setattr(LayerMemory, "_vote_prompt_end", recording)
     places = 2 if run == 1 else 4
     engine = _engine(model, prompt_end_queries=asked, prompt_end_following=following, prompt_end_tally=tally,
-                     prompt_end_skip=skip, prompt_end_blocks=places, prompt_end_run=run)
+                     prompt_end_skip=skip, prompt_end_blocks=places, prompt_end_run=run,
+                     prompt_end_shortlist=shortlist)
     ids = _ids(300, seed=3)
     engine.feed(ids)
     layers = engine.memory.layers
@@ -132,8 +137,12 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
             assert asked < q.shape[1]
             before, q = torch.cat((before, q[:, :-asked]), dim=1), q[:, -asked:]
         first = _bounds_rise(layer, q, before, num_blocks)
-        shortlist = _best(dict(enumerate(first.tolist())), engine.config.rerank_blocks)
-        peaks = {block: _peak_rise(layer, q, before, block) for block in shortlist}
+        size = shortlist or engine.config.rerank_blocks
+        if shortlist is not None:
+            assert shortlist > engine.config.device_cache_blocks  # scored a cache's worth at a time
+        listed = _best(dict(enumerate(first.tolist())), size)
+        assert len(listed) == min(size, num_blocks)
+        peaks = {block: _peak_rise(layer, q, before, block) for block in listed}
         assert votes == _best_first(peaks, engine.config.prompt_end_blocks)
         for i, block in enumerate(votes, start=1):
             weights[block] += 1.0 if tally == "count" else 1.0 / i

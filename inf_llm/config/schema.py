@@ -41,7 +41,7 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "shared_votes": "picks", "prompt_end_blocks": 0, "reply_pool_blocks": None,
                "reply_pool_every": 8, "prompt_end_queries": None, "prompt_end_following": 0,
                "prompt_end_rounds": 1, "prompt_end_tally": "count", "prompt_end_skip": 0,
-               "prompt_end_run": 1, "memory_distance": None, "memory_positions_until": None,
+               "prompt_end_run": 1, "prompt_end_shortlist": None, "memory_distance": None, "memory_positions_until": None,
                "decode_memory_distance": None, "reply_start_distance": None}
 
 
@@ -165,6 +165,11 @@ class InfLLMConfig:
                                                           tally's order, with the neighbours on the side that
                                                           has more votes (a fact's sentence cut by a block
                                                           boundary comes back whole); 1 = the voted blocks
+    prompt_end_shortlist (none)                           with prompt_end_blocks: the vote's exact logits are
+                                                          computed for this many blocks, those whose
+                                                          first-stage scores rise most (a device cache's worth
+                                                          at a time); at least the memory's block count scores
+                                                          every block; null = rerank_blocks
     ranking_code_rank    (none)                           an approximate first stage: each block's summary is
                                                           also kept as a code of this many numbers (its
                                                           coordinates along the principal directions of the
@@ -258,6 +263,7 @@ class InfLLMConfig:
     prompt_end_tally: str = "count"
     prompt_end_skip: int = 0
     prompt_end_run: int = 1
+    prompt_end_shortlist: int | None = None
     ranking_code_rank: int | None = None
     ranking_code_blocks: int = 4096
     reply_pool_blocks: int | None = None
@@ -470,6 +476,12 @@ class InfLLMConfig:
         if run > self.prompt_end_blocks > 0:
             raise ValueError(f"prompt_end_run={run} exceeds prompt_end_blocks={self.prompt_end_blocks}: a run "
                              "cannot be longer than the places it fills; lower prompt_end_run")
+        shortlist = self.prompt_end_shortlist
+        if shortlist is not None:
+            if not self.prompt_end_blocks:
+                raise ValueError(f"prompt_end_shortlist={shortlist} sizes the prompt end's vote, but there is no "
+                                 "vote: set prompt_end_blocks, or prompt_end_shortlist: null")
+            _check_int("prompt_end_shortlist", shortlist, self.prompt_end_blocks)
         if self.prompt_end_tally != "count" and not self.prompt_end_blocks:
             raise ValueError(f"prompt_end_tally={self.prompt_end_tally!r} weighs the prompt end's votes, but there is "
                              "no vote: set prompt_end_blocks, or prompt_end_tally: count")

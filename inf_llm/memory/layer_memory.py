@@ -260,6 +260,10 @@ class LayerMemory(LayerState):
         prompt_end_skip: S: the chunk's last S queries neither vote nor count in the baseline (the chat template's
         header of the reply, which ends every message whatever it asks); the N voting queries are the ones before.
 
+        prompt_end_shortlist: L: the first stage shortlists L blocks instead of rerank_blocks. At 64K tokens (4,079
+        blocks) the summaries' best 512 held a median of 7 of the 16 blocks that the exact rise over every block
+        ranks best in a layer, and dropped needles the exact rise ranked first or second.
+
         The votes are appended to `end_votes` best first (ties: the lower id), for the tally's weights.
         """
         cfg, hkv = self.config, self.shape.num_kv_heads
@@ -278,13 +282,17 @@ class LayerMemory(LayerState):
         query = ranking_query(q, cfg.block_ranking, hkv)
         if before.shape[1]:
             query = query - ranking_query(before, cfg.block_ranking, hkv)
-        listed = select_blocks(block_scores(self.reprs, query, hkv, False, self._repr_absmax), cfg.rerank_blocks)
+        size = cfg.prompt_end_shortlist or cfg.rerank_blocks
+        listed = select_blocks(block_scores(self.reprs, query, hkv, False, self._repr_absmax), size)
         shortlist = listed.sort().values
         ids = shortlist.tolist()
         def rise_of(keys: torch.Tensor) -> torch.Tensor:
             peaks = peak_block_scores(q, keys)
             return peaks - peak_block_scores(before, keys) if before.shape[1] else peaks
-        rise = self.blocks.score_blocks(ids, rise_of)
+        # prompt_end_shortlist beyond the device cache: a cache's worth of blocks at a time (the vote runs once per
+        # prompt; the reply's steps load what they choose again).
+        step = self.blocks.cache_blocks
+        rise = torch.cat([self.blocks.score_blocks(ids[i : i + step], rise_of) for i in range(0, len(ids), step)])
         places = select_blocks(rise, cfg.prompt_end_blocks)  # ascending: a stable sort keeps ties in id order
         best_first = places[torch.sort(rise[places], descending=True, stable=True).indices]
         self.end_votes.append(shortlist[best_first].tolist())
