@@ -262,7 +262,7 @@ class LayerMemory(LayerState):
 
         prompt_end_shortlist: L: the first stage shortlists L blocks instead of rerank_blocks. At 64K tokens (4,079
         blocks) the summaries' best 512 held a median of 7 of the 16 blocks that the exact rise over every block
-        ranks best in a layer, and dropped needles the exact rise ranked first or second.
+        ranks best in a layer, and dropped needles the exact rise ranked second or third in it.
 
         The votes are appended to `end_votes` best first (ties: the lower id), for the tally's weights.
         """
