@@ -29,12 +29,7 @@ def patched(self, q):
     orig(self, q)
     cfg, hkv = self.config, self.shape.num_kv_heads
     n = self.blocks.num_blocks
-    before = self.end_baseline
-    asked, skip = cfg.prompt_end_queries, cfg.prompt_end_skip
-    qq = q[:, :-skip] if skip else q
-    if asked is not None and asked < qq.shape[1]:
-        before = torch.cat((before, qq[:, :-asked].float()), dim=1)
-        qq = qq[:, -asked:]
+    qq, before = self._vote_queries(q)  # (the probe ran before this split was a method; the same lines)
     query = ranking_query(qq, cfg.block_ranking, hkv) - ranking_query(before, cfg.block_ranking, hkv)
     first = block_scores(self.reprs, query, hkv, False, self._repr_absmax)
     first_rank = torch.argsort(torch.argsort(first, descending=True, stable=True))

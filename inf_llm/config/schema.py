@@ -41,8 +41,8 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "shared_votes": "picks", "prompt_end_blocks": 0, "reply_pool_blocks": None,
                "reply_pool_every": 8, "prompt_end_queries": None, "prompt_end_following": 0,
                "prompt_end_rounds": 1, "prompt_end_tally": "count", "prompt_end_skip": 0,
-               "prompt_end_run": 1, "prompt_end_shortlist": None, "memory_distance": None, "memory_positions_until": None,
-               "decode_memory_distance": None, "reply_start_distance": None}
+               "prompt_end_run": 1, "prompt_end_shortlist": None, "memory_distance": None,
+               "memory_positions_until": None, "decode_memory_distance": None, "reply_start_distance": None}
 
 
 class ConfigError(ValueError):

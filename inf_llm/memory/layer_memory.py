@@ -270,13 +270,7 @@ class LayerMemory(LayerState):
         n = self.blocks.num_blocks
         if not n:
             return
-        before = self.end_baseline
-        asked, skip = cfg.prompt_end_queries, cfg.prompt_end_skip
-        if skip:
-            q = q[:, :-skip]
-        if asked is not None and asked < q.shape[1]:
-            before = torch.cat((before, q[:, :-asked].float()), dim=1)
-            q = q[:, -asked:]
+        q, before = self._vote_queries(q)
         if not q.shape[1]:
             return  # a chunk of the reply's header alone: no query of the message votes
         query = ranking_query(q, cfg.block_ranking, hkv)
@@ -289,13 +283,23 @@ class LayerMemory(LayerState):
         def rise_of(keys: torch.Tensor) -> torch.Tensor:
             peaks = peak_block_scores(q, keys)
             return peaks - peak_block_scores(before, keys) if before.shape[1] else peaks
-        # prompt_end_shortlist beyond the device cache: a cache's worth of blocks at a time (the vote runs once per
-        # prompt; the reply's steps load what they choose again).
-        step = self.blocks.cache_blocks
-        rise = torch.cat([self.blocks.score_blocks(ids[i : i + step], rise_of) for i in range(0, len(ids), step)])
+        rise = self.blocks.score_blocks(ids, rise_of)
         places = select_blocks(rise, cfg.prompt_end_blocks)  # ascending: a stable sort keeps ties in id order
         best_first = places[torch.sort(rise[places], descending=True, stable=True).indices]
         self.end_votes.append(shortlist[best_first].tolist())
+
+    def _vote_queries(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt end's voting queries and its baseline (`_vote_prompt_end`): the chunk's last S queries dropped
+        (prompt_end_skip), and of the rest, with prompt_end_queries: N, the last N vote and the earlier join the
+        chunk before."""
+        cfg, before = self.config, self.end_baseline
+        if cfg.prompt_end_skip:
+            q = q[:, : -cfg.prompt_end_skip]
+        asked = cfg.prompt_end_queries
+        if asked is not None and asked < q.shape[1]:
+            before = torch.cat((before, q[:, :-asked].float()), dim=1)
+            q = q[:, -asked:]
+        return q, before
 
     def _second_stage(self, q: torch.Tensor, scores: torch.Tensor, candidates: torch.Tensor | None, topk: int
                       ) -> torch.Tensor:

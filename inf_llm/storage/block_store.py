@@ -355,8 +355,13 @@ class BlockStore:
 
         For a second stage of retrieval, which scores candidate blocks by the exact logits over their keys: the
         blocks become resident (they count as used by the cache policy), so the ones then chosen are gathered
-        from their slots without another load.
+        from their slots without another load. More blocks than the cache holds (the prompt end's vote over a
+        long shortlist, once per prompt) are scored a cache's worth at a time; only the last piece stays resident.
         """
+        if len(block_ids) > self.cache_blocks:
+            step = self.cache_blocks
+            pieces = (block_ids[i : i + step] for i in range(0, len(block_ids), step))
+            return torch.cat([self.score_blocks(piece, score) for piece in pieces])
         slots = self._index(self._slots_of(block_ids, per_head=False))
         per_slot = score(self.dev_k)
         self._record_slots_read()
