@@ -50,13 +50,17 @@ def test_peak_block_scores_are_each_heads_largest_logit_over_the_chunks_queries_
     hkv, group, tq, n, b, d = 2, 3, 5, 11, 8, 16
     queries = torch.randn(hkv * group, tq, d, generator=g)
     keys = torch.randn(hkv, n, b, d, generator=g).half()
-    expected = torch.zeros(n, dtype=torch.float64)
+    expected = torch.zeros(n, hkv * group, dtype=torch.float64)
     for block in range(n):
         for head in range(hkv * group):
             kv = head // group  # grouped-query attention: consecutive query heads share a KV head
             logits = queries[head].double() @ keys[kv, block].double().T  # (tq, b)
-            expected[block] += logits.max()
-    torch.testing.assert_close(peak_block_scores(queries, keys, slice_floats).double(), expected, rtol=1e-5, atol=1e-4)
+            expected[block, head] = logits.max()
+    torch.testing.assert_close(peak_block_scores(queries, keys, slice_floats).double(), expected.sum(dim=1),
+                               rtol=1e-5, atol=1e-4)
+    # per_head: each query head's peak apart, (n, Hq).
+    torch.testing.assert_close(peak_block_scores(queries, keys, slice_floats, per_head=True).double(), expected,
+                               rtol=1e-5, atol=1e-4)
 
 
 def _bounds_rise(layer: LayerMemory, q: torch.Tensor, before: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -75,11 +79,16 @@ def _bounds_rise(layer: LayerMemory, q: torch.Tensor, before: torch.Tensor, num_
     return rise
 
 
-def _peak_rise(layer: LayerMemory, q: torch.Tensor, before: torch.Tensor, block: int) -> float:
+def _peak_rise(layer: LayerMemory, q: torch.Tensor, before: torch.Tensor, block: int, rise: str = "sum") -> float:
+    """A block's rise: per query head, the largest logit of the chunk's queries over its keys less the chunk
+    before's; summed over the heads (sum), their positive parts summed (positive), or the largest (max)."""
     k = layer.blocks.host_block(block)[0].double()
     group = layer.shape.num_heads // layer.shape.num_kv_heads
-    return sum(float((chunk[head].double() @ k[head // group].T).max()) * sign
-               for head in range(layer.shape.num_heads) for chunk, sign in ((q, 1.0), (before, -1.0)))
+    heads = [float((q[head].double() @ k[head // group].T).max())
+             - float((before[head].double() @ k[head // group].T).max()) for head in range(layer.shape.num_heads)]
+    if rise == "positive":
+        return sum(max(h, 0.0) for h in heads)
+    return max(heads) if rise == "max" else sum(heads)
 
 
 def _best_first(scores: dict[int, float], count: int) -> list[int]:
@@ -92,14 +101,16 @@ def _best(scores: dict[int, float], count: int) -> list[int]:
     return sorted(_best_first(scores, count))
 
 
-# The last two: a shortlist of 20 (more than the device cache's 12: scored in two loads), and of every block.
-@pytest.mark.parametrize("asked, following, tally, skip, run, shortlist", [
-    (None, 0, "count", 0, 1, None), (5, 1, "count", 0, 1, None), (5, 0, "rank", 3, 1, None),
-    (None, 0, "rank", 0, 1, None), (5, 0, "rank", 3, 2, None), (None, 0, "count", 0, 3, None),
-    (5, 0, "rank", 3, 2, 20), (5, 0, "rank", 3, 2, 1000)])
+# Then a shortlist of 20 (more than the device cache's 12: scored in two loads), and of every block; the last two:
+# each head's rise by its positive part, and the best head's.
+@pytest.mark.parametrize("asked, following, tally, skip, run, shortlist, rise", [
+    (None, 0, "count", 0, 1, None, "sum"), (5, 1, "count", 0, 1, None, "sum"), (5, 0, "rank", 3, 1, None, "sum"),
+    (None, 0, "rank", 0, 1, None, "sum"), (5, 0, "rank", 3, 2, None, "sum"), (None, 0, "count", 0, 3, None, "sum"),
+    (5, 0, "rank", 3, 2, 20, "sum"), (5, 0, "rank", 3, 2, 1000, "sum"), (5, 0, "rank", 3, 2, None, "positive"),
+    (5, 0, "rank", 3, 2, None, "max")])
 def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_stored_keys(model, monkeypatch, asked,
                                                                                            following, tally, skip, run,
-                                                                                           shortlist):
+                                                                                           shortlist, rise):
     """Each layer's votes: among the rerank_blocks blocks whose key bounds rise most from the chunk before to the
     prompt's last chunk, the prompt_end_blocks whose peak logits rise most, best first; the memory's blocks: the
     most voted over layers (ties: the lower id), in every layer. With prompt_end_queries: N, the last chunk's last N
@@ -108,7 +119,8 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
     prompt_end_following: 1, each voted block comes with the block after it. prompt_end_tally: count adds one per
     vote, rank adds 1/i for a layer's i-th best. prompt_end_run: R, the places are filled by the most voted blocks,
     each grown into a run of up to R adjacent blocks towards its more voted side. prompt_end_shortlist: L, the
-    shortlist has L blocks instead of rerank_blocks (all of them when L is at least their number)."""
+    shortlist has L blocks instead of rerank_blocks (all of them when L is at least their number).
+    prompt_end_rise: positive sums each head's rise where it is positive, max takes the best head's."""
     seen = []
     vote = LayerMemory._vote_prompt_end
 
@@ -122,12 +134,12 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
     places = 2 if run == 1 else 4
     engine = _engine(model, prompt_end_queries=asked, prompt_end_following=following, prompt_end_tally=tally,
                      prompt_end_skip=skip, prompt_end_blocks=places, prompt_end_run=run,
-                     prompt_end_shortlist=shortlist)
+                     prompt_end_shortlist=shortlist, prompt_end_rise=rise)
     ids = _ids(300, seed=3)
     engine.feed(ids)
     layers = engine.memory.layers
     assert len(seen) == len(layers)  # one vote per layer: the last chunk alone, read once for votes
-    weights = Counter()
+    weights, differ = Counter(), 0
     for layer, q, before, num_blocks, votes in seen:
         # The last chunk_size tokens are read by themselves; the chunk before ends the piece read before them.
         assert q.shape[1] == engine.config.chunk_size and 0 < before.shape[1] <= engine.config.chunk_size
@@ -142,8 +154,11 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
             assert shortlist > engine.config.device_cache_blocks  # scored a cache's worth at a time
         listed = _best(dict(enumerate(first.tolist())), size)
         assert len(listed) == min(size, num_blocks)
-        peaks = {block: _peak_rise(layer, q, before, block) for block in listed}
+        peaks = {block: _peak_rise(layer, q, before, block, rise) for block in listed}
         assert votes == _best_first(peaks, engine.config.prompt_end_blocks)
+        if rise != "sum":
+            summed = {block: _peak_rise(layer, q, before, block) for block in listed}
+            differ += votes != _best_first(summed, engine.config.prompt_end_blocks)
         for i, block in enumerate(votes, start=1):
             weights[block] += 1.0 if tally == "count" else 1.0 / i
     num_blocks = seen[0][3]
@@ -169,6 +184,7 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
     expected = sorted({b + step for b in expected for step in range(following + 1) if b + step < num_blocks})
     assert len(expected) > places or not following  # the followers are there
     assert _end_blocks(engine) == [expected] * len(layers)
+    assert rise == "sum" or differ  # the other rises change some layer's votes: the setting is not ignored
 
 
 def test_the_rank_tally_lets_a_few_layers_first_votes_outweigh_many_layers_last_ones():

@@ -30,6 +30,7 @@ BLOCK_RANKINGS = ("representatives", "bounds")
 MEMORY_POSITIONS = ("shared", "ordered", "runs")
 SHARED_VOTES = ("picks", "exact")
 PROMPT_END_TALLIES = ("count", "rank")
+PROMPT_END_RISES = ("sum", "positive", "max")
 # Settings added after sessions and benchmark results were recorded, at the value that reproduces what those
 # recorded: a saved identity without the key is read as having this value.
 ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "rank_rotated": False,
@@ -41,7 +42,8 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "shared_votes": "picks", "prompt_end_blocks": 0, "reply_pool_blocks": None,
                "reply_pool_every": 8, "prompt_end_queries": None, "prompt_end_following": 0,
                "prompt_end_rounds": 1, "prompt_end_tally": "count", "prompt_end_skip": 0,
-               "prompt_end_run": 1, "prompt_end_shortlist": None, "memory_distance": None,
+               "prompt_end_run": 1, "prompt_end_shortlist": None, "prompt_end_rise": "sum",
+               "memory_distance": None,
                "memory_positions_until": None, "decode_memory_distance": None, "reply_start_distance": None}
 
 
@@ -170,6 +172,12 @@ class InfLLMConfig:
                                                           first-stage scores rise most (a device cache's worth
                                                           at a time); at least the memory's block count scores
                                                           every block; null = rerank_blocks
+    prompt_end_rise      sum, positive, max               with prompt_end_blocks: how a block's rise adds up
+                                                          over the query heads: sum = the heads' summed peak
+                                                          logits, this chunk's less the chunk before's;
+                                                          positive = each head's own rise, counted where it is
+                                                          positive (a head whose baseline reads the block more
+                                                          takes nothing away); max = the best head's rise
     ranking_code_rank    (none)                           an approximate first stage: each block's summary is
                                                           also kept as a code of this many numbers (its
                                                           coordinates along the principal directions of the
@@ -264,6 +272,7 @@ class InfLLMConfig:
     prompt_end_skip: int = 0
     prompt_end_run: int = 1
     prompt_end_shortlist: int | None = None
+    prompt_end_rise: str = "sum"
     ranking_code_rank: int | None = None
     ranking_code_blocks: int = 4096
     reply_pool_blocks: int | None = None
@@ -317,6 +326,7 @@ class InfLLMConfig:
                                  "memory_positions_until: null")
         _check_choice("shared_votes", self.shared_votes, SHARED_VOTES)
         _check_choice("prompt_end_tally", self.prompt_end_tally, PROMPT_END_TALLIES)
+        _check_choice("prompt_end_rise", self.prompt_end_rise, PROMPT_END_RISES)
         for name in ("per_head_ranking", "rank_rotated", "rerank_chunks", "rerank_reads_disk"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be true or false")
@@ -482,6 +492,9 @@ class InfLLMConfig:
                 raise ValueError(f"prompt_end_shortlist={shortlist} sizes the prompt end's vote, but there is no "
                                  "vote: set prompt_end_blocks, or prompt_end_shortlist: null")
             _check_int("prompt_end_shortlist", shortlist, self.prompt_end_blocks)
+        if self.prompt_end_rise != "sum" and not self.prompt_end_blocks:
+            raise ValueError(f"prompt_end_rise={self.prompt_end_rise!r} scores the prompt end's votes, but there is "
+                             "no vote: set prompt_end_blocks, or prompt_end_rise: sum")
         if self.prompt_end_tally != "count" and not self.prompt_end_blocks:
             raise ValueError(f"prompt_end_tally={self.prompt_end_tally!r} weighs the prompt end's votes, but there is "
                              "no vote: set prompt_end_blocks, or prompt_end_tally: count")

@@ -264,6 +264,11 @@ class LayerMemory(LayerState):
         blocks) the summaries' best 512 held a median of 7 of the 16 blocks that the exact rise over every block
         ranks best in a layer, and dropped needles the exact rise ranked second or third in it.
 
+        prompt_end_rise: positive: each head's rise counts where it is positive, so that heads whose baseline reads
+        a block more than the question does take nothing from it; max: the best head's rise alone (a probe of
+        four-needle questions at 64K tokens: the summed rise left a needle out of the vote in three cases where these
+        kept it).
+
         The votes are appended to `end_votes` best first (ties: the lower id), for the tally's weights.
         """
         cfg, hkv = self.config, self.shape.num_kv_heads
@@ -281,8 +286,13 @@ class LayerMemory(LayerState):
         shortlist = listed.sort().values
         ids = shortlist.tolist()
         def rise_of(keys: torch.Tensor) -> torch.Tensor:
-            peaks = peak_block_scores(q, keys)
-            return peaks - peak_block_scores(before, keys) if before.shape[1] else peaks
+            if cfg.prompt_end_rise == "sum":
+                peaks = peak_block_scores(q, keys)
+                return peaks - peak_block_scores(before, keys) if before.shape[1] else peaks
+            heads = peak_block_scores(q, keys, per_head=True)  # (n, Hq)
+            if before.shape[1]:
+                heads = heads - peak_block_scores(before, keys, per_head=True)
+            return heads.clamp(min=0).sum(dim=1) if cfg.prompt_end_rise == "positive" else heads.amax(dim=1)
         rise = self.blocks.score_blocks(ids, rise_of)
         places = select_blocks(rise, cfg.prompt_end_blocks)  # ascending: a stable sort keeps ties in id order
         best_first = places[torch.sort(rise[places], descending=True, stable=True).indices]

@@ -88,10 +88,11 @@ def exact_block_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tenso
     return logits.view(hkv, -1, n, b).amax(dim=3).sum(dim=(0, 1))
 
 
-def peak_block_scores(queries: torch.Tensor, keys: torch.Tensor, slice_floats: int = 2**19) -> torch.Tensor:
+def peak_block_scores(queries: torch.Tensor, keys: torch.Tensor, slice_floats: int = 2**19, *,
+                      per_head: bool = False) -> torch.Tensor:
     """Each block's peak logit for a chunk: for each query head, the largest logit of any of the chunk's queries over
     the block's keys, summed over the heads, (n,) float32 (`prompt_end_blocks`' votes: one query of a question
-    looking for a passage stands out where the chunk's mean query does not).
+    looking for a passage stands out where the chunk's mean query does not); per_head: each head's, (n, Hq).
 
     queries: (Hq, Tq, D), as the chunk is ranked; keys: (Hkv, n, B, D) as the global stage attends them. The
     logits are formed a slice of blocks at a time, about `slice_floats` of them (2 MiB) per slice, reduced while
@@ -104,7 +105,7 @@ def peak_block_scores(queries: torch.Tensor, keys: torch.Tensor, slice_floats: i
     group = hq // hkv
     grouped = queries.float().reshape(hkv, group * tq, d)  # a KV head's query heads are consecutive
     step = max(1, slice_floats // (hkv * group * tq * b))
-    peaks = torch.empty(n, dtype=torch.float32, device=keys.device)
+    peaks = torch.empty((n, hq) if per_head else n, dtype=torch.float32, device=keys.device)
     for start in range(0, n, step):
         part = keys[:, start : start + step]
         width = part.shape[1]
@@ -112,7 +113,8 @@ def peak_block_scores(queries: torch.Tensor, keys: torch.Tensor, slice_floats: i
         # The largest over the queries first (along contiguous rows), then over each block's keys: half the time
         # of one reduction over both dimensions.
         rows = logits.view(hkv, group, tq, width * b).amax(dim=2)
-        peaks[start : start + width] = rows.view(hkv, group, width, b).amax(dim=3).sum(dim=(0, 1))
+        heads = rows.view(hkv, group, width, b).amax(dim=3)  # (Hkv, G, w): query head h is (h // G, h % G)
+        peaks[start : start + width] = heads.reshape(hq, width).T if per_head else heads.sum(dim=(0, 1))
     return peaks
 
 
