@@ -267,7 +267,8 @@ class LayerMemory(LayerState):
         prompt_end_rise: positive: each head's rise counts where it is positive, so that heads whose baseline reads
         a block more than the question does take nothing from it; max: the best head's rise alone (a probe of
         four-needle questions at 64K tokens: the summed rise left a needle out of the vote in three cases where these
-        kept it).
+        kept it; over nine such questions the replies scored as under sum (positive) or a needle more (max, which
+        loses two 4K multikey cases), so no preset uses them).
 
         The votes are appended to `end_votes` best first (ties: the lower id), for the tally's weights.
         """
