@@ -628,3 +628,13 @@ def test_table_and_plot_commands_redraw_from_a_file(tmp_path, capsys):
     assert "|  | 10% | 1/1 | 0/1 |" in lines and "|  | 90% | 0/1 |  |" in lines
     with pytest.raises(SystemExit):
         main(["table"])
+
+
+def test_gpu_profile_script_tiny_on_cpu_applies_its_settings(capsys):
+    from inf_llm.bench import gpu_profile
+
+    gpu_profile.main(["--tiny", "--context", "300", "--chunks", "1", "--prefill-chunk", "64", "--decode", "2",
+                      "--rows", "3", "--set", "block_ranking=bounds", "--set", "topk_blocks=3"])
+    out = capsys.readouterr().out
+    assert "'block_ranking': 'bounds'" in out and "'topk_blocks': 3," in out
+    assert "== 1 prefill calls of 64 tokens" in out and "== 2 decode steps" in out

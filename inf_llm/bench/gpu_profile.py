@@ -1,10 +1,11 @@
 """Where the time goes on a GPU: torch's profiler over InfLLM reading and decoding at Mistral-7B's shapes.
 
-    python -m inf_llm.bench.gpu_profile [--context 32768] [--chunks 2] [--decode 4] [--rows 30]
+    python -m inf_llm.bench.gpu_profile [--context 32768] [--chunks 2] [--decode 4] [--rows 30] [--set KEY=VALUE]
 
 Random bf16 weights on CUDA (as `python -m inf_llm.bench gpu`); the memory is first filled to --context tokens
 unprofiled, then --chunks prefill calls of --prefill-chunk tokens and --decode single-token steps are profiled
-separately. For each it prints the wall time, the GPU-busy time (the sum of the kernels' times: a wall time far
+separately (the Mistral preset, with --set's changes: `--set block_ranking=bounds` profiles another
+retrieval). For each it prints the wall time, the GPU-busy time (the sum of the kernels' times: a wall time far
 above it means the GPU waits for the host) and the operators ranked by host time and by GPU time. With --tiny it
 runs a tiny Mistral on the CPU, to check the script.
 """
@@ -18,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from inf_llm.bench.gpu import TINY_INF_LLM, build_model
+from inf_llm.bench.methods import parse_overrides
 from inf_llm.config.files import load_config
 from inf_llm.config.presets import preset_path
 from inf_llm.generation.engine import Engine
@@ -39,7 +41,7 @@ def _profiled(name: str, step, device: torch.device, rows: int) -> None:
         print(events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=32768, help="tokens in the memory before profiling")
     parser.add_argument("--prefill-chunk", type=int, default=4096)
@@ -47,13 +49,16 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=4, help="decode steps profiled")
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--tiny", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                        help="change a setting of the preset, e.g. --set topk_blocks=32 (repeatable)")
+    args = parser.parse_args(argv)
 
     if args.tiny:
         device, dtype, config = torch.device("cpu"), torch.float32, TINY_INF_LLM
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
         config = load_config(preset_path("mistral-7b-instruct-inf-llm")).config
+    config = config.replace(**parse_overrides(args.overrides))
     model = build_model(args.tiny, device, dtype)
     engine = Engine(model, None, config, prefill_chunk=args.prefill_chunk)
     vocab = model.config.vocab_size
