@@ -125,6 +125,8 @@ REFUSED = [
     (dict(rerank_blocks=64, prompt_end_blocks=8, prompt_end_shortlist=4), ["prompt_end_shortlist=4", ">= 8"]),
     (dict(rerank_blocks=64, prompt_end_rise="positive"), ["prompt_end_rise='positive'", "set prompt_end_blocks"]),
     (dict(rerank_blocks=64, prompt_end_blocks=8, prompt_end_rise="mean"), ["prompt_end_rise", "mean", "positive"]),
+    (dict(rerank_blocks=64, prompt_end_baseline="own"), ["prompt_end_baseline='own'", "set prompt_end_blocks"]),
+    (dict(rerank_blocks=64, prompt_end_blocks=8, prompt_end_baseline="none"), ["prompt_end_baseline", "none", "own"]),
     (dict(reply_pool_blocks=0), ["reply_pool_blocks=0", ">= 1"]),
     (dict(reply_pool_blocks=32), ["reply_pool_blocks=32", "64 blocks", "raise reply_pool_blocks"]),
     (dict(rerank_blocks=128, reply_pool_blocks=100), ["reply_pool_blocks=100", "128 blocks"]),

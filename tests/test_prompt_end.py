@@ -65,14 +65,15 @@ def test_peak_block_scores_are_each_heads_largest_logit_over_the_chunks_queries_
 
 def _bounds_rise(layer: LayerMemory, q: torch.Tensor, before: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """The first stage's rise, from the keys: each head's upper bound on its logits over a block (the mean query
-    against the block's per-channel key max and min), summed over heads, for this chunk minus the chunk before."""
+    against the block's per-channel key max and min), summed over heads, for this chunk minus the chunk before (if
+    any)."""
     group = layer.shape.num_heads // layer.shape.num_kv_heads
     rise = torch.zeros(num_blocks, dtype=torch.float64)
     for block in range(num_blocks):
         k = layer.blocks.host_block(block)[0].double()  # (Hkv, B, D)
         high, low = k.amax(dim=1), k.amin(dim=1)
         for head in range(layer.shape.num_heads):
-            for chunk, sign in ((q, 1.0), (before, -1.0)):
+            for chunk, sign in ((q, 1.0), (before, -1.0))[: 2 if before.shape[1] else 1]:
                 mean = chunk[head].double().mean(dim=0)
                 bound = mean.clamp(min=0) @ high[head // group] + mean.clamp(max=0) @ low[head // group]
                 rise[block] += sign * bound
@@ -81,11 +82,13 @@ def _bounds_rise(layer: LayerMemory, q: torch.Tensor, before: torch.Tensor, num_
 
 def _peak_rise(layer: LayerMemory, q: torch.Tensor, before: torch.Tensor, block: int, rise: str = "sum") -> float:
     """A block's rise: per query head, the largest logit of the chunk's queries over its keys less the chunk
-    before's; summed over the heads (sum), their positive parts summed (positive), or the largest (max)."""
+    before's (none where the baseline is empty); summed over the heads (sum), their positive parts summed (positive),
+    or the largest (max)."""
     k = layer.blocks.host_block(block)[0].double()
     group = layer.shape.num_heads // layer.shape.num_kv_heads
     heads = [float((q[head].double() @ k[head // group].T).max())
-             - float((before[head].double() @ k[head // group].T).max()) for head in range(layer.shape.num_heads)]
+             - (float((before[head].double() @ k[head // group].T).max()) if before.shape[1] else 0.0)
+             for head in range(layer.shape.num_heads)]
     if rise == "positive":
         return sum(max(h, 0.0) for h in heads)
     return max(heads) if rise == "max" else sum(heads)
@@ -101,16 +104,19 @@ def _best(scores: dict[int, float], count: int) -> list[int]:
     return sorted(_best_first(scores, count))
 
 
-# Then a shortlist of 20 (more than the device cache's 12: scored in two loads), and of every block; the last two:
-# each head's rise by its positive part, and the best head's.
-@pytest.mark.parametrize("asked, following, tally, skip, run, shortlist, rise", [
-    (None, 0, "count", 0, 1, None, "sum"), (5, 1, "count", 0, 1, None, "sum"), (5, 0, "rank", 3, 1, None, "sum"),
-    (None, 0, "rank", 0, 1, None, "sum"), (5, 0, "rank", 3, 2, None, "sum"), (None, 0, "count", 0, 3, None, "sum"),
-    (5, 0, "rank", 3, 2, 20, "sum"), (5, 0, "rank", 3, 2, 1000, "sum"), (5, 0, "rank", 3, 2, None, "positive"),
-    (5, 0, "rank", 3, 2, None, "max")])
+# Then a shortlist of 20 (more than the device cache's 12: scored in two loads), and of every block; then each
+# head's rise by its positive part, and the best head's; last, the baseline without the chunk before (with the
+# chunk's earlier queries, and with none: then the rise is the voting queries' peaks).
+@pytest.mark.parametrize("asked, following, tally, skip, run, shortlist, rise, baseline", [
+    (None, 0, "count", 0, 1, None, "sum", "previous"), (5, 1, "count", 0, 1, None, "sum", "previous"),
+    (5, 0, "rank", 3, 1, None, "sum", "previous"), (None, 0, "rank", 0, 1, None, "sum", "previous"),
+    (5, 0, "rank", 3, 2, None, "sum", "previous"), (None, 0, "count", 0, 3, None, "sum", "previous"),
+    (5, 0, "rank", 3, 2, 20, "sum", "previous"), (5, 0, "rank", 3, 2, 1000, "sum", "previous"),
+    (5, 0, "rank", 3, 2, None, "positive", "previous"), (5, 0, "rank", 3, 2, None, "max", "previous"),
+    (5, 0, "rank", 3, 2, None, "sum", "own"), (None, 0, "rank", 0, 2, None, "sum", "own")])
 def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_stored_keys(model, monkeypatch, asked,
                                                                                            following, tally, skip, run,
-                                                                                           shortlist, rise):
+                                                                                           shortlist, rise, baseline):
     """Each layer's votes: among the rerank_blocks blocks whose key bounds rise most from the chunk before to the
     prompt's last chunk, the prompt_end_blocks whose peak logits rise most, best first; the memory's blocks: the
     most voted over layers (ties: the lower id), in every layer. With prompt_end_queries: N, the last chunk's last N
@@ -120,7 +126,8 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
     vote, rank adds 1/i for a layer's i-th best. prompt_end_run: R, the places are filled by the most voted blocks,
     each grown into a run of up to R adjacent blocks towards its more voted side. prompt_end_shortlist: L, the
     shortlist has L blocks instead of rerank_blocks (all of them when L is at least their number).
-    prompt_end_rise: positive sums each head's rise where it is positive, max takes the best head's."""
+    prompt_end_rise: positive sums each head's rise where it is positive, max takes the best head's.
+    prompt_end_baseline: own leaves the chunk before out of the baseline."""
     seen = []
     vote = LayerMemory._vote_prompt_end
 
@@ -134,7 +141,7 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
     places = 2 if run == 1 else 4
     engine = _engine(model, prompt_end_queries=asked, prompt_end_following=following, prompt_end_tally=tally,
                      prompt_end_skip=skip, prompt_end_blocks=places, prompt_end_run=run,
-                     prompt_end_shortlist=shortlist, prompt_end_rise=rise)
+                     prompt_end_shortlist=shortlist, prompt_end_rise=rise, prompt_end_baseline=baseline)
     ids = _ids(300, seed=3)
     engine.feed(ids)
     layers = engine.memory.layers
@@ -144,7 +151,10 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
         # The last chunk_size tokens are read by themselves; the chunk before ends the piece read before them.
         assert q.shape[1] == engine.config.chunk_size and 0 < before.shape[1] <= engine.config.chunk_size
         assert num_blocks > engine.config.rerank_blocks  # a real shortlist (blocks formed later change nothing)
-        q = q[:, : q.shape[1] - skip]
+        q = q_all = q[:, : q.shape[1] - skip]
+        previous = before
+        if baseline == "own":
+            before = before[:, :0]
         if asked is not None:
             assert asked < q.shape[1]
             before, q = torch.cat((before, q[:, :-asked]), dim=1), q[:, -asked:]
@@ -159,6 +169,12 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
         if rise != "sum":
             summed = {block: _peak_rise(layer, q, before, block) for block in listed}
             differ += votes != _best_first(summed, engine.config.prompt_end_blocks)
+        if baseline != "previous":
+            if asked is not None:
+                previous = torch.cat((previous, q_all[:, :-asked]), dim=1)
+            listed_then = _best(dict(enumerate(_bounds_rise(layer, q, previous, num_blocks).tolist())), size)
+            then = {block: _peak_rise(layer, q, previous, block) for block in listed_then}
+            differ += votes != _best_first(then, engine.config.prompt_end_blocks)
         for i, block in enumerate(votes, start=1):
             weights[block] += 1.0 if tally == "count" else 1.0 / i
     num_blocks = seen[0][3]
@@ -184,7 +200,8 @@ def test_votes_and_the_voted_blocks_equal_an_independent_recomputation_from_the_
     expected = sorted({b + step for b in expected for step in range(following + 1) if b + step < num_blocks})
     assert len(expected) > places or not following  # the followers are there
     assert _end_blocks(engine) == [expected] * len(layers)
-    assert rise == "sum" or differ  # the other rises change some layer's votes: the setting is not ignored
+    # The other rises and baselines change some layer's votes: the setting is not ignored.
+    assert (rise == "sum" and baseline == "previous") or differ
 
 
 def test_the_rank_tally_lets_a_few_layers_first_votes_outweigh_many_layers_last_ones():

@@ -31,6 +31,7 @@ MEMORY_POSITIONS = ("shared", "ordered", "runs")
 SHARED_VOTES = ("picks", "exact")
 PROMPT_END_TALLIES = ("count", "rank")
 PROMPT_END_RISES = ("sum", "positive", "max")
+PROMPT_END_BASELINES = ("previous", "own")
 # Settings added after sessions and benchmark results were recorded, at the value that reproduces what those
 # recorded: a saved identity without the key is read as having this value.
 ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "rank_rotated": False,
@@ -43,6 +44,7 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "reply_pool_every": 8, "prompt_end_queries": None, "prompt_end_following": 0,
                "prompt_end_rounds": 1, "prompt_end_tally": "count", "prompt_end_skip": 0,
                "prompt_end_run": 1, "prompt_end_shortlist": None, "prompt_end_rise": "sum",
+               "prompt_end_baseline": "previous",
                "memory_distance": None,
                "memory_positions_until": None, "decode_memory_distance": None, "reply_start_distance": None}
 
@@ -178,6 +180,11 @@ class InfLLMConfig:
                                                           positive = each head's own rise, counted where it is
                                                           positive (a head whose baseline reads the block more
                                                           takes nothing away); max = the best head's rise
+    prompt_end_baseline  previous, own                    with prompt_end_blocks: what the voting queries' rise
+                                                          is measured from: previous = the chunk before and the
+                                                          last chunk's earlier queries; own = the last chunk's
+                                                          earlier queries alone (a fact in the chunk before then
+                                                          does not lower the blocks like it)
     ranking_code_rank    (none)                           an approximate first stage: each block's summary is
                                                           also kept as a code of this many numbers (its
                                                           coordinates along the principal directions of the
@@ -273,6 +280,7 @@ class InfLLMConfig:
     prompt_end_run: int = 1
     prompt_end_shortlist: int | None = None
     prompt_end_rise: str = "sum"
+    prompt_end_baseline: str = "previous"
     ranking_code_rank: int | None = None
     ranking_code_blocks: int = 4096
     reply_pool_blocks: int | None = None
@@ -327,6 +335,7 @@ class InfLLMConfig:
         _check_choice("shared_votes", self.shared_votes, SHARED_VOTES)
         _check_choice("prompt_end_tally", self.prompt_end_tally, PROMPT_END_TALLIES)
         _check_choice("prompt_end_rise", self.prompt_end_rise, PROMPT_END_RISES)
+        _check_choice("prompt_end_baseline", self.prompt_end_baseline, PROMPT_END_BASELINES)
         for name in ("per_head_ranking", "rank_rotated", "rerank_chunks", "rerank_reads_disk"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be true or false")
@@ -495,6 +504,9 @@ class InfLLMConfig:
         if self.prompt_end_rise != "sum" and not self.prompt_end_blocks:
             raise ValueError(f"prompt_end_rise={self.prompt_end_rise!r} scores the prompt end's votes, but there is "
                              "no vote: set prompt_end_blocks, or prompt_end_rise: sum")
+        if self.prompt_end_baseline != "previous" and not self.prompt_end_blocks:
+            raise ValueError(f"prompt_end_baseline={self.prompt_end_baseline!r} is the prompt end's vote's baseline, "
+                             "but there is no vote: set prompt_end_blocks, or prompt_end_baseline: previous")
         if self.prompt_end_tally != "count" and not self.prompt_end_blocks:
             raise ValueError(f"prompt_end_tally={self.prompt_end_tally!r} weighs the prompt end's votes, but there is "
                              "no vote: set prompt_end_blocks, or prompt_end_tally: count")

@@ -270,6 +270,13 @@ class LayerMemory(LayerState):
         kept it; over nine such questions the replies scored as under sum (positive) or a needle more (max, which
         loses two 4K multikey cases), so no preset uses them).
 
+        prompt_end_baseline: own: the baseline is the last chunk's queries before the voting ones, without the chunk
+        before. Where a fact like the ones asked for lies in the chunk before (a question about four facts, one of
+        them the document's last sentences), its queries read the other facts' blocks as strongly as the question
+        does, and their rise vanishes: in a probe at 64K tokens, the other three facts' blocks ranked 503-610 by the
+        question's rise (medians over the layers) with that chunk in the baseline, and two of them were voted
+        without it.
+
         The votes are appended to `end_votes` best first (ties: the lower id), for the tally's weights.
         """
         cfg, hkv = self.config, self.shape.num_kv_heads
@@ -302,8 +309,10 @@ class LayerMemory(LayerState):
     def _vote_queries(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt end's voting queries and its baseline (`_vote_prompt_end`): the chunk's last S queries dropped
         (prompt_end_skip), and of the rest, with prompt_end_queries: N, the last N vote and the earlier join the
-        chunk before."""
+        chunk before (prompt_end_baseline: previous) or are the baseline alone (own)."""
         cfg, before = self.config, self.end_baseline
+        if cfg.prompt_end_baseline == "own":
+            before = before[:, :0]
         if cfg.prompt_end_skip:
             q = q[:, : -cfg.prompt_end_skip]
         asked = cfg.prompt_end_queries
