@@ -638,3 +638,6 @@ def test_gpu_profile_script_tiny_on_cpu_applies_its_settings(capsys):
     out = capsys.readouterr().out
     assert "'block_ranking': 'bounds'" in out and "'topk_blocks': 3," in out
     assert "== 1 prefill calls of 64 tokens" in out and "== 2 decode steps" in out
+    gpu_profile.main(["--tiny", "--context", "100", "--chunks", "1", "--prefill-chunk", "32", "--decode", "1",
+                      "--rows", "3", "--method", "full"])
+    assert "'method': 'full'" in capsys.readouterr().out
