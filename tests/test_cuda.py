@@ -102,6 +102,24 @@ def test_the_presets_features_on_cuda_equal_the_cpu_run(backend, tier, tmp_path)
         torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-4)
 
 
+def test_the_models_own_attention_on_cuda_runs_without_cudnn():
+    """cuDNN's attention builds a graph per key length, which a decoding step never repeats: the engine's model
+    calls leave it out (and the setting is torch's again after the call)."""
+    model = tiny_model("mistral").to(CUDA)
+    engine = Engine(model, ByteTokenizer(), _config(method="full"))
+    seen = []
+    hook = model.register_forward_hook(lambda module, inputs, output: seen.append(
+        (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())))
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        engine.feed(_token_ids(40))
+        engine.feed(_token_ids(1))
+    finally:
+        hook.remove()
+    assert seen == [(False, True), (False, True)]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 def test_full_attention_on_cuda_keeps_its_cache_between_calls():
     model = tiny_model("mistral").to(CUDA)
     ids = _ids(120).to(CUDA)

@@ -20,6 +20,7 @@ from inf_llm.generation.decoding import IncrementalDecoder, StopStrings
 from inf_llm.generation.host_memory import release_free_memory
 from inf_llm.generation.sampling import RepeatCounter, SamplingParams, logits_processors, sample_next
 from inf_llm.memory.attach import attach
+from inf_llm.memory.full_attention import attention_kernels
 from inf_llm.memory.stats import MemoryStats
 from inf_llm.model.placement import execution_device
 
@@ -86,19 +87,20 @@ class Engine:
             self.memory.clear_prompt_end()
             end = max(0, len(ids) - self.config.chunk_size)
             starts = [start for start in starts if start < end] + [end]
-        for start, stop in zip(starts, starts[1:] + [len(ids)]):
-            chunk = ids[start:stop][None]
-            if votes and stop == len(ids):
-                self.memory.vote_prompt_end(lambda: self.model(
-                    input_ids=chunk, logits_to_keep=1, **self.memory.forward_kwargs(chunk.shape[1], self.device)))
-            out = self.model(input_ids=chunk, logits_to_keep=0 if on_logits else 1,
-                             **self.memory.forward_kwargs(chunk.shape[1], self.device))
-            if on_logits is not None:
-                on_logits(start, out.logits[0])
-            logits = out.logits[0, -1].float()
-            self.tokens.extend(chunk[0].tolist())
-            if progress is not None:
-                progress(stop, len(ids))
+        with attention_kernels(self.device):
+            for start, stop in zip(starts, starts[1:] + [len(ids)]):
+                chunk = ids[start:stop][None]
+                if votes and stop == len(ids):
+                    self.memory.vote_prompt_end(lambda: self.model(
+                        input_ids=chunk, logits_to_keep=1, **self.memory.forward_kwargs(chunk.shape[1], self.device)))
+                out = self.model(input_ids=chunk, logits_to_keep=0 if on_logits else 1,
+                                 **self.memory.forward_kwargs(chunk.shape[1], self.device))
+                if on_logits is not None:
+                    on_logits(start, out.logits[0])
+                logits = out.logits[0, -1].float()
+                self.tokens.extend(chunk[0].tolist())
+                if progress is not None:
+                    progress(stop, len(ids))
         if len(ids) > 1:
             release_free_memory()  # the read's temporaries, kept by the allocator otherwise (host_memory.py)
         return logits
