@@ -267,6 +267,30 @@ def test_the_second_reading_is_the_reading_with_the_voted_blocks_forced_and_so_i
     assert not torch.equal(unforced.feed(ids[end:-1]), logits)  # the voted blocks changed the reading
 
 
+def test_the_blocks_formed_after_the_vote_join_the_voted_ones_as_they_form(model):
+    """prompt_end_recent: 3. The memory's choice is the vote's and the ids of the next 3 blocks to form: the prompt's
+    logits and the reply equal those of an engine without the setting that forces those blocks from the last chunk
+    on (each attended once it has formed), and a decoding step reads otherwise than under the vote alone."""
+    ids = _ids(300, seed=4)
+    recent = _engine(model, prompt_end_recent=3)
+    logits = recent.feed(ids[:-1])
+    voting = _engine(model)
+    voting.feed(ids[:-1])
+    voted = _end_blocks(voting)[0]
+    plain = _engine(model, prompt_end_blocks=0)
+    end = len(ids) - 1 - plain.config.chunk_size
+    plain.feed(ids[:end])
+    n = plain.memory.layers[0].blocks.num_blocks  # the memory the question voted over
+    assert _end_blocks(recent) == [voted + [n, n + 1, n + 2]] * len(recent.memory.layers)
+    assert recent.memory.layers[0].blocks.num_blocks > n  # some of them formed while the chunk was read
+    plain.memory.force_blocks(voted + [n, n + 1, n + 2], from_position=end)
+    torch.testing.assert_close(plain.feed(ids[end:-1]), logits, rtol=0, atol=0)
+    assert _reply(plain, ids[-1:]) == _reply(recent, ids[-1:])
+    again = _engine(model, prompt_end_recent=3)  # a decoding step after the same prompt, with and without them
+    again.feed(ids[:-1])
+    assert not torch.equal(again.feed(ids[-1:]), voting.feed(ids[-1:]))
+
+
 def test_each_round_reads_with_the_blocks_chosen_before_and_adds_its_best_new_ones(model, monkeypatch):
     """prompt_end_rounds: 2. The first round is the one-round vote; the second reads the chunk again with the first
     round's blocks attended in every layer, and adds the prompt_end_blocks blocks it voted most for that the first

@@ -44,7 +44,7 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "reply_pool_every": 8, "prompt_end_queries": None, "prompt_end_following": 0,
                "prompt_end_rounds": 1, "prompt_end_tally": "count", "prompt_end_skip": 0,
                "prompt_end_run": 1, "prompt_end_shortlist": None, "prompt_end_rise": "sum",
-               "prompt_end_baseline": "previous",
+               "prompt_end_baseline": "previous", "prompt_end_recent": 0,
                "memory_distance": None,
                "memory_positions_until": None, "decode_memory_distance": None, "reply_start_distance": None}
 
@@ -185,6 +185,10 @@ class InfLLMConfig:
                                                           last chunk's earlier queries; own = the last chunk's
                                                           earlier queries alone (a fact in the chunk before then
                                                           does not lower the blocks like it)
+    prompt_end_recent    (none)                           with prompt_end_blocks: the first N blocks formed after
+                                                          the vote (the prose just before the question, then the
+                                                          question) join the voted blocks once they form: a fact
+                                                          there was not yet a block when the question voted
     ranking_code_rank    (none)                           an approximate first stage: each block's summary is
                                                           also kept as a code of this many numbers (its
                                                           coordinates along the principal directions of the
@@ -281,6 +285,7 @@ class InfLLMConfig:
     prompt_end_shortlist: int | None = None
     prompt_end_rise: str = "sum"
     prompt_end_baseline: str = "previous"
+    prompt_end_recent: int = 0
     ranking_code_rank: int | None = None
     ranking_code_blocks: int = 4096
     reply_pool_blocks: int | None = None
@@ -306,6 +311,7 @@ class InfLLMConfig:
         _check_int("shared_candidates", self.shared_candidates, 0)
         _check_int("prompt_end_blocks", self.prompt_end_blocks, 0)
         _check_int("prompt_end_following", self.prompt_end_following, 0)
+        _check_int("prompt_end_recent", self.prompt_end_recent, 0)
         _check_int("prompt_end_skip", self.prompt_end_skip, 0)
         for name in ("local_window", "block_size", "repr_tokens", "chunk_size", "device_cache_blocks", "decode_rank_every",
                      "reply_pool_every", "prompt_end_rounds", "prompt_end_run"):
@@ -351,7 +357,7 @@ class InfLLMConfig:
             most = ("topk_blocks", self.topk_blocks) if self.topk_blocks >= self.chunk_topk_blocks else \
                 ("prefill_topk_blocks", self.prefill_topk_blocks)
             unset = {"shared_blocks": 0, "prompt_end_blocks": 0, "prompt_end_following": 0, "prompt_end_rounds": 1,
-                     "following_blocks": 0}  # the values that add no block: not named
+                     "prompt_end_recent": 0, "following_blocks": 0}  # the values that add no block: not named
             extras = [f"{name}={getattr(self, name)}" for name, value in unset.items() if getattr(self, name) != value]
             what = f"{most[0]}={most[1]}" + (f" with {' and '.join(extras)} ({retrieved} blocks)" if extras else "")
             raise ValueError(
@@ -402,10 +408,11 @@ class InfLLMConfig:
     @property
     def retrieved_blocks(self) -> int:
         """The most blocks one chunk retrieves: the larger top-k, with the shared and the prompt end's blocks (and
-        the blocks after these, prompt_end_following, in each of prompt_end_rounds), and with following_blocks, the
-        blocks after each."""
+        the blocks after these, prompt_end_following, in each of prompt_end_rounds, and the recent ones,
+        prompt_end_recent), and with following_blocks, the blocks after each."""
         most = (max(self.topk_blocks + self.shared_blocks, self.chunk_topk_blocks)
-                + self.prompt_end_blocks * self.prompt_end_rounds * (1 + self.prompt_end_following))
+                + self.prompt_end_blocks * self.prompt_end_rounds * (1 + self.prompt_end_following)
+                + self.prompt_end_recent)
         return most * (1 + self.following_blocks)
 
     def _check_rerank(self) -> None:
@@ -504,6 +511,10 @@ class InfLLMConfig:
         if self.prompt_end_rise != "sum" and not self.prompt_end_blocks:
             raise ValueError(f"prompt_end_rise={self.prompt_end_rise!r} scores the prompt end's votes, but there is "
                              "no vote: set prompt_end_blocks, or prompt_end_rise: sum")
+        if self.prompt_end_recent and not self.prompt_end_blocks:
+            raise ValueError(f"prompt_end_recent={self.prompt_end_recent} adds the blocks formed after the prompt end's "
+                             "vote to the voted ones, but there is no vote: set prompt_end_blocks, or "
+                             "prompt_end_recent: 0")
         if self.prompt_end_baseline != "previous" and not self.prompt_end_blocks:
             raise ValueError(f"prompt_end_baseline={self.prompt_end_baseline!r} is the prompt end's vote's baseline, "
                              "but there is no vote: set prompt_end_blocks, or prompt_end_baseline: previous")

@@ -210,8 +210,8 @@ class LayerMemory(LayerState):
             extra.append(self.forced_blocks[self.forced_blocks < self.blocks.num_blocks])
         if shared is not None and shared.numel():
             extra.append(shared)
-        if self.end_blocks is not None:
-            extra.append(self.end_blocks)
+        if self.end_blocks is not None:  # (prompt_end_recent: ids of blocks yet to form)
+            extra.append(self.end_blocks[self.end_blocks < self.blocks.num_blocks])
         if extra:
             chosen = torch.cat((chosen, *(ids.to(chosen.device) for ids in extra))).unique(sorted=True)
         return BlockIds(with_following(chosen, cfg.following_blocks, self.blocks.num_blocks))

@@ -160,7 +160,13 @@ class InfLLMMemory:
         prompt_end_tally: how the layers' votes add up (`tally_votes`): each counts one, or by its rank in its layer.
 
         prompt_end_run: R fills the places with runs of up to R adjacent blocks around the most voted (`voted_places`):
-        a fact's sentence cut by a block boundary comes back whole."""
+        a fact's sentence cut by a block boundary comes back whole.
+
+        prompt_end_recent: N: the ids of the first N blocks to form after the vote join the chosen ones; each is
+        attended once it has formed (`LayerMemory._rank`). They hold the prose just before the chunk that ends the
+        prompt (it leaves the local window while that chunk is read), then the prompt's own last tokens: a fact
+        there was not a block when the question voted, and each decoding step's ranking alone found it whole in
+        at most 3 of 30 layers (a 64K four-fact question whose fourth fact ended 170 tokens before the question)."""
         chosen = torch.empty(0, dtype=torch.long)
         num_blocks = self.layers[0].blocks.num_blocks  # the votes are cast over the memory as it was before the chunk
         for _ in range(self.config.prompt_end_rounds):
@@ -184,6 +190,10 @@ class InfLLMMemory:
             chosen = torch.cat((chosen, voted)).unique()  # ascending
             for layer in self.layers:
                 layer.end_blocks = chosen
+        if self.config.prompt_end_recent:  # ids past the memory's last block: attended once formed
+            recent = torch.arange(num_blocks, num_blocks + self.config.prompt_end_recent, dtype=torch.long)
+            for layer in self.layers:
+                layer.end_blocks = torch.cat((chosen, recent))
 
     def clear_prompt_end(self) -> None:
         """A new prompt: what the last one's end voted for is attended no more."""

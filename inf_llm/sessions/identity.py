@@ -26,7 +26,7 @@ _SECOND_STAGE_SETTINGS = ("rerank_blocks", "rerank_chunks", "rerank_keep_blocks"
                           "shared_candidates", "shared_decay", "shared_votes",
                           "prompt_end_blocks", "prompt_end_queries", "prompt_end_following", "prompt_end_rounds",
                           "prompt_end_tally", "prompt_end_skip", "prompt_end_run", "prompt_end_shortlist",
-                          "prompt_end_rise", "prompt_end_baseline",
+                          "prompt_end_rise", "prompt_end_baseline", "prompt_end_recent",
                           "reply_pool_blocks", "reply_pool_every")
 
 
