@@ -5,9 +5,10 @@
 
 Random bf16 weights on CUDA (as `python -m inf_llm.bench gpu`); the memory is first filled to --context tokens
 unprofiled, then --chunks prefill calls of --prefill-chunk tokens and --decode single-token steps are profiled
-separately (the Mistral preset, with --set's changes: `--set block_ranking=bounds` profiles another
-retrieval; `--method full` profiles the full-attention baseline, `stream-llm` StreamingLLM). For each it prints the wall time, the GPU-busy time (the sum of the kernels' times: a wall time far
-above it means the GPU waits for the host) and the operators ranked by host time and by GPU time. With --tiny it
+separately (the Mistral preset, with --set's changes: `--set block_ranking=bounds` profiles another retrieval;
+`--method full` profiles the full-attention baseline, `stream-llm` StreamingLLM). For each it prints the wall
+time, the GPU-busy time (the sum of the kernels' times: a wall time far above it means the GPU waits for the host)
+and the operators ranked by host time and by GPU time (with --stacks, also by Python call site). With --tiny it
 runs a tiny Mistral on the CPU, to check the script.
 """
 
