@@ -210,7 +210,9 @@ class LayerMemory(LayerState):
             extra.append(self.forced_blocks[self.forced_blocks < self.blocks.num_blocks])
         if shared is not None and shared.numel():
             extra.append(shared)
-        if self.end_blocks is not None:  # (prompt_end_recent: ids of blocks yet to form)
+        # prompt_end_recent: ids of blocks yet to form, left out until they have (also in a session saved under the
+        # setting and resumed without it, so the filter does not depend on it).
+        if self.end_blocks is not None:
             extra.append(self.end_blocks[self.end_blocks < self.blocks.num_blocks])
         if extra:
             chosen = torch.cat((chosen, *(ids.to(chosen.device) for ids in extra))).unique(sorted=True)
