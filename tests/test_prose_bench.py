@@ -248,6 +248,65 @@ def test_needle_oracle_cases_are_their_own_and_force_the_answers_blocks(tiny_che
     assert len(prompt.needles) == 4 and not others & set(blocks)  # the distractors are not forced
 
 
+def test_dialogue_pastes_the_document_then_asks_each_question_as_the_chat_does(tiny_checkpoint, tokenizer, tmp_path,
+                                                                            paragraphs, monkeypatch, capsys):
+    """--dialogue: the document is a message of its own, the model's reply to it stays in the transcript, then each
+    question is a message (multiquery: one word each); the memory holds exactly the chat format's rendering of that
+    transcript, and full attention's last reply is the stock model's greedy reply to it."""
+    from transformers import AutoModelForCausalLM
+
+    from chat.chat_format import ChatFormat
+    from inf_llm.bench.prose import PASTE_REPLY_TOKENS, converse
+    from inf_llm.bench.prose_tasks import QUESTION, dialogue_of
+    from inf_llm.config.schema import InfLLMConfig
+    from inf_llm.generation.engine import Engine
+    from inf_llm.model.loading import load_model
+
+    prompt = build_prose_prompt(tokenizer, "multiquery", 700, 0.5, 0, paragraphs)
+    dialogue = dialogue_of(prompt)
+    assert prompt.content == f"{dialogue.paste}\n\n{prompt.question}" and prompt.question not in dialogue.paste
+    words = [text.split(" for ")[1].split(" is: ")[0] for text in prompt.needle_texts]
+    assert dialogue.questions == tuple((QUESTION.format(w), (v,)) for w, v in zip(words, prompt.answers))
+    single = build_prose_prompt(tokenizer, "twohop", 700, 0.5, 0, paragraphs)
+    assert dialogue_of(single).questions == ((single.question, single.answers),)
+
+    model, tok = load_model(str(tiny_checkpoint))
+    chat_format = ChatFormat.create(tok)
+    for method in ("inf-llm", "full"):
+        config = InfLLMConfig(method=method, num_sink_tokens=8, local_window=64, chunk_size=32, block_size=16,
+                              topk_blocks=2, device_cache_blocks=8)
+        engine = Engine(model, tok, config)
+        record = converse(engine, prompt)
+        turns = record["turns"]
+        assert [t["question"] for t in turns] == [q for q, _ in dialogue.questions]
+        assert all(t["score"] == score(tuple(t["answers"]), t["reply"]) for t in turns)
+        assert record["score"] == sum(t["score"] for t in turns) / 4
+        assert 1 <= record["paste_reply_tokens"] <= PASTE_REPLY_TOKENS
+        messages = [{"role": "user", "content": dialogue.paste}, {"role": "assistant", "content": record["paste_reply"]}]
+        for turn in turns:
+            messages += [{"role": "user", "content": turn["question"]}, {"role": "assistant", "content": turn["reply"]}]
+        assert engine.tokens == chat_format.render(messages) and record["memory_tokens"] == len(engine.tokens)
+    # The dense reference: the stock model's greedy reply to the transcript up to the last question.
+    stock = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    asked = torch.tensor([chat_format.render(messages[:-1], add_generation_prompt=True)])
+    last = turns[-1]["reply_ids"]
+    expected = stock.generate(asked, max_new_tokens=len(last), do_sample=False, min_new_tokens=len(last))
+    assert expected[0, asked.shape[1]:].tolist() == last
+
+    corpus = tmp_path / "corpus.tar.gz"
+    _archive(corpus, [_wrapped(paragraphs[:150]), _wrapped(paragraphs[150:])])
+    monkeypatch.setenv("INF_LLM_CORPUS", str(corpus))
+    base = ["prose", "--model-path", str(tiny_checkpoint), "--tasks", "single", "--lengths", "600", "--depths", "0.5",
+            "--seeds", "1", "--methods", "inf-llm", "--out", str(tmp_path), *SMALL]
+    assert main([*base, "--dialogue"]) == 0 and main(base) == 0
+    plain, asked_apart = sorted(read_records(tmp_path / "prose.jsonl"), key=lambda r: "dialogue" in r["case"]["prompt"])
+    assert asked_apart["label"] == plain["label"] + " dialogue"
+    assert asked_apart["case"]["prompt"]["dialogue"] == {"paste_reply_tokens": PASTE_REPLY_TOKENS}
+    assert len(asked_apart["turns"]) == 1 and "turns" not in plain
+    assert main([*base, "--dialogue", "--needle-oracle"]) == 2
+    assert "does not apply to --dialogue" in capsys.readouterr().err
+
+
 # --- the retrieval trace --------------------------------------------------------------------------------------------
 
 

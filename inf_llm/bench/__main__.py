@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "read well enough?), from the chunk that reaches the document's last N tokens on (last:N, "
                             "e.g. last:8K: how much of the prose before the question must have read them?) or only "
                             "while the reply is decoded (reply: is the prompt's reading at fault?)")
+    prose.add_argument("--dialogue", action="store_true",
+                       help="ask as a chat user who pastes the document first: the document is one message (the model "
+                            "replies to it), then each question a message of its own (multiquery: its four words one "
+                            "at a time), through the chat's conversation")
     prose.add_argument("--full-max-len", type=parse_length, default=parse_length("8K"),
                        help="longest prompt given to full attention (default: 8K)")
     prose.add_argument("--stream-max-len", type=parse_length, default=None,
@@ -358,6 +362,8 @@ def cmd_prose(args, console) -> None:
 
     load_paragraphs()  # a missing corpus fails before the model loads
     if args.export_lm_eval is not None:
+        if args.dialogue:
+            raise ValueError("--export-lm-eval writes one-message prompts; it does not apply to --dialogue")
         from inf_llm.eval.prose_task import GROUP, export_prose_task
 
         _, tokenizer, _ = _load(args)
@@ -371,7 +377,7 @@ def cmd_prose(args, console) -> None:
                      full_max_len=args.full_max_len, stream_max_len=args.stream_max_len,
                      prefill_chunk=args.prefill_chunk, first_seed=args.first_seed,
                      repetition_penalty=args.repetition_penalty, needle_oracle=args.needle_oracle,
-                     min_new_tokens=args.min_new_tokens)
+                     min_new_tokens=args.min_new_tokens, dialogue=args.dialogue)
     _run_cases(args, console, KIND, prose_table, functools.partial(run_prose, plan=plan))
 
 

@@ -5,17 +5,23 @@ greedily (`Engine.generate`, no answer prefix, the task's token budget), as `pyt
 would answer a pasted document with a question. Its score is the fraction of the expected numbers in the reply.
 Cases run shortest first, and within a length task by task, so that a stopped run has comparable cells; the
 result log makes a run resumable (rerun the same command).
+
+With `dialogue` a case is asked as a chat user who pastes the document first: through the chat's own
+`Conversation` and chat format, the document is one message and the model replies to it freely (greedy, at most
+`PASTE_REPLY_TOKENS`), then each question is a message of its own (`prose_tasks.dialogue_of`), answered as above;
+the case's score is the mean of its questions' scores.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from inf_llm.bench.methods import MethodRun
-from inf_llm.bench.prose_tasks import MAX_NEW_TOKENS, PROMPT_VERSION, ProsePrompt, build_prose_prompt, score
+from inf_llm.bench.prose_tasks import (MAX_NEW_TOKENS, PROMPT_VERSION, ProsePrompt, build_prose_prompt, dialogue_of,
+                                       score)
 from inf_llm.bench.results import ResultLog, machine_info
 from inf_llm.generation.engine import Engine
 from inf_llm.generation.sampling import SamplingParams
@@ -24,6 +30,9 @@ from inf_llm.memory.retrieval_trace import RetrievalTrace
 logger = logging.getLogger(__name__)
 
 KIND = "prose"
+# A dialogue's reply to the pasted document: what the chat would print (an acknowledgement, a summary begun), cut
+# here to bound the case's time; the questions' replies have the task's budget.
+PASTE_REPLY_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,13 @@ class ProsePlan:
     # tokens of the document on ("last:N": how much of the prose before the question must have read them?) or only
     # while the reply is decoded ("reply"); None: off.
     needle_oracle: str | None = None
+    # The document pasted as a message of its own, then the questions one message each (`converse`).
+    dialogue: bool = False
+
+    def __post_init__(self):
+        if self.dialogue and self.needle_oracle is not None:
+            raise ValueError("--needle-oracle forces the needles of a one-message prompt; it does not apply to "
+                             "--dialogue")
 
 
 # --needle-oracle's modes: their names in a case's key (kept apart from plain cases) and in its label.
@@ -89,6 +105,7 @@ class ProseCase:
     repetition_penalty: float = 1.0
     needle_oracle: str | None = None
     min_new_tokens: int = 0
+    dialogue: bool = False
 
     def key(self, model_id: str) -> dict[str, Any]:
         prompt = {"version": PROMPT_VERSION, "max_new_tokens": MAX_NEW_TOKENS[self.task]}
@@ -96,6 +113,8 @@ class ProseCase:
             prompt["repetition_penalty"] = self.repetition_penalty
         if self.min_new_tokens:
             prompt["min_new_tokens"] = self.min_new_tokens
+        if self.dialogue:
+            prompt["dialogue"] = {"paste_reply_tokens": PASTE_REPLY_TOKENS}
         key = {"model": model_id, "settings": self.run.identity(), "task": self.task, "length": self.length,
                "depth": self.depth, "seed": self.seed, "prompt": prompt}
         if self.needle_oracle is None:
@@ -106,6 +125,7 @@ class ProseCase:
     def label(self) -> str:
         return (self.run.label + (f" penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1.0 else "")
                 + (f" min {self.min_new_tokens}" if self.min_new_tokens else "")
+                + (" dialogue" if self.dialogue else "")
                 + ("" if self.needle_oracle is None else " " + oracle_label(self.needle_oracle)))
 
 
@@ -122,7 +142,7 @@ def plan_cases(runs: list[MethodRun], plan: ProsePlan) -> list[ProseCase]:
                     for seed in range(plan.first_seed, plan.first_seed + plan.seeds):
                         cases.append(ProseCase(run, task, length, depth, seed, plan.repetition_penalty,
                                                plan.needle_oracle if run.method == "inf-llm" else None,
-                                               plan.min_new_tokens))
+                                               plan.min_new_tokens, plan.dialogue))
     return cases
 
 
@@ -149,6 +169,34 @@ def answer(engine: Engine, prompt: ProsePrompt, progress=None, repetition_penalt
             "score": value, "correct": value == 1.0, "needles": [list(span) for span in prompt.needles],
             "prefill_s": prefill_s, "prefill_tokens_per_s": (len(prompt.ids) - 1) / prefill_s if prefill_s else None,
             "decode_ms_per_token": decode_ms}
+
+
+def converse(engine: Engine, prompt: ProsePrompt, progress=None, repetition_penalty: float = 1.0,
+             min_new_tokens: int = 0) -> dict[str, Any]:
+    """Ask a case as a dialogue (the module's docstring) in an empty memory; the measured fields of a record, with
+    each question's turn under "turns" and the replies joined under "reply"."""
+    from chat.chat_format import ChatFormat
+    from chat.conversation import Conversation
+
+    engine.reset()
+    dialogue = dialogue_of(prompt)
+    params = SamplingParams(temperature=0.0, max_new_tokens=PASTE_REPLY_TOKENS, repetition_penalty=repetition_penalty,
+                            min_new_tokens=min_new_tokens)
+    conversation = Conversation(engine, ChatFormat.create(engine.tokenizer), params)
+    pasted = conversation.ask(dialogue.paste, progress=progress)
+    conversation.params = replace(conversation.params, max_new_tokens=MAX_NEW_TOKENS[prompt.task])
+    turns = []
+    for question, answers in dialogue.questions:
+        ids: list[int] = []
+        reply = conversation.ask(question, on_step=lambda step, ids=ids: ids.append(step.token_id))
+        turns.append({"question": question, "answers": list(answers), "reply": reply.text, "reply_ids": ids,
+                      "score": score(answers, reply.text), "decode_ms_per_token": reply.decode_ms_per_token})
+    value = sum(turn["score"] for turn in turns) / len(turns)
+    return {"tokens": len(prompt.ids), "answers": list(prompt.answers), "reply": "\n".join(t["reply"] for t in turns),
+            "reply_tokens": sum(len(t["reply_ids"]) for t in turns), "turns": turns, "score": value,
+            "correct": value == 1.0, "paste_reply": pasted.text, "paste_reply_tokens": pasted.generated_tokens,
+            "memory_tokens": len(engine.tokens), "prefill_tokens_per_s": pasted.prefill_tokens_per_s,
+            "decode_ms_per_token": turns[-1]["decode_ms_per_token"]}
 
 
 def answer_blocks(prompt: ProsePrompt, block_size: int, num_sink_tokens: int) -> list[int]:
@@ -188,10 +236,14 @@ def run_prose(model, tokenizer, model_id: str, runs: list[MethodRun], plan: Pros
             start = oracle_start(case.needle_oracle, prompt)
             if start is not None:
                 force(from_position=start)
+            read = lambda done, total: progress.update(reading, completed=done)  # noqa: E731
             try:
-                result = answer(engines[run], prompt, lambda done, total: progress.update(reading, completed=done),
-                                case.repetition_penalty, before_reply=force if case.needle_oracle == "reply" else None,
-                                min_new_tokens=case.min_new_tokens)
+                if case.dialogue:
+                    result = converse(engines[run], prompt, read, case.repetition_penalty, case.min_new_tokens)
+                else:
+                    result = answer(engines[run], prompt, read, case.repetition_penalty,
+                                    before_reply=force if case.needle_oracle == "reply" else None,
+                                    min_new_tokens=case.min_new_tokens)
             finally:
                 if case.needle_oracle is not None:
                     memory.force_blocks(None)

@@ -14,6 +14,9 @@ Tasks (the target needle sits at the case's depth; the other needles at depths d
 - `twohop`: "The WORD code is kept in the COLOUR drawer." and, elsewhere, "The COLOUR drawer holds the number
   NNNNNNN."; asked for the number in the drawer that keeps the WORD code: the answer needs both facts.
 
+`dialogue_of` splits a case as a chat user who pastes the document first asks it: the document as one message, then
+each question as a message of its own (`prose --dialogue`).
+
 Everything is a pure function of (tokenizer, task, length, depth, seed) and the corpus.
 """
 
@@ -38,6 +41,8 @@ WORDS = ("apple", "river", "candle", "falcon", "garden", "harbor", "island", "ja
          "raven", "silver", "tunnel", "velvet", "window", "yellow", "blanket", "compass", "dragon", "emerald")
 COLOURS = ("red", "blue", "green", "black", "white", "orange", "purple", "brown", "grey", "golden")
 MAX_NEW_TOKENS = {"single": 32, "multikey": 32, "twohop": 32, "multivalue": 96, "multiquery": 96}
+QUESTION = "What is the special magic number for {} mentioned in the provided text?"
+MAGIC = "One of the special magic numbers for {} is: {}."
 
 
 @dataclass(frozen=True)
@@ -66,21 +71,20 @@ def _number(rng: random.Random) -> str:
 def _needles(task: str, rng: random.Random) -> tuple[list[str], tuple[str, ...], str]:
     """(needle sentences, target first; answers; question)."""
     words = rng.sample(WORDS, 4)
-    magic = "One of the special magic numbers for {} is: {}."
     if task in ("single", "multikey"):
         values = [_number(rng) for _ in range(4)]
-        needles = [magic.format(words[0], values[0])]
+        needles = [MAGIC.format(words[0], values[0])]
         if task == "multikey":
-            needles += [magic.format(w, v) for w, v in zip(words[1:], values[1:])]
-        return needles, (values[0],), f"What is the special magic number for {words[0]} mentioned in the provided text?"
+            needles += [MAGIC.format(w, v) for w, v in zip(words[1:], values[1:])]
+        return needles, (values[0],), QUESTION.format(words[0])
     if task == "multivalue":
         values = [_number(rng) for _ in range(4)]
-        return ([magic.format(words[0], v) for v in values], tuple(values),
+        return ([MAGIC.format(words[0], v) for v in values], tuple(values),
                 f"What are all the special magic numbers for {words[0]} mentioned in the provided text?")
     if task == "multiquery":
         values = [_number(rng) for _ in range(4)]
         asked = ", ".join(words[:3]) + f" and {words[3]}"
-        return ([magic.format(w, v) for w, v in zip(words, values)], tuple(values),
+        return ([MAGIC.format(w, v) for w, v in zip(words, values)], tuple(values),
                 f"What are the special magic numbers for {asked} mentioned in the provided text?")
     if task == "twohop":
         colour, value = rng.choice(COLOURS), _number(rng)
@@ -181,6 +185,26 @@ def build_prose_prompt(tokenizer, task: str, length: int, depth: float, seed: in
     return ProsePrompt(task=task, ids=list(encoding["input_ids"]), question=question, answers=answers,
                        needles=spans, needle_texts=tuple(needles), target=0,
                        context=(token_at(doc_char), token_at(doc_char + len(document) - 1) + 1), content=content)
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    """A case asked as a chat user who pastes the document first: `paste` (the instruction and the document) is one
+    message, then each question its own message, with the numbers its reply must contain."""
+
+    paste: str
+    questions: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def dialogue_of(prompt: ProsePrompt) -> Dialogue:
+    """The case's document as a message of its own, then its question; `multiquery` asks its four words one message at
+    a time (what one message asks at once, a chat user also asks in turns), each for its own number."""
+    paste = prompt.content[: len(prompt.content) - len(prompt.question)].rstrip()
+    if prompt.task != "multiquery":
+        return Dialogue(paste, ((prompt.question, prompt.answers),))
+    pattern = re.compile(re.escape(MAGIC).replace(re.escape("{}"), "(.+?)"))
+    asked = (pattern.fullmatch(text).groups() for text in prompt.needle_texts)  # (word, number) of each needle
+    return Dialogue(paste, tuple((QUESTION.format(word), (value,)) for word, value in asked))
 
 
 def score(answers: tuple[str, ...], reply: str) -> float:
