@@ -59,6 +59,7 @@ REFUSED = [
     (dict(memory_positions_until=8192), ["memory_positions_until=8192", "memory_positions: shared"]),
     (dict(local_window=128, decode_memory_distance=64), ["decode_memory_distance=64", ">= 128"]),
     (dict(local_window=128, reply_start_distance=127), ["reply_start_distance=127", ">= 128"]),
+    (dict(decode_memory_positions="sorted"), ["decode_memory_positions", "'sorted'", "'runs'"]),
     (dict(rank_rotated=1), ["rank_rotated", "1", "true or false"]),
     (dict(following_blocks=-1), ["following_blocks", "-1", ">= 0"]),
     (dict(prefill_topk_blocks=0), ["prefill_topk_blocks", "0", ">= 1"]),

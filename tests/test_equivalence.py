@@ -232,6 +232,33 @@ def test_positions_until_switches_to_shared_positions_after_n_tokens(positions, 
     assert (got[:switched] - shared[:switched]).abs().max() > 20 * ATOL
 
 
+@pytest.mark.parametrize("positions", ["ordered", "runs"])
+def test_decode_memory_positions_order_memory_for_decoding_steps_only(positions):
+    """decode_memory_positions: ordered (or runs): decoding steps (one-query chunks) place memory by that rule,
+    prompts' chunks by memory_positions (shared). With every block retrieved (one run: runs is ordered) that is the
+    dense reference with the ordered rule for those rows only, which neither rule alone matches."""
+    model = tiny_model("llama")
+    ids = _ids(200)
+    cfg = _memory_config(decode_memory_positions=positions, chunk_size=16)
+    chunks = [min(16, n - o) for n in _REPLIES for o in range(0, n, 16)]
+    rows = torch.tensor([c == 1 for c in chunks for _ in range(c)])
+    assert 0 < int(rows.sum()) < len(ids)
+    last = chunk_last_positions(_REPLIES, 16)
+    expected = dense_logits(model, ids, "inf-llm", 32, 4, chunk_last=last, ordered_rows=rows)
+    memory = attach(model, cfg)
+    got = run_schedule(model, memory, ids, _REPLIES)
+    assert memory.stats().blocks >= 15
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    ordered = dense_logits(model, ids, "inf-llm", 32, 4, chunk_last=last)
+    shared = dense_logits(model, ids, "inf-llm", 32, 4)
+    decoding = rows & (torch.arange(len(ids)) >= 4 + 32 + 16)  # steps that attend some memory
+    assert decoding.any()
+    first = rows.nonzero()[0, 0]  # (later prompt rows read the reply's keys, which the decoding rule made)
+    torch.testing.assert_close(got[:first], shared[:first], atol=ATOL, rtol=1e-4)
+    assert (got[decoding] - shared[decoding]).abs().max() > 20 * ATOL
+    assert (got[~rows] - ordered[~rows]).abs().max() > 20 * ATOL
+
+
 @pytest.mark.parametrize("method", ["stream-llm", "infinite-lm"])
 @pytest.mark.parametrize("pieces", [[150], [1] * 150, [9, 70, 71]])
 def test_baselines_equal_dense_reference(method, pieces):

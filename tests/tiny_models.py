@@ -71,7 +71,7 @@ _DENSE = {}
 
 
 def _dense_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, dense_rule=None, **kwargs):
-    method, window, sinks, rotary_emb, chunk_last, distance, ordered_until = dense_rule
+    method, window, sinks, rotary_emb, chunk_last, distance, ordered_until, ordered_rows = dense_rule
     _, hq, t, d = query.shape
     group = hq // key.shape[1]
     q = query[0].float()  # (Hq, T, D) unrotated (position ids were 0)
@@ -102,6 +102,8 @@ def _dense_attention(module, query, key, value, attention_mask, scaling, dropout
             last = chunk_last.to(q.device)
             ordered = rot(q, last + (distance - window)) @ rot(k, pos).transpose(-1, -2)
             rows = torch.ones_like(pos, dtype=torch.bool) if ordered_until is None else last + 1 <= ordered_until
+            if ordered_rows is not None:
+                rows = rows & ordered_rows.to(q.device)
             far = torch.where(rows[:, None], ordered, far)
     logits = torch.where(rel < window, local, far) * scaling
     visible = rel >= 0
@@ -117,7 +119,7 @@ AttentionInterface.register("inf_llm_dense_reference", _dense_attention)
 
 def dense_logits(model, ids: torch.Tensor, method: str, window: int, sinks: int,
                  chunk_last: torch.Tensor | None = None, distance: int | torch.Tensor | None = None,
-                 ordered_until: int | None = None) -> torch.Tensor:
+                 ordered_until: int | None = None, ordered_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (T, V) of the dense reference for the given rule.
 
     chunk_last (T,): with it, InfLLM's far keys sit at their distance from the last query of the query's chunk
@@ -126,10 +128,11 @@ def dense_logits(model, ids: torch.Tensor, method: str, window: int, sinks: int,
     nearest far key of a chunk at it and the others beyond); a tensor (T,) gives each query its own.
     ordered_until: with chunk_last, the chunk_last rule only for chunks that end within the first ordered_until
     positions, the shared one after (`memory_positions_until`).
+    ordered_rows (T,) bool: with chunk_last, the chunk_last rule only for these queries (`decode_memory_positions`).
     """
     model.set_attn_implementation("inf_llm_dense_reference")
     rule = (method, window, sinks, model.model.rotary_emb, chunk_last, window if distance is None else distance,
-            ordered_until)
+            ordered_until, ordered_rows)
     with torch.inference_mode():
         out = model(
             input_ids=ids[None],

@@ -46,7 +46,8 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "prompt_end_run": 1, "prompt_end_shortlist": None, "prompt_end_rise": "sum",
                "prompt_end_baseline": "previous", "prompt_end_recent": 0,
                "memory_distance": None,
-               "memory_positions_until": None, "decode_memory_distance": None, "reply_start_distance": None}
+               "memory_positions_until": None, "decode_memory_distance": None, "reply_start_distance": None,
+               "decode_memory_positions": None}
 
 
 class ConfigError(ValueError):
@@ -230,6 +231,10 @@ class InfLLMConfig:
     memory_positions_until (none)                         with ordered or runs: those positions for the chunks
                                                           that end within the conversation's first N tokens, shared
                                                           for every chunk after (null: always)
+    decode_memory_positions (none)                        where decoding steps (one query) place memory: shared |
+                                                          ordered | runs, as memory_positions (null: as
+                                                          memory_positions, and memory_positions_until); prompts
+                                                          are read by memory_positions
     decode_memory_distance (none)                         the global distance of decoding steps (one query) only,
                                                           >= local_window (null: memory_distance's); prompts are
                                                           read at memory_distance
@@ -297,6 +302,7 @@ class InfLLMConfig:
     memory_positions_until: int | None = None
     decode_memory_distance: int | None = None
     reply_start_distance: int | None = None
+    decode_memory_positions: str | None = None
     storage_dtype: str = "auto"
     repr_dtype: str = "float16"
     kernel_backend: str = "auto"
@@ -338,6 +344,8 @@ class InfLLMConfig:
                 raise ValueError(f"memory_positions_until={self.memory_positions_until} has no effect with "
                                  "memory_positions: shared: set memory_positions: ordered (or runs), or "
                                  "memory_positions_until: null")
+        if self.decode_memory_positions is not None:
+            _check_choice("decode_memory_positions", self.decode_memory_positions, MEMORY_POSITIONS)
         _check_choice("shared_votes", self.shared_votes, SHARED_VOTES)
         _check_choice("prompt_end_tally", self.prompt_end_tally, PROMPT_END_TALLIES)
         _check_choice("prompt_end_rise", self.prompt_end_rise, PROMPT_END_RISES)
@@ -399,6 +407,21 @@ class InfLLMConfig:
         if queries == 1 and self.decode_memory_distance is not None:
             return self.decode_memory_distance
         return self.global_distance
+
+    def positions_for(self, queries: int, end: int) -> str:
+        """The rule placing memory for a chunk of this many queries that ends after the conversation's first `end`
+        tokens: decode_memory_positions for a decoding step (one query) when set, else memory_positions, or shared
+        for a chunk that ends beyond memory_positions_until."""
+        if queries == 1 and self.decode_memory_positions is not None:
+            return self.decode_memory_positions
+        until = self.memory_positions_until
+        return self.memory_positions if until is None or end <= until else "shared"
+
+    @property
+    def orders_memory(self) -> bool:
+        """Whether some chunk places memory by the ordered or runs rule (the rotation tables then cover the global
+        keys' positions)."""
+        return self.method == "inf-llm" and bool({self.memory_positions, self.decode_memory_positions} & {"ordered", "runs"})
 
     @property
     def farthest_distance(self) -> int:

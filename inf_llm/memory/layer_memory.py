@@ -95,9 +95,9 @@ class LayerMemory(LayerState):
             n_comp = min(n_comp, max(0, cfg.num_sink_tokens - first_pos))  # only future sinks survive eviction
         glob_k, glob_v, num_memory = self._global_keys(chosen, loc_k[:, :n_comp], loc_v[:, :n_comp])
         q_glob = q_loc
-        # memory_positions_until: the ordered (or runs) rule for chunks that end within the first N tokens only.
-        until = cfg.memory_positions_until
-        positions = cfg.memory_positions if until is None or self.num_seen + c <= until else "shared"
+        # memory_positions_until: the ordered (or runs) rule for chunks that end within the first N tokens only;
+        # decode_memory_positions: the rule of decoding steps.
+        positions = cfg.positions_for(c, self.num_seen + c)
         if glob_k.shape[1] > 0:
             if cfg.method == "stream-llm":
                 # Sinks at their true positions, the query right after its full window (StreamingLLM's cache).

@@ -74,7 +74,7 @@ class InfLLMMemory:
         # positions, the global keys 0..G-1 and the query at that distance + G-1, G = every global key a chunk
         # attends (sinks, retrieved blocks, the remainder under one block, the chunk's complement keys).
         max_position = config.farthest_distance + config.chunk_size + config.num_sink_tokens + 1
-        if config.method == "inf-llm" and config.memory_positions in ("ordered", "runs"):
+        if config.orders_memory:
             max_position += (config.retrieved_blocks + 1) * config.block_size  # + 1: the remainder
         tables: dict[torch.device, RotaryTable] = {}
         ops_for: dict[torch.device, object] = {}
