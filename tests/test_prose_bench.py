@@ -286,6 +286,11 @@ def test_dialogue_pastes_the_document_then_asks_each_question_as_the_chat_does(t
         for turn in turns:
             messages += [{"role": "user", "content": turn["question"]}, {"role": "assistant", "content": turn["reply"]}]
         assert engine.tokens == chat_format.render(messages) and record["memory_tokens"] == len(engine.tokens)
+    # The reply to the document stops at its own budget, not the questions' (this random model does not end a turn
+    # within 3 greedy tokens).
+    with monkeypatch.context() as patched:
+        patched.setattr("inf_llm.bench.prose.PASTE_REPLY_TOKENS", 3)
+        assert converse(Engine(model, tok, config), prompt)["paste_reply_tokens"] == 3
     # The dense reference: the stock model's greedy reply to the transcript up to the last question.
     stock = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     asked = torch.tensor([chat_format.render(messages[:-1], add_generation_prompt=True)])
