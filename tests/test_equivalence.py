@@ -259,6 +259,30 @@ def test_decode_memory_positions_order_memory_for_decoding_steps_only(positions)
     assert (got[~rows] - ordered[~rows]).abs().max() > 20 * ATOL
 
 
+def test_decode_memory_bias_lowers_the_far_logits_of_decoding_steps_only():
+    """decode_memory_bias: B: with every block retrieved, decoding steps (one-query chunks) are the dense reference
+    with B subtracted from the logits of the keys outside their window, prompts' chunks the plain shared rule's."""
+    model = tiny_model("llama")
+    ids = _ids(200)
+    bias = 1.5
+    cfg = _memory_config(decode_memory_bias=bias, chunk_size=16)
+    chunks = [min(16, n - o) for n in _REPLIES for o in range(0, n, 16)]
+    rows = torch.tensor([c == 1 for c in chunks for _ in range(c)])
+    expected = dense_logits(model, ids, "inf-llm", 32, 4, far_bias=rows.float() * bias)
+    memory = attach(model, cfg)
+    got = run_schedule(model, memory, ids, _REPLIES)
+    assert memory.stats().blocks >= 15
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    shared = dense_logits(model, ids, "inf-llm", 32, 4)
+    decoding = rows & (torch.arange(len(ids)) >= 32)  # steps with keys outside their window
+    first = rows.nonzero()[0, 0]
+    torch.testing.assert_close(got[:first], shared[:first], atol=ATOL, rtol=1e-4)
+    assert (got[decoding] - shared[decoding]).abs().max() > 20 * ATOL
+    biased_everywhere = dense_logits(model, ids, "inf-llm", 32, 4, far_bias=torch.full((len(ids),), bias))
+    prompt_rows = ~rows & (torch.arange(len(ids)) >= 32)
+    assert (got[prompt_rows] - biased_everywhere[prompt_rows]).abs().max() > 20 * ATOL
+
+
 @pytest.mark.parametrize("method", ["stream-llm", "infinite-lm"])
 @pytest.mark.parametrize("pieces", [[150], [1] * 150, [9, 70, 71]])
 def test_baselines_equal_dense_reference(method, pieces):

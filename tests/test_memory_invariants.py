@@ -185,14 +185,16 @@ def test_chosen_blocks_equal_an_independent_recomputation_from_keys_and_attentio
         assert coded > 0  # the codes' shortlist changed what the summaries alone would choose
 
 
-@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("per_head,bias", [(False, 0.0), (True, 0.0), (False, 1.5)])
 @pytest.mark.parametrize("pieces", [[T], [1] * T])
-def test_trace_records_the_blocks_and_the_weights_the_layer_attended(per_head, pieces):
+def test_trace_records_the_blocks_and_the_weights_the_layer_attended(per_head, bias, pieces):
     """The trace's chosen blocks and per-token weights are those of the attention itself (one-hot values make
-    the outputs the weights); with the sinks, remainder and window its weights sum to one per query and head."""
+    the outputs the weights); with the sinks, remainder and window its weights sum to one per query and head.
+    decode_memory_bias too: the decoding steps' weights are the biased attention's."""
     from inf_llm.memory.retrieval_trace import RetrievalTrace, sources
 
-    layer = _layer(topk_blocks=3, device_cache_blocks=16, per_head_ranking=per_head, repr_dtype="float32")
+    layer = _layer(topk_blocks=3, device_cache_blocks=16, per_head_ranking=per_head, repr_dtype="float32",
+                   decode_memory_bias=bias)
     trace = layer.trace = RetrievalTrace(layer.config.block_size, layer.config.num_sink_tokens)
     q, k, v = _qkv(4)
     weights = _feed(layer, q, k, v, pieces)  # (Hq, T, T)

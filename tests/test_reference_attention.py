@@ -223,3 +223,31 @@ def test_fused_chunk_attention_equals_the_composed_primitives(tq, tl, tg, local_
     composed = reference.compose_chunk_attention(TORCH_OPS, q_loc, k_loc, v_loc, q_glob, k_glob, v_glob, 0.3, **kwargs)
     torch.testing.assert_close(fused[0], composed[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused[1], composed[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tq,tl,tg,local_offset", [(1, 17, 40, 16), (5, 20, 9, 15)])
+def test_global_bias_scales_the_global_keys_weight_by_exp_minus_bias(tq, tl, tg, local_offset):
+    """global_bias (decode_memory_bias): each row is the naive softmax over the local band's logits and the global
+    complement's logits less the bias, fused and composed alike; the local keys' mass is that softmax's."""
+    from inf_llm.kernels import TORCH_OPS
+    g = torch.Generator().manual_seed(7 * tq + tg)
+    q_loc, q_glob = torch.randn(2, 1, 6, tq, 16, generator=g)
+    k_loc, v_loc = torch.randn(2, 1, 3, tl, 16, generator=g)
+    k_glob, v_glob = torch.randn(2, 1, 3, tg, 16, generator=g)
+    window, bias = 12, 1.7
+    kwargs = dict(local_offset=local_offset, global_offset=local_offset + 5, window=window, with_mass=True)
+    p_loc, lse_loc = _naive_probs(q_loc, k_loc, 0.3, "band", local_offset, window)
+    p_glob, lse_glob = _naive_probs(q_glob, k_glob, 0.3, "complement", local_offset + 5, window)
+    lse = torch.logaddexp(lse_loc, lse_glob - bias)
+    w_loc, w_glob = torch.exp(lse_loc - lse)[..., None], torch.exp(lse_glob - bias - lse)[..., None]
+    assert 0.05 < float(w_glob.mean()) < 0.95  # both stages weigh in, so that the bias shows
+    rep = lambda v: v.double().repeat_interleave(2, dim=1)  # noqa: E731 (Hkv 3 -> Hq 6)
+    want = w_loc * (p_loc @ rep(v_loc)) + w_glob * (p_glob @ rep(v_glob))
+    want_mass = (w_loc * p_loc).sum(dim=2)
+    for got, mass in (reference.chunk_attention(q_loc, k_loc, v_loc, q_glob, k_glob, v_glob, 0.3, **kwargs, global_bias=bias),
+                      reference.compose_chunk_attention(TORCH_OPS, q_loc, k_loc, v_loc, q_glob, k_glob, v_glob, 0.3, **kwargs,
+                                                        global_bias=bias)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mass.double(), want_mass, atol=1e-5, rtol=1e-5)
+    unbiased, _ = reference.chunk_attention(q_loc, k_loc, v_loc, q_glob, k_glob, v_glob, 0.3, **kwargs)
+    assert (unbiased.double() - want).abs().max() > 1e-2

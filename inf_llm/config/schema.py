@@ -47,7 +47,7 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "prompt_end_baseline": "previous", "prompt_end_recent": 0,
                "memory_distance": None,
                "memory_positions_until": None, "decode_memory_distance": None, "reply_start_distance": None,
-               "decode_memory_positions": None}
+               "decode_memory_positions": None, "decode_memory_bias": 0.0}
 
 
 class ConfigError(ValueError):
@@ -242,6 +242,11 @@ class InfLLMConfig:
                                                           prompt (a one-query chunk after a chunk of several: the
                                                           step that reads a prompt's last token and gives the
                                                           reply's first), >= local_window (null: as the other steps)
+    decode_memory_bias   (none)                           a number >= 0 subtracted from the logit of every key the
+                                                          global stage attends at decoding steps (one query): what
+                                                          memory brings back weighs exp(-bias) as much against the
+                                                          local window, its keys' weights among themselves
+                                                          unchanged (0: none, the paper's)
     storage_dtype        (none)                           host dtype of blocks; auto = model's if 16-bit;
                                                           int8 = 8-bit with a scale per block and KV head
     repr_dtype           (none)                           dtype of the representatives and of block scoring:
@@ -303,6 +308,7 @@ class InfLLMConfig:
     decode_memory_distance: int | None = None
     reply_start_distance: int | None = None
     decode_memory_positions: str | None = None
+    decode_memory_bias: float = 0.0
     storage_dtype: str = "auto"
     repr_dtype: str = "float16"
     kernel_backend: str = "auto"
@@ -346,6 +352,9 @@ class InfLLMConfig:
                                  "memory_positions_until: null")
         if self.decode_memory_positions is not None:
             _check_choice("decode_memory_positions", self.decode_memory_positions, MEMORY_POSITIONS)
+        bias = self.decode_memory_bias
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not 0 <= bias < float("inf"):
+            raise ValueError(f"decode_memory_bias={bias!r} is invalid: must be a number >= 0 (0: no bias)")
         _check_choice("shared_votes", self.shared_votes, SHARED_VOTES)
         _check_choice("prompt_end_tally", self.prompt_end_tally, PROMPT_END_TALLIES)
         _check_choice("prompt_end_rise", self.prompt_end_rise, PROMPT_END_RISES)
@@ -407,6 +416,11 @@ class InfLLMConfig:
         if queries == 1 and self.decode_memory_distance is not None:
             return self.decode_memory_distance
         return self.global_distance
+
+    def bias_for(self, queries: int) -> float:
+        """What the global stage's logits lose for a chunk of this many queries: decode_memory_bias for a decoding
+        step (one query), 0 for a prompt's chunk."""
+        return float(self.decode_memory_bias) if queries == 1 and self.method == "inf-llm" else 0.0
 
     def positions_for(self, queries: int, end: int) -> str:
         """The rule placing memory for a chunk of this many queries that ends after the conversation's first `end`

@@ -163,8 +163,10 @@ def chunk_attention(
     global_offset: int,
     window: int,
     with_mass: bool,
+    global_bias: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One InfLLM chunk in one softmax: local keys under the band mask, global keys under its complement.
+    """One InfLLM chunk in one softmax: local keys under the band mask, global keys under its complement, their
+    logits lowered by `global_bias` (natural log units: decode_memory_bias).
 
     q_local/q_global: (B, Hq, Tq, D), the same queries rotated for each stage; k/v_local: (B, Hkv, Tl, D);
     k/v_global: (B, Hkv, Tg, D). Returns out (B, Hq, Tq, D) float32 and, with `with_mass`, the attention mass
@@ -179,6 +181,8 @@ def chunk_attention(
     row_max = loc.amax(dim=-1, keepdim=True)
     if tg:
         glob = _masked_logits(q_global, k_global, scale2, "complement", global_offset, window)  # (B, Hkv, G, Tq, Tg)
+        if global_bias:
+            glob.sub_(global_bias * LOG2E)  # (masked logits stay -inf)
         row_max = torch.maximum(row_max, glob.amax(dim=-1, keepdim=True))
     row_max = torch.where(torch.isinf(row_max), 0.0, row_max)
     p_loc = loc.sub_(row_max).exp2_()
@@ -196,23 +200,26 @@ def chunk_attention(
 
 
 def compose_chunk_attention(ops, q_local, k_local, v_local, q_global, k_global, v_global, scale, *,
-                            local_offset: int, global_offset: int, window: int, with_mass: bool):
+                            local_offset: int, global_offset: int, window: int, with_mass: bool,
+                            global_bias: float = 0.0):
     """`chunk_attention` built from a backend's primitives: two partials merged by log-sum-exp (what kernels do)."""
     local = ops.attend(q_local, k_local, v_local, scale, mask="band", q_offset=local_offset, window=window)
     return finish_chunk_attention(ops, local, q_local, k_local, q_global, k_global, v_global, scale,
                                   local_offset=local_offset, global_offset=global_offset, window=window,
-                                  with_mass=with_mass)
+                                  with_mass=with_mass, global_bias=global_bias)
 
 
 def finish_chunk_attention(ops, local, q_local, k_local, q_global, k_global, v_global, scale, *,
-                           local_offset: int, global_offset: int, window: int, with_mass: bool):
+                           local_offset: int, global_offset: int, window: int, with_mass: bool,
+                           global_bias: float = 0.0):
     """`compose_chunk_attention` once its local partial ``local = (out, lse)`` is computed: the global partial,
     the merge and the local keys' mass. Split so that a caller can start the local stage before the global keys
     exist (on CUDA, while the retrieved blocks are copied in)."""
     out, lse = local
     if k_global.shape[2]:
         g_out, g_lse = ops.attend(q_global, k_global, v_global, scale, mask="complement", q_offset=global_offset, window=window)
-        out, lse = ops.merge(out, lse, g_out, g_lse)
+        # A bias on every global logit divides the global partial's normaliser by exp(bias) and leaves its output.
+        out, lse = ops.merge(out, lse, g_out, g_lse - global_bias if global_bias else g_lse)
     mass = None
     if with_mass:
         mass = ops.key_mass(q_local, k_local, scale, lse, mask="band", q_offset=local_offset, window=window)

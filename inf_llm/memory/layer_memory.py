@@ -123,7 +123,9 @@ class LayerMemory(LayerState):
         # Both stages in one exact softmax (the complement offset counts the memory keys placed before the window's).
         # The keys' attention mass feeds representatives only; key bounds are read off the keys.
         with_mass = cfg.method == "inf-llm" and cfg.block_ranking == "representatives"
-        offsets = dict(local_offset=w, global_offset=w + num_memory, window=window, with_mass=with_mass)
+        # decode_memory_bias: a decoding step's global logits lowered by the bias.
+        bias = cfg.bias_for(c)
+        offsets = dict(local_offset=w, global_offset=w + num_memory, window=window, with_mass=with_mass, global_bias=bias)
         if local is None:
             out, mass = ops.chunk_attention(q_loc, k_loc, loc_v[None], q_glob, glob_k[None], glob_v[None], scale, **offsets)
         else:
@@ -133,7 +135,7 @@ class LayerMemory(LayerState):
         if self.trace is not None and cfg.method == "inf-llm":
             parts = (self.sink_k.shape[1], num_memory - self.sink_k.shape[1] - self.rem_k.shape[1], self.rem_k.shape[1])
             self.trace.record(self.index, self.num_seen, q_loc, k_loc, q_glob, glob_k[None], scale, local_offset=w, num_memory=num_memory, window=window,
-                              parts=parts, blocks=None if chosen is None else chosen.tensor(), scores=self._scores)
+                              parts=parts, global_bias=bias, blocks=None if chosen is None else chosen.tensor(), scores=self._scores)
         self.num_seen += c
         self._after_prompt = c > 1
         self._evict()

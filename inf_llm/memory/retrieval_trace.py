@@ -69,18 +69,21 @@ class RetrievalTrace:
 
     def record(self, layer: int, start: int, q_local: torch.Tensor, k_local: torch.Tensor, q_global: torch.Tensor,
                k_global: torch.Tensor, scale: float, *, local_offset: int, num_memory: int, window: int,
-               parts: tuple[int, int, int], blocks: torch.Tensor | None, scores: torch.Tensor | None) -> None:
+               parts: tuple[int, int, int], blocks: torch.Tensor | None, scores: torch.Tensor | None,
+               global_bias: float = 0.0) -> None:
         """One chunk of one layer. q_local/q_global: (1, Hq, c, D) as attended; k_local: (1, Hkv, w + c, D);
         k_global: (1, Hkv, M + n_comp, D), the memory keys (sinks, blocks, remainder: `parts` tokens each) then
-        the complement keys; offsets as `chunk_attention` takes them."""
+        the complement keys; offsets and global_bias as `chunk_attention` takes them."""
         hq, c = q_local.shape[1], q_local.shape[2]
         global_offset = local_offset + num_memory
         _, lse_local = ref.attend(q_local, k_local, k_local, scale, mask="band", q_offset=local_offset, window=window)
         _, lse_global = ref.attend(q_global, k_global, k_global, scale, mask="complement", q_offset=global_offset,
                                    window=window)
-        lse = torch.logaddexp(lse_local, lse_global)
+        lse = torch.logaddexp(lse_local, lse_global - global_bias)
         local = ref.key_mass(q_local, k_local, scale, lse, mask="band", q_offset=local_offset, window=window)
-        glob = ref.key_mass(q_global, k_global, scale, lse, mask="complement", q_offset=global_offset, window=window)
+        # a global key's weight is exp(logit - bias - lse)
+        glob = ref.key_mass(q_global, k_global, scale, lse + global_bias, mask="complement", q_offset=global_offset,
+                            window=window)
         norm = hq * c  # weights sum to 1 per head and query
         n_sink, n_block, n_rem = parts
         memory = glob[0, :, :num_memory] / norm  # (Hq, M)
