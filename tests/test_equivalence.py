@@ -232,6 +232,12 @@ def test_positions_until_switches_to_shared_positions_after_n_tokens(positions, 
     assert (got[:switched] - shared[:switched]).abs().max() > 20 * ATOL
 
 
+def _decoding_rows(pieces: list[int], chunk_size: int) -> torch.Tensor:
+    """(T,) bool: the positions the memory reads as decoding steps (chunks of one query) when fed in these pieces."""
+    chunks = [min(chunk_size, n - o) for n in pieces for o in range(0, n, chunk_size)]
+    return torch.tensor([c == 1 for c in chunks for _ in range(c)])
+
+
 @pytest.mark.parametrize("positions", ["ordered", "runs"])
 def test_decode_memory_positions_order_memory_for_decoding_steps_only(positions):
     """decode_memory_positions: ordered (or runs): decoding steps (one-query chunks) place memory by that rule,
@@ -240,8 +246,7 @@ def test_decode_memory_positions_order_memory_for_decoding_steps_only(positions)
     model = tiny_model("llama")
     ids = _ids(200)
     cfg = _memory_config(decode_memory_positions=positions, chunk_size=16)
-    chunks = [min(16, n - o) for n in _REPLIES for o in range(0, n, 16)]
-    rows = torch.tensor([c == 1 for c in chunks for _ in range(c)])
+    rows = _decoding_rows(_REPLIES, 16)
     assert 0 < int(rows.sum()) < len(ids)
     last = chunk_last_positions(_REPLIES, 16)
     expected = dense_logits(model, ids, "inf-llm", 32, 4, chunk_last=last, ordered_rows=rows)
@@ -266,8 +271,7 @@ def test_decode_memory_bias_lowers_the_far_logits_of_decoding_steps_only():
     ids = _ids(200)
     bias = 1.5
     cfg = _memory_config(decode_memory_bias=bias, chunk_size=16)
-    chunks = [min(16, n - o) for n in _REPLIES for o in range(0, n, 16)]
-    rows = torch.tensor([c == 1 for c in chunks for _ in range(c)])
+    rows = _decoding_rows(_REPLIES, 16)
     expected = dense_logits(model, ids, "inf-llm", 32, 4, far_bias=rows.float() * bias)
     memory = attach(model, cfg)
     got = run_schedule(model, memory, ids, _REPLIES)
