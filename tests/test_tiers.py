@@ -408,6 +408,26 @@ def test_read_many_into_equals_one_read_per_block_and_checks_each(tmp_path):
 
 # --- the store across tiers ----------------------------------------------------------------------------------
 
+def test_scoring_reads_the_cache_only_through_the_highest_slot_asked_for():
+    # Free slots are taken lowest first, so a memory smaller than the device cache fills its first slots; a
+    # second stage then scores those, not the empty rest of the cache (half of a 4K conversation's scoring
+    # went to empty slots), and every block's score still comes from exactly its own keys.
+    store = _store(None, cache_blocks=12)
+    k, v = _blocks(5, 3)
+    store.append(k, v)
+    seen = []
+
+    def score(keys):
+        seen.append(keys.shape[1])
+        return keys.transpose(0, 1)
+
+    for ids in ([3, 1], [0, 4, 2], [2]):
+        scored = store.score_blocks(ids, score)
+        assert torch.equal(scored.transpose(0, 1), _expected(k, ids).view(HKV, len(ids), B, D))
+        assert seen[-1] == max(store.block_slot[b] for b in ids) + 1 <= 5
+    assert seen == [2, 5, 4]  # loaded in id order: blocks 1 and 3 took slots 0 and 1, then 0, 2, 4 took 2, 3, 4
+
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("budget_blocks", [0, 3])

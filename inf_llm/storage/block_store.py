@@ -349,9 +349,9 @@ class BlockStore:
         """Scores of the given distinct blocks computed on their keys where they lie, (n, ...).
 
         score: keys (Hkv, S, block_size, D) in the compute dtype -> (S, ...), one score per block. It is applied once
-        to the device cache's S slots (no copy of the blocks' keys: on a CPU decode step that copy cost more than
-        the scoring), and the given blocks' values are read from their slots; the other slots' values are
-        discarded.
+        to the device cache's first S slots, through the highest slot of the given blocks (no copy of the blocks'
+        keys: on a CPU decode step that copy cost more than the scoring), and the given blocks' values are read
+        from their slots; the other slots' values are discarded.
 
         For a second stage of retrieval, which scores candidate blocks by the exact logits over their keys: the
         blocks become resident (they count as used by the cache policy), so the ones then chosen are gathered
@@ -362,10 +362,14 @@ class BlockStore:
             step = self.cache_blocks
             pieces = (block_ids[i : i + step] for i in range(0, len(block_ids), step))
             return torch.cat([self.score_blocks(piece, score) for piece in pieces])
-        slots = self._index(self._slots_of(block_ids, per_head=False))
-        per_slot = score(self.dev_k)
+        listed = self._slots_of(block_ids, per_head=False)
+        # Only the slots up to the highest one asked for are scored: free slots are taken lowest first, so while
+        # the memory has fewer blocks than the cache holds (a conversation under 8K tokens with the embedded
+        # model's preset) the rest of the cache is empty and scoring it doubled the second stage's time.
+        end = max(listed, default=-1) + 1
+        per_slot = score(self.dev_k[:, :end])
         self._record_slots_read()
-        return per_slot.index_select(0, slots)
+        return per_slot.index_select(0, self._index(listed))
 
     def in_ram(self, block_ids: list[int]) -> list[bool]:
         """Whether each block's K/V is in memory, in the device cache or the host tier (not only on disk)."""
