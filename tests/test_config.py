@@ -53,7 +53,7 @@ REFUSED = [
     (dict(per_head_ranking="yes"), ["per_head_ranking", "'yes'"]),
     (dict(block_ranking="quest"), ["block_ranking", "'quest'", "'bounds'"]),
     (dict(memory_positions="sorted"), ["memory_positions", "'sorted'", "'ordered'"]),
-    (dict(local_window=128, memory_distance=100), ["memory_distance=100", ">= 128"]),
+    (dict(memory_distance=0), ["memory_distance=0", ">= 1"]),
     (dict(memory_distance=1.5e3), ["memory_distance=1500.0", "integer"]),
     (dict(memory_positions="ordered", memory_positions_until=0), ["memory_positions_until=0", ">= 1"]),
     (dict(memory_positions_until=8192), ["memory_positions_until=8192", "memory_positions: shared"]),

@@ -98,6 +98,18 @@ def test_memory_distance_places_memory_farther(schedule, chunk_size):
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
 
 
+@pytest.mark.parametrize("schedule,chunk_size", [("one call", 16), ("token by token", 1), ("uneven pieces", 5)])
+def test_memory_distance_below_the_window_places_memory_nearer(schedule, chunk_size):
+    """memory_distance: D below local_window: the far keys at distance D, nearer than the window's oldest keys
+    (positions only: the window still attends its band at exact distances). With every block retrieved that is
+    the dense reference with far keys at D, which the window's distance does not match."""
+    _check_all_blocks_retrieved("llama", schedule, chunk_size, memory_distance=8)
+    model = tiny_model("llama")
+    ids = _ids(200)
+    at_window = dense_logits(model, ids, "inf-llm", 32, 4)
+    assert (dense_logits(model, ids, "inf-llm", 32, 4, distance=8) - at_window).abs().max() > 20 * ATOL
+
+
 @pytest.mark.parametrize("positions", ["ordered", "runs"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_ordered_positions_token_by_token_with_every_block_retrieved_are_the_stock_model(family, positions):

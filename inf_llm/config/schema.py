@@ -224,10 +224,12 @@ class InfLLMConfig:
                                                           retrieved passages read as one text with the gaps cut)
                                                           | runs (each run of text-adjacent keys in its order, the
                                                           last key of every run at distance local_window)
-    memory_distance      (none)                           that distance itself, >= local_window (null: local_window,
-                                                          the paper's): farther, what memory brings back weighs
-                                                          less against the local window (measured in
-                                                          BENCHMARKS.md: fewer empty replies, fewer answers)
+    memory_distance      (none)                           that distance itself, >= 1 (null: local_window, the
+                                                          paper's): farther, what memory brings back weighs less
+                                                          against the local window (measured in BENCHMARKS.md:
+                                                          fewer empty replies, fewer answers); nearer than the
+                                                          window, a large window keeps memory as near as a small
+                                                          one would
     memory_positions_until (none)                         with ordered or runs: those positions for the chunks
                                                           that end within the conversation's first N tokens, shared
                                                           for every chunk after (null: always)
@@ -328,8 +330,8 @@ class InfLLMConfig:
         for name in ("local_window", "block_size", "repr_tokens", "chunk_size", "device_cache_blocks", "decode_rank_every",
                      "reply_pool_every", "prompt_end_rounds", "prompt_end_run"):
             _check_int(name, getattr(self, name), 1)
-        if self.memory_distance is not None:  # local_window is a valid count by now
-            _check_int("memory_distance", self.memory_distance, self.local_window)
+        if self.memory_distance is not None:  # below local_window too: positions only (docs/METHOD.md)
+            _check_int("memory_distance", self.memory_distance, 1)
         if self.decode_memory_distance is not None:
             _check_int("decode_memory_distance", self.decode_memory_distance, self.local_window)
         if self.reply_start_distance is not None:
