@@ -85,11 +85,7 @@ def test_memory_distance_places_memory_farther(schedule, chunk_size):
     """memory_distance: D: every far key at distance D instead of local_window, in the ranking and the global
     stage alike; with every block retrieved that is the dense reference with far keys at D, which the window's
     distance would not match."""
-    _check_all_blocks_retrieved("llama", schedule, chunk_size, memory_distance=96)
-    model = tiny_model("llama")
-    ids = _ids(200)
-    at_window = dense_logits(model, ids, "inf-llm", 32, 4)
-    assert (dense_logits(model, ids, "inf-llm", 32, 4, distance=96) - at_window).abs().max() > 20 * ATOL
+    model, ids = _check_memory_distance(schedule, chunk_size, 96)
     last = chunk_last_positions(SCHEDULES["one call"], 16)
     cfg = _memory_config(memory_positions="ordered", chunk_size=16, memory_distance=96)
     memory = attach(model, cfg)
@@ -103,11 +99,18 @@ def test_memory_distance_below_the_window_places_memory_nearer(schedule, chunk_s
     """memory_distance: D below local_window: the far keys at distance D, nearer than the window's oldest keys
     (positions only: the window still attends its band at exact distances). With every block retrieved that is
     the dense reference with far keys at D, which the window's distance does not match."""
-    _check_all_blocks_retrieved("llama", schedule, chunk_size, memory_distance=8)
+    _check_memory_distance(schedule, chunk_size, 8)
+
+
+def _check_memory_distance(schedule, chunk_size, distance):
+    """memory_distance: `distance` with every block retrieved is the dense reference with far keys there, and that
+    reference differs from the one at the window's distance (so the check can fail); returns the model and ids."""
+    _check_all_blocks_retrieved("llama", schedule, chunk_size, memory_distance=distance)
     model = tiny_model("llama")
     ids = _ids(200)
     at_window = dense_logits(model, ids, "inf-llm", 32, 4)
-    assert (dense_logits(model, ids, "inf-llm", 32, 4, distance=8) - at_window).abs().max() > 20 * ATOL
+    assert (dense_logits(model, ids, "inf-llm", 32, 4, distance=distance) - at_window).abs().max() > 20 * ATOL
+    return model, ids
 
 
 @pytest.mark.parametrize("positions", ["ordered", "runs"])

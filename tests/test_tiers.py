@@ -428,7 +428,6 @@ def test_scoring_reads_the_cache_only_through_the_highest_slot_asked_for():
     assert seen == [2, 5, 4]  # loaded in id order: blocks 1 and 3 took slots 0 and 1, then 0, 2, 4 took 2, 3, 4
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("budget_blocks", [0, 3])
 def test_budget_holds_and_every_gather_is_bit_exact(dtype, budget_blocks):
