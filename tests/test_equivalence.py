@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from inf_llm.config.schema import InfLLMConfig
+from inf_llm.generation.engine import Engine
 from inf_llm.kernels import reference
 from inf_llm.memory.attach import attach
+from tests.test_engine import ByteTokenizer
 from tests.tiny_models import FAMILIES, chunk_last_positions, dense_logits, run_schedule, stock_logits, tiny_model
 
 ATOL = 2e-4
@@ -111,6 +113,57 @@ def _check_memory_distance(schedule, chunk_size, distance):
     at_window = dense_logits(model, ids, "inf-llm", 32, 4)
     assert (dense_logits(model, ids, "inf-llm", 32, 4, distance=distance) - at_window).abs().max() > 20 * ATOL
     return model, ids
+
+
+@pytest.mark.parametrize("schedule,chunk_size", [("one call", 16), ("token by token", 1), ("uneven pieces", 5)])
+@pytest.mark.parametrize("method", ["inf-llm", "infinite-lm"])
+@pytest.mark.parametrize("memory_distance,sink_distance", [(None, 8), (96, 8)])
+def test_sink_memory_distance_places_the_sinks_apart_from_the_rest_of_memory(schedule, chunk_size, method,
+                                                                            memory_distance, sink_distance):
+    """sink_memory_distance: D: the sinks at distance D from every query whose window they have left, the rest of
+    memory at the global distance. With every block retrieved that is the dense reference with those keys at D,
+    which the reference with every far key at the global distance does not match."""
+    model = tiny_model("llama")
+    ids = _ids(200)
+    cfg = _memory_config(chunk_size=chunk_size, memory_distance=memory_distance, sink_memory_distance=sink_distance,
+                         method=method)
+    sinks = torch.zeros(len(ids), len(ids), dtype=torch.bool)
+    sinks[:, : cfg.num_sink_tokens] = True
+    reference = functools.partial(dense_logits, model, ids, method, cfg.local_window, cfg.num_sink_tokens,
+                                  distance=cfg.global_distance)
+    expected = reference(near=(sink_distance, sinks))
+    memory = attach(model, cfg)
+    got = run_schedule(model, memory, ids, SCHEDULES[schedule])
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    assert (expected - reference()).abs().max() > 20 * ATOL
+
+
+def test_voted_memory_distance_places_the_voted_blocks_apart_from_the_prompts_last_chunk_on():
+    """voted_memory_distance: D: from the prompt's last chunk (read again after its vote) through the reply, the
+    blocks the prompt's end voted for sit at distance D, the rest of memory at the window's. With every block
+    retrieved that is the dense reference with those blocks' keys at D for those queries (none for the queries
+    before: nothing was voted yet), which the reference with every far key at the window's distance does not
+    match."""
+    model = tiny_model("llama")
+    ids = _ids(230, seed=4)
+    cfg = _memory_config(prompt_end_blocks=2, rerank_blocks=32, device_cache_blocks=40, voted_memory_distance=8)
+    engine = Engine(model, ByteTokenizer(), cfg)
+    prompt = 200
+    pieces = []
+    engine.feed(ids[:prompt].tolist(), on_logits=lambda start, logits: pieces.append(logits.float()))
+    steps = [engine.feed([token]) for token in ids[prompt:].tolist()]
+    got = torch.cat(pieces + [torch.stack(steps)])
+    voted = engine.memory.layers[0].end_blocks.tolist()
+    assert len(voted) == 2 and all(layer.end_blocks.tolist() == voted for layer in engine.memory.layers)
+    assert engine.memory.stats().blocks >= 20
+    near = torch.zeros(len(ids), len(ids), dtype=torch.bool)
+    for block in voted:
+        start = cfg.num_sink_tokens + block * cfg.block_size
+        near[prompt - cfg.chunk_size :, start : start + cfg.block_size] = True
+    reference = functools.partial(dense_logits, model, ids, "inf-llm", cfg.local_window, cfg.num_sink_tokens)
+    expected = reference(near=(8, near))
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    assert (expected - reference()).abs().max() > 20 * ATOL
 
 
 @pytest.mark.parametrize("positions", ["ordered", "runs"])

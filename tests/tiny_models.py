@@ -71,7 +71,7 @@ _DENSE = {}
 
 
 def _dense_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, dense_rule=None, **kwargs):
-    method, window, sinks, rotary_emb, chunk_last, distance, ordered_until, ordered_rows, far_bias = dense_rule
+    method, window, sinks, rotary_emb, chunk_last, distance, ordered_until, ordered_rows, far_bias, near = dense_rule
     _, hq, t, d = query.shape
     group = hq // key.shape[1]
     q = query[0].float()  # (Hq, T, D) unrotated (position ids were 0)
@@ -105,6 +105,9 @@ def _dense_attention(module, query, key, value, attention_mask, scaling, dropout
             if ordered_rows is not None:
                 rows = rows & ordered_rows.to(q.device)
             far = torch.where(rows[:, None], ordered, far)
+    if near is not None:  # these far keys at their own distance
+        near_distance, near_keys = near
+        far = torch.where(near_keys.to(q.device), rot(q, torch.full_like(pos, near_distance)) @ k.transpose(-1, -2), far)
     logits = torch.where(rel < window, local, far) * scaling
     if far_bias is not None:
         logits = logits - torch.where(rel < window, 0.0, far_bias.to(q.device)[:, None])
@@ -122,7 +125,7 @@ AttentionInterface.register("inf_llm_dense_reference", _dense_attention)
 def dense_logits(model, ids: torch.Tensor, method: str, window: int, sinks: int,
                  chunk_last: torch.Tensor | None = None, distance: int | torch.Tensor | None = None,
                  ordered_until: int | None = None, ordered_rows: torch.Tensor | None = None,
-                 far_bias: torch.Tensor | None = None) -> torch.Tensor:
+                 far_bias: torch.Tensor | None = None, near: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Logits (T, V) of the dense reference for the given rule.
 
     chunk_last (T,): with it, InfLLM's far keys sit at their distance from the last query of the query's chunk
@@ -133,10 +136,12 @@ def dense_logits(model, ids: torch.Tensor, method: str, window: int, sinks: int,
     positions, the shared one after (`memory_positions_until`).
     ordered_rows (T,) bool: with chunk_last, the chunk_last rule only for these queries (`decode_memory_positions`).
     far_bias (T,): subtracted from each query's logits of the keys outside its window (`decode_memory_bias`).
+    near (distance, (T, T) bool): the far keys marked for each query (row) at that distance instead
+    (`sink_memory_distance`, `voted_memory_distance`; shared positions only).
     """
     model.set_attn_implementation("inf_llm_dense_reference")
     rule = (method, window, sinks, model.model.rotary_emb, chunk_last, window if distance is None else distance,
-            ordered_until, ordered_rows, far_bias)
+            ordered_until, ordered_rows, far_bias, near)
     with torch.inference_mode():
         out = model(
             input_ids=ids[None],

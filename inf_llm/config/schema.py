@@ -47,7 +47,8 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "prompt_end_baseline": "previous", "prompt_end_recent": 0,
                "memory_distance": None,
                "memory_positions_until": None, "decode_memory_distance": None, "reply_start_distance": None,
-               "decode_memory_positions": None, "decode_memory_bias": 0.0}
+               "decode_memory_positions": None, "decode_memory_bias": 0.0, "sink_memory_distance": None,
+               "voted_memory_distance": None}
 
 
 class ConfigError(ValueError):
@@ -244,6 +245,15 @@ class InfLLMConfig:
                                                           prompt (a one-query chunk after a chunk of several: the
                                                           step that reads a prompt's last token and gives the
                                                           reply's first), >= local_window (null: as the other steps)
+    sink_memory_distance (none)                           with shared positions: the sinks (the conversation's
+                                                          first tokens) at this distance, the rest of memory at
+                                                          the chunk's global distance; >= 1 and at most every
+                                                          global distance in use (null: with the rest)
+    voted_memory_distance (none)                          with prompt_end_blocks and shared positions: the blocks
+                                                          the prompt's end voted for at this distance while they
+                                                          are attended (the prompt's last chunk and the reply),
+                                                          the rest of memory at the global distance; bounds as
+                                                          sink_memory_distance (null: with the rest)
     decode_memory_bias   (none)                           a number >= 0 subtracted from the logit of every key the
                                                           global stage attends at decoding steps (one query): what
                                                           memory brings back weighs exp(-bias) as much against the
@@ -311,6 +321,8 @@ class InfLLMConfig:
     reply_start_distance: int | None = None
     decode_memory_positions: str | None = None
     decode_memory_bias: float = 0.0
+    sink_memory_distance: int | None = None
+    voted_memory_distance: int | None = None
     storage_dtype: str = "auto"
     repr_dtype: str = "float16"
     kernel_backend: str = "auto"
@@ -386,6 +398,7 @@ class InfLLMConfig:
         self._check_codes()
         self._check_reply_pool()
         self._check_prompt_end()
+        self._check_near_distances()
         if self.per_head_ranking and self.following_blocks:
             raise ValueError(f"following_blocks={self.following_blocks} is not supported with per_head_ranking: "
                              "set following_blocks: 0 or per_head_ranking: false")
@@ -523,6 +536,32 @@ class InfLLMConfig:
         if self.per_head_ranking:
             raise ValueError(f"reply_pool_blocks={pool} is not supported with per_head_ranking: set "
                              "reply_pool_blocks: null or per_head_ranking: false")
+
+    def _check_near_distances(self) -> None:
+        """sink_memory_distance, voted_memory_distance: parts of memory placed nearer than the rest. The keys are
+        rotated to the global distance less theirs, so theirs may not exceed any global distance in use."""
+        distances = [self.global_distance] + [d for d in (self.decode_memory_distance, self.reply_start_distance)
+                                              if d is not None]
+        for name in ("sink_memory_distance", "voted_memory_distance"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            _check_int(name, value, 1)
+            if value > min(distances):
+                raise ValueError(f"{name}={value} exceeds the global distance {min(distances)} (local_window, or "
+                                 "memory_distance, decode_memory_distance, reply_start_distance when set): it places "
+                                 "part of memory nearer than the rest; lower it, or set it to null")
+            placed = {self.memory_positions, self.decode_memory_positions or self.memory_positions}
+            if placed != {"shared"}:
+                raise ValueError(f"{name}={value} needs shared memory positions (ordered and runs place every key "
+                                 "by its own rule): set memory_positions: shared and decode_memory_positions: null, "
+                                 f"or {name}: null")
+        if self.sink_memory_distance is not None and self.method == "stream-llm":
+            raise ValueError(f"sink_memory_distance={self.sink_memory_distance} places the sinks in memory, but "
+                             "stream-llm keeps them at their true positions: set sink_memory_distance: null")
+        if self.voted_memory_distance is not None and not self.prompt_end_blocks:
+            raise ValueError(f"voted_memory_distance={self.voted_memory_distance} places the prompt end's voted blocks, "
+                             "but there is no vote: set prompt_end_blocks, or voted_memory_distance: null")
 
     def _check_prompt_end(self) -> None:
         if self.prompt_end_rounds > 1 and not self.prompt_end_blocks:

@@ -119,6 +119,8 @@ class LayerMemory(LayerState):
                 glob_k = self.rotary.rotate_positions(glob_k, positions).to(dtype)
             else:
                 q_glob = (self.rotary.rotate_at(q, far) if q_far is None else q_far)[None].to(dtype)
+                if cfg.sink_memory_distance is not None or cfg.voted_memory_distance is not None:
+                    glob_k = self._place_near(glob_k, chosen, far, num_memory, first_pos)
 
         # Both stages in one exact softmax (the complement offset counts the memory keys placed before the window's).
         # The keys' attention mass feeds representatives only; key bounds are read off the keys.
@@ -403,6 +405,31 @@ class LayerMemory(LayerState):
             follows = (ids[:, -1] == last) if n else torch.full((heads,), last < 0 and sinks > 0)
             starts[:, tail] = ~follows
         return starts.to(self.device)
+
+    def _place_near(self, glob_k: torch.Tensor, chosen: BlockIds | None, far: int, num_memory: int, first_pos: int
+                    ) -> torch.Tensor:
+        """sink_memory_distance, voted_memory_distance: with shared positions the query sits at `far` from keys at
+        position 0; the sinks, and the chosen blocks the prompt's end voted for (`end_blocks`), are rotated to
+        far - theirs, which places them at their own distance. Rows of `glob_k` (a fresh buffer: rotated in place)
+        as `_global_keys` lays them out: the sinks that have left the window first, and the sinks still in it
+        (at `first_pos` on) among the complement keys after the `num_memory` memory keys."""
+        cfg, b = self.config, self.config.block_size
+        sinks = self.sink_k.shape[1]
+        if cfg.sink_memory_distance is not None:
+            position = far - cfg.sink_memory_distance
+            window_sinks = min(max(0, cfg.num_sink_tokens - first_pos), glob_k.shape[1] - num_memory)
+            for start, stop in ((0, sinks), (num_memory, num_memory + window_sinks)):
+                if stop > start:
+                    glob_k[:, start:stop] = self.rotary.rotate_at(glob_k[:, start:stop], position).to(glob_k.dtype)
+        if cfg.voted_memory_distance is None or chosen is None or self.end_blocks is None:
+            return glob_k
+        ids = chosen.tensor()  # (n,): the vote needs the second stage, which per-head ranking does not have
+        places = torch.nonzero(torch.isin(ids, self.end_blocks.to(ids.device))).flatten()
+        if places.numel():
+            keys = (sinks + places[:, None] * b + torch.arange(b, device=ids.device)).flatten().to(glob_k.device)
+            position = far - cfg.voted_memory_distance
+            glob_k[:, keys] = self.rotary.rotate_at(glob_k[:, keys], position).to(glob_k.dtype)
+        return glob_k
 
     def _global_keys(self, chosen: BlockIds | None, comp_k: torch.Tensor, comp_v: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
