@@ -8,7 +8,9 @@ import torch
 from inf_llm.config.schema import InfLLMConfig
 from inf_llm.generation.engine import Engine
 from inf_llm.kernels import reference
+from inf_llm.memory import model_memory
 from inf_llm.memory.attach import attach
+from inf_llm.memory.ranking import voted_places
 from tests.test_engine import ByteTokenizer
 from tests.tiny_models import FAMILIES, chunk_last_positions, dense_logits, run_schedule, stock_logits, tiny_model
 
@@ -138,15 +140,20 @@ def test_sink_memory_distance_places_the_sinks_apart_from_the_rest_of_memory(sch
     assert (expected - reference()).abs().max() > 20 * ATOL
 
 
-def test_voted_memory_distance_places_the_voted_blocks_apart_from_the_prompts_last_chunk_on():
+@pytest.mark.parametrize("places", [None, 1, 3])
+def test_voted_memory_distance_places_the_voted_blocks_apart_from_the_prompts_last_chunk_on(monkeypatch, places):
     """voted_memory_distance: D: from the prompt's last chunk (read again after its vote) through the reply, the
-    blocks the prompt's end voted for sit at distance D, the rest of memory at the window's. With every block
+    blocks the prompt's end voted for sit at distance D, the rest of memory at the window's; voted_memory_places: N,
+    only the first N places the vote filled (the others attended at the window's distance). With every block
     retrieved that is the dense reference with those blocks' keys at D for those queries (none for the queries
     before: nothing was voted yet), which the reference with every far key at the window's distance does not
     match."""
+    filled = []
+    monkeypatch.setattr(model_memory, "voted_places", lambda *a, **k: filled.append(voted_places(*a, **k)) or filled[-1])
     model = tiny_model("llama")
     ids = _ids(230, seed=4)
-    cfg = _memory_config(prompt_end_blocks=2, rerank_blocks=32, device_cache_blocks=40, voted_memory_distance=8)
+    cfg = _memory_config(prompt_end_blocks=4, prompt_end_run=2, rerank_blocks=32, device_cache_blocks=40,
+                         voted_memory_distance=8, voted_memory_places=places)
     engine = Engine(model, ByteTokenizer(), cfg)
     prompt = 200
     pieces = []
@@ -154,16 +161,26 @@ def test_voted_memory_distance_places_the_voted_blocks_apart_from_the_prompts_la
     steps = [engine.feed([token]) for token in ids[prompt:].tolist()]
     got = torch.cat(pieces + [torch.stack(steps)])
     voted = engine.memory.layers[0].end_blocks.tolist()
-    assert len(voted) == 2 and all(layer.end_blocks.tolist() == voted for layer in engine.memory.layers)
+    assert len(voted) == 4 and all(layer.end_blocks.tolist() == voted for layer in engine.memory.layers)
+    assert len(filled) == 1 and sorted(filled[0]) == voted
+    nearer = voted if places is None else sorted(filled[0][:places])
+    assert len(nearer) == (places or 4)
     assert engine.memory.stats().blocks >= 20
-    near = torch.zeros(len(ids), len(ids), dtype=torch.bool)
-    for block in voted:
-        start = cfg.num_sink_tokens + block * cfg.block_size
-        near[prompt - cfg.chunk_size :, start : start + cfg.block_size] = True
+
+    def near_from_the_last_chunk(blocks):
+        near = torch.zeros(len(ids), len(ids), dtype=torch.bool)
+        for block in blocks:
+            start = cfg.num_sink_tokens + block * cfg.block_size
+            near[prompt - cfg.chunk_size :, start : start + cfg.block_size] = True
+        return near
+
     reference = functools.partial(dense_logits, model, ids, "inf-llm", cfg.local_window, cfg.num_sink_tokens)
-    expected = reference(near=(8, near))
+    expected = reference(near=(8, near_from_the_last_chunk(nearer)))
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
-    assert (expected - reference()).abs().max() > 20 * ATOL
+    # Not every far key at the window's distance, nor (with places) every voted block near: one block of 8 keys
+    # moves the tiny model's logits by about 10 x ATOL, which assert_close would catch.
+    other = reference() if places is None else reference(near=(8, near_from_the_last_chunk(voted)))
+    assert (expected - other).abs().max() > 5 * ATOL
 
 
 @pytest.mark.parametrize("positions", ["ordered", "runs"])

@@ -364,3 +364,28 @@ def test_without_the_setting_nothing_is_voted_and_a_short_feed_votes_against_not
     engine = _engine(model)
     engine.feed(_ids(100, seed=9))  # one chunk, no chunk before it: votes by peak logits alone
     assert all(blocks is not None and len(blocks) <= 2 for blocks in _end_blocks(engine))
+
+
+def test_the_voted_blocks_placed_near_are_part_of_the_state(model):
+    """voted_memory_places: the first places of the vote, which voted_memory_distance places near, are restored with
+    a snapshot and with a saved state (without them every voted block would come near), and a new prompt clears
+    them before its own vote."""
+    engine = _engine(model, prompt_end_blocks=4, prompt_end_run=2, voted_memory_distance=8, voted_memory_places=2)
+    engine.feed(_ids(300, seed=5))
+    near = [layer.end_near.tolist() for layer in engine.memory.layers]
+    assert all(len(n) == 2 and set(n) < set(layer.end_blocks.tolist()) for n, layer in zip(near, engine.memory.layers))
+    snap = engine.snapshot()
+    buffer = io.BytesIO()
+    torch.save(engine.state_dict(), buffer)
+    question = _ids(1, seed=6)
+    first = _reply(engine, question)
+    engine.restore(snap)
+    assert [layer.end_near.tolist() for layer in engine.memory.layers] == near
+    assert _reply(engine, question) == first
+    buffer.seek(0)
+    resumed = _engine(model, prompt_end_blocks=4, prompt_end_run=2, voted_memory_distance=8, voted_memory_places=2)
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    assert [layer.end_near.tolist() for layer in resumed.memory.layers] == near
+    assert _reply(resumed, question) == first
+    engine.memory.clear_prompt_end()
+    assert all(layer.end_near is None for layer in engine.memory.layers)

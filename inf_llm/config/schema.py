@@ -48,7 +48,7 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "memory_distance": None,
                "memory_positions_until": None, "decode_memory_distance": None, "reply_start_distance": None,
                "decode_memory_positions": None, "decode_memory_bias": 0.0, "sink_memory_distance": None,
-               "voted_memory_distance": None}
+               "voted_memory_distance": None, "voted_memory_places": None}
 
 
 class ConfigError(ValueError):
@@ -254,6 +254,10 @@ class InfLLMConfig:
                                                           are attended (the prompt's last chunk and the reply),
                                                           the rest of memory at the global distance; bounds as
                                                           sink_memory_distance (null: with the rest)
+    voted_memory_places  (none)                           with voted_memory_distance: only the first N places the
+                                                          vote filled (the most voted first, with its run,
+                                                          prompt_end_run) at that distance, the other voted
+                                                          blocks at the global distance (null: every voted block)
     decode_memory_bias   (none)                           a number >= 0 subtracted from the logit of every key the
                                                           global stage attends at decoding steps (one query): what
                                                           memory brings back weighs exp(-bias) as much against the
@@ -323,6 +327,7 @@ class InfLLMConfig:
     decode_memory_bias: float = 0.0
     sink_memory_distance: int | None = None
     voted_memory_distance: int | None = None
+    voted_memory_places: int | None = None
     storage_dtype: str = "auto"
     repr_dtype: str = "float16"
     kernel_backend: str = "auto"
@@ -559,6 +564,15 @@ class InfLLMConfig:
         if self.sink_memory_distance is not None and self.method == "stream-llm":
             raise ValueError(f"sink_memory_distance={self.sink_memory_distance} places the sinks in memory, but "
                              "stream-llm keeps them at their true positions: set sink_memory_distance: null")
+        places = self.voted_memory_places
+        if places is not None:
+            _check_int("voted_memory_places", places, 1)
+            if self.voted_memory_distance is None:
+                raise ValueError(f"voted_memory_places={places} chooses which voted blocks voted_memory_distance "
+                                 "places, but it is not set: set voted_memory_distance, or voted_memory_places: null")
+            if places > self.prompt_end_blocks:
+                raise ValueError(f"voted_memory_places={places} exceeds prompt_end_blocks={self.prompt_end_blocks}, "
+                                 "the places the vote fills: lower it, or set it to null (every voted block)")
         if self.voted_memory_distance is not None and not self.prompt_end_blocks:
             raise ValueError(f"voted_memory_distance={self.voted_memory_distance} places the prompt end's voted blocks, "
                              "but there is no vote: set prompt_end_blocks, or voted_memory_distance: null")

@@ -409,7 +409,8 @@ class LayerMemory(LayerState):
     def _place_near(self, glob_k: torch.Tensor, chosen: BlockIds | None, far: int, num_memory: int, first_pos: int
                     ) -> torch.Tensor:
         """sink_memory_distance, voted_memory_distance: with shared positions the query sits at `far` from keys at
-        position 0; the sinks, and the chosen blocks the prompt's end voted for (`end_blocks`), are rotated to
+        position 0; the sinks, and the chosen blocks the prompt's end voted for (`end_blocks`, or its first
+        voted_memory_places: `end_near`), are rotated to
         far - theirs, which places them at their own distance. Rows of `glob_k` (a fresh buffer: rotated in place)
         as `_global_keys` lays them out: the sinks that have left the window first, and the sinks still in it
         (at `first_pos` on) among the complement keys after the `num_memory` memory keys."""
@@ -424,7 +425,8 @@ class LayerMemory(LayerState):
         if cfg.voted_memory_distance is None or chosen is None or self.end_blocks is None:
             return glob_k
         ids = chosen.tensor()  # (n,): the vote needs the second stage, which per-head ranking does not have
-        places = torch.nonzero(torch.isin(ids, self.end_blocks.to(ids.device))).flatten()
+        near = self.end_blocks if self.end_near is None else self.end_near  # voted_memory_places: the first N only
+        places = torch.nonzero(torch.isin(ids, near.to(ids.device))).flatten()
         if places.numel():
             keys = (sinks + places[:, None] * b + torch.arange(b, device=ids.device)).flatten().to(glob_k.device)
             position = far - cfg.voted_memory_distance

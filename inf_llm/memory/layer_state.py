@@ -32,7 +32,7 @@ class LayerShape:
 
 # Snapshot entries added after sessions were saved: a saved state without one restores as before it existed.
 STATE_ADDED_LATER = ("repr_absmax", "reuse_blocks", "reuse_left", "code_basis", "code_blocks", "end_blocks",
-                     "end_baseline", "pool_blocks", "pool_end", "pool_left")
+                     "end_baseline", "pool_blocks", "pool_end", "pool_left", "end_near")
 
 
 def _empty(heads: int, dim: int, like_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -130,6 +130,8 @@ class LayerState:
         # ids, int64 on the CPU; None before), and the last chunk of several queries' ranking queries (Hq, c, D)
         # float32, the baseline its successor's votes are measured against (c = 0: none yet).
         self.end_blocks: torch.Tensor | None = None
+        # voted_memory_places: those of end_blocks placed at voted_memory_distance (ascending ids; None: all of them).
+        self.end_near: torch.Tensor | None = None
         self.end_baseline = torch.empty((self.shape.num_heads, 0, self.shape.head_dim), device=self.device)
         if self.shared_picks is not None:  # (the memory's: a rollback or reset of any layer starts it afresh)
             self.shared_picks.clear()
@@ -292,6 +294,7 @@ class LayerState:
             # prompt_end_blocks: what the reply's steps attend besides their choice, and the baseline of the next
             # prompt end's votes (never changed in place; kept by reference), so that a replay votes as before.
             "end_blocks": [] if self.end_blocks is None else self.end_blocks.tolist(),
+            "end_near": [] if self.end_near is None else self.end_near.tolist(),
             "end_baseline": self.end_baseline,
         }
 
@@ -341,6 +344,8 @@ class LayerState:
         # and resumed without it attends nothing besides.
         end = snap.get("end_blocks", [])
         self.end_blocks = torch.tensor(end, dtype=torch.long) if end and self.config.prompt_end_blocks else None
+        near = snap.get("end_near", [])
+        self.end_near = torch.tensor(near, dtype=torch.long) if near and self.end_blocks is not None else None
         baseline = snap.get("end_baseline")
         self.end_baseline = baseline.to(self.device) if baseline is not None else torch.empty(
             (self.shape.num_heads, 0, self.shape.head_dim), device=self.device)

@@ -169,7 +169,7 @@ class InfLLMMemory:
         at most 3 of 30 layers (a 64K four-fact question whose fourth fact ended 170 tokens before the question)."""
         chosen = torch.empty(0, dtype=torch.long)
         num_blocks = self.layers[0].blocks.num_blocks  # the votes are cast over the memory as it was before the chunk
-        for _ in range(self.config.prompt_end_rounds):
+        for round_ in range(self.config.prompt_end_rounds):
             votes: list[list[int]] = []  # each layer's, best first
             snap = self.snapshot()
             traces = [layer.trace for layer in self.layers]
@@ -188,8 +188,14 @@ class InfLLMMemory:
             voted = with_following(torch.tensor(sorted(ranked), dtype=torch.long), self.config.prompt_end_following,
                                    num_blocks)
             chosen = torch.cat((chosen, voted)).unique()  # ascending
+            # voted_memory_places: the first N places the first round filled (the most voted first, with its run)
+            # are the ones voted_memory_distance places near.
+            near = None if self.config.voted_memory_places is None else (
+                torch.tensor(sorted(ranked[: self.config.voted_memory_places]), dtype=torch.long))
             for layer in self.layers:
                 layer.end_blocks = chosen
+                if round_ == 0:
+                    layer.end_near = near
         if self.config.prompt_end_recent:  # ids past the memory's last block: attended once formed
             recent = torch.arange(num_blocks, num_blocks + self.config.prompt_end_recent, dtype=torch.long)
             for layer in self.layers:
@@ -198,7 +204,7 @@ class InfLLMMemory:
     def clear_prompt_end(self) -> None:
         """A new prompt: what the last one's end voted for is attended no more."""
         for layer in self.layers:
-            layer.end_blocks = None
+            layer.end_blocks = layer.end_near = None
 
     def forward_kwargs(self, num_new: int, device: torch.device) -> dict:
         # Position ids of 0 make the model's own RoPE the identity; the layers rotate q and k themselves.
