@@ -345,7 +345,8 @@ class LayerState:
         end = snap.get("end_blocks", [])
         self.end_blocks = torch.tensor(end, dtype=torch.long) if end and self.config.prompt_end_blocks else None
         near = snap.get("end_near", [])
-        self.end_near = torch.tensor(near, dtype=torch.long) if near and self.end_blocks is not None else None
+        placed = near and self.end_blocks is not None and self.config.voted_memory_places is not None
+        self.end_near = torch.tensor(near, dtype=torch.long) if placed else None
         baseline = snap.get("end_baseline")
         self.end_baseline = baseline.to(self.device) if baseline is not None else torch.empty(
             (self.shape.num_heads, 0, self.shape.head_dim), device=self.device)

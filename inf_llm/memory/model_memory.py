@@ -190,12 +190,13 @@ class InfLLMMemory:
             chosen = torch.cat((chosen, voted)).unique()  # ascending
             # voted_memory_places: the first N places the first round filled (the most voted first, with its run)
             # are the ones voted_memory_distance places near.
-            near = None if self.config.voted_memory_places is None else (
-                torch.tensor(sorted(ranked[: self.config.voted_memory_places]), dtype=torch.long))
+            places = self.config.voted_memory_places
+            if round_ == 0 and places is not None:
+                near = torch.tensor(sorted(ranked[:places]), dtype=torch.long)
+                for layer in self.layers:
+                    layer.end_near = near
             for layer in self.layers:
                 layer.end_blocks = chosen
-                if round_ == 0:
-                    layer.end_near = near
         if self.config.prompt_end_recent:  # ids past the memory's last block: attended once formed
             recent = torch.arange(num_blocks, num_blocks + self.config.prompt_end_recent, dtype=torch.long)
             for layer in self.layers:
