@@ -10,7 +10,7 @@ from inf_llm.generation.engine import Engine
 from inf_llm.kernels import reference
 from inf_llm.memory import model_memory
 from inf_llm.memory.attach import attach
-from inf_llm.memory.ranking import voted_places
+from inf_llm.memory.ranking import tally_votes, voted_runs
 from tests.test_engine import ByteTokenizer
 from tests.tiny_models import FAMILIES, chunk_last_positions, dense_logits, run_schedule, stock_logits, tiny_model
 
@@ -140,20 +140,29 @@ def test_sink_memory_distance_places_the_sinks_apart_from_the_rest_of_memory(sch
     assert (expected - reference()).abs().max() > 20 * ATOL
 
 
-@pytest.mark.parametrize("places", [None, 1, 3])
-def test_voted_memory_distance_places_the_voted_blocks_apart_from_the_prompts_last_chunk_on(monkeypatch, places):
+@pytest.mark.parametrize("seed,places,consensus,with_sinks", [
+    (4, None, None, False), (4, 1, None, False), (4, 3, None, False),
+    (4, None, 0.75, False), (4, None, 0.75, True), (2, None, 1.0, True), (4, 3, 0.75, False)])
+def test_voted_memory_distance_places_the_voted_blocks_apart_from_the_prompts_last_chunk_on(
+        monkeypatch, seed, places, consensus, with_sinks):
     """voted_memory_distance: D: from the prompt's last chunk (read again after its vote) through the reply, the
     blocks the prompt's end voted for sit at distance D, the rest of memory at the window's; voted_memory_places: N,
-    only the first N places the vote filled (the others attended at the window's distance). With every block
-    retrieved that is the dense reference with those blocks' keys at D for those queries (none for the queries
-    before: nothing was voted yet), which the reference with every far key at the window's distance does not
-    match."""
-    filled = []
-    monkeypatch.setattr(model_memory, "voted_places", lambda *a, **k: filled.append(voted_places(*a, **k)) or filled[-1])
+    only the first N places the vote filled (the others attended at the window's distance); voted_memory_consensus:
+    F, only the runs whose voted block has at least F of the tally a block every layer ranks first gets (2 layers:
+    here 1.5 leaves one of seed 4's two runs, 2 none of seed 2's); sink_memory_with_voted, the sinks at their
+    distance (D here too) from the same chunk on, and only if some voted block is near. With every block retrieved
+    that is the dense reference with those keys at D for those queries (none for the queries before: nothing was
+    voted yet), which the reference with every far key at the window's distance does not match, nor (where a
+    setting narrows them) the one with every voted block near."""
+    filled, tallies = [], []
+    monkeypatch.setattr(model_memory, "voted_runs", lambda *a, **k: filled.append(voted_runs(*a, **k)) or filled[-1])
+    monkeypatch.setattr(model_memory, "tally_votes",
+                        lambda *a, **k: tallies.append(tally_votes(*a, **k)) or tallies[-1])
     model = tiny_model("llama")
-    ids = _ids(230, seed=4)
+    ids = _ids(230, seed=seed)
     cfg = _memory_config(prompt_end_blocks=4, prompt_end_run=2, rerank_blocks=32, device_cache_blocks=40,
-                         voted_memory_distance=8, voted_memory_places=places)
+                         voted_memory_distance=8, voted_memory_places=places, voted_memory_consensus=consensus,
+                         sink_memory_distance=8 if with_sinks else None, sink_memory_with_voted=with_sinks)
     engine = Engine(model, ByteTokenizer(), cfg)
     prompt = 200
     pieces = []
@@ -162,25 +171,34 @@ def test_voted_memory_distance_places_the_voted_blocks_apart_from_the_prompts_la
     got = torch.cat(pieces + [torch.stack(steps)])
     voted = engine.memory.layers[0].end_blocks.tolist()
     assert len(voted) == 4 and all(layer.end_blocks.tolist() == voted for layer in engine.memory.layers)
-    assert len(filled) == 1 and sorted(filled[0]) == voted
-    nearer = voted if places is None else sorted(filled[0][:places])
-    assert len(nearer) == (places or 4)
+    assert len(filled) == len(tallies) == 1 and sorted(b for run in filled[0] for b in run) == voted
+    first = [b for run in filled[0] for b in run][:places]
+    agreed = [run for run in filled[0] if consensus is None or tallies[0][run[0]] >= consensus * 2]
+    nearer = sorted(b for run in agreed for b in run if b in first)
+    assert len(nearer) == {(None, None): 4, (1, None): 1, (3, None): 3, (None, 0.75): 2, (None, 1.0): 0,
+                           (3, 0.75): 2}[places, consensus]
     assert engine.memory.stats().blocks >= 20
 
-    def near_from_the_last_chunk(blocks):
+    def near_from_the_last_chunk(blocks, sinks):
         near = torch.zeros(len(ids), len(ids), dtype=torch.bool)
         for block in blocks:
             start = cfg.num_sink_tokens + block * cfg.block_size
             near[prompt - cfg.chunk_size :, start : start + cfg.block_size] = True
+        if sinks and blocks:
+            near[prompt - cfg.chunk_size :, : cfg.num_sink_tokens] = True
         return near
 
     reference = functools.partial(dense_logits, model, ids, "inf-llm", cfg.local_window, cfg.num_sink_tokens)
-    expected = reference(near=(8, near_from_the_last_chunk(nearer)))
+    expected = reference(near=(8, near_from_the_last_chunk(nearer, with_sinks)))
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
-    # Not every far key at the window's distance, nor (with places) every voted block near: one block of 8 keys
-    # moves the tiny model's logits by about 10 x ATOL, which assert_close would catch.
-    other = reference() if places is None else reference(near=(8, near_from_the_last_chunk(voted)))
-    assert (expected - other).abs().max() > 5 * ATOL
+    # Not every far key at the window's distance, nor (with places or consensus) every voted block near, nor (with
+    # the sinks) the voted blocks alone: one block of 8 keys moves the tiny model's logits by about 10 x ATOL,
+    # which assert_close would catch.
+    others = [reference(near=(8, near_from_the_last_chunk(voted, False)))] if nearer != voted or with_sinks else []
+    if nearer:
+        others += [reference()] + ([reference(near=(8, near_from_the_last_chunk(nearer, False)))] if with_sinks else [])
+    for other in others:
+        assert (expected - other).abs().max() > 5 * ATOL
 
 
 @pytest.mark.parametrize("positions", ["ordered", "runs"])

@@ -13,7 +13,7 @@ import torch
 from inf_llm.generation.engine import Engine
 from inf_llm.generation.sampling import SamplingParams
 from inf_llm.memory.layer_memory import LayerMemory
-from inf_llm.memory.ranking import peak_block_scores, tally_votes, voted_places
+from inf_llm.memory.ranking import peak_block_scores, tally_votes, voted_places, voted_runs
 from tests.test_engine import ByteTokenizer, _config, _ids
 from tests.tiny_models import tiny_model
 
@@ -231,6 +231,9 @@ def test_voted_places_grow_runs_towards_the_more_voted_side_and_fill_the_places_
     assert voted_places(tally, 4, 2, 31, {11, 19}) == [10, 9, 20, 21]
     # Runs stop at the memory's first block and where both sides are taken.
     assert voted_places(Counter({0: 2, 2: 1}), 4, 2, 3) == [0, 1, 2]
+    # The same places as runs, each led by its voted block (voted_memory_consensus reads the lead's tally).
+    assert voted_runs(tally, 7, 3, 31) == [[10, 11, 12], [20, 19, 21], [30]]
+    assert voted_runs(tally, 4, 2, 31, {11, 19}) == [[10, 9], [20, 21]]
 
 
 def test_skipped_queries_change_the_vote_and_a_chunk_of_skipped_queries_alone_votes_for_nothing(model):
@@ -366,14 +369,19 @@ def test_without_the_setting_nothing_is_voted_and_a_short_feed_votes_against_not
     assert all(blocks is not None and len(blocks) <= 2 for blocks in _end_blocks(engine))
 
 
-def test_the_voted_blocks_placed_near_are_part_of_the_state(model):
-    """voted_memory_places: the first places of the vote, which voted_memory_distance places near, are restored with
-    a snapshot and with a saved state (without them every voted block would come near), and a new prompt clears
-    them before its own vote."""
-    engine = _engine(model, prompt_end_blocks=4, prompt_end_run=2, voted_memory_distance=8, voted_memory_places=2)
-    engine.feed(_ids(300, seed=5))
+@pytest.mark.parametrize("narrowed,seed,count", [(dict(voted_memory_places=2), 5, 2),
+                                                  (dict(voted_memory_consensus=1.0), 5, 2),
+                                                  (dict(voted_memory_consensus=1.0), 7, 0)])
+def test_the_voted_blocks_placed_near_are_part_of_the_state(model, narrowed, seed, count):
+    """voted_memory_places, voted_memory_consensus: which voted blocks voted_memory_distance places near (the first
+    places of the vote; the runs every layer ranks first, one or none) are restored with a snapshot and with a saved state
+    (without them every voted block would come near), and a new prompt clears them before its own vote."""
+    settings = dict(prompt_end_blocks=4, prompt_end_run=2, voted_memory_distance=8, **narrowed)
+    engine = _engine(model, **settings)
+    engine.feed(_ids(300, seed=seed))
     near = [layer.end_near.tolist() for layer in engine.memory.layers]
-    assert all(len(n) == 2 and set(n) < set(layer.end_blocks.tolist()) for n, layer in zip(near, engine.memory.layers))
+    assert all(len(n) == count and set(n) < set(layer.end_blocks.tolist())
+               for n, layer in zip(near, engine.memory.layers))
     snap = engine.snapshot()
     buffer = io.BytesIO()
     torch.save(engine.state_dict(), buffer)
@@ -383,7 +391,7 @@ def test_the_voted_blocks_placed_near_are_part_of_the_state(model):
     assert [layer.end_near.tolist() for layer in engine.memory.layers] == near
     assert _reply(engine, question) == first
     buffer.seek(0)
-    resumed = _engine(model, prompt_end_blocks=4, prompt_end_run=2, voted_memory_distance=8, voted_memory_places=2)
+    resumed = _engine(model, **settings)
     resumed.load_state_dict(torch.load(buffer, weights_only=False))
     assert [layer.end_near.tolist() for layer in resumed.memory.layers] == near
     assert _reply(resumed, question) == first

@@ -48,7 +48,8 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "memory_distance": None,
                "memory_positions_until": None, "decode_memory_distance": None, "reply_start_distance": None,
                "decode_memory_positions": None, "decode_memory_bias": 0.0, "sink_memory_distance": None,
-               "voted_memory_distance": None, "voted_memory_places": None}
+               "voted_memory_distance": None, "voted_memory_places": None, "voted_memory_consensus": None,
+               "sink_memory_with_voted": False}
 
 
 class ConfigError(ValueError):
@@ -258,6 +259,13 @@ class InfLLMConfig:
                                                           vote filled (the most voted first, with its run,
                                                           prompt_end_run) at that distance, the other voted
                                                           blocks at the global distance (null: every voted block)
+    voted_memory_consensus (none)                         with voted_memory_distance: only the runs the vote
+                                                          filled whose most voted block has at least this
+                                                          fraction (0 to 1) of the tally of a block that every
+                                                          layer ranks first at that distance (null: every run)
+    sink_memory_with_voted (false)                        with sink_memory_distance and voted_memory_distance: the
+                                                          sinks at their distance only while voted blocks are
+                                                          (the rest of the time with the rest of memory)
     decode_memory_bias   (none)                           a number >= 0 subtracted from the logit of every key the
                                                           global stage attends at decoding steps (one query): what
                                                           memory brings back weighs exp(-bias) as much against the
@@ -328,6 +336,8 @@ class InfLLMConfig:
     sink_memory_distance: int | None = None
     voted_memory_distance: int | None = None
     voted_memory_places: int | None = None
+    voted_memory_consensus: float | None = None
+    sink_memory_with_voted: bool = False
     storage_dtype: str = "auto"
     repr_dtype: str = "float16"
     kernel_backend: str = "auto"
@@ -378,7 +388,8 @@ class InfLLMConfig:
         _check_choice("prompt_end_tally", self.prompt_end_tally, PROMPT_END_TALLIES)
         _check_choice("prompt_end_rise", self.prompt_end_rise, PROMPT_END_RISES)
         _check_choice("prompt_end_baseline", self.prompt_end_baseline, PROMPT_END_BASELINES)
-        for name in ("per_head_ranking", "rank_rotated", "rerank_chunks", "rerank_reads_disk"):
+        for name in ("per_head_ranking", "rank_rotated", "rerank_chunks", "rerank_reads_disk",
+                     "sink_memory_with_voted"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be true or false")
         self._check_score_decay()
@@ -573,6 +584,20 @@ class InfLLMConfig:
             if places > self.prompt_end_blocks:
                 raise ValueError(f"voted_memory_places={places} exceeds prompt_end_blocks={self.prompt_end_blocks}, "
                                  "the places the vote fills: lower it, or set it to null (every voted block)")
+        consensus = self.voted_memory_consensus
+        if consensus is not None:
+            if isinstance(consensus, bool) or not isinstance(consensus, (int, float)) or not 0 < consensus <= 1:
+                raise ValueError(f"voted_memory_consensus={consensus!r} is invalid: must be a number above 0 and at "
+                                 "most 1 (a fraction of the tally of a block every layer ranks first)")
+            object.__setattr__(self, "voted_memory_consensus", float(consensus))  # (YAML may give an int: 1)
+            if self.voted_memory_distance is None:
+                raise ValueError(f"voted_memory_consensus={consensus} chooses which voted runs "
+                                 "voted_memory_distance places, but it is not set: set voted_memory_distance, or "
+                                 "voted_memory_consensus: null")
+        if self.sink_memory_with_voted and (self.sink_memory_distance is None or self.voted_memory_distance is None):
+            raise ValueError("sink_memory_with_voted=true places the sinks at sink_memory_distance while voted "
+                             "blocks are at voted_memory_distance, but both must be set: set them, or "
+                             "sink_memory_with_voted: false")
         if self.voted_memory_distance is not None and not self.prompt_end_blocks:
             raise ValueError(f"voted_memory_distance={self.voted_memory_distance} places the prompt end's voted blocks, "
                              "but there is no vote: set prompt_end_blocks, or voted_memory_distance: null")

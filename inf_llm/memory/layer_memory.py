@@ -409,23 +409,25 @@ class LayerMemory(LayerState):
     def _place_near(self, glob_k: torch.Tensor, chosen: BlockIds | None, far: int, num_memory: int, first_pos: int
                     ) -> torch.Tensor:
         """sink_memory_distance, voted_memory_distance: with shared positions the query sits at `far` from keys at
-        position 0; the sinks, and the chosen blocks the prompt's end voted for (`end_blocks`, or its first
-        voted_memory_places: `end_near`), are rotated to
-        far - theirs, which places them at their own distance. Rows of `glob_k` (a fresh buffer: rotated in place)
-        as `_global_keys` lays them out: the sinks that have left the window first, and the sinks still in it
-        (at `first_pos` on) among the complement keys after the `num_memory` memory keys."""
+        position 0; the sinks (with sink_memory_with_voted, only while voted blocks are near), and the chosen blocks
+        the prompt's end voted for (`end_blocks`, or those voted_memory_places or _consensus leave: `end_near`), are
+        rotated to far - theirs, which places them at their own distance. Rows of `glob_k` (a fresh buffer: rotated
+        in place) as `_global_keys` lays them out: the sinks that have left the window first, and the sinks still in
+        it (at `first_pos` on) among the complement keys after the `num_memory` memory keys."""
         cfg, b = self.config, self.config.block_size
         sinks = self.sink_k.shape[1]
-        if cfg.sink_memory_distance is not None:
+        near = self.end_blocks if self.end_near is None else self.end_near  # voted_memory_places, _consensus
+        voted_near = cfg.voted_memory_distance is not None and chosen is not None and self.end_blocks is not None \
+            and near.numel() > 0
+        if cfg.sink_memory_distance is not None and (voted_near or not cfg.sink_memory_with_voted):
             position = far - cfg.sink_memory_distance
             window_sinks = min(max(0, cfg.num_sink_tokens - first_pos), glob_k.shape[1] - num_memory)
             for start, stop in ((0, sinks), (num_memory, num_memory + window_sinks)):
                 if stop > start:
                     glob_k[:, start:stop] = self.rotary.rotate_at(glob_k[:, start:stop], position).to(glob_k.dtype)
-        if cfg.voted_memory_distance is None or chosen is None or self.end_blocks is None:
+        if not voted_near:
             return glob_k
         ids = chosen.tensor()  # (n,): the vote needs the second stage, which per-head ranking does not have
-        near = self.end_blocks if self.end_near is None else self.end_near  # voted_memory_places: the first N only
         places = torch.nonzero(torch.isin(ids, near.to(ids.device))).flatten()
         if places.numel():
             keys = (sinks + places[:, None] * b + torch.arange(b, device=ids.device)).flatten().to(glob_k.device)

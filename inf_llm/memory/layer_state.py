@@ -130,7 +130,8 @@ class LayerState:
         # ids, int64 on the CPU; None before), and the last chunk of several queries' ranking queries (Hq, c, D)
         # float32, the baseline its successor's votes are measured against (c = 0: none yet).
         self.end_blocks: torch.Tensor | None = None
-        # voted_memory_places: those of end_blocks placed at voted_memory_distance (ascending ids; None: all of them).
+        # voted_memory_places, voted_memory_consensus: those of end_blocks placed at voted_memory_distance (ascending
+        # ids, maybe none; None: all of them).
         self.end_near: torch.Tensor | None = None
         self.end_baseline = torch.empty((self.shape.num_heads, 0, self.shape.head_dim), device=self.device)
         if self.shared_picks is not None:  # (the memory's: a rollback or reset of any layer starts it afresh)
@@ -345,7 +346,8 @@ class LayerState:
         end = snap.get("end_blocks", [])
         self.end_blocks = torch.tensor(end, dtype=torch.long) if end and self.config.prompt_end_blocks else None
         near = snap.get("end_near", [])
-        placed = near and self.end_blocks is not None and self.config.voted_memory_places is not None
+        narrowed = self.config.voted_memory_places is not None or self.config.voted_memory_consensus is not None
+        placed = self.end_blocks is not None and narrowed and (near or self.config.voted_memory_consensus is not None)
         self.end_near = torch.tensor(near, dtype=torch.long) if placed else None
         baseline = snap.get("end_baseline")
         self.end_baseline = baseline.to(self.device) if baseline is not None else torch.empty(

@@ -13,6 +13,7 @@ already on disk (`saved`, `uses_disk`), where to map a saved copy (`map_layer`, 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from inf_llm.config.schema import InfLLMConfig
 from inf_llm.kernels import resolve_ops
 from inf_llm.memory.layer_memory import LayerMemory
 from inf_llm.memory.layer_state import STATE_ADDED_LATER, LayerShape
-from inf_llm.memory.ranking import tally_votes, voted_places, with_following
+from inf_llm.memory.ranking import tally_votes, voted_runs, with_following
 from inf_llm.memory.retrieval_trace import RetrievalTrace
 from inf_llm.memory.shared_picks import SharedPicks
 from inf_llm.memory.stats import MemoryStats
@@ -182,25 +183,41 @@ class InfLLMMemory:
                     layer.end_votes, layer.trace = None, trace
                 self.restore(snap)
             tally = tally_votes(votes, self.config.prompt_end_tally)
-            ranked = voted_places(tally, self.config.prompt_end_blocks, self.config.prompt_end_run, num_blocks,
-                                  set(chosen.tolist()))
+            runs = voted_runs(tally, self.config.prompt_end_blocks, self.config.prompt_end_run, num_blocks,
+                              set(chosen.tolist()))
+            ranked = [block for run in runs for block in run]
             # prompt_end_following: the blocks after the voted ones too.
             voted = with_following(torch.tensor(sorted(ranked), dtype=torch.long), self.config.prompt_end_following,
                                    num_blocks)
             chosen = torch.cat((chosen, voted)).unique()  # ascending
-            # voted_memory_places: the first N places the first round filled (the most voted first, with its run)
-            # are the ones voted_memory_distance places near.
-            places = self.config.voted_memory_places
-            if round_ == 0 and places is not None:
-                near = torch.tensor(sorted(ranked[:places]), dtype=torch.long)
-                for layer in self.layers:
-                    layer.end_near = near
+            if round_ == 0:
+                self._place_votes(tally, runs)
             for layer in self.layers:
                 layer.end_blocks = chosen
         if self.config.prompt_end_recent:  # ids past the memory's last block: attended once formed
             recent = torch.arange(num_blocks, num_blocks + self.config.prompt_end_recent, dtype=torch.long)
             for layer in self.layers:
                 layer.end_blocks = torch.cat((chosen, recent))
+
+    def _place_votes(self, tally: Counter, runs: list[list[int]]) -> None:
+        """Which of the first round's voted blocks voted_memory_distance places near (`end_near`; None: all of them).
+        voted_memory_places: N, the first N places filled (the most voted first, with its run).
+        voted_memory_consensus: F, the runs whose voted block has at least F of the tally of a block that every layer
+        ranks first (one vote per layer, by count or by rank: the number of layers). Where the layers agree on a
+        passage (on the embedded model a pass key in filler: 0.70-0.83 of it, 0.58 once) it is read as near as a
+        small window would place it, and the sinks with it (sink_memory_with_voted); where they spread their votes
+        (one needle in prose: 0.12-0.54; several, or distractors) every block stays at one distance, and the model
+        weighs them by what they say."""
+        places, consensus = self.config.voted_memory_places, self.config.voted_memory_consensus
+        if places is None and consensus is None:
+            return
+        first = [block for run in runs for block in run][:places]  # (None: every place)
+        if consensus is not None:
+            runs = [run for run in runs if tally[run[0]] >= consensus * len(self.layers)]
+        near = [block for run in runs for block in run if block in first]
+        near_ids = torch.tensor(sorted(near), dtype=torch.long)
+        for layer in self.layers:
+            layer.end_near = near_ids
 
     def clear_prompt_end(self) -> None:
         """A new prompt: what the last one's end voted for is attended no more."""

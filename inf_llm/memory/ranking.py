@@ -267,8 +267,15 @@ def tally_votes(votes: list[list[int]], weights: str) -> Counter:
 
 def voted_places(tally: Counter, places: int, run: int, num_blocks: int, taken: set[int] | frozenset = frozenset()
                  ) -> list[int]:
-    """The prompt end's chosen blocks: `places` of them, filled in the tally's order (most votes first, ties: the
-    lower id), each voted block bringing up to `run` - 1 neighbours (`prompt_end_run`), in the order filled.
+    """The prompt end's chosen blocks: `voted_runs` one after the other, in the order filled."""
+    return [block for chosen in voted_runs(tally, places, run, num_blocks, taken) for block in chosen]
+
+
+def voted_runs(tally: Counter, places: int, run: int, num_blocks: int, taken: set[int] | frozenset = frozenset()
+               ) -> list[list[int]]:
+    """`places` blocks filled in the tally's order (most votes first, ties: the lower id), each voted block bringing
+    up to `run` - 1 neighbours (`prompt_end_run`): one list per voted block, itself first, then its neighbours in
+    the order filled.
 
     A run grows one block at a time, on the side whose next block has more votes (ties: the block after the run),
     and stops early where both sides are taken or past the memory's ends. On prose a fact's sentence spans two
@@ -276,17 +283,18 @@ def voted_places(tally: Counter, places: int, run: int, num_blocks: int, taken: 
     (often the value's digits) in the same places, where the next best votes would be other passages. Blocks in
     `taken` (chosen by an earlier round) are neither chosen again nor part of a run. run 1: the most voted alone.
     """
-    chosen: list[int] = []
+    runs: list[list[int]] = []
+    filled = 0
     have = set(taken)
     for block in sorted(tally, key=lambda b: (-tally[b], b)):
-        if len(chosen) == places:
+        if filled == places:
             break
         if block in have:
             continue
-        chosen.append(block)
+        chosen = [block]
         have.add(block)
         low = high = block
-        while high - low + 1 < run and len(chosen) < places:
+        while high - low + 1 < run and filled + len(chosen) < places:
             sides = [b for b in (high + 1, low - 1) if 0 <= b < num_blocks and b not in have]
             if not sides:
                 break
@@ -294,7 +302,9 @@ def voted_places(tally: Counter, places: int, run: int, num_blocks: int, taken: 
             chosen.append(grown)
             have.add(grown)
             low, high = min(low, grown), max(high, grown)
-    return chosen
+        runs.append(chosen)
+        filled += len(chosen)
+    return runs
 
 
 def representatives(keys: torch.Tensor, scores: torch.Tensor, repr_tokens: int) -> torch.Tensor:
