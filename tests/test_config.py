@@ -76,7 +76,7 @@ REFUSED = [
     (dict(rerank_blocks=128, prompt_end_blocks=4, voted_memory_distance=64, voted_memory_consensus=0),
      ["voted_memory_consensus=0", "above 0"]),
     (dict(rerank_blocks=128, prompt_end_blocks=4, voted_memory_distance=64, voted_memory_consensus=1.5),
-     ["voted_memory_consensus=1.5", "at most 1"]),
+     ["voted_memory_consensus=1.5", "at most prompt_end_run=1"]),
     (dict(rerank_blocks=128, prompt_end_blocks=4, voted_memory_distance=64, voted_memory_consensus=True),
      ["voted_memory_consensus=True", "a number"]),
     (dict(rerank_blocks=128, prompt_end_blocks=4, voted_memory_consensus=0.5), ["voted_memory_consensus=0.5",

@@ -142,14 +142,14 @@ def test_sink_memory_distance_places_the_sinks_apart_from_the_rest_of_memory(sch
 
 @pytest.mark.parametrize("seed,places,consensus,with_sinks", [
     (4, None, None, False), (4, 1, None, False), (4, 3, None, False),
-    (4, None, 0.75, False), (4, None, 0.75, True), (2, None, 1.0, True), (4, 3, 0.75, False)])
+    (4, None, 0.75, False), (4, None, 0.75, True), (6, None, 1.0, True), (4, 3, 0.75, False)])
 def test_voted_memory_distance_places_the_voted_blocks_apart_from_the_prompts_last_chunk_on(
         monkeypatch, seed, places, consensus, with_sinks):
     """voted_memory_distance: D: from the prompt's last chunk (read again after its vote) through the reply, the
     blocks the prompt's end voted for sit at distance D, the rest of memory at the window's; voted_memory_places: N,
     only the first N places the vote filled (the others attended at the window's distance); voted_memory_consensus:
-    F, only the runs whose voted block has at least F of the tally a block every layer ranks first gets (2 layers:
-    here 1.5 leaves one of seed 4's two runs, 2 none of seed 2's); sink_memory_with_voted, the sinks at their
+    F, only the runs whose blocks' tally adds up to at least F times that of a block every layer ranks first (2
+    layers, by count: 1.5 leaves one of seed 4's two runs, 2 none of seed 6's); sink_memory_with_voted, the sinks at their
     distance (D here too) from the same chunk on, and only if some voted block is near. With every block retrieved
     that is the dense reference with those keys at D for those queries (none for the queries before: nothing was
     voted yet), which the reference with every far key at the window's distance does not match, nor (where a
@@ -173,7 +173,8 @@ def test_voted_memory_distance_places_the_voted_blocks_apart_from_the_prompts_la
     assert len(voted) == 4 and all(layer.end_blocks.tolist() == voted for layer in engine.memory.layers)
     assert len(filled) == len(tallies) == 1 and sorted(b for run in filled[0] for b in run) == voted
     first = [b for run in filled[0] for b in run][:places]
-    agreed = [run for run in filled[0] if consensus is None or tallies[0][run[0]] >= consensus * 2]
+    agreed = [run for run in filled[0]
+              if consensus is None or sum(tallies[0].get(block, 0) for block in run) >= consensus * 2]
     nearer = sorted(b for run in agreed for b in run if b in first)
     assert len(nearer) == {(None, None): 4, (1, None): 1, (3, None): 3, (None, 0.75): 2, (None, 1.0): 0,
                            (3, 0.75): 2}[places, consensus]

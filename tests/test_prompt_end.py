@@ -374,7 +374,8 @@ def test_without_the_setting_nothing_is_voted_and_a_short_feed_votes_against_not
                                                   (dict(voted_memory_consensus=1.0), 7, 0)])
 def test_the_voted_blocks_placed_near_are_part_of_the_state(model, narrowed, seed, count):
     """voted_memory_places, voted_memory_consensus: which voted blocks voted_memory_distance places near (the first
-    places of the vote; the runs every layer ranks first, one or none) are restored with a snapshot and with a saved state
+    places of the vote; the runs whose tally adds up to that of a block every layer votes for, one or none) are
+    restored with a snapshot and with a saved state
     (without them every voted block would come near), and a new prompt clears them before its own vote."""
     settings = dict(prompt_end_blocks=4, prompt_end_run=2, voted_memory_distance=8, **narrowed)
     engine = _engine(model, **settings)

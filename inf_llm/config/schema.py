@@ -260,9 +260,10 @@ class InfLLMConfig:
                                                           prompt_end_run) at that distance, the other voted
                                                           blocks at the global distance (null: every voted block)
     voted_memory_consensus (none)                         with voted_memory_distance: only the runs the vote
-                                                          filled whose most voted block has at least this
-                                                          fraction (0 to 1) of the tally of a block that every
-                                                          layer ranks first at that distance (null: every run)
+                                                          filled whose blocks' tally adds up to at least this
+                                                          many times the tally of a block that every layer ranks
+                                                          first (> 0, <= prompt_end_run) at that distance (null:
+                                                          every run)
     sink_memory_with_voted (false)                        with sink_memory_distance and voted_memory_distance: the
                                                           sinks at their distance only while voted blocks are
                                                           (the rest of the time with the rest of memory)
@@ -586,9 +587,11 @@ class InfLLMConfig:
                                  "the places the vote fills: lower it, or set it to null (every voted block)")
         consensus = self.voted_memory_consensus
         if consensus is not None:
-            if isinstance(consensus, bool) or not isinstance(consensus, (int, float)) or not 0 < consensus <= 1:
+            most = self.prompt_end_run  # a run of R blocks every layer votes for, by count
+            if isinstance(consensus, bool) or not isinstance(consensus, (int, float)) or not 0 < consensus <= most:
                 raise ValueError(f"voted_memory_consensus={consensus!r} is invalid: must be a number above 0 and at "
-                                 "most 1 (a fraction of the tally of a block every layer ranks first)")
+                                 f"most prompt_end_run={most} (a run's tally, in tallies of a block every layer "
+                                 "ranks first)")
             object.__setattr__(self, "voted_memory_consensus", float(consensus))  # (YAML may give an int: 1)
             if self.voted_memory_distance is None:
                 raise ValueError(f"voted_memory_consensus={consensus} chooses which voted runs "

@@ -202,18 +202,19 @@ class InfLLMMemory:
     def _place_votes(self, tally: Counter, runs: list[list[int]]) -> None:
         """Which of the first round's voted blocks voted_memory_distance places near (`end_near`; None: all of them).
         voted_memory_places: N, the first N places filled (the most voted first, with its run).
-        voted_memory_consensus: F, the runs whose voted block has at least F of the tally of a block that every layer
-        ranks first (one vote per layer, by count or by rank: the number of layers). Where the layers agree on a
-        passage (on the embedded model a pass key in filler: 0.70-0.83 of it, 0.58 once) it is read as near as a
-        small window would place it, and the sinks with it (sink_memory_with_voted); where they spread their votes
-        (one needle in prose: 0.12-0.54; several, or distractors) every block stays at one distance, and the model
-        weighs them by what they say."""
+        voted_memory_consensus: F, the runs whose blocks' tally adds up to at least F times that of a block every
+        layer ranks first (one vote per layer, by count or by rank: the number of layers); a run's blocks together,
+        as a sentence cut by a block boundary splits the layers' votes (a 64K pass key: 0.50 and 0.49). Where the
+        layers agree on a passage (on the embedded model a pass key in filler: its best block alone 0.58-0.83) it is
+        read as near as a small window would place it, and the sinks with it (sink_memory_with_voted); where they
+        spread their votes (one needle in prose: its best block 0.12-0.54; several, or distractors) every block
+        stays at one distance, and the model weighs them by what they say."""
         places, consensus = self.config.voted_memory_places, self.config.voted_memory_consensus
         if places is None and consensus is None:
             return
         first = [block for run in runs for block in run][:places]  # (None: every place)
         if consensus is not None:
-            runs = [run for run in runs if tally[run[0]] >= consensus * len(self.layers)]
+            runs = [run for run in runs if sum(tally.get(block, 0) for block in run) >= consensus * len(self.layers)]
         near = [block for run in runs for block in run if block in first]
         near_ids = torch.tensor(sorted(near), dtype=torch.long)
         for layer in self.layers:
