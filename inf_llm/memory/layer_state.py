@@ -346,8 +346,8 @@ class LayerState:
         end = snap.get("end_blocks", [])
         self.end_blocks = torch.tensor(end, dtype=torch.long) if end and self.config.prompt_end_blocks else None
         near = snap.get("end_near", [])
-        narrowed = self.config.voted_memory_places is not None or self.config.voted_memory_consensus is not None
-        placed = self.end_blocks is not None and narrowed and (near or self.config.voted_memory_consensus is not None)
+        consensus = self.config.voted_memory_consensus is not None  # (its near set may be empty)
+        placed = self.end_blocks is not None and (consensus or (near and self.config.voted_memory_places is not None))
         self.end_near = torch.tensor(near, dtype=torch.long) if placed else None
         baseline = snap.get("end_baseline")
         self.end_baseline = baseline.to(self.device) if baseline is not None else torch.empty(

@@ -191,7 +191,7 @@ class InfLLMMemory:
                                    num_blocks)
             chosen = torch.cat((chosen, voted)).unique()  # ascending
             if round_ == 0:
-                self._place_votes(tally, runs)
+                self._place_votes(tally, runs, ranked)
             for layer in self.layers:
                 layer.end_blocks = chosen
         if self.config.prompt_end_recent:  # ids past the memory's last block: attended once formed
@@ -199,7 +199,7 @@ class InfLLMMemory:
             for layer in self.layers:
                 layer.end_blocks = torch.cat((chosen, recent))
 
-    def _place_votes(self, tally: Counter, runs: list[list[int]]) -> None:
+    def _place_votes(self, tally: Counter, runs: list[list[int]], ranked: list[int]) -> None:
         """Which of the first round's voted blocks voted_memory_distance places near (`end_near`; None: all of them).
         voted_memory_places: N, the first N places filled (the most voted first, with its run).
         voted_memory_consensus: F, the runs whose blocks' tally adds up to at least F times that of a block every
@@ -212,7 +212,7 @@ class InfLLMMemory:
         places, consensus = self.config.voted_memory_places, self.config.voted_memory_consensus
         if places is None and consensus is None:
             return
-        first = [block for run in runs for block in run][:places]  # (None: every place)
+        first = set(ranked[:places])  # `runs` in the order filled (places None: every place)
         if consensus is not None:
             runs = [run for run in runs if sum(tally.get(block, 0) for block in run) >= consensus * len(self.layers)]
         near = [block for run in runs for block in run if block in first]
