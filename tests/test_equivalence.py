@@ -149,8 +149,8 @@ def test_voted_memory_distance_places_the_voted_blocks_apart_from_the_prompts_la
     blocks the prompt's end voted for sit at distance D, the rest of memory at the window's; voted_memory_places: N,
     only the first N places the vote filled (the others attended at the window's distance); voted_memory_consensus:
     F, only the runs whose blocks' tally adds up to at least F times that of a block every layer ranks first (2
-    layers, by count: 1.5 leaves one of seed 4's two runs, 2 none of seed 6's); sink_memory_with_voted, the sinks at their
-    distance (D here too) from the same chunk on, and only if some voted block is near. With every block retrieved
+    layers, by count: 1.5 leaves one of seed 4's two runs, 2 none of seed 6's); sink_memory_with_voted, the sinks at
+    their distance (D here too) from the same chunk on, and only if some voted block is near. With every block retrieved
     that is the dense reference with those keys at D for those queries (none for the queries before: nothing was
     voted yet), which the reference with every far key at the window's distance does not match, nor (where a
     setting narrows them) the one with every voted block near."""
