@@ -504,14 +504,15 @@ def _brute_attended(config: InfLLMConfig, length: int) -> int:
     total = 0
     for p in range(length):
         for j in range(p + 1):
-            in_window = p - j < config.local_window
+            in_window = p - j < config.window_for(p + 1)
             total += in_window or (config.method == "full") or (j < config.num_sink_tokens)
     return total
 
 
-@pytest.mark.parametrize("method", ["full", "stream-llm", "infinite-lm"])
-def test_attended_keys_match_a_brute_force_count(method):
-    config = InfLLMConfig(method=method, num_sink_tokens=5, local_window=16, chunk_size=8)
+@pytest.mark.parametrize("method,wide", [("full", {}), ("stream-llm", {}), ("infinite-lm", {}),
+                                         ("stream-llm", dict(wide_window=24, wide_window_until=40))])
+def test_attended_keys_match_a_brute_force_count(method, wide):
+    config = InfLLMConfig(method=method, num_sink_tokens=5, local_window=16, chunk_size=8, **wide)
     for length in (1, 10, 16, 17, 100):
         assert attended_keys(config, length) == _brute_attended(config, length)
 

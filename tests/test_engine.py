@@ -267,12 +267,17 @@ def test_min_new_tokens_equals_the_stock_models_generate_when_the_end_is_the_lik
         SamplingParams(min_new_tokens=-1)
 
 
-@pytest.mark.parametrize("method", ["inf-llm", "stream-llm", "full"])
-def test_snapshot_restore_and_resume_from_state_dict(method):
+# wide_window: saved while the window is wide, continued past wide_window_until, where it narrows.
+@pytest.mark.parametrize("method,settings", [("inf-llm", {}), ("stream-llm", {}), ("full", {}),
+                                             ("inf-llm", dict(wide_window=64, wide_window_until=120)),
+                                             ("stream-llm", dict(wide_window=64, wide_window_until=120))])
+def test_snapshot_restore_and_resume_from_state_dict(method, settings):
     model = tiny_model("mistral")
     ids = _ids(150)
-    engine = Engine(model, ByteTokenizer(), _config(method=method))
+    engine = Engine(model, ByteTokenizer(), _config(method=method, **settings))
     engine.feed(ids[:100])
+    if settings:
+        assert {layer.window_len for layer in engine.memory.layers} == {64}
     snap = engine.snapshot()
     state = engine.state_dict()
     buffer = io.BytesIO()
@@ -282,11 +287,13 @@ def test_snapshot_restore_and_resume_from_state_dict(method):
     assert engine.tokens == ids[:100]
     torch.testing.assert_close(engine.feed(ids[100:]), continued, atol=0, rtol=0)
     # A new engine (as after a restart) resumes from the saved state with the same next-token logits.
-    resumed = Engine(model, ByteTokenizer(), _config(method=method))
+    resumed = Engine(model, ByteTokenizer(), _config(method=method, **settings))
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.tokens == ids[:100]
     torch.testing.assert_close(resumed.feed(ids[100:]), continued, atol=0, rtol=0)
+    if settings:
+        assert {layer.window_len for layer in resumed.memory.layers} == {32}
 
 
 def test_sampling_filters():

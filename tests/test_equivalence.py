@@ -427,3 +427,51 @@ def test_dense_reference_comparison_catches_the_reference_prefill_bug(monkeypatc
     # Decoding token by token is unaffected by that bug, as docs/METHOD.md section 2 says.
     stepwise = run_schedule(model, attach(model, cfg.replace(chunk_size=1)), ids, [1] * 120)
     torch.testing.assert_close(stepwise, expected, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("schedule,chunk_size", [("one call", 16), ("token by token", 1), ("uneven pieces", 5)])
+@pytest.mark.parametrize("method", ["inf-llm", "stream-llm", "infinite-lm"])
+@pytest.mark.parametrize("memory_distance", [None, 96])
+def test_wide_window_for_the_first_tokens_then_the_local_window(schedule, chunk_size, method, memory_distance):
+    """wide_window: W, wide_window_until: N: a chunk that ends within the first N tokens has a W-token window (and,
+    without memory_distance, memory at distance W), every later chunk local_window's; the keys a narrowing window
+    leaves go to memory at once. With every block retrieved that is the dense reference with each query's own
+    window, which neither window alone matches."""
+    model = tiny_model("llama")
+    ids = _ids(200)
+    until = 100
+    cfg = _memory_config(chunk_size=chunk_size, method=method, memory_distance=memory_distance, wide_window=64,
+                         wide_window_until=until)
+    last = chunk_last_positions(SCHEDULES[schedule], chunk_size)
+    windows = torch.where(last + 1 <= until, 64, 32)
+    reference = functools.partial(dense_logits, model, ids, method, sinks=cfg.num_sink_tokens, distance=memory_distance)
+    expected = reference(window=windows)
+    memory = attach(model, cfg)
+    got = run_schedule(model, memory, ids, SCHEDULES[schedule])
+    if method == "inf-llm":
+        assert memory.stats().blocks >= 15
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    for window in (32, 64):
+        assert (expected - reference(window=window)).abs().max() > 20 * ATOL
+
+
+def test_wide_window_until_beyond_the_input_is_the_wide_window_itself():
+    """Within wide_window_until the memory is, bit for bit, the one whose local_window is the wide window, with top-k
+    smaller than the number of blocks (real retrieval, two stages, the prompt end's vote and its placing near):
+    measurements of a W-token window hold for the conversations that end within wide_window_until."""
+    model = tiny_model("llama")
+    ids = _ids(230, seed=4)
+    settings = dict(topk_blocks=3, rerank_blocks=6, device_cache_blocks=12, prompt_end_blocks=2, prompt_end_run=2,
+                    sink_memory_distance=8, voted_memory_distance=8, sink_memory_with_voted=True)
+
+    def logits(**window):
+        engine = Engine(model, ByteTokenizer(), _memory_config(**settings, **window))
+        pieces = []
+        engine.feed(ids[:200].tolist(), on_logits=lambda start, logits: pieces.append(logits.float()))
+        steps = [engine.feed([token]) for token in ids[200:].tolist()]
+        assert all(layer.end_blocks is not None for layer in engine.memory.layers)  # the prompt's end voted
+        return torch.cat(pieces + [torch.stack(steps)])
+
+    scheduled = logits(wide_window=64, wide_window_until=230)
+    torch.testing.assert_close(scheduled, logits(local_window=64), atol=0, rtol=0)
+    assert (scheduled - logits()).abs().max() > 20 * ATOL

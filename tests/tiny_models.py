@@ -81,7 +81,11 @@ def _dense_attention(module, query, key, value, attention_mask, scaling, dropout
     if isinstance(distance, torch.Tensor):  # a distance per query
         distance = distance.to(q.device)
     farthest = int(distance.max()) if isinstance(distance, torch.Tensor) else distance
-    cos, sin = rotary_emb(q, torch.arange(max(t, window + sinks + 1, farthest + t), device=q.device)[None])  # (P, D)
+    if isinstance(window, torch.Tensor):  # a window per query (wide_window)
+        window = window.to(q.device)
+    widest = int(window.max()) if isinstance(window, torch.Tensor) else window
+    band = window[:, None] if isinstance(window, torch.Tensor) else window  # against rel (T, T)
+    cos, sin = rotary_emb(q, torch.arange(max(t, widest + sinks + 1, farthest + t), device=q.device)[None])  # (P, D)
     scale0 = cos[0, 0, 0]
     cos, sin = cos[0] / scale0, sin[0] / scale0  # the model already applied its position-0 factor
 
@@ -92,7 +96,7 @@ def _dense_attention(module, query, key, value, attention_mask, scaling, dropout
     local = rot(q, pos) @ rot(k, pos).transpose(-1, -2)  # (Hq, T, T): true relative distance
     rel = pos[:, None] - pos[None, :]
     if method == "stream-llm":
-        q_pos = torch.clamp(pos, max=sinks + window - 1)
+        q_pos = torch.minimum(pos, torch.as_tensor(sinks + window - 1, device=q.device))
         far = rot(q, q_pos) @ rot(k, pos).transpose(-1, -2)
     else:
         far = rot(q, distance if isinstance(distance, torch.Tensor) else torch.full_like(pos, distance)) @ k.transpose(-1, -2)
@@ -108,12 +112,12 @@ def _dense_attention(module, query, key, value, attention_mask, scaling, dropout
     if near is not None:  # these far keys at their own distance
         near_distance, near_keys = near
         far = torch.where(near_keys.to(q.device), rot(q, torch.full_like(pos, near_distance)) @ k.transpose(-1, -2), far)
-    logits = torch.where(rel < window, local, far) * scaling
+    logits = torch.where(rel < band, local, far) * scaling
     if far_bias is not None:
-        logits = logits - torch.where(rel < window, 0.0, far_bias.to(q.device)[:, None])
+        logits = logits - torch.where(rel < band, 0.0, far_bias.to(q.device)[:, None])
     visible = rel >= 0
     if method != "inf-llm":
-        visible &= (rel < window) | (pos[None, :] < sinks)
+        visible &= (rel < band) | (pos[None, :] < sinks)
     logits = logits.masked_fill(~visible, -torch.inf)
     out = torch.softmax(logits, dim=-1) @ v  # (Hq, T, D)
     return out.transpose(0, 1)[None].to(query.dtype), None
@@ -122,11 +126,14 @@ def _dense_attention(module, query, key, value, attention_mask, scaling, dropout
 AttentionInterface.register("inf_llm_dense_reference", _dense_attention)
 
 
-def dense_logits(model, ids: torch.Tensor, method: str, window: int, sinks: int,
+def dense_logits(model, ids: torch.Tensor, method: str, window: int | torch.Tensor, sinks: int,
                  chunk_last: torch.Tensor | None = None, distance: int | torch.Tensor | None = None,
                  ordered_until: int | None = None, ordered_rows: torch.Tensor | None = None,
                  far_bias: torch.Tensor | None = None, near: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Logits (T, V) of the dense reference for the given rule.
+
+    window: the local window, or a tensor (T,) giving each query its own (`wide_window`); InfLLM's far keys at
+    the query's window's distance unless `distance` says otherwise.
 
     chunk_last (T,): with it, InfLLM's far keys sit at their distance from the last query of the query's chunk
     (`memory_positions: ordered` with every block retrieved) instead of at distance `window`.

@@ -71,8 +71,10 @@ def attended_keys(config: InfLLMConfig, length: int) -> int:
     seen = p + 1  # keys at or before the query
     if config.method == "full":
         return int(seen.sum().item())
-    window = config.local_window
-    local = torch.clamp(seen, max=window)
+    window = torch.full_like(p, config.local_window)
+    if config.wide_window is not None:  # the wide window for the first wide_window_until tokens (chunks ignored)
+        window = torch.where(seen <= config.wide_window_until, float(config.wide_window), window)
+    local = torch.minimum(seen, window)
     evicted = torch.clamp(seen - window, min=0)
     if config.method in ("stream-llm", "infinite-lm"):
         far = torch.clamp(evicted, max=config.num_sink_tokens)

@@ -18,7 +18,7 @@ import yaml
 from inf_llm.config.schema import ADDED_LATER, METHODS, InfLLMConfig
 
 # The settings each method's results depend on (speed included).
-_WINDOWED = ("num_sink_tokens", "local_window", "chunk_size", "kernel_backend")
+_WINDOWED = ("num_sink_tokens", "local_window", "wide_window", "wide_window_until", "chunk_size", "kernel_backend")
 # Where blocks are kept (RAM budget, disk folder) changes neither results nor compute: not part of an identity.
 _PLACEMENT_FIELDS = ("host_cache_bytes", "disk_dir")
 # Settings added after results were recorded (`ADDED_LATER`) are left out of the identity at the value that
@@ -46,7 +46,7 @@ class MethodRun:
         fields = RELEVANT_FIELDS[self.method]
         settings = {k: v for k, v in self.config.to_dict().items()
                     if k not in _PLACEMENT_FIELDS and not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
-        keep = settings if fields is None else {k: settings[k] for k in fields}
+        keep = settings if fields is None else {k: settings[k] for k in fields if k in settings}
         return {"method": self.method, **{k: v for k, v in keep.items() if k != "method"}}
 
 

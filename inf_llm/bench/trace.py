@@ -122,7 +122,7 @@ def trace_case(engine: Engine, prompt: ProsePrompt, min_new_tokens: int = 0) -> 
     steps = summarise(trace, prompt, texts)
     layers = len(engine.memory.layers)
     result["steps"] = steps
-    result["class"] = classify(steps, prompt, result["score"], layers, engine.config.local_window)
+    result["class"] = classify(steps, prompt, result["score"], layers, engine.config.window_for(len(prompt.ids) + 1))
     result["needle_blocks"] = [trace.blocks_of(a, e) for a, e in needle_spans(prompt)]
     result["layers"] = layers
     return result

@@ -49,7 +49,7 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "memory_positions_until": None, "decode_memory_distance": None, "reply_start_distance": None,
                "decode_memory_positions": None, "decode_memory_bias": 0.0, "sink_memory_distance": None,
                "voted_memory_distance": None, "voted_memory_places": None, "voted_memory_consensus": None,
-               "sink_memory_with_voted": False}
+               "sink_memory_with_voted": False, "wide_window": None, "wide_window_until": None}
 
 
 class ConfigError(ValueError):
@@ -81,6 +81,12 @@ class InfLLMConfig:
     method               type ("origin" is full)          inf-llm | stream-llm | infinite-lm | full
     num_sink_tokens      n_init                           first tokens of the stream, attended forever
     local_window         n_local                          most recent tokens, attended with exact RoPE
+    wide_window          (none)                           a larger window, >= local_window, for the chunks that
+                                                          end within the conversation's first
+                                                          wide_window_until tokens; local_window for every chunk
+                                                          after (null: local_window always). A window that
+                                                          narrows moves its oldest keys to memory at once
+    wide_window_until    (none)                           with wide_window: that many tokens (>= 1)
     block_size           block_size                       tokens per memory block
     repr_tokens          repr_topk                        representative tokens per block (retrieval keys)
     topk_blocks          topk                             memory blocks retrieved per chunk of queries
@@ -291,6 +297,8 @@ class InfLLMConfig:
     method: str = "inf-llm"
     num_sink_tokens: int = 32
     local_window: int = 128
+    wide_window: int | None = None
+    wide_window_until: int | None = None
     block_size: int = 16
     repr_tokens: int = 4
     topk_blocks: int = 64
@@ -358,6 +366,7 @@ class InfLLMConfig:
         for name in ("local_window", "block_size", "repr_tokens", "chunk_size", "device_cache_blocks", "decode_rank_every",
                      "reply_pool_every", "prompt_end_rounds", "prompt_end_run"):
             _check_int(name, getattr(self, name), 1)
+        self._check_wide_window()
         if self.memory_distance is not None:  # below local_window too: positions only (docs/METHOD.md)
             _check_int("memory_distance", self.memory_distance, 1)
         if self.decode_memory_distance is not None:
@@ -436,17 +445,32 @@ class InfLLMConfig:
 
     @property
     def global_distance(self) -> int:
-        """The distance at which the global stage places memory (the last of it, for ordered or runs positions)."""
+        """The distance at which the global stage places memory (the last of it, for ordered or runs positions)
+        for a chunk whose window is local_window."""
         return self.local_window if self.memory_distance is None else self.memory_distance
 
-    def distance_for(self, queries: int, reply_start: bool = False) -> int:
-        """The global distance of a chunk of this many queries: for a decoding step (one query), reply_start_distance
-        when it is the first after a prompt (`reply_start`) and that is set, else decode_memory_distance when set;
-        global_distance otherwise."""
+    @property
+    def widest_window(self) -> int:
+        """The largest window any chunk has (wide_window when set)."""
+        return max(self.local_window, self.wide_window or 0)
+
+    def window_for(self, end: int) -> int:
+        """The local window of a chunk that ends after the conversation's first `end` tokens: wide_window while
+        `end` is within wide_window_until, local_window otherwise."""
+        if self.wide_window is not None and end <= self.wide_window_until:
+            return self.wide_window
+        return self.local_window
+
+    def distance_for(self, queries: int, reply_start: bool = False, window: int | None = None) -> int:
+        """The global distance of a chunk of this many queries whose window is `window` (null: local_window): for
+        a decoding step (one query), reply_start_distance when it is the first after a prompt (`reply_start`) and
+        that is set, else decode_memory_distance when set; memory_distance when set; the window otherwise."""
         if queries == 1 and reply_start and self.reply_start_distance is not None:
             return self.reply_start_distance
         if queries == 1 and self.decode_memory_distance is not None:
             return self.decode_memory_distance
+        if self.memory_distance is None and window is not None:
+            return window
         return self.global_distance
 
     def bias_for(self, queries: int) -> float:
@@ -472,7 +496,8 @@ class InfLLMConfig:
     @property
     def farthest_distance(self) -> int:
         """The largest distance the global stage places memory at (for the size of the rotation tables)."""
-        return max(self.global_distance, self.decode_memory_distance or 0, self.reply_start_distance or 0)
+        window = self.widest_window if self.memory_distance is None else 0  # memory at the wide window's distance
+        return max(self.global_distance, window, self.decode_memory_distance or 0, self.reply_start_distance or 0)
 
     @property
     def retrieved_blocks(self) -> int:
@@ -540,6 +565,19 @@ class InfLLMConfig:
         if self.per_head_ranking:
             raise ValueError(f"ranking_code_rank={rank} is not supported with per_head_ranking: set "
                              "ranking_code_rank: null or per_head_ranking: false")
+
+    def _check_wide_window(self) -> None:
+        wide, until = self.wide_window, self.wide_window_until
+        if wide is None:
+            if until is not None:
+                raise ValueError(f"wide_window_until={until} has no effect without wide_window: set wide_window, or "
+                                 "wide_window_until: null")
+            return
+        _check_int("wide_window", wide, self.local_window)
+        if until is None:
+            raise ValueError(f"wide_window={wide} needs wide_window_until, the tokens within which chunks have it: "
+                             "set wide_window_until, or wide_window: null")
+        _check_int("wide_window_until", until, 1)
 
     def _check_reply_pool(self) -> None:
         pool = self.reply_pool_blocks

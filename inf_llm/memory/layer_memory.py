@@ -61,8 +61,10 @@ class LayerMemory(LayerState):
 
     def _chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         cfg, ops = self.config, self.ops
-        window = cfg.local_window
         c = q.shape[1]
+        # local_window, or wide_window for a chunk that ends within wide_window_until. A window narrower than the
+        # one before leaves its oldest keys to the complement below (exact), and _evict moves them to memory.
+        window = cfg.window_for(self.num_seen + c)
         self._window_append(k, v)
         loc_k = self.win_k[:, self.win_start : self.win_end]  # (Hkv, w + c, D): positions P-w .. P+c-1
         loc_v = self.win_v[:, self.win_start : self.win_end]
@@ -80,7 +82,7 @@ class LayerMemory(LayerState):
         n_comp = max(0, w + c - window)
         # The query rotated to the global distance (`far`): computed once, for ranking (rank_rotated) and the global stage.
         # local_window unless memory_distance (decoding: decode_memory_distance; a reply's first step: reply_start_distance)
-        far = cfg.distance_for(c, reply_start=c == 1 and self._after_prompt)
+        far = cfg.distance_for(c, reply_start=c == 1 and self._after_prompt, window=window)
         q_far = self.rotary.rotate_at(q, far) if cfg.method == "inf-llm" and cfg.rank_rotated else None
         if cfg.method == "inf-llm":
             chosen = self._select(q if q_far is None else q_far)
@@ -466,7 +468,7 @@ class LayerMemory(LayerState):
 
     def _evict(self) -> None:
         cfg = self.config
-        n_out = self.window_len - cfg.local_window
+        n_out = self.window_len - cfg.window_for(self.num_seen)  # the window of the chunk just attended
         if n_out <= 0:
             return
         first_pos = self.num_seen - self.window_len

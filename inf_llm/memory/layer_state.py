@@ -92,7 +92,7 @@ class LayerState:
     def reset(self) -> None:
         hq, hkv, d = self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim
         self.num_seen = 0  # absolute position of the next token
-        capacity = 2 * (self.config.local_window + self.config.chunk_size)
+        capacity = 2 * (self.config.widest_window + self.config.chunk_size)
         self.win_k = torch.zeros((hkv, capacity, d), dtype=self.dtype, device=self.device)
         self.win_v = torch.zeros_like(self.win_k)
         self.win_score = torch.zeros((hq, capacity), dtype=torch.float32, device=self.device)

@@ -74,7 +74,7 @@ class InfLLMMemory:
         # query at the global distance (at most `farthest_distance`: the largest of the distance settings), and with ordered (or runs) memory
         # positions, the global keys 0..G-1 and the query at that distance + G-1, G = every global key a chunk
         # attends (sinks, retrieved blocks, the remainder under one block, the chunk's complement keys).
-        max_position = max(config.farthest_distance, config.local_window) + config.chunk_size + config.num_sink_tokens + 1
+        max_position = max(config.farthest_distance, config.widest_window) + config.chunk_size + config.num_sink_tokens + 1
         if config.orders_memory:
             max_position += (config.retrieved_blocks + 1) * config.block_size  # + 1: the remainder
         tables: dict[torch.device, RotaryTable] = {}
