@@ -2,7 +2,8 @@
 
 Per layer InfLLM keeps, with keys unrotated:
 
-- the window: the most recent `local_window` tokens (plus the chunk being processed);
+- the window: the most recent `local_window` tokens (`wide_window` in a conversation's first
+  `wide_window_until` tokens), plus the chunk being processed;
 - the sinks: the first `num_sink_tokens` tokens of the stream, once they have left the window;
 - the remainder: evicted tokens that do not yet fill a block;
 - the blocks: every `block_size` evicted tokens, in a `BlockStore`, each with representative vectors.
@@ -81,7 +82,7 @@ class LayerMemory(LayerState):
         # Global stage: memory keys, then the chunk-window keys that leave some query's band.
         n_comp = max(0, w + c - window)
         # The query rotated to the global distance (`far`): computed once, for ranking (rank_rotated) and the global stage.
-        # local_window unless memory_distance (decoding: decode_memory_distance; a reply's first step: reply_start_distance)
+        # the chunk's window unless memory_distance (decoding: decode_memory_distance; a reply's first step: reply_start_distance)
         far = cfg.distance_for(c, reply_start=c == 1 and self._after_prompt, window=window)
         q_far = self.rotary.rotate_at(q, far) if cfg.method == "inf-llm" and cfg.rank_rotated else None
         if cfg.method == "inf-llm":
