@@ -246,7 +246,7 @@ class Conversation:
         self._replies += 1
         self._last_reply = None
         steps = self.engine.generate(new, params, progress=self._counting(len(new) - 1, progress),
-                                     on_prefilled=at_prefilled)
+                                     on_prefilled=at_prefilled, reread=progress)
         try:
             for step in steps:
                 parts.append(step.text)

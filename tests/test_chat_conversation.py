@@ -288,3 +288,27 @@ def test_sources_are_refused_without_a_reply_or_a_memory_that_retrieves(model, t
     full.ask(MESSAGES[0])
     with pytest.raises(ValueError, match="retrieves nothing"):
         full.sources()
+
+
+def test_a_chat_past_its_short_settings_reads_again_and_back_before_the_switch_is_short_again(model, tokenizer):
+    """short_conversation in the chat: the message that takes the conversation past the limit is answered from the
+    conversation read again under the config's own settings; removing it goes back to the short settings' memory,
+    which equals that of a chat that never went past."""
+    short = dict(short_conversation={"local_window": 64, "num_sink_tokens": 8}, short_conversation_until=120)
+    conv, ref = (make(model, tokenizer, temperature=0.0, **short) for _ in range(2))
+    conv.ask(MESSAGES[0])
+    ref.ask(MESSAGES[0])
+    conv.ask(MESSAGES[1])
+    assert not conv.engine.short and len(conv.engine.tokens) > 120
+    assert conv.remove() and conv.engine.short
+    assert conv.engine.tokens == ref.engine.tokens and conv.engine.feeds == ref.engine.feeds
+
+    def probe(c):
+        snap = c.engine.snapshot()
+        logits = c.engine.feed(c.format.render([{"role": "user", "content": MESSAGES[2]}], add_generation_prompt=True))
+        c.engine.restore(snap)
+        return logits
+
+    torch.testing.assert_close(probe(conv), probe(ref), atol=0, rtol=0)
+    assert conv.ask(MESSAGES[1]).text == ref.ask(MESSAGES[1]).text
+    assert not ref.engine.short

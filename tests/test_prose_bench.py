@@ -327,7 +327,7 @@ def test_trace_command_reports_every_step_and_a_class(tiny_checkpoint, tmp_path,
     monkeypatch.setattr(trace_module, "answer", lambda *a, **kw: (asked.append(kw), real_answer(*a, **kw))[1])
     assert main(["trace", "--model-path", str(tiny_checkpoint), "--length", "700", "--depth", "0.2",
                  "--min-new-tokens", "2", "--task", "twohop", *SMALL]) == 0
-    assert asked == [{"min_new_tokens": 2}]  # the chat's path, when asked for
+    assert asked == [{"min_new_tokens": 2, "fresh": False}]  # the chat's path, when asked for; traced from the start
     out = capsys.readouterr().out
     assert "prompt end" in out and out.count("needle at tokens") == 2 and "each needle: whole/part" in out
     assert any(name in out for name in ("answered", "never retrieved", "split at a block boundary",

@@ -290,6 +290,34 @@ def test_session_of_another_config_model_or_format_is_refused(model, tokenizer, 
              r"config\.topk_blocks: session has 2, now 3")  # the first stage's top-k is still the session's
 
 
+def test_a_session_keeps_whether_its_conversation_was_short(model, tokenizer, tmp_path):
+    """short_conversation: a session saved while its conversation was short resumes short (and switches as the
+    one that kept running does); one saved once it was long resumes long, under the same config or under one
+    without short settings (sessions saved before they existed hold the config's own memory)."""
+    config = tiny_config(topk_blocks=2, device_cache_blocks=8, rerank_blocks=4, prompt_end_blocks=2,
+                         short_conversation={"local_window": 64, "num_sink_tokens": 8}, short_conversation_until=120)
+    conv = conversation(model, tokenizer, config)
+    chat = conv.format.identity
+    conv.ask(MESSAGES[0])
+    assert conv.engine.short
+    short_path = save_session(tmp_path / "short.session", conv.engine, conv.messages, chat)
+    resumed = conversation(model, tokenizer, config)
+    resumed.load(resume_session(short_path, resumed.engine, chat).messages)
+    assert resumed.engine.short and resumed.engine.feeds == conv.engine.feeds
+    torch.testing.assert_close(probe_logits(resumed), probe_logits(conv), atol=0, rtol=0)
+    assert resumed.ask(MESSAGES[1]).text == conv.ask(MESSAGES[1]).text  # past 120 tokens: both read again
+    assert not conv.engine.short and not resumed.engine.short
+    long_path = save_session(tmp_path / "long.session", conv.engine, conv.messages, chat)
+    for settings in (config, config.long_config()):
+        again = conversation(model, tokenizer, settings)
+        again.load(resume_session(long_path, again.engine, chat).messages)
+        assert not again.engine.short
+        torch.testing.assert_close(probe_logits(again), probe_logits(conv), atol=0, rtol=0)
+    other = config.replace(short_conversation={"local_window": 48, "num_sink_tokens": 8})
+    _refused(short_path, conversation(model, tokenizer, other).engine, chat, r"config\.short_conversation")
+    resume_session(long_path, conversation(model, tokenizer, other).engine, chat)  # long: its short settings differ
+
+
 def _tier_entries(engine):
     return [(layer.blocks.disk.entries, layer.blocks.num_blocks) for layer in engine.memory.layers]
 

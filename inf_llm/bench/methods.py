@@ -18,7 +18,8 @@ import yaml
 from inf_llm.config.schema import ADDED_LATER, METHODS, InfLLMConfig
 
 # The settings each method's results depend on (speed included).
-_WINDOWED = ("num_sink_tokens", "local_window", "wide_window", "wide_window_until", "chunk_size", "kernel_backend")
+_WINDOWED = ("num_sink_tokens", "local_window", "wide_window", "wide_window_until", "short_conversation",
+             "short_conversation_until", "chunk_size", "kernel_backend")
 # Where blocks are kept (RAM budget, disk folder) changes neither results nor compute: not part of an identity.
 _PLACEMENT_FIELDS = ("host_cache_bytes", "disk_dir")
 # Settings added after results were recorded (`ADDED_LATER`) are left out of the identity at the value that

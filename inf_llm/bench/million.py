@@ -223,6 +223,7 @@ def read_and_ask(model, tokenizer, config: InfLLMConfig, doc: Document, session_
             raise ValueError(f"{session_dir} holds {done} tokens that are not this document's first ones")
         prefill_s = _bookkeeping(session)["prefill_s"]
         resumed_from = {"tokens": done, "resume_s": time.perf_counter() - start}
+    engine.expect(len(doc.ids) - done)  # the memory the document is read into (short_conversation)
     if needle_oracle:  # not part of a saved session: set on each engine
         engine.memory.force_blocks(needle_blocks(doc, config))
     reading = time.perf_counter()

@@ -147,10 +147,15 @@ def plan_cases(runs: list[MethodRun], plan: ProsePlan) -> list[ProseCase]:
 
 
 def answer(engine: Engine, prompt: ProsePrompt, progress=None, repetition_penalty: float = 1.0,
-           before_reply: Callable[[], None] | None = None, min_new_tokens: int = 0) -> dict[str, Any]:
+           before_reply: Callable[[], None] | None = None, min_new_tokens: int = 0, fresh: bool = True
+           ) -> dict[str, Any]:
     """Read the prompt into an empty memory and answer it greedily; the measured fields of a record.
-    `before_reply` runs between the prompt and the reply (whose first step feeds the prompt's last token)."""
-    engine.reset()
+    `before_reply` runs between the prompt and the reply (whose first step feeds the prompt's last token).
+    fresh=False: the engine is already empty (and holds what the caller attached to its memory)."""
+    if fresh:
+        engine.reset()
+    elif engine.tokens:
+        raise ValueError("answer(fresh=False) needs an empty engine")
     start = time.perf_counter()
     engine.feed(prompt.ids[:-1], progress=progress)  # generate feeds the last prompt token itself
     prefill_s = time.perf_counter() - start

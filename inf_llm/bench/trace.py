@@ -113,16 +113,19 @@ def classify(steps: list[StepSummary], prompt: ProsePrompt, score: float, num_la
 def trace_case(engine: Engine, prompt: ProsePrompt, min_new_tokens: int = 0) -> dict[str, Any]:
     """Answer the case with a trace attached (the reply's first `min_new_tokens` never end it, as the chat's
     `--min-new-tokens`); its record fields plus the per-step summaries and the class."""
+    engine.reset()
+    engine.expect(len(prompt.ids))  # the memory the prompt is read into (short_conversation), before it is traced
     trace = engine.memory.start_trace()
     try:
-        result = answer(engine, prompt, min_new_tokens=min_new_tokens)
+        result = answer(engine, prompt, min_new_tokens=min_new_tokens, fresh=False)
     finally:
         engine.memory.stop_trace()
     texts = [engine.tokenizer.decode([t]) for t in result["reply_ids"]]  # step i's query gives reply token i
     steps = summarise(trace, prompt, texts)
     layers = len(engine.memory.layers)
     result["steps"] = steps
-    result["class"] = classify(steps, prompt, result["score"], layers, engine.config.window_for(len(prompt.ids) + 1))
+    result["class"] = classify(steps, prompt, result["score"], layers,
+                               engine.memory_config.window_for(len(prompt.ids) + 1))
     result["needle_blocks"] = [trace.blocks_of(a, e) for a, e in needle_spans(prompt)]
     result["layers"] = layers
     return result

@@ -49,7 +49,10 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "memory_positions_until": None, "decode_memory_distance": None, "reply_start_distance": None,
                "decode_memory_positions": None, "decode_memory_bias": 0.0, "sink_memory_distance": None,
                "voted_memory_distance": None, "voted_memory_places": None, "voted_memory_consensus": None,
-               "sink_memory_with_voted": False, "wide_window": None, "wide_window_until": None}
+               "sink_memory_with_voted": False, "wide_window": None, "wide_window_until": None,
+               "short_conversation": None, "short_conversation_until": None}
+# Fields a short_conversation mapping may not set: the method and the regime itself.
+NOT_SHORT = ("method", "short_conversation", "short_conversation_until")
 
 
 class ConfigError(ValueError):
@@ -66,6 +69,19 @@ def _check_int(name: str, value: Any, minimum: int, maximum: int | None = MAX_CO
         raise ValueError(f"{name}={value!r} is invalid: must be an integer >= {minimum}")
     if maximum is not None and value > maximum:
         raise ValueError(f"{name}={value!r} is invalid: must be at most {maximum}")
+
+
+def _check_until(name: str, value: Any, until_name: str, until: Any, meaning: str) -> bool:
+    """A setting that holds within a conversation's first `until` tokens: both set (True, `until` checked) or
+    neither (False)."""
+    if value is None:
+        if until is not None:
+            raise ValueError(f"{until_name}={until} has no effect without {name}: set {name}, or {until_name}: null")
+        return False
+    if until is None:
+        raise ValueError(f"{name}={value!r} needs {until_name}, {meaning}: set {until_name}, or {name}: null")
+    _check_int(until_name, until, 1)
+    return True
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -87,6 +103,14 @@ class InfLLMConfig:
                                                           after (null: local_window always). A window that
                                                           narrows moves its oldest keys to memory at once
     wide_window_until    (none)                           with wide_window: that many tokens (>= 1)
+    short_conversation   (none)                           settings (a mapping of these fields) that replace
+                                                          this config's while the conversation, at the end of
+                                                          each prompt, is within short_conversation_until
+                                                          tokens; once a prompt ends past it, the conversation
+                                                          so far is read again under this config's own
+                                                          settings, exactly as if they had held throughout
+                                                          (null: these settings always)
+    short_conversation_until (none)                       with short_conversation: that many tokens (>= 1)
     block_size           block_size                       tokens per memory block
     repr_tokens          repr_topk                        representative tokens per block (retrieval keys)
     topk_blocks          topk                             memory blocks retrieved per chunk of queries
@@ -299,6 +323,8 @@ class InfLLMConfig:
     local_window: int = 128
     wide_window: int | None = None
     wide_window_until: int | None = None
+    short_conversation: dict[str, Any] | None = None
+    short_conversation_until: int | None = None
     block_size: int = 16
     repr_tokens: int = 4
     topk_blocks: int = 64
@@ -367,6 +393,7 @@ class InfLLMConfig:
                      "reply_pool_every", "prompt_end_rounds", "prompt_end_run"):
             _check_int(name, getattr(self, name), 1)
         self._check_wide_window()
+        self._check_short_conversation()
         if self.memory_distance is not None:  # below local_window too: positions only (docs/METHOD.md)
             _check_int("memory_distance", self.memory_distance, 1)
         if self.decode_memory_distance is not None:
@@ -432,6 +459,11 @@ class InfLLMConfig:
             raise ValueError(
                 f"repr_tokens={self.repr_tokens} exceeds block_size={self.block_size}: a block's representatives "
                 "are chosen among its own tokens; use repr_tokens <= block_size")
+
+    def __hash__(self) -> int:
+        # The generated hash would fail on short_conversation's mapping; equal configs hash alike.
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v
+                          for v in (getattr(self, name) for name in FIELD_NAMES)))
 
     @property
     def shares_picks(self) -> bool:
@@ -567,17 +599,42 @@ class InfLLMConfig:
                              "ranking_code_rank: null or per_head_ranking: false")
 
     def _check_wide_window(self) -> None:
-        wide, until = self.wide_window, self.wide_window_until
-        if wide is None:
-            if until is not None:
-                raise ValueError(f"wide_window_until={until} has no effect without wide_window: set wide_window, or "
-                                 "wide_window_until: null")
+        if _check_until("wide_window", self.wide_window, "wide_window_until", self.wide_window_until,
+                        "the tokens within which chunks have it"):
+            _check_int("wide_window", self.wide_window, self.local_window)
+
+    def _check_short_conversation(self) -> None:
+        short = self.short_conversation
+        if not _check_until("short_conversation", short, "short_conversation_until", self.short_conversation_until,
+                            "the tokens within which a conversation has its settings"):
             return
-        _check_int("wide_window", wide, self.local_window)
-        if until is None:
-            raise ValueError(f"wide_window={wide} needs wide_window_until, the tokens within which chunks have it: "
-                             "set wide_window_until, or wide_window: null")
-        _check_int("wide_window_until", until, 1)
+        if not isinstance(short, dict) or not short:
+            raise ValueError(f"short_conversation={short!r} is invalid: must be a mapping of settings (e.g. "
+                             "{local_window: 512}) or null")
+        for key in short:
+            if key in NOT_SHORT:
+                raise ValueError(f"short_conversation may not set {key!r}: it sets the other settings of a short "
+                                 "conversation")
+            if key not in FIELD_NAMES:
+                raise ValueError(f"short_conversation: {key!r} is not a setting{suggest(key, FIELD_NAMES)}")
+        try:
+            self.short_config()
+        except ValueError as error:
+            raise ValueError(f"short_conversation: {error}") from None
+
+    def short_config(self) -> InfLLMConfig | None:
+        """The settings of a short conversation (short_conversation applied, the regime itself cleared); None
+        without short_conversation."""
+        if self.short_conversation is None:
+            return None
+        return dataclasses.replace(self, **self.short_conversation, short_conversation=None,
+                                   short_conversation_until=None)
+
+    def long_config(self) -> InfLLMConfig:
+        """The settings once a conversation is long: this config without its short_conversation."""
+        if self.short_conversation is None:
+            return self
+        return dataclasses.replace(self, short_conversation=None, short_conversation_until=None)
 
     def _check_reply_pool(self) -> None:
         pool = self.reply_pool_blocks

@@ -39,6 +39,8 @@ class GenerationStep:
 class EngineSnapshot:
     num_tokens: int
     memory: object
+    short: bool = False  # taken while the conversation had its short_conversation settings
+    num_feeds: int = 0
 
 
 class Engine:
@@ -49,12 +51,58 @@ class Engine:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.prefill_chunk = prefill_chunk
-        self.memory = attach(model, config)
+        # short_conversation: the memory has those settings until a prompt ends past short_conversation_until
+        # tokens (`expect`); `feeds` (each feed's length) is how the conversation was read, to read it again.
+        self.short = config.short_config() is not None
+        self.memory = attach(model, self.memory_config)
+        self.feeds: list[int] = []
         self._attn_implementation = model.config._attn_implementation
         # Where the input ids go: the embedding's execution device (its weights may sit on "meta" when offloaded).
         self.device = execution_device(model.get_input_embeddings())
         self.tokens: list[int] = []
         self.eos_token_ids = _eos_ids(model, tokenizer)
+
+    # --- the settings of a short conversation -------------------------------------------------------------------
+
+    @property
+    def memory_config(self) -> InfLLMConfig:
+        """The settings the memory has now: short_conversation's while the conversation is short."""
+        return self.config.short_config() if self.short else self.config.long_config()
+
+    def expect(self, num_tokens: int, reread: Callable[[int, int], None] | None = None) -> bool:
+        """Called before a prompt of `num_tokens` tokens is read: if the conversation then ends past
+        short_conversation_until, it leaves its short_conversation settings: a memory with the config's own is
+        built, and the conversation so far is read into it again, feed by feed as it was read, so that the memory is
+        exactly what those settings alone would hold. Returns whether that happened (a pause: the tokens so far are
+        read again, a reply's token by token; reread(done, total) follows it, feed by feed)."""
+        if not self.short or len(self.tokens) + num_tokens <= self.config.short_conversation_until:
+            return False
+        self._rebuild(False, len(self.tokens), len(self.feeds), reread)
+        return True
+
+    def _rebuild(self, short: bool, num_tokens: int, num_feeds: int,
+                 reread: Callable[[int, int], None] | None = None) -> None:
+        """A new memory with the short (or the config's own) settings, holding the first `num_feeds` feeds again.
+        All or nothing: if the reading stops (an exception, e.g. from `reread`), the engine is as it was."""
+        tokens, feeds = self.tokens[:num_tokens], self.feeds[:num_feeds]
+        if sum(feeds) != len(tokens):
+            raise AssertionError(f"the feeds hold {sum(feeds)} tokens, the conversation {len(tokens)}")
+        before = self.memory, self.short, self.tokens, self.feeds
+        self.short = short
+        self.memory = attach(self.model, self.memory_config)
+        self.tokens, self.feeds = [], []
+        try:
+            start = 0
+            for length in feeds:
+                self.feed(tokens[start : start + length])
+                start += length
+                if reread is not None:
+                    reread(start, len(tokens))
+        except BaseException:
+            discard_memory(self.memory)
+            self.memory, self.short, self.tokens, self.feeds = before
+            raise
+        discard_memory(before[0])
 
     # --- feeding ----------------------------------------------------------------------------------------------
 
@@ -74,6 +122,8 @@ class Engine:
         """
         if len(token_ids) == 0:
             raise ValueError("feed() needs at least one token")
+        if len(token_ids) > 1:
+            self.expect(len(token_ids))
         if self.model.config._attn_implementation != self._attn_implementation:
             # Another engine switched this model's attention; take it back.
             self.model.set_attn_implementation(self._attn_implementation)
@@ -101,13 +151,15 @@ class Engine:
                 self.tokens.extend(chunk[0].tolist())
                 if progress is not None:
                     progress(stop, len(ids))
+        self.feeds.append(len(ids))
         if len(ids) > 1:
             release_free_memory()  # the read's temporaries, kept by the allocator otherwise (host_memory.py)
         return logits
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(), *,
                  progress: Callable[[int, int], None] | None = None,
-                 on_prefilled: Callable[[], None] | None = None) -> Iterator[GenerationStep]:
+                 on_prefilled: Callable[[], None] | None = None,
+                 reread: Callable[[int, int], None] | None = None) -> Iterator[GenerationStep]:
         """Feed prompt_ids (all the new tokens of the turn), then sample until EOS (never among the first
         params.min_new_tokens tokens), a stop string or max_new_tokens.
 
@@ -116,7 +168,8 @@ class Engine:
         token's logits. on_prefilled() is called between the two: a snapshot taken there can regenerate the reply
         by feeding the last prompt token again (the chat's !!regen). The last sampled token (e.g. the EOS) is
         returned but not fed: the caller feeds what its transcript says comes next, which keeps the memory
-        token-exact with the transcript.
+        token-exact with the transcript. If the prompt ends a short conversation past its limit
+        (short_conversation), the conversation so far is read again first (`expect`; reread(done, total)).
 
         Each step's text is decoded incrementally (a few tokens per step, `IncrementalDecoder`); the texts of all
         steps add up to `tokenizer.decode(reply ids, skip_special_tokens=True)`, cut before the first stop string.
@@ -129,6 +182,7 @@ class Engine:
             generator = torch.Generator(device="cpu").manual_seed(params.seed)
         processors = logits_processors(params)
         penalise = params.repetition_penalty != 1.0
+        self.expect(len(prompt_ids), reread)  # the prompt's two feeds below are read under the same settings
         t0 = time.perf_counter()
         if len(prompt_ids) > 1:
             self.feed(prompt_ids[:-1], progress)
@@ -178,25 +232,73 @@ class Engine:
     # --- state ------------------------------------------------------------------------------------------------
 
     def snapshot(self) -> EngineSnapshot:
-        return EngineSnapshot(len(self.tokens), self.memory.snapshot())
+        return EngineSnapshot(len(self.tokens), self.memory.snapshot(), self.short, len(self.feeds))
 
     def restore(self, snap: EngineSnapshot) -> None:
+        """Back to the snapshot's state. One taken while the conversation was short, restored once it is long, reads
+        the conversation up to the snapshot again with the short settings (the snapshot's memory was of those)."""
+        if snap.short != self.short:
+            self._rebuild(short=snap.short, num_tokens=snap.num_tokens, num_feeds=snap.num_feeds)
+            return
         self.memory.restore(snap.memory)
         del self.tokens[snap.num_tokens :]
+        del self.feeds[snap.num_feeds :]
 
     def reset(self) -> None:
-        self.memory.reset()
+        short = self.config.short_config() is not None  # a new conversation is short again
+        if short != self.short:
+            self._use(short)
+        else:
+            self.memory.reset()
         self.tokens.clear()
+        self.feeds.clear()
 
     def stats(self) -> MemoryStats:
         return self.memory.stats()
 
     def state_dict(self) -> dict:
-        return {"tokens": list(self.tokens), "memory": self.memory.state_dict()}
+        return {"tokens": list(self.tokens), "memory": self.memory.state_dict(), **self.regime_state()}
+
+    def regime_state(self) -> dict:
+        """What a saved state adds to tokens and memory: whether the conversation is short, and its feeds."""
+        return {"short": self.short, "feeds": list(self.feeds)}
+
+    def enter_regime(self, state: dict) -> None:
+        """Before a saved state is loaded: the memory with the settings it was saved under (a state saved without
+        short_conversation, or before it existed, holds the config's own settings' memory)."""
+        short = bool(state.get("short", False))
+        if short and self.config.short_config() is None:
+            raise ValueError("the state was saved while its conversation had short_conversation settings, which "
+                             "this config does not have")
+        if short != self.short:
+            self._use(short)
+
+    def _use(self, short: bool) -> None:
+        """An empty memory with the short (or the config's own) settings in place of the one in use."""
+        old, self.short = self.memory, short
+        self.memory = attach(self.model, self.memory_config)
+        discard_memory(old)
 
     def load_state_dict(self, state: dict) -> None:
+        self.enter_regime(state)
         self.memory.load_state_dict(state["memory"])
         self.tokens = list(state["tokens"])
+        self.feeds = list(state.get("feeds", [len(self.tokens)] if self.tokens else []))
+
+
+def discard_memory(memory) -> None:
+    """A memory the engine no longer uses: it forgets the disk tiers it read (a resumed session's, which must stay as
+    saved) without writing to them, and removes a private copy of them."""
+    saved = getattr(memory, "saved", None)
+    if saved is not None:
+        memory.saved = None
+        memory.drop_disk(lambda tier: any(tier is mine for mine in saved.kv))
+    copy = getattr(memory, "private_copy", None)
+    if copy is not None:
+        memory.private_copy = None
+        if copy.root is not None:
+            memory.drop_disk(lambda tier: tier.path.is_relative_to(copy.root))
+        copy.remove()
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -21,6 +21,9 @@ _CONVERTIBLE_SETTINGS = ("repr_dtype",)
 # store nothing the blocks depend on (a saved `decode_rank_every` reuse is cut to the engine's setting; codes saved
 # under other settings are computed again), so a session resumes under other values: a chat saved under the
 # one-stage preset resumes under the two-stage one, which then chooses its next blocks.
+# A conversation's short_conversation settings: those of a session saved once its conversation was long (or before
+# they existed) do not matter to its memory, which has the config's own settings; it resumes long under any.
+_SHORT_SETTINGS = ("short_conversation", "short_conversation_until")
 _SECOND_STAGE_SETTINGS = ("rerank_blocks", "rerank_chunks", "rerank_keep_blocks", "rerank_reads_disk",
                           "decode_rank_every", "ranking_code_rank", "ranking_code_blocks", "shared_blocks",
                           "shared_candidates", "shared_decay", "shared_votes",
@@ -79,19 +82,22 @@ def memory_settings(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in _SPEED_ONLY_SETTINGS + _SECOND_STAGE_SETTINGS}
 
 
-def _comparable(identity: dict) -> dict:
+def _comparable(identity: dict, short: bool = True) -> dict:
     """An identity without the settings a resume converts (`_CONVERTIBLE_SETTINGS`) or that only choose among the
     stored blocks (`_SECOND_STAGE_SETTINGS`); a setting added after the session was saved counts as the value that
     reproduces its behaviour (`ADDED_LATER`)."""
     config = {**ADDED_LATER, **identity.get("config", {})}
     config = {k: v for k, v in config.items() if k not in _CONVERTIBLE_SETTINGS + _SECOND_STAGE_SETTINGS}
+    if not short:  # a long conversation's memory has the config's own settings: the short ones do not matter
+        config = {k: v for k, v in config.items() if k not in _SHORT_SETTINGS}
     return {**identity, "config": config}
 
 
 def check_identity(session, engine, chat: dict) -> None:
     """SessionError naming every difference if the session (a `SessionFile`) was made by another model, config or
     chat format."""
-    differences = _differences(_comparable(session.identity), _comparable(identity_of(engine, chat)))
+    short = bool(session.engine_state.get("short", False))
+    differences = _differences(_comparable(session.identity, short), _comparable(identity_of(engine, chat), short))
     if differences:
         raise SessionError(f"{session.path} was saved with another model, config or chat format and cannot be "
                            f"resumed here ({'; '.join(differences)}); it was left as it is. Start the chat with the "

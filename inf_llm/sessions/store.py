@@ -82,7 +82,8 @@ def _save_into(path: Path, engine, messages: list[dict], payload: dict) -> Path:
     else:
         saved = _new_generation(path.resolve(), memory)
         memory.mark_saved()
-    payload["engine"] = {"tokens": list(engine.tokens), "memory": {"layers": memory.saved_snapshot()}}
+    payload["engine"] = {"tokens": list(engine.tokens), "memory": {"layers": memory.saved_snapshot()},
+                         **engine.regime_state()}
     payload["blocks"] = {"generation": saved.generation,
                          "layers": [{"num_blocks": num_blocks, "kv_entries": kv.entries,
                                      "repr_entries": rows.entries, "kv_index": kv.index_sha256(),
@@ -162,6 +163,7 @@ def load_into(session: SessionFile, engine, *, read_only: bool = False) -> None:
     read_only: never write to the session's folder from now on (another process may hold it): the blocks are
     copied into a private temporary folder, which the stores use instead, and the engine is bound to no session.
     """
+    engine.enter_regime(session.engine_state)  # short_conversation: the memory of the settings it was saved under
     memory = _windowed(engine)
     previous_copy = None
     if memory is not None:
@@ -201,6 +203,7 @@ def load_into(session: SessionFile, engine, *, read_only: bool = False) -> None:
             reprs.append(row_tier)
             memory.map_layer(i, kv_tier, n, rows, session.engine_state["memory"]["layers"][i])
         engine.tokens = list(session.engine_state["tokens"])
+        engine.feeds = list(session.engine_state.get("feeds", [len(engine.tokens)] if engine.tokens else []))
         _check_tokens(engine)
         if copy is None and all(tier.layout.torch_dtype == memory.summary_dtype for tier in reprs):
             memory.saved = SavedBlocks(session.path.resolve(), session.blocks["generation"], kv, reprs)
