@@ -52,7 +52,7 @@ class Engine:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.prefill_chunk = prefill_chunk
         # short_conversation: the memory has those settings until a prompt ends past short_conversation_until
-        # tokens (`expect`); `feeds` (each feed's length) is how the conversation was read, to read it again.
+        # tokens (`expect`); `feeds` (each feed's length while short) is how it was read, to read it again.
         self.short = config.short_config() is not None
         self.memory = attach(model, self.memory_config)
         self.feeds: list[int] = []
@@ -102,6 +102,8 @@ class Engine:
             discard_memory(self.memory)
             self.memory, self.short, self.tokens, self.feeds = before
             raise
+        if not short:
+            self.feeds = feeds  # the short part's feeds, which a rollback into it reads again
         discard_memory(before[0])
 
     # --- feeding ----------------------------------------------------------------------------------------------
@@ -151,7 +153,8 @@ class Engine:
                 self.tokens.extend(chunk[0].tolist())
                 if progress is not None:
                     progress(stop, len(ids))
-        self.feeds.append(len(ids))
+        if self.short:  # only a conversation's short part is ever read again
+            self.feeds.append(len(ids))
         if len(ids) > 1:
             release_free_memory()  # the read's temporaries, kept by the allocator otherwise (host_memory.py)
         return logits
@@ -283,7 +286,7 @@ class Engine:
         self.enter_regime(state)
         self.memory.load_state_dict(state["memory"])
         self.tokens = list(state["tokens"])
-        self.feeds = list(state.get("feeds", [len(self.tokens)] if self.tokens else []))
+        self.feeds = list(state.get("feeds", []))
 
 
 def discard_memory(memory) -> None:

@@ -9,8 +9,11 @@ Format (version 2): a folder `<name>.session/` holding
   `torch.load(weights_only=True)` (no pickled objects, so opening a file cannot run code): `identity` (the model:
   architecture facts, dtype, a fingerprint of the weights, the tokenizer's chat template; the InfLLM settings;
   the chat format), `messages`, the engine's state except its memory blocks (window, sinks, remainder: bounded
-  in size), where the blocks are (`blocks`), and `sha256`, a digest of all of it. A session is resumed only
-  where the identity agrees: another model's or config's memory would silently give different answers;
+  in size; with `short_conversation`, whether the memory has the short settings and the lengths of the feeds
+  that read the conversation), where the blocks are (`blocks`), and `sha256`, a digest of all of it. A session is
+  resumed only where the identity agrees: another model's or config's memory would silently give different
+  answers (a memory saved with the config's own settings, long or saved before `short_conversation` existed,
+  resumes under any short settings);
 - one generation folder `g-*/` with, per layer, the memory blocks as a disk tier (`inf_llm.storage.disk_tier`:
   `layer-NNN/`) and their representatives (`layer-NNN-reprs/`, one row per block in `repr_dtype`).
 

@@ -203,7 +203,7 @@ def load_into(session: SessionFile, engine, *, read_only: bool = False) -> None:
             reprs.append(row_tier)
             memory.map_layer(i, kv_tier, n, rows, session.engine_state["memory"]["layers"][i])
         engine.tokens = list(session.engine_state["tokens"])
-        engine.feeds = list(session.engine_state.get("feeds", [len(engine.tokens)] if engine.tokens else []))
+        engine.feeds = list(session.engine_state.get("feeds", []))
         _check_tokens(engine)
         if copy is None and all(tier.layout.torch_dtype == memory.summary_dtype for tier in reprs):
             memory.saved = SavedBlocks(session.path.resolve(), session.blocks["generation"], kv, reprs)
