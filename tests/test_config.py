@@ -355,7 +355,9 @@ def test_embedded_presets():
     assert load_config(preset_path("smollm2-inf-llm")).config == InfLLMConfig(
         rerank_blocks=512, device_cache_blocks=512, rerank_chunks=False, rerank_keep_blocks=56, shared_blocks=8,
         prompt_end_blocks=16, prompt_end_queries=27, prompt_end_tally="rank", prompt_end_skip=5, prompt_end_run=2,
-        reply_pool_blocks=8192, reply_pool_every=8)
+        reply_pool_blocks=8192, reply_pool_every=8, short_conversation_until=12288, short_conversation={
+            "local_window": 512, "num_sink_tokens": 64, "sink_memory_distance": 128, "voted_memory_distance": 128,
+            "voted_memory_consensus": 0.9, "sink_memory_with_voted": True})
     for name in ("smollm2-stream-llm", "smollm2-full"):
         loaded = load_config(preset_path(name))
         assert loaded.config.num_sink_tokens == 32 and loaded.config.local_window == 128

@@ -2,8 +2,9 @@
 
 A user sends a ~4K-token document of prose (the long-document benchmark's corpus) with one needle sentence in it,
 far outside the local window, and asks for the needle's number, as `!!file DOC QUESTION` sends it: the same
-message the benchmark's `single` task builds. The default InfLLM preset answers it; StreamingLLM with the same
-sinks and window has dropped the needle and cannot. Greedy decoding keeps both deterministic.
+message the benchmark's `single` task builds. The default InfLLM preset answers it (a conversation this short has
+its 512-token window); StreamingLLM (its preset: 32 sinks and a 128-token window) has dropped the needle and cannot.
+Greedy decoding keeps both deterministic.
 """
 
 import os
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from inf_llm.bench.prose_tasks import INTRO, build_prose_prompt
+from inf_llm.config.files import load_config
+from inf_llm.config.presets import preset_path
 
 REPO = Path(__file__).resolve().parent.parent
 # A case of the benchmark's `single` task (task, length, depth, seed) that the default preset answers.
@@ -38,7 +41,9 @@ def test_a_needle_in_prose_beyond_the_window_is_answered_by_inf_llm_and_lost_by_
     path = tmp_path / "document.txt"
     path.write_text(document, encoding="utf-8")
     needle_start = prompt.needles[prompt.target][0]
-    assert len(prompt.ids) - needle_start > 20 * 128  # far outside the default 128-token window
+    window = load_config(preset_path("smollm2-inf-llm")).config.short_config().local_window
+    assert len(prompt.ids) < 12288 and window == 512  # the preset reads it with its short conversation's window
+    assert len(prompt.ids) - needle_start > 5 * window  # far outside it
 
     inf_llm = run_chat(tmp_path, path, prompt.question)
     assert prompt.answers[0] in inf_llm, inf_llm
