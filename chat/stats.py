@@ -44,6 +44,16 @@ def status_line(conversation: Conversation, memory: MemoryStats | None = None,
             f" | RSS {_bytes(process_memory())}")
 
 
+def _regime_rows(engine) -> list[tuple[str, str]]:
+    """short_conversation: which settings the memory has now."""
+    until = engine.config.short_conversation_until
+    if until is None:
+        return []
+    state = (f"short: its own settings until {until:,} tokens" if engine.short else
+             f"long: read again past {until:,} tokens")
+    return [("conversation settings", state)]
+
+
 def stats_rows(conversation: Conversation, session: str | None) -> list[tuple[str, str]]:
     """The `!!stats` table: (name, value) pairs. `tokens read` counts every token fed since start-up."""
     engine = conversation.engine
@@ -56,6 +66,7 @@ def stats_rows(conversation: Conversation, session: str | None) -> list[tuple[st
         ("messages", f"{len(conversation.messages)}"),
         ("sink tokens / layer", f"{s.sink_tokens:,}"),
         ("local window / layer", f"{s.window_tokens:,} tokens"),
+        *_regime_rows(engine),
         ("memory blocks / layer", f"{s.blocks:,} ({s.block_tokens:,} tokens)"),
         ("not yet in a block / layer", f"{s.remainder_tokens:,} tokens"),
         ("blocks cached on the device (all layers)", f"{s.device_blocks:,}"),

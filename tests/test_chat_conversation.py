@@ -298,9 +298,14 @@ def test_a_chat_past_its_short_settings_reads_again_and_back_before_the_switch_i
     conv, ref = (make(model, tokenizer, temperature=0.0, **short) for _ in range(2))
     conv.ask(MESSAGES[0])
     ref.ask(MESSAGES[0])
+    from chat.stats import stats_rows
+
+    assert ("conversation settings", "short: its own settings until 120 tokens") in stats_rows(conv, None)
     conv.ask(MESSAGES[1])
     assert not conv.engine.short and len(conv.engine.tokens) > 120
+    assert ("conversation settings", "long: read again past 120 tokens") in stats_rows(conv, None)
     assert conv.remove() and conv.engine.short
+    assert ("conversation settings", "short: its own settings until 120 tokens") in stats_rows(conv, None)
     assert conv.engine.tokens == ref.engine.tokens and conv.engine.feeds == ref.engine.feeds
 
     def probe(c):
