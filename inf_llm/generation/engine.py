@@ -53,7 +53,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         # short_conversation: the memory has those settings until a prompt ends past short_conversation_until
         # tokens (`expect`); `feeds` (each feed's length while short) is how it was read, to read it again.
-        self.short = config.short_config() is not None
+        self.short = config.short_conversation is not None
         self.memory = attach(model, self.memory_config)
         self.feeds: list[int] = []
         self._attn_implementation = model.config._attn_implementation
@@ -248,7 +248,7 @@ class Engine:
         del self.feeds[snap.num_feeds :]
 
     def reset(self) -> None:
-        short = self.config.short_config() is not None  # a new conversation is short again
+        short = self.config.short_conversation is not None  # a new conversation is short again
         if short != self.short:
             self._use(short)
         else:
@@ -270,7 +270,7 @@ class Engine:
         """Before a saved state is loaded: the memory with the settings it was saved under (a state saved without
         short_conversation, or before it existed, holds the config's own settings' memory)."""
         short = bool(state.get("short", False))
-        if short and self.config.short_config() is None:
+        if short and self.config.short_conversation is None:
             raise ValueError("the state was saved while its conversation had short_conversation settings, which "
                              "this config does not have")
         if short != self.short:
@@ -291,17 +291,12 @@ class Engine:
 
 def discard_memory(memory) -> None:
     """A memory the engine no longer uses: it forgets the disk tiers it read (a resumed session's, which must stay as
-    saved) without writing to them, and removes a private copy of them."""
-    saved = getattr(memory, "saved", None)
-    if saved is not None:
-        memory.saved = None
-        memory.drop_disk(lambda tier: any(tier is mine for mine in saved.kv))
-    copy = getattr(memory, "private_copy", None)
-    if copy is not None:
-        memory.private_copy = None
-        if copy.root is not None:
-            memory.drop_disk(lambda tier: tier.path.is_relative_to(copy.root))
-        copy.remove()
+    saved) without writing to them, and removes a private copy of them (full attention's memory has neither)."""
+    if getattr(memory, "layers", None) is None:
+        return
+    memory.forget_saved()
+    copy, memory.private_copy = memory.private_copy, None
+    memory.remove_copy(copy)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -326,6 +326,22 @@ class InfLLMMemory:
             if layer.blocks.disk is not None and which(layer.blocks.disk):
                 layer.blocks.set_disk(None)
 
+    def forget_saved(self) -> None:
+        """Let the block stores forget the saved session's tiers (`saved`), without writing to them: the session
+        must stay exactly as it was."""
+        saved, self.saved = self.saved, None
+        if saved is not None:
+            self.drop_disk(lambda tier: any(tier is mine for mine in saved.kv))
+
+    def remove_copy(self, copy: SpillDirectory | None) -> None:
+        """Remove a private copy of a read-only resumed session's blocks, once the stores forget its tiers."""
+        if copy is None:
+            return
+        if copy.root is not None:
+            # A reset store holds no block of it; the next to leave RAM goes elsewhere.
+            self.drop_disk(lambda tier: tier.path.is_relative_to(copy.root))
+        copy.remove()
+
     def map_layer(self, index: int, kv: DiskTier, num_blocks: int, reprs: torch.Tensor, state: dict) -> None:
         """Give layer `index` blocks 0..num_blocks-1 of the tier `kv` (read when retrieval asks), their summaries
         (the first num_blocks rows of `reprs`, (N >= num_blocks, width): a fresh copy, which the layer may keep as

@@ -142,12 +142,8 @@ def release(engine) -> None:
     """Forget the engine's memory (as `engine.reset()`) without writing to the session folder it uses: a reset
     conversation is not that session any more, and the saved session must stay exactly as it was."""
     memory = _windowed(engine)
-    saved = None
     if memory is not None:
-        saved, memory.saved = memory.saved, None
-    if saved is not None:
-        # Forgetting every block needs nothing from (or written to) its tier.
-        memory.drop_disk(lambda tier: any(tier is mine for mine in saved.kv))
+        memory.forget_saved()  # forgetting every block needs nothing from (or written to) its tier
     engine.reset()
     if memory is not None:
         _remove_private_copy(memory)
@@ -254,12 +250,8 @@ def _remove_private_copy(memory: InfLLMMemory) -> None:
 
 def _remove_copy(memory: InfLLMMemory | None, copy: SpillDirectory | None) -> None:
     """Remove the private copy of a read-only resumed session's blocks; the engine's stores left it or were reset."""
-    if copy is None:
-        return
-    if copy.root is not None:
-        # A reset store holds no block of it; the next to leave RAM goes elsewhere.
-        memory.drop_disk(lambda tier: tier.path.is_relative_to(copy.root))
-    copy.remove()
+    if copy is not None:
+        memory.remove_copy(copy)
 
 
 def _check_tokens(engine) -> None:
