@@ -66,10 +66,14 @@ def test_float16_representatives_change_ranking_only(schedule):
 @pytest.mark.parametrize("schedule", ["one call", "token by token"])
 @pytest.mark.parametrize("ranking", [dict(block_ranking="bounds"), dict(block_ranking="bounds", rank_rotated=True),
                                      dict(rank_rotated=True), dict(block_ranking="bounds", per_head_ranking=True, device_cache_blocks=128),
-                                     dict(following_blocks=1, device_cache_blocks=64)])
+                                     dict(following_blocks=1, device_cache_blocks=64),
+                                     dict(block_ranking="bounds", rank_rotated=True, rank_distance=0),
+                                     dict(block_ranking="bounds", rank_rotated=True, memory_distance=96,
+                                          rank_distance=32)])
 def test_every_ranking_variant_changes_the_choice_only(schedule, ranking):
     """With every block retrieved the ranking does not matter: key bounds, ranking with the query rotated for the
-    global stage, their combinations, and the blocks that follow the chosen ones give the dense result."""
+    global stage or to rank_distance (memory still attended at the global distance), their combinations, and the
+    blocks that follow the chosen ones give the dense result."""
     _check_all_blocks_retrieved("llama", schedule, 16 if schedule == "one call" else 1, **ranking)
 
 

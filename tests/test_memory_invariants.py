@@ -83,7 +83,10 @@ def test_weights_sum_to_one_and_each_token_counts_once(pieces, per_head):
                                      dict(block_ranking="bounds", rank_rotated=True, ranking_code_rank=2,
                                           ranking_code_blocks=5),
                                      dict(ranking_code_rank=3, ranking_code_blocks=6, rerank_blocks=6,
-                                          rerank_keep_blocks=1)])
+                                          rerank_keep_blocks=1),
+                                     dict(block_ranking="bounds", rank_rotated=True, rank_distance=3),
+                                     dict(block_ranking="bounds", rank_rotated=True, memory_distance=24,
+                                          rank_distance=16, rerank_blocks=6)])
 def test_chosen_blocks_equal_an_independent_recomputation_from_keys_and_attention(ranking):
     """Fed token by token with top-k below the number of blocks, each query attends exactly the blocks that a
     recomputation outside the memory chooses: block summaries from the keys fed and the attention mass each key
@@ -92,7 +95,8 @@ def test_chosen_blocks_equal_an_independent_recomputation_from_keys_and_attentio
     rerank_blocks, the shortlist and its re-ranking by each head's largest exact logit in a block (with
     rerank_keep_blocks, after the summaries' best); with ranking_code_rank, beyond ranking_code_blocks blocks,
     the summaries rank only the blocks best by their projection on the principal subspace of the first
-    ranking_code_blocks summaries (computed here by an eigendecomposition of their covariance)."""
+    ranking_code_blocks summaries (computed here by an eigendecomposition of their covariance); with rank_rotated,
+    the query rotated to the global distance (memory_distance, else the window), or to rank_distance when set."""
     topk = 3
     layer = _layer(topk_blocks=topk, device_cache_blocks=8, repr_dtype="float32", **ranking)  # float16 rounds near-ties
     cfg, sinks, size, window = layer.config, layer.config.num_sink_tokens, layer.config.block_size, layer.config.local_window
@@ -103,7 +107,8 @@ def test_chosen_blocks_equal_an_independent_recomputation_from_keys_and_attentio
     # Mass of key j: the weight every query whose local band held it (0 <= P - j < window) gave it.
     rel = torch.arange(T)[:, None] - torch.arange(T)[None, :]
     mass = (weights * ((rel >= 0) & (rel < window))).sum(1)  # (Hq, T)
-    query = layer.rotary.rotate_at(q, window) if cfg.rank_rotated else q  # (Hq, T, D)
+    distance = cfg.rank_distance if cfg.rank_distance is not None else cfg.global_distance
+    query = layer.rotary.rotate_at(q, distance) if cfg.rank_rotated else q  # (Hq, T, D)
 
     def summary(b: int) -> torch.Tensor:
         span = slice(sinks + b * size, sinks + (b + 1) * size)

@@ -35,7 +35,7 @@ PROMPT_END_BASELINES = ("previous", "own")
 # Settings added after sessions and benchmark results were recorded, at the value that reproduces what those
 # recorded: a saved identity without the key is read as having this value.
 ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "rank_rotated": False,
-               "following_blocks": 0, "memory_positions": "shared", "prefill_topk_blocks": None,
+               "rank_distance": None, "following_blocks": 0, "memory_positions": "shared", "prefill_topk_blocks": None,
                "rerank_blocks": None, "rerank_chunks": True, "rerank_keep_blocks": 0,
                "decode_rank_every": 1, "rerank_reads_disk": True, "ranking_code_rank": None,
                "ranking_code_blocks": 4096, "shared_blocks": 0,
@@ -129,6 +129,10 @@ class InfLLMConfig:
     rank_rotated         (none)                           rank with the query rotated as the global stage
                                                           attends (distance local_window; the reference's
                                                           choice) instead of unrotated (distance 0)
+    rank_distance        (none)                           with rank_rotated: the distance the query is rotated
+                                                          to for choosing blocks (both stages, the prompt end's
+                                                          vote), >= 0, whatever distance the global stage then
+                                                          attends them at (null: the global stage's)
     rerank_blocks        (none)                           two-stage retrieval: the summaries shortlist this
                                                           many blocks, and the exact logits of the ranking
                                                           query over their keys choose the top-k among them
@@ -336,6 +340,7 @@ class InfLLMConfig:
     per_head_ranking: bool = False
     block_ranking: str = "bounds"
     rank_rotated: bool = True
+    rank_distance: int | None = None
     rerank_blocks: int | None = None
     rerank_chunks: bool = True
     rerank_keep_blocks: int = 0
@@ -396,6 +401,11 @@ class InfLLMConfig:
         self._check_short_conversation()
         if self.memory_distance is not None:  # below local_window too: positions only (docs/METHOD.md)
             _check_int("memory_distance", self.memory_distance, 1)
+        if self.rank_distance is not None:
+            _check_int("rank_distance", self.rank_distance, 0)
+            if self.rank_rotated is False:
+                raise ValueError(f"rank_distance={self.rank_distance} rotates the query that chooses blocks, but "
+                                 "rank_rotated is false (unrotated): set rank_rotated: true, or rank_distance: null")
         if self.decode_memory_distance is not None:
             _check_int("decode_memory_distance", self.decode_memory_distance, self.local_window)
         if self.reply_start_distance is not None:
@@ -527,9 +537,11 @@ class InfLLMConfig:
 
     @property
     def farthest_distance(self) -> int:
-        """The largest distance the global stage places memory at (for the size of the rotation tables)."""
+        """The largest distance the global stage places memory at, or the ranking rotates the query to (for the
+        size of the rotation tables)."""
         window = self.widest_window if self.memory_distance is None else 0  # memory at the wide window's distance
-        return max(self.global_distance, window, self.decode_memory_distance or 0, self.reply_start_distance or 0)
+        return max(self.global_distance, window, self.decode_memory_distance or 0, self.reply_start_distance or 0,
+                   self.rank_distance or 0)
 
     @property
     def retrieved_blocks(self) -> int:

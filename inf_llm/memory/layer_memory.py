@@ -86,7 +86,10 @@ class LayerMemory(LayerState):
         far = cfg.distance_for(c, reply_start=c == 1 and self._after_prompt, window=window)
         q_far = self.rotary.rotate_at(q, far) if cfg.method == "inf-llm" and cfg.rank_rotated else None
         if cfg.method == "inf-llm":
-            chosen = self._select(q if q_far is None else q_far)
+            # rank_distance: blocks are chosen with the query at that distance, and attended at `far`.
+            rank_at = cfg.rank_distance if q_far is not None and cfg.rank_distance not in (None, far) else None
+            chosen = self._select(self.rotary.rotate_at(q, rank_at) if rank_at is not None
+                                  else q if q_far is None else q_far)
         else:
             chosen = None
         local = None
