@@ -333,6 +333,12 @@ def test_trace_command_reports_every_step_and_a_class(tiny_checkpoint, tmp_path,
     assert any(name in out for name in ("answered", "never retrieved", "split at a block boundary",
                                         "dropped while decoding", "retrieved in too few layers",
                                         "retrieved and not used"))
+    # Asked as a dialogue: the reply to the document, then a table per question (multiquery: four).
+    assert main(["trace", "--model-path", str(tiny_checkpoint), "--length", "700", "--depth", "0.2",
+                 "--task", "multiquery", "--dialogue", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "asked in a dialogue" in out and "reply to the document" in out and out.count("needle at tokens") == 4
+    assert out.count("question: ") == 4 and out.count("prompt end") == 4
 
 
 def test_trace_counts_each_needle_within_the_totals(tiny_checkpoint, paragraphs):
@@ -354,6 +360,52 @@ def test_trace_counts_each_needle_within_the_totals(tiny_checkpoint, paragraphs)
         assert all(w <= p <= result["layers"] for w, p in step.per_needle)
         # Every needle whole in a layer is the needles whole there; any needle part of it is a part.
         assert step.layers_whole <= min(wholes) and max(parts) <= step.layers_part <= sum(parts)
+
+
+@pytest.mark.parametrize("until", [None, "question"])
+def test_dialogue_trace_follows_each_question_turn(tiny_checkpoint, paragraphs, monkeypatch, until):
+    """trace --dialogue: the replies are those of the untraced dialogue; each question's turn is traced from its
+    prompt's last chunk through its reply, with the needles where the pasted document put them in the conversation
+    (multiquery: each turn follows the needle of its own word). With a short conversation that the first question
+    takes past its limit, the trace follows the memory read again under the config's own settings."""
+    from inf_llm.bench.prose import converse
+    from inf_llm.bench.trace import trace_dialogue
+    from inf_llm.config.schema import InfLLMConfig
+    from inf_llm.generation.engine import Engine
+    from inf_llm.model.loading import load_model
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr("inf_llm.bench.prose.PASTE_REPLY_TOKENS", 3)
+    model, tok = load_model(str(tiny_checkpoint))
+    prompt = build_prose_prompt(tok, "multiquery", 700, 0.5, 0, paragraphs=paragraphs)
+    settings = dict(num_sink_tokens=8, local_window=64, chunk_size=32, block_size=16, topk_blocks=2,
+                    device_cache_blocks=8)
+    if until is not None:  # the document and its 3-token reply within the limit, the first question past it
+        settings.update(short_conversation={"local_window": 128, "topk_blocks": 1},
+                        short_conversation_until=len(prompt.ids) - len(tok(prompt.question)["input_ids"]) + 8)
+    config = InfLLMConfig(**settings)
+    plain = converse(Engine(model, tok, config), prompt)
+    engine = Engine(model, tok, config)
+    rebuilt, rebuild = [], engine._rebuild
+    monkeypatch.setattr(engine, "_rebuild", lambda *a, **kw: (rebuilt.append(len(engine.tokens)), rebuild(*a, **kw))[1])
+    traced = trace_dialogue(engine, prompt)
+    # Read again once, when the first question was asked: after the document and its reply.
+    assert rebuilt == [] if until is None else len(rebuilt) == 1 and rebuilt[0] > max(e for _, e in prompt.needles)
+    assert [t["reply"] for t in traced["turns"]] == [t["reply"] for t in plain["turns"]]
+    assert traced["paste_reply"] == plain["paste_reply"] and len(traced["turns"]) == 4
+    assert not engine.short  # the config's own settings answered every question
+    for turn in traced["turns"]:
+        (value,) = turn["answers"]
+        i = next(i for i, text in enumerate(prompt.needle_texts) if value in text)  # the needle of the turn's word
+        (a, e), (pa, pe) = turn["needles"][i], prompt.needles[i]
+        assert engine.tokens[a:e] == prompt.ids[pa:pe]
+        assert turn["needle_blocks"] == [list(range((a - 8) // 16, (e - 1 - 8) // 16 + 1))]
+        steps = turn["steps"]
+        assert steps[0].label == "prompt end" and steps[0].start < turn["prompt_tokens"] - 1
+        assert [s.start for s in steps[1:]] == [turn["prompt_tokens"] - 1 + i for i in range(len(turn["reply_ids"]))]
+        assert all(len(s.per_needle) == 1 for s in steps)
+        assert turn["class"] in ("answered", "never retrieved", "split at a block boundary", "dropped while decoding",
+                                 "retrieved in too few layers", "retrieved and not used", "in the window")
 
 
 def test_trace_summaries_count_layers_and_classify(tokenizer, paragraphs):

@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--length", type=parse_length, default=parse_length("4K"), help="prompt length (default: 4K)")
     trace.add_argument("--depth", type=float, default=0.5, help="target needle depth (default: 0.5)")
     trace.add_argument("--seed", type=int, default=0, help="the case's seed (default: 0)")
+    trace.add_argument("--dialogue", action="store_true",
+                       help="ask as prose --dialogue does (the document pasted, then each question a message of its "
+                            "own) and trace each question's turn")
     _add_min_new_tokens(trace)
 
     speed = commands.add_parser("speed", help="prefill tokens/s, decode ms/token and memory vs context length")
@@ -387,7 +390,7 @@ def cmd_trace(args, console) -> None:
     from inf_llm.bench.corpus import load_paragraphs
     from inf_llm.bench.display import to_rich
     from inf_llm.bench.prose_tasks import build_prose_prompt
-    from inf_llm.bench.trace import steps_table, trace_case
+    from inf_llm.bench.trace import needles_in, steps_table, trace_case, trace_dialogue
     from inf_llm.generation.engine import Engine
     from inf_llm.memory.retrieval_trace import RetrievalTrace
 
@@ -399,20 +402,30 @@ def cmd_trace(args, console) -> None:
     (run,) = _runs(args, None if args.model_path is None else model.config.model_type)
     prompt = build_prose_prompt(tokenizer, args.task[0], args.length, args.depth, args.seed)
     engine = Engine(model, tokenizer, run.config, prefill_chunk=args.prefill_chunk)
-    result = trace_case(engine, prompt, args.min_new_tokens)
-    console.print(f"{run.label}: {args.task[0]}, {len(prompt.ids)} tokens, depth {args.depth:.0%}, seed {args.seed}")
-    console.print(f"question: {escape(prompt.question)}")
+    if args.dialogue:
+        result = trace_dialogue(engine, prompt, args.min_new_tokens)
+        turns, needles = result["turns"], needles_in(prompt, engine.tokens)
+    else:
+        result = trace_case(engine, prompt, args.min_new_tokens)
+        turns, needles = [result], prompt.needles
+    asked = "a dialogue" if args.dialogue else "one message"
+    console.print(f"{run.label}: {args.task[0]}, {len(prompt.ids)} tokens asked in {asked}, depth {args.depth:.0%}, "
+                  f"seed {args.seed}")
+    if args.dialogue:
+        console.print(f"reply to the document: {escape(repr(result['paste_reply']))}")
     layout = RetrievalTrace(run.config.block_size, run.config.num_sink_tokens)  # position -> block arithmetic
-    for (a, e), text in zip(prompt.needles, prompt.needle_texts):
+    for (a, e), text in zip(needles, prompt.needle_texts):
         console.print(f"needle at tokens {a}-{e} (blocks {layout.blocks_of(a, e)}): {escape(text)}")
-    console.print(f"expected {' '.join(prompt.answers)}; reply {escape(repr(result['reply']))}; "
-                  f"score {result['score']:.2f}")
     # 30 layers' ranks make a wide table: in a log's 200 columns the step column would be folded away (a console
     # prints no wider than its own width).
     from rich.console import Console
 
-    Console(file=console.file, width=max(console.width, 260)).print(to_rich(steps_table(result)))
-    console.print(f"[bold]{result['class']}[/bold]")
+    for turn in turns:
+        console.print(f"question: {escape(turn.get('question', prompt.question))}")
+        console.print(f"expected {' '.join(turn['answers'])}; reply {escape(repr(turn['reply']))}; "
+                      f"score {turn['score']:.2f}")
+        Console(file=console.file, width=max(console.width, 260)).print(to_rich(steps_table(turn)))
+        console.print(f"[bold]{turn['class']}[/bold]")
 
 
 def cmd_speed(args, console) -> None:

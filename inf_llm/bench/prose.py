@@ -177,9 +177,12 @@ def answer(engine: Engine, prompt: ProsePrompt, progress=None, repetition_penalt
 
 
 def converse(engine: Engine, prompt: ProsePrompt, progress=None, repetition_penalty: float = 1.0,
-             min_new_tokens: int = 0) -> dict[str, Any]:
+             min_new_tokens: int = 0, around_question: Callable[[Any, str], Callable[[dict], None]] | None = None
+             ) -> dict[str, Any]:
     """Ask a case as a dialogue (the module's docstring) in an empty memory; the measured fields of a record, with
-    each question's turn under "turns" and the replies joined under "reply"."""
+    each question's turn under "turns" and the replies joined under "reply". around_question(conversation,
+    question), when given, is called before each question is asked and returns what is called with its turn after
+    (the dialogue's trace)."""
     from chat.chat_format import ChatFormat
     from chat.conversation import Conversation
 
@@ -193,9 +196,12 @@ def converse(engine: Engine, prompt: ProsePrompt, progress=None, repetition_pena
     turns = []
     for question, answers in dialogue.questions:
         ids: list[int] = []
+        after = None if around_question is None else around_question(conversation, question)
         reply = conversation.ask(question, on_step=lambda step, ids=ids: ids.append(step.token_id))
         turns.append({"question": question, "answers": list(answers), "reply": reply.text, "reply_ids": ids,
                       "score": score(answers, reply.text), "decode_ms_per_token": reply.decode_ms_per_token})
+        if after is not None:
+            after(turns[-1])
     value = sum(turn["score"] for turn in turns) / len(turns)
     return {"tokens": len(prompt.ids), "answers": list(prompt.answers), "reply": "\n".join(t["reply"] for t in turns),
             "reply_tokens": sum(len(t["reply_ids"]) for t in turns), "turns": turns, "score": value,

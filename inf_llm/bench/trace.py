@@ -17,15 +17,19 @@ attention weight the query put on the needle's tokens. A summary classifies the 
 Where the answer needs several needles (`twohop`, `multivalue`, `multiquery`), the class is that of the needle
 retrieved in the fewest layers while decoding, named after it ("never retrieved (needle 2 of 2, tokens ...)"):
 one needle read in every layer and the other in none is not a needle split at a block boundary.
+
+`trace_dialogue` does the same for a case asked as a dialogue (the document pasted, then each question a message
+of its own, `prose.converse`): each question's turn is traced, from its reading to the end of its reply, with the
+needles where the pasted document put them in the conversation.
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from inf_llm.bench.prose import answer
+from inf_llm.bench.prose import answer, converse
 from inf_llm.bench.prose_tasks import ProsePrompt
 from inf_llm.bench.table_data import TableData
 from inf_llm.generation.engine import Engine
@@ -127,6 +131,62 @@ def trace_case(engine: Engine, prompt: ProsePrompt, min_new_tokens: int = 0) -> 
     result["class"] = classify(steps, prompt, result["score"], layers,
                                engine.memory_config.window_for(len(prompt.ids) + 1))
     result["needle_blocks"] = [trace.blocks_of(a, e) for a, e in needle_spans(prompt)]
+    result["layers"] = layers
+    return result
+
+
+def needles_in(prompt: ProsePrompt, tokens: list[int]) -> tuple[tuple[int, int], ...]:
+    """The token spans of the prompt's needles in a conversation that holds its document (pasted as a message of its
+    own): where the one-message prompt has them when the conversation renders the document alike, else where the
+    needle's tokens first occur."""
+    spans = []
+    for a, e in prompt.needles:
+        needle = prompt.ids[a:e]
+        if tokens[a:e] == needle:
+            spans.append((a, e))
+            continue
+        start = next((i for i in range(len(tokens) - len(needle) + 1) if tokens[i : i + len(needle)] == needle), None)
+        if start is None:
+            raise ValueError(f"the needle at tokens {a}-{e} of the prompt is not in the conversation's tokens")
+        spans.append((start, start + len(needle)))
+    return tuple(spans)
+
+
+def trace_dialogue(engine: Engine, prompt: ProsePrompt, min_new_tokens: int = 0) -> dict[str, Any]:
+    """Ask the case as a dialogue with a trace attached to each question's turn (the module's docstring): the
+    record's fields, each turn under "turns" with its steps, class and needle blocks as `trace_case` gives them. A
+    question that takes the conversation past short_conversation_until has the conversation read again before its
+    trace starts: the trace follows the memory that answers."""
+    from chat.conversation import common_prefix_len
+
+    layers = len(engine.memory.layers)
+    found: list[tuple[tuple[int, int], ...]] = []
+
+    def around(conversation, question: str):
+        target = conversation.format.render([*conversation.messages, {"role": "user", "content": question}],
+                                            add_generation_prompt=True)
+        if not found:
+            found.append(needles_in(prompt, engine.tokens))
+        # As generate will, before the question is read (it then finds the settings chosen and reads nothing again).
+        engine.expect(len(target) - min(common_prefix_len(engine.tokens, target), len(target) - 1))
+        trace = engine.memory.start_trace()
+
+        def after(turn: dict[str, Any]) -> None:
+            engine.memory.stop_trace()
+            asked = replace(prompt, ids=target, question=question, answers=tuple(turn["answers"]), needles=found[0])
+            texts = [engine.tokenizer.decode([t]) for t in turn["reply_ids"]]
+            steps = summarise(trace, asked, texts)
+            turn["steps"] = steps
+            turn["class"] = classify(steps, asked, turn["score"], len(engine.memory.layers),
+                                     engine.memory_config.window_for(len(target) + 1))
+            turn["needle_blocks"] = [trace.blocks_of(a, e) for a, e in needle_spans(asked)]
+            turn["layers"] = len(engine.memory.layers)
+            turn["needles"] = [list(span) for span in found[0]]
+            turn["prompt_tokens"] = len(target)  # the conversation through the question's generation prompt
+
+        return after
+
+    result = converse(engine, prompt, min_new_tokens=min_new_tokens, around_question=around)
     result["layers"] = layers
     return result
 
