@@ -1,5 +1,6 @@
-"""Probe behind BENCHMARKS.md, "The 16K dialogue and the reply to the document": the preset's 16K dialogue (every task, depths 10/50/90%) with the reply to the pasted document either replaced by a fixed neutral
-one before the questions are asked (`forced`: the next turn reads the transcript again from the common prefix) or
+"""Probe behind BENCHMARKS.md, "The 16K dialogue and the reply to the document": the preset's 16K dialogue
+(every task, depths 10/50/90%) with the reply to the pasted document either replaced by a fixed neutral one
+before the questions are asked (`forced`: the next turn reads the transcript again from the common prefix) or
 sampled as the chat samples it (`sampled`: temperature 0.7, repetition penalty 1.2, a fixed sampling seed); the
 questions are answered greedily, as the benchmark answers them.
 
