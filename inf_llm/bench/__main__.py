@@ -390,7 +390,7 @@ def cmd_trace(args, console) -> None:
     from inf_llm.bench.corpus import load_paragraphs
     from inf_llm.bench.display import to_rich
     from inf_llm.bench.prose_tasks import build_prose_prompt
-    from inf_llm.bench.trace import needles_in, steps_table, trace_case, trace_dialogue
+    from inf_llm.bench.trace import steps_table, trace_case, trace_dialogue
     from inf_llm.generation.engine import Engine
     from inf_llm.memory.retrieval_trace import RetrievalTrace
 
@@ -404,7 +404,8 @@ def cmd_trace(args, console) -> None:
     engine = Engine(model, tokenizer, run.config, prefill_chunk=args.prefill_chunk)
     if args.dialogue:
         result = trace_dialogue(engine, prompt, args.min_new_tokens)
-        turns, needles = result["turns"], needles_in(prompt, engine.tokens)
+        turns = result["turns"]
+        needles = [tuple(span) for span in turns[0]["needles"]]  # where the pasted document put them
     else:
         result = trace_case(engine, prompt, args.min_new_tokens)
         turns, needles = [result], prompt.needles

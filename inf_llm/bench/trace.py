@@ -177,10 +177,10 @@ def trace_dialogue(engine: Engine, prompt: ProsePrompt, min_new_tokens: int = 0)
             texts = [engine.tokenizer.decode([t]) for t in turn["reply_ids"]]
             steps = summarise(trace, asked, texts)
             turn["steps"] = steps
-            turn["class"] = classify(steps, asked, turn["score"], len(engine.memory.layers),
+            turn["class"] = classify(steps, asked, turn["score"], layers,
                                      engine.memory_config.window_for(len(target) + 1))
             turn["needle_blocks"] = [trace.blocks_of(a, e) for a, e in needle_spans(asked)]
-            turn["layers"] = len(engine.memory.layers)
+            turn["layers"] = layers  # (a rebuilt memory has as many)
             turn["needles"] = [list(span) for span in found[0]]
             turn["prompt_tokens"] = len(target)  # the conversation through the question's generation prompt
 
