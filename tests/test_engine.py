@@ -78,6 +78,28 @@ def test_two_feeds_equal_one_feed_of_the_concatenation(method):
     assert engine.stats().tokens == 160
 
 
+def test_the_engine_tells_the_memory_each_prompts_length_for_decode_memory_distance_from():
+    """A reply to a prompt (a feed of several tokens) of at least decode_memory_distance_from tokens decodes as
+    under decode_memory_distance alone, a reply to a shorter one as without it: bit for bit, whichever comes first."""
+    model = tiny_model("llama")
+    ruled = _config(decode_memory_distance=96, decode_memory_distance_from=60)
+    every, never = _config(decode_memory_distance=96), _config()
+    long_prompt, short_prompt, reply = _ids(80, seed=1), _ids(40, seed=2), _ids(6, seed=3)
+
+    def replies(config, prompts):
+        engine = Engine(model, ByteTokenizer(), config)
+        logits = []
+        for prompt in prompts:
+            engine.feed(prompt[:-1])
+            logits += [engine.feed([token]) for token in prompt[-1:] + reply]
+        return torch.stack(logits)
+
+    got = replies(ruled, [long_prompt, short_prompt])
+    assert torch.equal(got[:7], replies(every, [long_prompt])) and not torch.equal(got[:7], replies(never, [long_prompt]))
+    got = replies(ruled, [short_prompt, long_prompt])
+    assert torch.equal(got[:7], replies(never, [short_prompt])) and not torch.equal(got[:7], replies(every, [short_prompt]))
+
+
 def test_full_method_is_the_stock_model():
     model = tiny_model("qwen2")
     ids = _ids(50)

@@ -316,6 +316,69 @@ def test_reply_start_distance_replays_from_a_snapshot_between_prompt_and_reply()
     assert not torch.equal(run_schedule(model, legacy, ids[100:], [1] * 20), first)
 
 
+def _prompted_schedule(model, memory, ids: torch.Tensor, pieces: list[int]) -> torch.Tensor:
+    """run_schedule, telling the memory each prompt's length before it is read, as the engine's feed does."""
+    outs, start = [], 0
+    for n in pieces:
+        if n > 1:
+            memory.begin_prompt(n)
+        outs.append(run_schedule(model, memory, ids[start : start + n], [n]))
+        start += n
+    return torch.cat(outs)
+
+
+def test_decode_memory_distance_from_decodes_far_after_long_prompts_only():
+    """decode_memory_distance_from: N: the decoding steps that reply to a prompt of at least N tokens place memory
+    at decode_memory_distance, those that reply to a shorter one at the window's distance, as every prompt's chunks
+    do. _REPLIES has prompts of 50, 30 and 40 tokens: with N = 45 the first reply's rows are at D. With every block
+    retrieved that is the dense reference with those rows at D, bit for bit as the rule is computed, and neither
+    decode_memory_distance alone nor the window alone."""
+    model = tiny_model("llama")
+    ids = _ids(200)
+    cfg = _memory_config(decode_memory_distance=96, decode_memory_distance_from=45, chunk_size=16)
+    prompts, far_rows, long_prompt = 0, [], False
+    for n in _REPLIES:
+        if n > 1:
+            long_prompt = n >= 45
+            prompts += 1
+        far_rows += [n == 1 and long_prompt] * n
+    rows = torch.tensor(far_rows)
+    assert prompts == 3 and int(rows.sum()) == 3  # the first reply's three steps
+    expected = dense_logits(model, ids, "inf-llm", 32, 4, distance=torch.where(rows, 96, 32))
+    memory = attach(model, cfg)
+    got = _prompted_schedule(model, memory, ids, _REPLIES)
+    assert memory.stats().blocks >= 15
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    every_step = dense_logits(model, ids, "inf-llm", 32, 4, distance=torch.where(torch.tensor(
+        [n == 1 for n in _REPLIES for _ in range(n)]), 96, 32))
+    at_window = dense_logits(model, ids, "inf-llm", 32, 4)
+    first_short_reply = 50 + 3 + 30  # the second reply's first step
+    assert (got[first_short_reply:] - every_step[first_short_reply:]).abs().max() > 20 * ATOL
+    assert (got[50:53] - at_window[50:53]).abs().max() > 20 * ATOL
+
+
+def test_decode_memory_distance_from_replays_the_prompt_length_from_a_snapshot():
+    """A snapshot or a saved state taken after a long prompt: the reply's steps still decode far, bit for bit; a
+    state saved before the setting existed (no prompt length) replies as after a short prompt."""
+    model = tiny_model("llama")
+    ids = _ids(120)
+    cfg = _memory_config(decode_memory_distance=96, decode_memory_distance_from=64, chunk_size=16, topk_blocks=2,
+                         device_cache_blocks=8)
+    memory = attach(model, cfg)
+    _prompted_schedule(model, memory, ids[:100], [100])
+    snap, state = memory.snapshot(), memory.state_dict()
+    first = run_schedule(model, memory, ids[100:], [1] * 20)
+    resumed, legacy = attach(model, cfg), attach(model, cfg)
+    with torch.inference_mode():  # the memory's tensors were made by run_schedule's inference mode
+        memory.restore(snap)
+        resumed.load_state_dict(state)
+        legacy.load_state_dict({**state, "layers": [{k: v for k, v in layer.items() if k != "prompt_tokens"}
+                                                    for layer in state["layers"]]})
+    torch.testing.assert_close(run_schedule(model, memory, ids[100:], [1] * 20), first, atol=0, rtol=0)
+    torch.testing.assert_close(run_schedule(model, resumed, ids[100:], [1] * 20), first, atol=0, rtol=0)
+    assert not torch.equal(run_schedule(model, legacy, ids[100:], [1] * 20), first)
+
+
 @pytest.mark.parametrize("positions", ["ordered", "runs"])
 @pytest.mark.parametrize("schedule,chunk_size", [("one call", 16), ("uneven pieces", 5), ("token by token", 1)])
 def test_positions_until_switches_to_shared_positions_after_n_tokens(positions, schedule, chunk_size):

@@ -131,6 +131,8 @@ class Engine:
             self.model.set_attn_implementation(self._attn_implementation)
         ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=self.device)
         logits = None
+        if len(ids) > 1 and self.config.method != "full":
+            self.memory.begin_prompt(len(ids))  # decode_memory_distance_from: the reply's steps know its length
         # prompt_end_blocks: the last chunk_size tokens of a prompt are read by themselves, twice (votes, then the
         # reading that stays: `InfLLMMemory.vote_prompt_end`); a new prompt ends what the last one's votes chose.
         votes = self.config.method == "inf-llm" and self.config.prompt_end_blocks > 0 and len(ids) > 1

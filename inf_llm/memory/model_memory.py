@@ -220,6 +220,12 @@ class InfLLMMemory:
         for layer in self.layers:
             layer.end_near = near_ids
 
+    def begin_prompt(self, num_tokens: int) -> None:
+        """A prompt of `num_tokens` tokens is read next (the engine's feed of several tokens): the decoding steps
+        that reply to it decode at decode_memory_distance when it is at least decode_memory_distance_from long."""
+        for layer in self.layers:
+            layer.prompt_tokens = num_tokens
+
     def clear_prompt_end(self) -> None:
         """A new prompt: what the last one's end voted for is attended no more."""
         for layer in self.layers:
