@@ -297,19 +297,25 @@ def test_reply_start_distance_moves_the_first_step_after_a_prompt_only(positions
 def test_reply_start_distance_replays_from_a_snapshot_between_prompt_and_reply():
     """A snapshot taken after a prompt (the chat's !!regen point) or a state dict saved there: the next step is
     still the reply's first, at reply_start_distance, bit for bit as the first time."""
+    cfg = _memory_config(reply_start_distance=96, chunk_size=16, topk_blocks=2, device_cache_blocks=8)
+    # Saved without the flag (before the setting existed), the next step is an ordinary one: it differs.
+    _check_reply_replays(cfg, run_schedule, "after_prompt")
+
+
+def _check_reply_replays(cfg: InfLLMConfig, read, saved_later: str) -> None:
+    """After a 100-token prompt read by read(model, memory, ids, pieces), a snapshot and a saved state replay the
+    reply's 20 steps bit for bit; a state without the field `saved_later` (saved before its setting) does not."""
     model = tiny_model("llama")
     ids = _ids(120)
-    cfg = _memory_config(reply_start_distance=96, chunk_size=16, topk_blocks=2, device_cache_blocks=8)
     memory = attach(model, cfg)
-    run_schedule(model, memory, ids[:100], [100])
+    read(model, memory, ids[:100], [100])
     snap, state = memory.snapshot(), memory.state_dict()
     first = run_schedule(model, memory, ids[100:], [1] * 20)
     resumed, legacy = attach(model, cfg), attach(model, cfg)
     with torch.inference_mode():  # the memory's tensors were made by run_schedule's inference mode
         memory.restore(snap)
         resumed.load_state_dict(state)
-        # Saved without the flag (before the setting existed), the next step is an ordinary one: it differs.
-        legacy.load_state_dict({**state, "layers": [{k: v for k, v in layer.items() if k != "after_prompt"}
+        legacy.load_state_dict({**state, "layers": [{k: v for k, v in layer.items() if k != saved_later}
                                                     for layer in state["layers"]]})
     torch.testing.assert_close(run_schedule(model, memory, ids[100:], [1] * 20), first, atol=0, rtol=0)
     torch.testing.assert_close(run_schedule(model, resumed, ids[100:], [1] * 20), first, atol=0, rtol=0)
@@ -360,23 +366,9 @@ def test_decode_memory_distance_from_decodes_far_after_long_prompts_only():
 def test_decode_memory_distance_from_replays_the_prompt_length_from_a_snapshot():
     """A snapshot or a saved state taken after a long prompt: the reply's steps still decode far, bit for bit; a
     state saved before the setting existed (no prompt length) replies as after a short prompt."""
-    model = tiny_model("llama")
-    ids = _ids(120)
     cfg = _memory_config(decode_memory_distance=96, decode_memory_distance_from=64, chunk_size=16, topk_blocks=2,
                          device_cache_blocks=8)
-    memory = attach(model, cfg)
-    _prompted_schedule(model, memory, ids[:100], [100])
-    snap, state = memory.snapshot(), memory.state_dict()
-    first = run_schedule(model, memory, ids[100:], [1] * 20)
-    resumed, legacy = attach(model, cfg), attach(model, cfg)
-    with torch.inference_mode():  # the memory's tensors were made by run_schedule's inference mode
-        memory.restore(snap)
-        resumed.load_state_dict(state)
-        legacy.load_state_dict({**state, "layers": [{k: v for k, v in layer.items() if k != "prompt_tokens"}
-                                                    for layer in state["layers"]]})
-    torch.testing.assert_close(run_schedule(model, memory, ids[100:], [1] * 20), first, atol=0, rtol=0)
-    torch.testing.assert_close(run_schedule(model, resumed, ids[100:], [1] * 20), first, atol=0, rtol=0)
-    assert not torch.equal(run_schedule(model, legacy, ids[100:], [1] * 20), first)
+    _check_reply_replays(cfg, _prompted_schedule, "prompt_tokens")
 
 
 @pytest.mark.parametrize("positions", ["ordered", "runs"])
