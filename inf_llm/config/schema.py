@@ -520,8 +520,9 @@ class InfLLMConfig:
                      prompt_tokens: int = 0) -> int:
         """The global distance of a chunk of this many queries whose window is `window` (null: local_window): for
         a decoding step (one query), reply_start_distance when it is the first after a prompt (`reply_start`) and
-        that is set, else decode_memory_distance when set (and the reply's prompt, `prompt_tokens` read in chunks
-        of several, is at least decode_memory_distance_from long); memory_distance when set; the window otherwise."""
+        that is set, else decode_memory_distance when set (and the prompt replied to, `prompt_tokens` long as the
+        engine read it, is at least decode_memory_distance_from long); memory_distance when set; the window
+        otherwise."""
         if queries == 1 and reply_start and self.reply_start_distance is not None:
             return self.reply_start_distance
         if queries == 1 and self.decode_memory_distance is not None and (

@@ -84,7 +84,8 @@ class LayerMemory(LayerState):
         # The query rotated to the global distance (`far`): computed once, for ranking (rank_rotated) and the global stage.
         # the chunk's window unless memory_distance (decoding: decode_memory_distance, after a prompt of at least
         # decode_memory_distance_from tokens; a reply's first step: reply_start_distance)
-        far = cfg.distance_for(c, reply_start=c == 1 and self._after_prompt, window=window, prompt_tokens=self.prompt_tokens)
+        far = cfg.distance_for(c, reply_start=c == 1 and self._after_prompt, window=window,
+                               prompt_tokens=self.prompt_tokens)
         q_far = self.rotary.rotate_at(q, far) if cfg.method == "inf-llm" and cfg.rank_rotated else None
         if cfg.method == "inf-llm":
             # rank_distance: blocks are chosen with the query at that distance, and attended at `far`.
