@@ -421,11 +421,12 @@ def cmd_trace(args, console) -> None:
     # prints no wider than its own width).
     from rich.console import Console
 
+    wide = Console(file=console.file, width=max(console.width, 260))
     for turn in turns:
         console.print(f"question: {escape(turn.get('question', prompt.question))}")
         console.print(f"expected {' '.join(turn['answers'])}; reply {escape(repr(turn['reply']))}; "
                       f"score {turn['score']:.2f}")
-        Console(file=console.file, width=max(console.width, 260)).print(to_rich(steps_table(turn)))
+        wide.print(to_rich(steps_table(turn)))
         console.print(f"[bold]{turn['class']}[/bold]")
 
 

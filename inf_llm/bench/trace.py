@@ -160,20 +160,21 @@ def trace_dialogue(engine: Engine, prompt: ProsePrompt, min_new_tokens: int = 0)
     from chat.conversation import common_prefix_len
 
     layers = len(engine.memory.layers)
-    found: list[tuple[tuple[int, int], ...]] = []
+    found: tuple[tuple[int, int], ...] | None = None  # the needles, located once the document is in memory
 
     def around(conversation, question: str):
+        nonlocal found
         target = conversation.format.render([*conversation.messages, {"role": "user", "content": question}],
                                             add_generation_prompt=True)
-        if not found:
-            found.append(needles_in(prompt, engine.tokens))
+        if found is None:
+            found = needles_in(prompt, engine.tokens)
         # As generate will, before the question is read (it then finds the settings chosen and reads nothing again).
         engine.expect(len(target) - min(common_prefix_len(engine.tokens, target), len(target) - 1))
         trace = engine.memory.start_trace()
 
         def after(turn: dict[str, Any]) -> None:
             engine.memory.stop_trace()
-            asked = replace(prompt, ids=target, question=question, answers=tuple(turn["answers"]), needles=found[0])
+            asked = replace(prompt, ids=target, question=question, answers=tuple(turn["answers"]), needles=found)
             texts = [engine.tokenizer.decode([t]) for t in turn["reply_ids"]]
             steps = summarise(trace, asked, texts)
             turn["steps"] = steps
@@ -181,7 +182,7 @@ def trace_dialogue(engine: Engine, prompt: ProsePrompt, min_new_tokens: int = 0)
                                      engine.memory_config.window_for(len(target) + 1))
             turn["needle_blocks"] = [trace.blocks_of(a, e) for a, e in needle_spans(asked)]
             turn["layers"] = layers  # (a rebuilt memory has as many)
-            turn["needles"] = [list(span) for span in found[0]]
+            turn["needles"] = [list(span) for span in found]
             turn["prompt_tokens"] = len(target)  # the conversation through the question's generation prompt
 
         return after
