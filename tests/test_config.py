@@ -61,6 +61,8 @@ REFUSED = [
     (dict(decode_memory_distance_from=1024), ["decode_memory_distance_from=1024", "decode_memory_distance",
                                                "not set"]),
     (dict(decode_memory_distance=512, decode_memory_distance_from=0), ["decode_memory_distance_from=0", ">= 1"]),
+    (dict(decode_memory_distance_steps=8), ["decode_memory_distance_steps=8", "decode_memory_distance", "not set"]),
+    (dict(decode_memory_distance=512, decode_memory_distance_steps=0), ["decode_memory_distance_steps=0", ">= 1"]),
     (dict(local_window=128, reply_start_distance=127), ["reply_start_distance=127", ">= 128"]),
     (dict(decode_memory_positions="sorted"), ["decode_memory_positions", "'sorted'", "'runs'"]),
     (dict(sink_memory_distance=0), ["sink_memory_distance=0", ">= 1"]),

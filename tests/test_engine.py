@@ -100,6 +100,32 @@ def test_the_engine_tells_the_memory_each_prompts_length_for_decode_memory_dista
     assert torch.equal(got[:7], replies(never, [short_prompt])) and not torch.equal(got[:7], replies(every, [short_prompt]))
 
 
+def test_a_replys_first_decode_memory_distance_steps_decode_far_whatever_the_prompts():
+    """decode_memory_distance_steps: N: each reply's first N steps (the first reads the prompt's last token) decode
+    as under decode_memory_distance alone, its later steps as without it; the count starts again with each prompt.
+    The first reply's far steps are bit for bit those of decode_memory_distance; after them the memory holds the
+    attention mass of steps decoded otherwise than under either config, so each later step is only far nearer to
+    the config it follows (tens of times) than to the other one."""
+    model = tiny_model("llama")
+    ruled = _config(decode_memory_distance=96, decode_memory_distance_steps=3)
+    every, never = _config(decode_memory_distance=96), _config()
+    prompts, reply = [_ids(80, seed=1), _ids(40, seed=2)], _ids(6, seed=3)
+
+    def replies(config):
+        engine = Engine(model, ByteTokenizer(), config)
+        logits = []
+        for prompt in prompts:
+            engine.feed(prompt[:-1])
+            logits += [engine.feed([token]) for token in prompt[-1:] + reply]
+        return torch.stack(logits)
+
+    got, far, near = replies(ruled), replies(every), replies(never)
+    assert torch.equal(got[:3], far[:3])
+    for step in range(3, 14):  # each reply has 7 steps: the second's first 3 (rows 7-9) are far again
+        follows, other = (far, near) if step in (7, 8, 9) else (near, far)
+        assert (got[step] - follows[step]).abs().max() * 10 < (got[step] - other[step]).abs().max()
+
+
 def test_full_method_is_the_stock_model():
     model = tiny_model("qwen2")
     ids = _ids(50)

@@ -371,6 +371,58 @@ def test_decode_memory_distance_from_replays_the_prompt_length_from_a_snapshot()
     _check_reply_replays(cfg, _prompted_schedule, "prompt_tokens")
 
 
+def test_decode_memory_distance_steps_decodes_far_for_a_replys_first_steps_only():
+    """decode_memory_distance_steps: N: a reply's first N decoding steps (from the one that reads the prompt's last
+    token) place memory at decode_memory_distance, its later steps at the window's distance, as every prompt's
+    chunks do. _REPLIES replies with 3, 2 and 75 steps: with N = 2 the far rows are 2, 2 and 2 of them. With every
+    block retrieved that is the dense reference with those rows at D, bit for bit as the rule is computed, and
+    neither decode_memory_distance alone nor the window alone."""
+    model = tiny_model("llama")
+    ids = _ids(200)
+    cfg = _memory_config(decode_memory_distance=96, decode_memory_distance_steps=2, chunk_size=16)
+    far_rows, step = [], 0
+    for n in _REPLIES:
+        step = 0 if n > 1 else step + 1  # the step this one-token piece is, counted from 1
+        far_rows += [n == 1 and step <= 2] * n
+    rows = torch.tensor(far_rows)
+    assert int(rows.sum()) == 6
+    expected = dense_logits(model, ids, "inf-llm", 32, 4, distance=torch.where(rows, 96, 32))
+    memory = attach(model, cfg)
+    got = run_schedule(model, memory, ids, _REPLIES)
+    assert memory.stats().blocks >= 15
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
+    every_step = dense_logits(model, ids, "inf-llm", 32, 4, distance=torch.where(torch.tensor(
+        [n == 1 for n in _REPLIES for _ in range(n)]), 96, 32))
+    at_window = dense_logits(model, ids, "inf-llm", 32, 4)
+    third_step = 50 + 2  # the first reply's third step: near
+    assert (got[third_step] - every_step[third_step]).abs().max() > 20 * ATOL
+    assert (got[50:52] - at_window[50:52]).abs().max() > 20 * ATOL
+
+
+def test_decode_memory_distance_steps_replays_a_reply_from_a_snapshot_taken_mid_reply():
+    """A snapshot or a saved state taken after a reply's 3 steps of 5 far: the rest of the reply replays bit for
+    bit (2 more far steps, then near); a state saved before the setting existed (no step count) starts the count
+    again, so its next 5 steps are far, and it replies otherwise."""
+    cfg = _memory_config(decode_memory_distance=96, decode_memory_distance_steps=5, chunk_size=16, topk_blocks=2,
+                         device_cache_blocks=8)
+    model = tiny_model("llama")
+    ids = _ids(123)
+    memory = attach(model, cfg)
+    run_schedule(model, memory, ids[:103], [100, 1, 1, 1])
+    snap, state = memory.snapshot(), memory.state_dict()
+    assert all(layer["reply_steps"] == 3 for layer in state["layers"])
+    first = run_schedule(model, memory, ids[103:], [1] * 20)
+    resumed, legacy = attach(model, cfg), attach(model, cfg)
+    with torch.inference_mode():  # the memory's tensors were made by run_schedule's inference mode
+        memory.restore(snap)
+        resumed.load_state_dict(state)
+        legacy.load_state_dict({**state, "layers": [{k: v for k, v in layer.items() if k != "reply_steps"}
+                                                    for layer in state["layers"]]})
+    torch.testing.assert_close(run_schedule(model, memory, ids[103:], [1] * 20), first, atol=0, rtol=0)
+    torch.testing.assert_close(run_schedule(model, resumed, ids[103:], [1] * 20), first, atol=0, rtol=0)
+    assert not torch.equal(run_schedule(model, legacy, ids[103:], [1] * 20), first)
+
+
 @pytest.mark.parametrize("positions", ["ordered", "runs"])
 @pytest.mark.parametrize("schedule,chunk_size", [("one call", 16), ("uneven pieces", 5), ("token by token", 1)])
 def test_positions_until_switches_to_shared_positions_after_n_tokens(positions, schedule, chunk_size):

@@ -47,7 +47,7 @@ ADDED_LATER = {"repr_dtype": "float32", "block_ranking": "representatives", "ran
                "prompt_end_baseline": "previous", "prompt_end_recent": 0,
                "memory_distance": None,
                "memory_positions_until": None, "decode_memory_distance": None, "reply_start_distance": None,
-               "decode_memory_distance_from": None,
+               "decode_memory_distance_from": None, "decode_memory_distance_steps": None,
                "decode_memory_positions": None, "decode_memory_bias": 0.0, "sink_memory_distance": None,
                "voted_memory_distance": None, "voted_memory_places": None, "voted_memory_consensus": None,
                "sink_memory_with_voted": False, "wide_window": None, "wide_window_until": None,
@@ -282,6 +282,10 @@ class InfLLMConfig:
                                                           at it; a reply to a shorter prompt (a question about
                                                           what memory holds) decodes at memory_distance's (the
                                                           window's); >= 1 (null: every reply)
+    decode_memory_distance_steps (none)                   with decode_memory_distance: only a reply's first N
+                                                          decoding steps (the step that reads the prompt's last
+                                                          token is the first) decode at it, the later ones as
+                                                          without it; >= 1 (null: every step)
     reply_start_distance (none)                           the global distance of the first decoding step after a
                                                           prompt (a one-query chunk after a chunk of several: the
                                                           step that reads a prompt's last token and gives the
@@ -377,6 +381,7 @@ class InfLLMConfig:
     memory_positions_until: int | None = None
     decode_memory_distance: int | None = None
     decode_memory_distance_from: int | None = None
+    decode_memory_distance_steps: int | None = None
     reply_start_distance: int | None = None
     decode_memory_positions: str | None = None
     decode_memory_bias: float = 0.0
@@ -421,6 +426,12 @@ class InfLLMConfig:
                 raise ValueError(f"decode_memory_distance_from={self.decode_memory_distance_from} chooses the replies "
                                  "decoded at decode_memory_distance, which is not set: set decode_memory_distance, or "
                                  "decode_memory_distance_from: null")
+        if self.decode_memory_distance_steps is not None:
+            _check_int("decode_memory_distance_steps", self.decode_memory_distance_steps, 1)
+            if self.decode_memory_distance is None:
+                raise ValueError(f"decode_memory_distance_steps={self.decode_memory_distance_steps} counts a reply's "
+                                 "steps decoded at decode_memory_distance, which is not set: set "
+                                 "decode_memory_distance, or decode_memory_distance_steps: null")
         if self.reply_start_distance is not None:
             _check_int("reply_start_distance", self.reply_start_distance, self.local_window)
         # The baselines retrieve nothing, so zero blocks is meaningful for them only.
@@ -517,16 +528,18 @@ class InfLLMConfig:
         return self.local_window
 
     def distance_for(self, queries: int, reply_start: bool = False, window: int | None = None,
-                     prompt_tokens: int = 0) -> int:
+                     prompt_tokens: int = 0, reply_step: int = 0) -> int:
         """The global distance of a chunk of this many queries whose window is `window` (null: local_window): for
         a decoding step (one query), reply_start_distance when it is the first after a prompt (`reply_start`) and
         that is set, else decode_memory_distance when set (and the prompt replied to, `prompt_tokens` long as the
-        engine read it, is at least decode_memory_distance_from long); memory_distance when set; the window
+        engine read it, is at least decode_memory_distance_from long, and the step, the reply's `reply_step`-th
+        from 0, is among its first decode_memory_distance_steps); memory_distance when set; the window
         otherwise."""
         if queries == 1 and reply_start and self.reply_start_distance is not None:
             return self.reply_start_distance
         if queries == 1 and self.decode_memory_distance is not None and (
-                self.decode_memory_distance_from is None or prompt_tokens >= self.decode_memory_distance_from):
+                self.decode_memory_distance_from is None or prompt_tokens >= self.decode_memory_distance_from) and (
+                self.decode_memory_distance_steps is None or reply_step < self.decode_memory_distance_steps):
             return self.decode_memory_distance
         if self.memory_distance is None and window is not None:
             return window

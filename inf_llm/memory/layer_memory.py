@@ -83,9 +83,10 @@ class LayerMemory(LayerState):
         n_comp = max(0, w + c - window)
         # The query rotated to the global distance (`far`): computed once, for ranking (rank_rotated) and the global stage.
         # the chunk's window unless memory_distance (decoding: decode_memory_distance, after a prompt of at least
-        # decode_memory_distance_from tokens; a reply's first step: reply_start_distance)
+        # decode_memory_distance_from tokens, for its first decode_memory_distance_steps steps; a reply's first step:
+        # reply_start_distance)
         far = cfg.distance_for(c, reply_start=c == 1 and self._after_prompt, window=window,
-                               prompt_tokens=self.prompt_tokens)
+                               prompt_tokens=self.prompt_tokens, reply_step=self.reply_steps)
         q_far = self.rotary.rotate_at(q, far) if cfg.method == "inf-llm" and cfg.rank_rotated else None
         if cfg.method == "inf-llm":
             # rank_distance: blocks are chosen with the query at that distance, and attended at `far`.
@@ -148,6 +149,7 @@ class LayerMemory(LayerState):
                               parts=parts, global_bias=bias, blocks=None if chosen is None else chosen.tensor(), scores=self._scores)
         self.num_seen += c
         self._after_prompt = c > 1
+        self.reply_steps = 0 if c > 1 else self.reply_steps + 1
         self._evict()
         return out[0]
 

@@ -118,6 +118,8 @@ class LayerState:
         self._after_prompt = False
         # decode_memory_distance_from: the length of the last prompt read (set by `InfLLMMemory.begin_prompt`).
         self.prompt_tokens = 0
+        # decode_memory_distance_steps: the decoding steps (one-query chunks) since the last chunk of several.
+        self.reply_steps = 0
         # decode_rank_every > 1: the last ranked decoding step's choice and how many more steps attend it.
         self._reused: BlockIds | None = None
         self._reuse_left = 0
@@ -286,6 +288,8 @@ class LayerState:
             "after_prompt": self._after_prompt,
             # decode_memory_distance_from: the length of the prompt the next decoding steps reply to.
             "prompt_tokens": self.prompt_tokens,
+            # decode_memory_distance_steps: how many steps of the reply were decoded (a snapshot taken mid-reply).
+            "reply_steps": self.reply_steps,
             # reply_pool_blocks: the pool the next decoding steps rank (plain ints, as the reuse: a chat's turn ends
             # its pool, so this is empty but in a snapshot taken mid-reply).
             "pool_blocks": [] if self._pool is None else self._pool.tolist(),
@@ -336,6 +340,7 @@ class LayerState:
         self._reuse_left = min(snap.get("reuse_left", 0), self.config.decode_rank_every - 1)
         self._after_prompt = bool(snap.get("after_prompt", False))  # sessions saved before it: a reply had ended
         self.prompt_tokens = int(snap.get("prompt_tokens", 0))  # sessions saved before it: the next prompt sets it
+        self.reply_steps = int(snap.get("reply_steps", 0))  # sessions saved before it: a reply's first step is next
         reused = snap.get("reuse_blocks", [])
         self._reused = BlockIds(torch.tensor(reused, dtype=torch.long, device=self.device)) if self._reuse_left else None
         # Sessions saved before reply_pool_blocks, or under a larger pool than this engine's setting, rank every block
