@@ -545,8 +545,10 @@ def test_prefill_flops_count_the_linear_maps(tiny_checkpoint):
 
 
 def test_gpu_script_tiny_on_cpu(tmp_path):
+    # The budget counts from the process's start, here pytest's: a budget of a day keeps the test's statuses
+    # independent of how long the suite ran before it.
     assert main(["gpu", "--tiny", "--lengths", "128,256,512", "--decode-tokens", "2", "--prefill-chunk", "64",
-                 "--out", str(tmp_path)]) == 0
+                 "--budget-s", "86400", "--out", str(tmp_path)]) == 0
     records = [r for r in read_records(tmp_path / "gpu.jsonl") if r["kind"] == "gpu"]
     assert [(r["label"], r["case"]["length"], r["status"]) for r in records] == [
         (m, n, "ok") for m in ("full", "inf-llm") for n in (128, 256, 512)]
@@ -593,7 +595,8 @@ def test_gpu_script_records_an_error_and_goes_on(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gpu_bench, "_read", failing_read)
     runs = method_runs(gpu_bench.TINY_INF_LLM, ("inf-llm", "full"), {})
-    plan = gpu_bench.GpuPlan(lengths=(256, 512), decode_tokens=1, prefill_chunk=128, tiny=True)
+    plan = gpu_bench.GpuPlan(lengths=(256, 512), decode_tokens=1, prefill_chunk=128, tiny=True,
+                             started=time.time())  # the budget from now, not from pytest's start
     records = gpu_bench.run_gpu(runs, plan, ResultLog(tmp_path / "g.jsonl"), say=lambda text: None)
     assert [(r["label"], r["case"]["length"], r["status"]) for r in records] == [
         ("full", 256, "error: RuntimeError: boom"), ("inf-llm", 256, "ok"), ("inf-llm", 512, "ok")]
