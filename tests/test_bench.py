@@ -26,6 +26,8 @@ from inf_llm.bench.flops import attended_keys, decoder_params, kv_bytes_per_toke
 from inf_llm.bench.methods import method_runs, parse_overrides, variant_runs
 from inf_llm.bench.prompt import FILLER, build_passkey_prompt, is_correct, needle_line
 from inf_llm.bench.results import ResultLog, read_records
+from inf_llm.config.files import load_config
+from inf_llm.config.presets import default_preset_for
 from inf_llm.config.schema import InfLLMConfig
 
 # Small windowed settings, so that a few hundred tokens exercise eviction, blocks and retrieval.
@@ -127,6 +129,27 @@ def test_overrides_and_method_identities():
     # Where blocks are kept never changes a result: not part of the identity (finished cases are not re-run).
     placed = method_runs(InfLLMConfig(host_cache_bytes=1 << 20), ("inf-llm",), {})[0]
     assert placed.identity() == method_runs(InfLLMConfig(), ("inf-llm",), {})[0].identity()
+
+
+def test_baselines_keep_a_short_conversations_window_and_sinks_only():
+    """A base whose short_conversation places the sinks and the voted blocks in memory (as the embedded model's
+    preset does): every baseline still runs beside inf-llm, with the short conversation's window and sinks; inf-llm
+    keeps the whole mapping. The shipped preset is checked too (stream-llm refused it before)."""
+    short = {"local_window": 256, "num_sink_tokens": 8, "sink_memory_distance": 64, "voted_memory_distance": 64}
+    base = InfLLMConfig(rerank_blocks=128, prompt_end_blocks=4, short_conversation=short, short_conversation_until=1024)
+    runs = {r.method: r for r in method_runs(base, ("inf-llm", "stream-llm", "infinite-lm", "full"), {})}
+    assert runs["inf-llm"].config.short_conversation == short
+    for method in ("stream-llm", "infinite-lm", "full"):
+        config = runs[method].config
+        assert config.short_conversation == {"local_window": 256, "num_sink_tokens": 8}
+        assert config.short_conversation_until == 1024 and config.short_config().local_window == 256
+    assert runs["stream-llm"].identity()["short_conversation"] == {"local_window": 256, "num_sink_tokens": 8}
+    memory_only = base.replace(short_conversation={"sink_memory_distance": 64})
+    (stream,) = method_runs(memory_only, ("stream-llm",), {})
+    assert stream.config.short_conversation is None and stream.config.short_conversation_until is None
+    preset = load_config(default_preset_for(None)).config
+    assert [r.method for r in method_runs(preset, ("inf-llm", "stream-llm", "infinite-lm", "full"), {})] == [
+        "inf-llm", "stream-llm", "infinite-lm", "full"]
 
 
 def test_compare_adds_inf_llm_variants_to_the_same_run():

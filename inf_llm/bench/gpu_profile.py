@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from inf_llm.bench.gpu import TINY_INF_LLM, build_model
-from inf_llm.bench.methods import parse_overrides
+from inf_llm.bench.methods import method_runs, parse_overrides
 from inf_llm.config.files import load_config
 from inf_llm.config.presets import preset_path
 from inf_llm.generation.engine import Engine
@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
         config = load_config(preset_path("mistral-7b-instruct-inf-llm")).config
-    config = config.replace(method=args.method, **parse_overrides(args.overrides))
+    # A baseline derived from the preset as the benchmarks derive it.
+    (run,) = method_runs(config, (args.method,), parse_overrides(args.overrides))
+    config = run.config
     model = build_model(args.tiny, device, dtype)
     engine = Engine(model, None, config, prefill_chunk=args.prefill_chunk)
     vocab = model.config.vocab_size

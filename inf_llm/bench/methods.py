@@ -80,12 +80,26 @@ def method_runs(base: InfLLMConfig, methods: tuple[str, ...], overrides: dict[st
     """One MethodRun per method; invalid overrides raise ValueError naming the field (from InfLLMConfig)."""
     runs = []
     for method in methods:
-        config = base.replace(method=method, **overrides)
+        config = _base_for(base, method).replace(method=method, **overrides)
         fields = RELEVANT_FIELDS[method]
         shown = [f"{k}={v}" for k, v in overrides.items() if fields is None or k in fields]
         label = " ".join([method, *shown, *([f"({tag})"] if tag else [])])
         runs.append(MethodRun(label, config))
     return runs
+
+
+def _base_for(base: InfLLMConfig, method: str) -> InfLLMConfig:
+    """The base a method starts from: a baseline keeps, of a short_conversation mapping, only what it has too (the
+    sinks, the window, the chunk): the mapping's memory settings (where the sinks and the voted blocks sit in
+    memory) mean nothing to a method that keeps no memory blocks, and stream-llm refuses sinks placed in memory."""
+    short = base.short_conversation
+    if RELEVANT_FIELDS[method] is None or short is None:
+        return base
+    kept = {k: v for k, v in short.items() if k in _WINDOWED}
+    if kept == short:
+        return base
+    return base.replace(short_conversation=kept or None,
+                        short_conversation_until=base.short_conversation_until if kept else None)
 
 
 def variant_runs(base: InfLLMConfig, overrides: dict[str, Any], variants: list[str] | None,
