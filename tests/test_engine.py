@@ -78,6 +78,17 @@ def test_two_feeds_equal_one_feed_of_the_concatenation(method):
     assert engine.stats().tokens == 160
 
 
+def _reply_logits(model, config: InfLLMConfig, prompts: list[list[int]], reply: list[int]) -> torch.Tensor:
+    """Each prompt read by one feed (all but its last token), then its last token and `reply` fed one at a time,
+    as a chat's turns are: the logits of those one-token steps, (steps, vocab)."""
+    engine = Engine(model, ByteTokenizer(), config)
+    logits = []
+    for prompt in prompts:
+        engine.feed(prompt[:-1])
+        logits += [engine.feed([token]) for token in prompt[-1:] + reply]
+    return torch.stack(logits)
+
+
 def test_the_engine_tells_the_memory_each_prompts_length_for_decode_memory_distance_from():
     """A reply to a prompt (a feed of several tokens) of at least decode_memory_distance_from tokens decodes as
     under decode_memory_distance alone, a reply to a shorter one as without it: bit for bit, whichever comes first."""
@@ -85,19 +96,12 @@ def test_the_engine_tells_the_memory_each_prompts_length_for_decode_memory_dista
     ruled = _config(decode_memory_distance=96, decode_memory_distance_from=60)
     every, never = _config(decode_memory_distance=96), _config()
     long_prompt, short_prompt, reply = _ids(80, seed=1), _ids(40, seed=2), _ids(6, seed=3)
-
-    def replies(config, prompts):
-        engine = Engine(model, ByteTokenizer(), config)
-        logits = []
-        for prompt in prompts:
-            engine.feed(prompt[:-1])
-            logits += [engine.feed([token]) for token in prompt[-1:] + reply]
-        return torch.stack(logits)
-
-    got = replies(ruled, [long_prompt, short_prompt])
-    assert torch.equal(got[:7], replies(every, [long_prompt])) and not torch.equal(got[:7], replies(never, [long_prompt]))
-    got = replies(ruled, [short_prompt, long_prompt])
-    assert torch.equal(got[:7], replies(never, [short_prompt])) and not torch.equal(got[:7], replies(every, [short_prompt]))
+    got = _reply_logits(model, ruled, [long_prompt, short_prompt], reply)
+    far, near = _reply_logits(model, every, [long_prompt], reply), _reply_logits(model, never, [long_prompt], reply)
+    assert torch.equal(got[:7], far) and not torch.equal(got[:7], near)
+    got = _reply_logits(model, ruled, [short_prompt, long_prompt], reply)
+    far, near = _reply_logits(model, every, [short_prompt], reply), _reply_logits(model, never, [short_prompt], reply)
+    assert torch.equal(got[:7], near) and not torch.equal(got[:7], far)
 
 
 def test_a_replys_first_decode_memory_distance_steps_decode_far_whatever_the_prompts():
@@ -107,19 +111,10 @@ def test_a_replys_first_decode_memory_distance_steps_decode_far_whatever_the_pro
     attention mass of steps decoded otherwise than under either config, so each later step is only far nearer to
     the config it follows (tens of times) than to the other one."""
     model = tiny_model("llama")
-    ruled = _config(decode_memory_distance=96, decode_memory_distance_steps=3)
-    every, never = _config(decode_memory_distance=96), _config()
     prompts, reply = [_ids(80, seed=1), _ids(40, seed=2)], _ids(6, seed=3)
-
-    def replies(config):
-        engine = Engine(model, ByteTokenizer(), config)
-        logits = []
-        for prompt in prompts:
-            engine.feed(prompt[:-1])
-            logits += [engine.feed([token]) for token in prompt[-1:] + reply]
-        return torch.stack(logits)
-
-    got, far, near = replies(ruled), replies(every), replies(never)
+    got = _reply_logits(model, _config(decode_memory_distance=96, decode_memory_distance_steps=3), prompts, reply)
+    far = _reply_logits(model, _config(decode_memory_distance=96), prompts, reply)
+    near = _reply_logits(model, _config(), prompts, reply)
     assert torch.equal(got[:3], far[:3])
     for step in range(3, 14):  # each reply has 7 steps: the second's first 3 (rows 7-9) are far again
         follows, other = (far, near) if step in (7, 8, 9) else (near, far)

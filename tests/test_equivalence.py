@@ -333,24 +333,14 @@ def _prompted_schedule(model, memory, ids: torch.Tensor, pieces: list[int]) -> t
     return torch.cat(outs)
 
 
-def test_decode_memory_distance_from_decodes_far_after_long_prompts_only():
-    """decode_memory_distance_from: N: the decoding steps that reply to a prompt of at least N tokens place memory
-    at decode_memory_distance, those that reply to a shorter one at the window's distance, as every prompt's chunks
-    do. _REPLIES has prompts of 50, 30 and 40 tokens: with N = 45 the first reply's rows are at D. With every block
-    retrieved that is the dense reference with those rows at D, bit for bit as the rule is computed, and neither
-    decode_memory_distance alone nor the window alone."""
+def _check_far_rows(cfg: InfLLMConfig, far_rows: list[bool], unlike_every_step: slice, unlike_window: slice) -> None:
+    """Memory under cfg (decode_memory_distance=96), fed _REPLIES as the engine feeds them, equals the dense
+    reference with `far_rows` at distance 96 and every other row at the window's 32 (every block retrieved); and
+    it differs from decoding every step at 96 on the rows `unlike_every_step`, and from the window alone on
+    `unlike_window`."""
     model = tiny_model("llama")
     ids = _ids(200)
-    cfg = _memory_config(decode_memory_distance=96, decode_memory_distance_from=45, chunk_size=16)
-    prompts, far_rows, long_prompt = 0, [], False
-    for n in _REPLIES:
-        if n > 1:
-            long_prompt = n >= 45
-            prompts += 1
-        far_rows += [n == 1 and long_prompt] * n
-    rows = torch.tensor(far_rows)
-    assert prompts == 3 and int(rows.sum()) == 3  # the first reply's three steps
-    expected = dense_logits(model, ids, "inf-llm", 32, 4, distance=torch.where(rows, 96, 32))
+    expected = dense_logits(model, ids, "inf-llm", 32, 4, distance=torch.where(torch.tensor(far_rows), 96, 32))
     memory = attach(model, cfg)
     got = _prompted_schedule(model, memory, ids, _REPLIES)
     assert memory.stats().blocks >= 15
@@ -358,9 +348,26 @@ def test_decode_memory_distance_from_decodes_far_after_long_prompts_only():
     every_step = dense_logits(model, ids, "inf-llm", 32, 4, distance=torch.where(torch.tensor(
         [n == 1 for n in _REPLIES for _ in range(n)]), 96, 32))
     at_window = dense_logits(model, ids, "inf-llm", 32, 4)
+    assert (got[unlike_every_step] - every_step[unlike_every_step]).abs().max() > 20 * ATOL
+    assert (got[unlike_window] - at_window[unlike_window]).abs().max() > 20 * ATOL
+
+
+def test_decode_memory_distance_from_decodes_far_after_long_prompts_only():
+    """decode_memory_distance_from: N: the decoding steps that reply to a prompt of at least N tokens place memory
+    at decode_memory_distance, those that reply to a shorter one at the window's distance, as every prompt's chunks
+    do. _REPLIES has prompts of 50, 30 and 40 tokens: with N = 45 the first reply's rows are at D. With every block
+    retrieved that is the dense reference with those rows at D, bit for bit as the rule is computed, and neither
+    decode_memory_distance alone nor the window alone."""
+    cfg = _memory_config(decode_memory_distance=96, decode_memory_distance_from=45, chunk_size=16)
+    prompts, far_rows, long_prompt = 0, [], False
+    for n in _REPLIES:
+        if n > 1:
+            long_prompt = n >= 45
+            prompts += 1
+        far_rows += [n == 1 and long_prompt] * n
+    assert prompts == 3 and sum(far_rows) == 3  # the first reply's three steps
     first_short_reply = 50 + 3 + 30  # the second reply's first step
-    assert (got[first_short_reply:] - every_step[first_short_reply:]).abs().max() > 20 * ATOL
-    assert (got[50:53] - at_window[50:53]).abs().max() > 20 * ATOL
+    _check_far_rows(cfg, far_rows, slice(first_short_reply, None), slice(50, 53))
 
 
 def test_decode_memory_distance_from_replays_the_prompt_length_from_a_snapshot():
@@ -377,26 +384,14 @@ def test_decode_memory_distance_steps_decodes_far_for_a_replys_first_steps_only(
     chunks do. _REPLIES replies with 3, 2 and 75 steps: with N = 2 the far rows are 2, 2 and 2 of them. With every
     block retrieved that is the dense reference with those rows at D, bit for bit as the rule is computed, and
     neither decode_memory_distance alone nor the window alone."""
-    model = tiny_model("llama")
-    ids = _ids(200)
     cfg = _memory_config(decode_memory_distance=96, decode_memory_distance_steps=2, chunk_size=16)
     far_rows, step = [], 0
     for n in _REPLIES:
         step = 0 if n > 1 else step + 1  # the step this one-token piece is, counted from 1
         far_rows += [n == 1 and step <= 2] * n
-    rows = torch.tensor(far_rows)
-    assert int(rows.sum()) == 6
-    expected = dense_logits(model, ids, "inf-llm", 32, 4, distance=torch.where(rows, 96, 32))
-    memory = attach(model, cfg)
-    got = run_schedule(model, memory, ids, _REPLIES)
-    assert memory.stats().blocks >= 15
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
-    every_step = dense_logits(model, ids, "inf-llm", 32, 4, distance=torch.where(torch.tensor(
-        [n == 1 for n in _REPLIES for _ in range(n)]), 96, 32))
-    at_window = dense_logits(model, ids, "inf-llm", 32, 4)
+    assert sum(far_rows) == 6
     third_step = 50 + 2  # the first reply's third step: near
-    assert (got[third_step] - every_step[third_step]).abs().max() > 20 * ATOL
-    assert (got[50:52] - at_window[50:52]).abs().max() > 20 * ATOL
+    _check_far_rows(cfg, far_rows, slice(third_step, third_step + 1), slice(50, 52))
 
 
 def test_decode_memory_distance_steps_replays_a_reply_from_a_snapshot_taken_mid_reply():

@@ -8,17 +8,10 @@ its tally settings left as they are), which a probe may do and a config may not.
     OMP_NUM_THREADS=1 python docs/bench/paste_reply_probe.py OUT.jsonl SEED [LENGTH]
 """
 import json, sys, time, torch
-from dataclasses import replace
-from chat.chat_format import ChatFormat
-from inf_llm.bench.corpus import load_paragraphs
 from inf_llm.bench.prose_tasks import build_prose_prompt, dialogue_of
 from inf_llm.bench.prose import PASTE_REPLY_TOKENS
-from inf_llm.config.files import load_config
-from inf_llm.config.presets import default_preset_for
-from inf_llm.generation.engine import Engine
 from inf_llm.generation.sampling import SamplingParams
-from inf_llm.model.loading import load_model
-from inf_llm.model.rope import RotaryTable
+from probe_setup import load_engine, read_to_last_chunk, unchecked, use
 
 torch.set_num_threads(1)
 out, seed = sys.argv[1], int(sys.argv[2])
@@ -33,29 +26,7 @@ VARIANTS = {
                          "sink_memory_with_voted": True},
     "nosink_near": {"decode_memory_distance": 512, "voted_memory_distance": 128},
 }
-load_paragraphs()
-model, tok = load_model(None)
-base = load_config(default_preset_for(None)).config.long_config()
-engine = Engine(model, tok, base)
-fmt = ChatFormat.create(tok)
-mc = model.config
-table = RotaryTable(model.model.rotary_emb, getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads,
-                    2048, engine.device)  # room for every variant's distances (the same rotations as the table's)
-for layer in engine.memory.layers:
-    layer.rotary = table
-
-def unchecked(cfg, **changes):
-    import copy
-    cfg = copy.copy(cfg)  # settings for a probe, some of which the schema would refuse in combination (no vote)
-    for name, value in changes.items():
-        object.__setattr__(cfg, name, value)
-    return cfg
-
-def use(cfg):
-    engine.config = cfg
-    engine.memory.config = cfg
-    for layer in engine.memory.layers:
-        layer.config = cfg
+tok, base, engine, fmt = load_engine()
 
 done = set()
 try:
@@ -71,21 +42,10 @@ for task in ("single", "multikey", "multivalue", "multiquery", "twohop"):
         prompt = build_prose_prompt(tok, task, length, depth, seed)
         paste = dialogue_of(prompt).paste
         ids = fmt.render([{"role": "user", "content": paste}], add_generation_prompt=True)
-        engine.reset()
-        use(base)
-        end = len(ids) - 1 - base.chunk_size
-        split = (end // engine.prefill_chunk) * engine.prefill_chunk
-        if split == end:
-            split -= engine.prefill_chunk
-        t0 = time.time()
-        use(unchecked(base, prompt_end_blocks=0))
-        engine.feed(ids[:split])
-        use(base)
-        snap = engine.snapshot()
-        t_pre = time.time() - t0
+        split, snap, t_pre = read_to_last_chunk(engine, base, ids)
         for v in todo:
             engine.restore(snap)
-            use(unchecked(base, **VARIANTS[v]))
+            use(engine, unchecked(base, **VARIANTS[v]))
             t1 = time.time()
             text = "".join(s.text for s in engine.generate(ids[split:], params))
             rec = {"task": task, "depth": depth, "seed": seed, "length": length, "variant": v, "reply": text,

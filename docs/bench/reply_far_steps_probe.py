@@ -12,17 +12,11 @@ near is made on the live memory between two decoding steps, which a probe may do
 MODE: `message` (the document and its question as one message, scored as `prose` scores it) or `paste` (the
 document alone, the dialogue's first turn, 64 tokens of reply). TASKS: comma-separated.
 """
-import copy, json, sys, time, torch
-from chat.chat_format import ChatFormat
-from inf_llm.bench.corpus import load_paragraphs
+import json, sys, time, torch
 from inf_llm.bench.prose import PASTE_REPLY_TOKENS
 from inf_llm.bench.prose_tasks import MAX_NEW_TOKENS, build_prose_prompt, dialogue_of, score
-from inf_llm.config.files import load_config
-from inf_llm.config.presets import default_preset_for
-from inf_llm.generation.engine import Engine
 from inf_llm.generation.sampling import SamplingParams
-from inf_llm.model.loading import load_model
-from inf_llm.model.rope import RotaryTable
+from probe_setup import load_engine, read_to_last_chunk, unchecked, use
 
 torch.set_num_threads(1)
 out, mode, seed, tasks = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].split(",")
@@ -32,31 +26,7 @@ NEAR = {"voted_memory_distance": 128}
 # name -> (settings of the first `steps` decoding steps, their number, settings after them)
 VARIANTS = {"preset": ({}, 0, {}), "far": (FAR, 10**9, FAR), "far4": (FAR, 4, NEAR), "far8": (FAR, 8, NEAR),
             "far16": (FAR, 16, NEAR)}
-load_paragraphs()
-model, tok = load_model(None)
-base = load_config(default_preset_for(None)).config.long_config()
-engine = Engine(model, tok, base)
-fmt = ChatFormat.create(tok)
-mc = model.config
-table = RotaryTable(model.model.rotary_emb, getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads,
-                    2048, engine.device)  # room for the far distance (the same rotations as the preset's table)
-for layer in engine.memory.layers:
-    layer.rotary = table
-
-
-def unchecked(cfg, **changes):
-    cfg = copy.copy(cfg)
-    for name, value in changes.items():
-        object.__setattr__(cfg, name, value)
-    return cfg
-
-
-def use(cfg):
-    engine.config = cfg
-    engine.memory.config = cfg
-    for layer in engine.memory.layers:
-        layer.config = cfg
-
+tok, base, engine, fmt = load_engine()
 
 done = set()
 try:
@@ -74,29 +44,19 @@ for task in tasks:
             answers, max_new = (), PASTE_REPLY_TOKENS
         else:
             ids, answers, max_new = prompt.ids, prompt.answers, MAX_NEW_TOKENS[task]
-        engine.reset()
-        end = len(ids) - 1 - base.chunk_size
-        split = (end // engine.prefill_chunk) * engine.prefill_chunk
-        if split == end:
-            split -= engine.prefill_chunk
-        t0 = time.time()
-        use(unchecked(base, prompt_end_blocks=0))  # the prompt end's vote belongs to the rest's feed
-        engine.feed(ids[:split])
-        use(base)
-        snap = engine.snapshot()
-        t_pre = time.time() - t0
+        split, snap, t_pre = read_to_last_chunk(engine, base, ids)
         params = SamplingParams(temperature=0.0, max_new_tokens=max_new, min_new_tokens=1)
         for v in todo:
             first, steps, after = VARIANTS[v]
             engine.restore(snap)
-            use(unchecked(base, **first))
+            use(engine, unchecked(base, **first))
             t1 = time.time()
             text, count = "", 0
             for step in engine.generate(ids[split:], params):
                 text += step.text
                 count += 1
                 if count == steps:  # steps 0 .. steps-1 (feeding the prompt's last token, then tokens 1 ..) were far
-                    use(unchecked(base, **after))
+                    use(engine, unchecked(base, **after))
             rec = {"mode": mode, "task": task, "depth": depth, "seed": seed, "length": length, "variant": v,
                    "reply": text, "score": score(answers, text) if answers else None, "prefix_s": round(t_pre, 1),
                    "s": round(time.time() - t1, 1)}
