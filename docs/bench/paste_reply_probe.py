@@ -11,7 +11,7 @@ import json, sys, time, torch
 from inf_llm.bench.prose_tasks import build_prose_prompt, dialogue_of
 from inf_llm.bench.prose import PASTE_REPLY_TOKENS
 from inf_llm.generation.sampling import SamplingParams
-from probe_setup import load_engine, read_to_last_chunk, unchecked, use
+from probe_setup import done_cases, load_engine, read_to_last_chunk, unchecked, use
 
 torch.set_num_threads(1)
 out, seed = sys.argv[1], int(sys.argv[2])
@@ -28,11 +28,7 @@ VARIANTS = {
 }
 tok, base, engine, fmt = load_engine()
 
-done = set()
-try:
-    done = {(r["task"], r["depth"], r["variant"]) for r in map(json.loads, open(out))}
-except FileNotFoundError:
-    pass
+done = done_cases(out)
 params = SamplingParams(temperature=0.0, max_new_tokens=PASTE_REPLY_TOKENS, min_new_tokens=1)
 for task in ("single", "multikey", "multivalue", "multiquery", "twohop"):
     for depth in (0.1, 0.5, 0.9):

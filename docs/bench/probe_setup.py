@@ -6,6 +6,7 @@ Settings set this way skip the schema's checks (a vote without its tally setting
 decoding steps), which a probe may do and a config may not.
 """
 import copy
+import json
 import time
 
 from chat.chat_format import ChatFormat
@@ -62,3 +63,12 @@ def read_to_last_chunk(engine, base, ids):
     engine.feed(ids[:split])
     use(engine, base)
     return split, engine.snapshot(), time.time() - start
+
+
+def done_cases(out):
+    """(task, depth, variant) of every record already in the output file, so that a stopped probe resumes."""
+    try:
+        with open(out) as handle:
+            return {(r["task"], r["depth"], r["variant"]) for r in map(json.loads, handle)}
+    except FileNotFoundError:
+        return set()

@@ -16,7 +16,7 @@ import json, sys, time, torch
 from inf_llm.bench.prose import PASTE_REPLY_TOKENS
 from inf_llm.bench.prose_tasks import MAX_NEW_TOKENS, build_prose_prompt, dialogue_of, score
 from inf_llm.generation.sampling import SamplingParams
-from probe_setup import load_engine, read_to_last_chunk, unchecked, use
+from probe_setup import done_cases, load_engine, read_to_last_chunk, unchecked, use
 
 torch.set_num_threads(1)
 out, mode, seed, tasks = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].split(",")
@@ -28,11 +28,7 @@ VARIANTS = {"preset": ({}, 0, {}), "far": (FAR, 10**9, FAR), "far4": (FAR, 4, NE
             "far16": (FAR, 16, NEAR)}
 tok, base, engine, fmt = load_engine()
 
-done = set()
-try:
-    done = {(r["task"], r["depth"], r["variant"]) for r in map(json.loads, open(out))}
-except FileNotFoundError:
-    pass
+done = done_cases(out)
 for task in tasks:
     for depth in (0.1, 0.5, 0.9):
         todo = [v for v in VARIANTS if (task, depth, v) not in done]
