@@ -420,18 +420,16 @@ class InfLLMConfig:
                                  "rank_rotated is false (unrotated): set rank_rotated: true, or rank_distance: null")
         if self.decode_memory_distance is not None:
             _check_int("decode_memory_distance", self.decode_memory_distance, self.local_window)
-        if self.decode_memory_distance_from is not None:
-            _check_int("decode_memory_distance_from", self.decode_memory_distance_from, 1)
+        # Settings that choose which decoding steps are far: without the distance they have nothing to choose.
+        for name, chooses in (("decode_memory_distance_from", "chooses the replies decoded"),
+                              ("decode_memory_distance_steps", "counts a reply's steps decoded")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            _check_int(name, value, 1)
             if self.decode_memory_distance is None:
-                raise ValueError(f"decode_memory_distance_from={self.decode_memory_distance_from} chooses the replies "
-                                 "decoded at decode_memory_distance, which is not set: set decode_memory_distance, or "
-                                 "decode_memory_distance_from: null")
-        if self.decode_memory_distance_steps is not None:
-            _check_int("decode_memory_distance_steps", self.decode_memory_distance_steps, 1)
-            if self.decode_memory_distance is None:
-                raise ValueError(f"decode_memory_distance_steps={self.decode_memory_distance_steps} counts a reply's "
-                                 "steps decoded at decode_memory_distance, which is not set: set "
-                                 "decode_memory_distance, or decode_memory_distance_steps: null")
+                raise ValueError(f"{name}={value} {chooses} at decode_memory_distance, which is not set: set "
+                                 f"decode_memory_distance, or {name}: null")
         if self.reply_start_distance is not None:
             _check_int("reply_start_distance", self.reply_start_distance, self.local_window)
         # The baselines retrieve nothing, so zero blocks is meaningful for them only.
