@@ -280,3 +280,19 @@ def test_reply_pool_recall_counts_the_pooled_steps_and_what_their_pools_hold():
     assert min(out[(20, 3, 20)]) < 1.0
     same = pool_recall(summaries, [steps[0]] * 7, HKV, [20], [3], ks=(20,))
     assert all(r == 1.0 for r in same[(20, 3, 20)])
+
+
+def test_reply_pool_read_share_and_no_pool_up_to_its_size():
+    """pool_read: every block at the renewing step, the pool at the E - 1 others; up to C blocks no pool is formed
+    (as `LayerMemory._form_pool`), so every step reads everything; pool_ms then times brute force's path alone."""
+    from inf_llm.bench.ranking_recall import pool_ms, pool_read
+
+    assert pool_read(8192, 8, 65536) == (7 * 8192 / 65536 + 1) / 8
+    assert pool_read(8192, 8, 16384) == (7 * 0.5 + 1) / 8
+    assert pool_read(8192, 8, 8192) == pool_read(8192, 8, 256) == 1.0
+    assert pool_read(100, 1, 1000) == 1.0  # renewed at every step: every block each time
+    gen = torch.Generator().manual_seed(8)
+    summaries = _summaries(300, "bounds", gen, duplicates=False).half()
+    steps = [_query("bounds", gen) for _ in range(5)]
+    brute, pooled = pool_ms(summaries, steps, HKV, 300, 3)
+    assert pooled == brute

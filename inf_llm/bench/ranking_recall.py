@@ -151,7 +151,8 @@ def pool_ms(summaries: torch.Tensor, steps: list[torch.Tensor], num_kv_heads: in
             shortlist: int = 512) -> tuple[float, float]:
     """For one layer: ms per decoded token of the first stage (scores, then the best `shortlist`), brute force and
     with a pool of `size` renewed every `every` steps (the renewing step scores every block and chooses the pool
-    too; the next copies the pool's summaries out, as `LayerMemory` does), each the mean over the steps."""
+    too; the next copies the pool's summaries out, as `LayerMemory` does), each the mean over the steps. Up to
+    `size` blocks no pool is formed: both are brute force's time."""
     absmax = summaries.abs().max().float()
     brute = pooled = 0.0
     pool = rows = None
@@ -159,6 +160,8 @@ def pool_ms(summaries: torch.Tensor, steps: list[torch.Tensor], num_kv_heads: in
         start = time.perf_counter()
         select_blocks(block_scores(summaries, query, num_kv_heads, False, absmax), shortlist)
         brute += time.perf_counter() - start
+        if summaries.shape[0] <= size:
+            continue
         start = time.perf_counter()
         if t % every == 0:
             scores = block_scores(summaries, query, num_kv_heads, False, absmax)
@@ -170,6 +173,8 @@ def pool_ms(summaries: torch.Tensor, steps: list[torch.Tensor], num_kv_heads: in
             scores = block_scores(rows, query, num_kv_heads, False, absmax)
             pool[select_blocks(scores, shortlist)]
         pooled += time.perf_counter() - start
+    if summaries.shape[0] <= size:
+        pooled = brute
     return brute * 1e3 / len(steps), pooled * 1e3 / len(steps)
 
 
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timing", default=None, metavar="BLOCKS",
                         help="instead of recall: ms per decoded token (all layers) ranking the first BLOCKS blocks "
                              "(comma-separated counts), brute force vs the codes of the first --ranks and "
-                             "--candidates values")
+                             "--candidates values; with --pool, the pool's recall and time on those prefixes")
     parser.add_argument("--pool", default=None, metavar="C",
                         help="instead of codes: the recall of reply pools of C blocks (comma-separated sizes)")
     parser.add_argument("--pool-every", default="8", metavar="E",
@@ -259,6 +264,15 @@ def main(argv: list[str] | None = None) -> None:
                   f"{statistics.mean(r512):.3f} ({min(r512):.2f}) | {read:.3f} |")
 
 
+def pool_read(size: int, every: int, blocks: int) -> float:
+    """The share of a layer's summaries the first stage scores per decoded token under a reply's pool: every block
+    once per `every` ranked steps and the pool at the others; 1.0 up to `size` blocks, where no pool is formed
+    (`LayerMemory._form_pool`) and every step ranks every block."""
+    if blocks <= size:
+        return 1.0
+    return ((every - 1) * size / blocks + 1) / every
+
+
 def _pool_main(args) -> None:
     sizes = [int(x) for x in args.pool.split(",")]
     every = [int(x) for x in args.pool_every.split(",")]
@@ -267,36 +281,46 @@ def _pool_main(args) -> None:
         raise SystemExit(f"{args.summaries} holds no layer-NNN-reprs tiers (a saved session's generation folder does)")
     replies, hkv = capture_replies(log=lambda m: print(m, flush=True))
     ks = (56, 512)
-    totals = {(c, e, k): [] for c in sizes for e in every for k in ks}
-    blocks, timing = 0, {(c, e): [0.0, 0.0] for c in sizes for e in every}
+    # --timing: the same on the first BLOCKS blocks of the memory (a shorter read's summaries), one table a prefix.
+    prefixes = [int(x) for x in args.timing.split(",")] if args.timing is not None else [None]
+    totals = {(n, c, e, k): [] for n in prefixes for c in sizes for e in every for k in ks}
+    timing = {(n, c, e): [0.0, 0.0] for n in prefixes for c in sizes for e in every}
+    blocks = {}
     for layer in layers:
         flat = read_summaries(args.summaries, layer)
-        summaries = flat.view(flat.shape[0], 2 * hkv, -1)
-        blocks = summaries.shape[0]
-        for reply in replies:
-            for key, values in pool_recall(summaries, reply[layer], hkv, sizes, every, ks).items():
-                totals[key] += values
-            for key, sums in timing.items():
-                brute, pooled = pool_ms(summaries, reply[layer], hkv, *key)
-                sums[0] += brute / len(replies)
-                sums[1] += pooled / len(replies)
-    print(f"{len(layers)} layers, {blocks} blocks each, {len(replies)} replies; recall of brute force's top k within "
-          f"the pool at the steps that score only the pool; read = summaries scored per step / all (the pool, and "
-          f"every block once per E steps)")
-    print("ms: the first stage per decoded token, all layers, one thread (scores and the best 512; brute force / the "
-          "pool, the renewing steps included)")
-    print("| pool C | every E | recall top 56 (5th percentile, lowest) | recall top 512 (5th percentile, lowest) | read "
-          "| brute ms | pool ms |")
-    print("|---:|---:|---|---|---:|---:|---:|")
-    for c in sizes:
-        for e in every:
-            cells = []
-            for k in ks:
-                values = sorted(totals[(c, e, k)])
-                cells.append(f"{statistics.mean(values):.4f} ({values[len(values) // 20]:.3f}, {values[0]:.3f})")
-            read = ((e - 1) * min(c, blocks) / blocks + 1) / e
-            brute, pooled = timing[(c, e)]
-            print(f"| {c} | {e} | {cells[0]} | {cells[1]} | {read:.3f} | {brute:.1f} | {pooled:.1f} |")
+        whole = flat.view(flat.shape[0], 2 * hkv, -1)
+        for n in prefixes:
+            summaries = whole if n is None else whole[:n]
+            blocks[n] = summaries.shape[0]
+            for reply in replies:
+                pooled_sizes = [c for c in sizes if c < blocks[n]]  # up to C blocks no pool is formed
+                for (c, e, k), values in pool_recall(summaries, reply[layer], hkv, pooled_sizes, every, ks).items():
+                    totals[(n, c, e, k)] += values
+                for c in sizes:
+                    for e in every:
+                        brute, pooled = pool_ms(summaries, reply[layer], hkv, c, e)
+                        sums = timing[(n, c, e)]
+                        sums[0] += brute / len(replies)
+                        sums[1] += pooled / len(replies)
+    for n in prefixes:
+        print(f"{len(layers)} layers, {blocks[n]} blocks each, {len(replies)} replies; recall of brute force's top k "
+              f"within the pool at the steps that score only the pool; read = summaries scored per step / all (the "
+              f"pool, and every block once per E steps)")
+        print("ms: the first stage per decoded token, all layers, one thread (scores and the best 512; brute force / "
+              "the pool, the renewing steps included; up to C blocks no pool is formed: brute force's own path)")
+        print("| blocks per layer | pool C | every E | recall top 56 (5th percentile, lowest) | recall top 512 (5th "
+              "percentile, lowest) | read | brute ms | pool ms |")
+        print("|---:|---:|---:|---|---|---:|---:|---:|")
+        for c in sizes:
+            for e in every:
+                cells = []
+                for k in ks:
+                    values = sorted(totals[(n, c, e, k)])
+                    cells.append(f"{statistics.mean(values):.4f} ({values[len(values) // 20]:.3f}, {values[0]:.3f})"
+                                 if values else "(no pool)")
+                brute, pooled = timing[(n, c, e)]
+                print(f"| {blocks[n]:,} | {c} | {e} | {cells[0]} | {cells[1]} | {pool_read(c, e, blocks[n]):.3f} | "
+                      f"{brute:.1f} | {pooled:.1f} |")
 
 
 if __name__ == "__main__":
