@@ -356,6 +356,10 @@ def test_decode_profile_reads_once_then_resumes_and_decodes_the_same(tmp_path, c
     reply = [line for line in first.splitlines() if line.startswith("reply ")]
     assert len(reply) == 1 and reply == [line for line in second.splitlines() if line.startswith("reply ")]
     assert "disk_reads" in second and "Ordered by: internal time" in second
+    # The decoding steps' own counters, apart from the question's: with every block resident after the first step
+    # (1,024 tokens, a 256K budget holding them all once read), nothing more is read from disk.
+    after = [line for line in second.splitlines() if line.startswith("per step after the first: ")]
+    assert len(after) == 1 and after[0].endswith("disk_reads 0")
     from inf_llm.sessions.names import SessionError
 
     with pytest.raises(SessionError, match="long_read"):

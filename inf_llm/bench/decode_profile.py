@@ -89,9 +89,12 @@ def main(argv: list[str] | None = None) -> None:
     last = time.perf_counter()
     if profiler is not None:
         profiler.enable()
+    first = None  # the counters once the first step (the question read, the reply's first token) is done
     for step in engine.generate(question_ids(tokenizer, doc.needles[0].word), params):
         now = time.perf_counter()
         steps.append(now - last)
+        if first is None:
+            first = counters(engine)
         last = now
         text += step.text
     if profiler is not None:
@@ -104,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"decode {sum(later) / len(later) * 1e3:.0f} ms per token after the first step; first step {steps[0]:.2f} s")
     print("per step, all layers: " + ", ".join(f"{name} {(after[name] - before[name]) / len(steps):.0f}"
                                               for name in COUNTERS))
+    if len(steps) > 1:  # a decoding step's own loads, without the question's
+        print("per step after the first: " + ", ".join(
+            f"{name} {(after[name] - first[name]) / (len(steps) - 1):.0f}" for name in COUNTERS))
     print(f"RSS {psutil.Process().memory_info().rss / 2**30:.2f} GiB")
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
