@@ -264,6 +264,16 @@ def test_long_read_document_is_the_chat_message_with_needles_at_their_depths(tok
         build_document(tokenizer, 40, (0.5,))
 
 
+def test_long_read_plot_rates_are_the_tokens_between_checkpoints_over_their_seconds():
+    """The plot's prefill rate: each checkpoint's new tokens over its prefill seconds; a checkpoint recorded twice
+    (a stopped read resumed before it) counts once."""
+    from inf_llm.bench.plot import prefill_rates
+
+    points = [{"tokens": 100, "seconds": 2.0}, {"tokens": 300, "seconds": 6.0}, {"tokens": 300, "seconds": 6.0},
+              {"tokens": 350, "seconds": 11.0}]
+    assert prefill_rates(points) == [(100, 50.0), (300, 50.0), (350, 10.0)]
+
+
 def test_long_read_command_holds_the_ram_budget_asks_every_needle_and_resumes_the_same(tiny_checkpoint, tmp_path,
                                                                                        capsys):
     budget = 8192  # bytes of blocks in RAM, all layers: 2 tiny blocks per layer

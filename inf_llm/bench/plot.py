@@ -153,13 +153,28 @@ def plot_gpu(records: list[dict[str, Any]], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def prefill_rates(points: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """Prefill tokens/s along a read: for each checkpoint (sorted by tokens, each once), the tokens read since the
+    one before over the prefill seconds they took (the first: since the start)."""
+    rates, tokens, seconds = [], 0, 0.0
+    for point in points:
+        if point["tokens"] <= tokens:
+            continue  # a checkpoint recorded again (a stopped read resumed before it)
+        span = point["seconds"] - seconds
+        if span > 0:
+            rates.append((point["tokens"], (point["tokens"] - tokens) / span))
+        tokens, seconds = point["tokens"], point["seconds"]
+    return rates
+
+
 def plot_long_read(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Memory while reading the longest document (the first of that length): process RSS and its parts (blocks in
-    RAM, representatives) and bytes on disk, vs tokens read, with the RAM budget for blocks as a line."""
+    """Reading the longest document (the first of that length), vs tokens read: memory (process RSS and its parts,
+    blocks in RAM and representatives, and bytes on disk, with the RAM budget for blocks as a line), and the
+    prefill rate between checkpoints."""
     longest = max(r["case"]["length"] for r in records)
     first = next(r["case"] for r in records if r["case"]["length"] == longest)
     points = sorted((r for r in records if r["case"] == first), key=lambda r: r["tokens"])
-    fig, ax = _figure(1)
+    fig, (ax, rate_ax) = _figure(2)
     tokens = [r["tokens"] for r in points]
     for index, (label, field) in enumerate([("process RSS", "rss_bytes"), ("blocks in RAM", "host_block_bytes"),
                                             ("representatives (RAM)", "repr_bytes"), ("blocks on disk", "disk_bytes")]):
@@ -171,6 +186,13 @@ def plot_long_read(records: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_ylabel("GiB")
     ax.grid(True, alpha=0.3)
     ax.set_title(f"reading {format_length(longest)} tokens: memory", fontsize=10)
+    rates = prefill_rates(points)
+    rate_ax.plot([t for t, _ in rates], [r for _, r in rates], color="tab:purple", **_style(0))
+    rate_ax.set_xlabel("tokens read")
+    rate_ax.set_ylabel("prefill tokens/s since the checkpoint before")
+    rate_ax.set_ylim(bottom=0)
+    rate_ax.grid(True, alpha=0.3)
+    rate_ax.set_title("prefill rate", fontsize=10)
     _legend(fig, *ax.get_legend_handles_labels())
     return _save(fig, path)
 
