@@ -156,11 +156,12 @@ def pool_ms(summaries: torch.Tensor, steps: list[torch.Tensor], num_kv_heads: in
     absmax = summaries.abs().max().float()
     brute = pooled = 0.0
     pool = rows = None
+    forms_pool = summaries.shape[0] > size
     for t, query in enumerate(steps):
         start = time.perf_counter()
         select_blocks(block_scores(summaries, query, num_kv_heads, False, absmax), shortlist)
         brute += time.perf_counter() - start
-        if summaries.shape[0] <= size:
+        if not forms_pool:
             continue
         start = time.perf_counter()
         if t % every == 0:
@@ -173,7 +174,7 @@ def pool_ms(summaries: torch.Tensor, steps: list[torch.Tensor], num_kv_heads: in
             scores = block_scores(rows, query, num_kv_heads, False, absmax)
             pool[select_blocks(scores, shortlist)]
         pooled += time.perf_counter() - start
-    if summaries.shape[0] <= size:
+    if not forms_pool:
         pooled = brute
     return brute * 1e3 / len(steps), pooled * 1e3 / len(steps)
 
@@ -292,8 +293,8 @@ def _pool_main(args) -> None:
         for n in prefixes:
             summaries = whole if n is None else whole[:n]
             blocks[n] = summaries.shape[0]
+            pooled_sizes = [c for c in sizes if c < blocks[n]]  # up to C blocks no pool is formed
             for reply in replies:
-                pooled_sizes = [c for c in sizes if c < blocks[n]]  # up to C blocks no pool is formed
                 for (c, e, k), values in pool_recall(summaries, reply[layer], hkv, pooled_sizes, every, ks).items():
                     totals[(n, c, e, k)] += values
                 for c in sizes:
